@@ -1,0 +1,174 @@
+"""The `footprints` command: one subcommand per stage, plus `synth`, `all` and `bench`.
+
+Every subcommand takes `--config FILE` and repeatable `--set section.key=value`. Errors in inputs or
+configuration print one line (`footprints: error: <file>: <reason>`) and exit 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import logging
+import sys
+from collections.abc import Callable
+from typing import Any
+
+from .config import Config, ConfigError, load_config
+from .errors import FootprintsError, Preempted
+
+log = logging.getLogger("footprints")
+
+# stage name -> module in pipelines/ (each has run(cfg, **options) -> dict)
+STAGES: dict[str, str] = {
+    "tile": "pipelines.tile",
+    "features": "pipelines.features",
+    "train-classifier": "pipelines.train_classifier",
+    "train-segmenter": "pipelines.train_segmenter",
+    "predict": "pipelines.predict",
+    "evaluate": "pipelines.evaluate",
+}
+BENCHMARKS = ("tile", "head", "vectorize", "predict")
+
+_STAGE_HELP = {
+    "tile": "cut scenes into georeferenced patches with masks, a manifest and a scene-level split",
+    "features": "sample class-balanced pixels and extract their VGG16 zoom-out hypercolumns",
+    "train-classifier": "train the shallow class-weighted MLP (and a logistic-regression baseline)",
+    "train-segmenter": "convert the MLP to 1x1 convolutions and train densely on whole patches",
+    "predict": "whole-scene inference into probability GeoTIFFs and footprint polygons (GeoJSON, GPKG)",
+    "evaluate": "pixel IoU/F1, polygon F1 at IoU 0.5 and the xView2 localisation F1 on the test split",
+}
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", metavar="FILE", help="YAML configuration (default: built-in defaults)")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="override one config key (repeatable), e.g. --set segmenter.epochs=3",
+    )
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="footprints",
+        description="Building footprints from satellite images: tile -> features -> train-classifier -> "
+        "train-segmenter -> predict -> evaluate. Outputs go to <output_root>/<name>/<stage>/.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("synth", help="generate synthetic xView2-layout scenes (and a GeoTIFF variant)")
+    _common(p)
+    p.add_argument("--out", required=True, help="output folder (gets images/, labels/ and geotiff/)")
+    p.add_argument("--scenes", type=int, default=8, help="number of scenes (default 8)")
+    p.add_argument("--seed", type=int, default=0, help="random seed; the same seed gives the same scenes")
+    p.add_argument("--size", type=int, default=1024, help="scene width and height in pixels (default 1024)")
+    p.add_argument("--no-geotiff", dest="geotiff", action="store_false", help="skip the GeoTIFF+GeoJSON variant")
+
+    for stage, helptext in _STAGE_HELP.items():
+        p = sub.add_parser(stage, help=helptext, description=helptext)
+        _common(p)
+        p.add_argument("--overwrite", action="store_true", help="redo work whose outputs already exist")
+        if stage == "train-segmenter":
+            p.add_argument(
+                "--load_saved_model",
+                "--load-saved-model",
+                dest="load_saved_model",
+                action="store_true",
+                help="resume from outputs/<name>/train-segmenter/last.pt (starts fresh, saying so, if none)",
+            )
+        if stage == "predict":
+            p.add_argument("--checkpoint", help="segmenter checkpoint (default: the run's best.pt)")
+            p.add_argument(
+                "--input",
+                dest="inputs",
+                nargs="+",
+                metavar="FILE_OR_DIR",
+                help="scenes to predict (GeoTIFF, or xView2 PNG with labels/ beside images/) instead of the test split",
+            )
+            p.add_argument("--output", help="GeoJSON path for the merged footprints of --input scenes")
+
+    p = sub.add_parser("all", help="run every stage in order on one config")
+    _common(p)
+    p.add_argument("--overwrite", action="store_true", help="redo every stage")
+    p.add_argument("--load_saved_model", "--load-saved-model", dest="load_saved_model", action="store_true",
+                   help="resume segmenter training from last.pt")
+
+    p = sub.add_parser("bench", help="run one benchmark; the last output line is a JSON object")
+    _common(p)
+    p.add_argument("name", choices=BENCHMARKS, help="which benchmark")
+    return parser
+
+
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+        stream=sys.stderr,
+    )
+    for noisy in ("rasterio", "fiona", "pyogrio", "distributed", "matplotlib", "PIL", "urllib3", "asyncio"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def _stage_runner(stage: str) -> Callable[..., dict[str, Any]]:
+    return importlib.import_module(STAGES[stage]).run
+
+
+def run_all(cfg: Config, overwrite: bool = False, load_saved_model: bool = False) -> dict[str, Any]:
+    results: dict[str, Any] = {}
+    for stage in STAGES:
+        log.info("=== stage %s ===", stage)
+        opts: dict[str, Any] = {"overwrite": overwrite}
+        if stage == "train-segmenter":
+            opts["load_saved_model"] = load_saved_model
+        results[stage] = _stage_runner(stage)(cfg, **opts)
+    return results
+
+
+def _dispatch(args: argparse.Namespace) -> dict[str, Any] | None:
+    if args.command == "synth":
+        from .synth import write_synthetic_dataset
+
+        return write_synthetic_dataset(args.out, n_scenes=args.scenes, seed=args.seed, size=args.size,
+                                       geotiff=args.geotiff)
+    cfg = load_config(args.config, args.overrides)
+    if args.command == "all":
+        return run_all(cfg, overwrite=args.overwrite, load_saved_model=args.load_saved_model)
+    if args.command == "bench":
+        from .bench import run_benchmark
+
+        result = run_benchmark(args.name, cfg)
+        print(json.dumps(result), flush=True)  # the last line: one JSON object for scripts
+        return None
+    opts: dict[str, Any] = {"overwrite": args.overwrite}
+    if args.command == "train-segmenter":
+        opts["load_saved_model"] = args.load_saved_model
+    if args.command == "predict":
+        opts.update(checkpoint=args.checkpoint, inputs=args.inputs, output=args.output)
+    return _stage_runner(args.command)(cfg, **opts)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _setup_logging(args.verbose)
+    try:
+        _dispatch(args)
+    except Preempted as err:
+        log.warning("%s", err)
+        return Preempted.exit_code
+    except (FootprintsError, ConfigError) as err:
+        print(f"footprints: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("footprints: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,342 @@
+"""Typed, validated configuration: one small dataclass per stage, loaded from YAML.
+
+Every key has a type and a default; an unknown key or a value of the wrong type is a one-line
+`ConfigError` naming the file and the dotted key. Relative paths are resolved against the current
+working directory (run.sh runs from the repository root, SLURM jobs from the submit directory).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+CONFIG_VERSION = 1
+
+
+class ConfigError(ValueError):
+    """A configuration problem, with a message that names the file and the key."""
+
+
+@dataclass
+class DataConfig:
+    root: str = "data/demo"
+    format: Literal["xview2", "geotiff"] = "xview2"
+    # xView2 layout: <root>/<subset>/{images,labels}; an empty list means <root>/{images,labels}
+    subsets: list[str] = field(default_factory=list)
+    images_dir: str = "images"
+    labels_dir: str = "labels"
+    # GeoTIFF labels: "vector" (GeoJSON/GPKG in labels_dir, any CRS) or "mask" (raster in masks_dir)
+    label_format: Literal["json", "vector", "mask"] = "json"
+    masks_dir: str = "masks"
+    # mask rasters: pixel values >= this are buildings (SpaceNet masks use 255)
+    mask_threshold: int = 1
+    image_glob: str = ""  # "" = *.png for xview2, *.tif for geotiff
+    use_post_disaster: bool = False
+    geotransforms: str | None = None  # JSON {"<img_name>": [6 GDAL geotransform numbers]}
+    max_residual_px: float = 1.0
+    bands: list[int] = field(default_factory=lambda: [1, 2, 3])
+    stretch_percentiles: list[float] = field(default_factory=lambda: [2.0, 98.0])
+    nodata: float | None = None  # overrides the raster's declared nodata value
+
+
+@dataclass
+class TileConfig:
+    size: int = 256
+    stride: int = 256
+    target_gsd: float | None = None  # metres; None keeps the native resolution
+    # "random": scene-level split by split_ratios and seed; "subset": xView2 subsets map to splits
+    split_mode: Literal["random", "subset"] = "random"
+    split_ratios: list[float] = field(default_factory=lambda: [0.7, 0.15, 0.15])
+    subset_splits: dict[str, str] = field(
+        default_factory=lambda: {"train": "train", "tier3": "train", "hold": "val", "test": "test"}
+    )
+
+
+@dataclass
+class BackboneConfig:
+    # "imagenet" (torchvision, when it imports), "random", or a path to a state dict (.pth)
+    weights: str = "random"
+    normalization: Literal["torchvision", "caffe"] = "torchvision"
+    # "all" (input + 13 conv layers), "pool" (the 5 layers before each pooling), or a list of names
+    layers: Any = "all"
+
+
+@dataclass
+class FeaturesConfig:
+    per_class: int = 16
+    batch_size: int = 8  # patches per backbone batch
+    shard_patches: int = 256  # patches per output shard
+    device: str = "auto"  # auto | cpu | cuda
+
+
+@dataclass
+class ClassifierConfig:
+    hidden: int = 1024
+    dropout: float = 0.5
+    epochs: int = 20
+    batch_size: int = 256
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    step_size: int = 10
+    gamma: float = 0.5
+    class_weights: list[float] | None = None  # override of the inverse-frequency weights
+    baseline: bool = True  # scikit-learn logistic regression beside the MLP
+    device: str = "auto"
+
+
+@dataclass
+class SegmenterConfig:
+    epochs: int = 18
+    batch_size: int = 8
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    step_size: int = 6
+    gamma: float = 0.5
+    stride: int = 2  # stride of the first two 1x1 convs (the seed's head); 1 allowed
+    train_backbone: bool = False
+    augment: bool = True
+    class_weights: list[float] | None = None
+    num_workers: int = 0  # data-loader worker processes (CUDA only)
+    amp: bool = True  # bf16/fp16 autocast on CUDA; ignored on CPU
+    channels_last: bool = True  # CUDA only
+    deterministic: bool = False
+    checkpoint_every: int = 0  # steps between mid-epoch checkpoints; 0 = end of epoch only
+    overlays: int = 3  # validation overlays written per epoch
+    device: str = "auto"
+    max_steps_per_epoch: int = 0  # 0 = a full pass; >0 caps an epoch (benchmarks, smoke runs)
+
+
+@dataclass
+class PredictConfig:
+    checkpoint: str = ""  # "" = outputs/<name>/train-segmenter/best.pt
+    split: str = "test"
+    overlap: float = 0.25
+    batch_size: int = 8
+    block_size: int = 2048  # rows/cols of scene processed at once (bounded memory)
+    tta_flips: bool = False
+    threshold: float | None = None  # None = chosen on the validation split
+    min_area_m2: float | None = None  # None = chosen on the validation split
+    threshold_grid: list[float] = field(default_factory=lambda: [0.3, 0.4, 0.5, 0.6, 0.7])
+    min_area_grid: list[float] = field(default_factory=lambda: [0.0, 5.0, 10.0, 20.0, 40.0])
+    hole_area_m2: float = 4.0
+    simplify_px: float = 1.0
+    prob_dtype: Literal["uint8", "float16"] = "uint8"
+    device: str = "auto"
+
+
+@dataclass
+class EvaluateConfig:
+    iou_threshold: float = 0.5
+    overlays: int = 3
+
+
+@dataclass
+class SlurmClusterConfig:
+    queue: str | None = None
+    account: str | None = None
+    cores: int = 4
+    processes: int = 1
+    memory: str = "16GB"
+    walltime: str = "01:00:00"
+    job_extra_directives: list[str] = field(default_factory=list)
+    job_script_prologue: list[str] = field(default_factory=list)
+    local_directory: str | None = None
+    log_directory: str = "logs/dask"
+    jobs: int = 2
+    adaptive_min: int | None = None
+    adaptive_max: int | None = None
+    python: str | None = None  # interpreter on the compute nodes; None = this one
+
+
+@dataclass
+class ClusterConfig:
+    kind: Literal["local", "slurm"] = "local"
+    workers: int = 2  # LocalCluster workers; 0 = run in this process (debugging)
+    threads_per_worker: int = 1
+    memory_limit: str = "auto"
+    slurm: SlurmClusterConfig = field(default_factory=SlurmClusterConfig)
+
+
+@dataclass
+class Config:
+    name: str = "demo"
+    version: int = CONFIG_VERSION
+    output_root: str = "outputs"
+    seed: int = 0
+    data: DataConfig = field(default_factory=DataConfig)
+    tile: TileConfig = field(default_factory=TileConfig)
+    backbone: BackboneConfig = field(default_factory=BackboneConfig)
+    features: FeaturesConfig = field(default_factory=FeaturesConfig)
+    classifier: ClassifierConfig = field(default_factory=ClassifierConfig)
+    segmenter: SegmenterConfig = field(default_factory=SegmenterConfig)
+    predict: PredictConfig = field(default_factory=PredictConfig)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    source: str = field(default="<defaults>", metadata={"internal": True})
+
+    def stage_dir(self, stage: str) -> Path:
+        """`outputs/<name>/<stage>/` (not created)."""
+        return Path(self.output_root) / self.name / stage
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain dict (YAML/JSON/torch-checkpoint safe) of every key, without internal fields."""
+        out = dataclasses.asdict(self)
+        out.pop("source", None)
+        return out
+
+
+# ---------------------------------------------------------------------------------------------------
+# validation
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
+    """Check `value` against the annotation `tp`; return it (ints widened to float where asked)."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if tp is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key, source)
+            except ConfigError as err:
+                errors.append(err)
+        raise errors[0]
+    if origin is Literal:
+        if value not in args:
+            allowed = ", ".join(repr(a) for a in args)
+            raise ConfigError(f"{source}: {key}: expected one of {allowed}, got {value!r}")
+        return value
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{source}: {key}: expected a list, got {type(value).__name__} {value!r}")
+        return [_coerce(v, args[0], f"{key}[{i}]", source) for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{source}: {key}: expected a mapping, got {type(value).__name__} {value!r}")
+        return {
+            _coerce(k, args[0], key, source): _coerce(v, args[1], f"{key}.{k}", source) for k, v in value.items()
+        }
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, key, source)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{source}: {key}: expected true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{source}: {key}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{source}: {key}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{source}: {key}: expected a string, got {value!r}")
+        return value
+    raise ConfigError(f"{source}: {key}: unsupported type {_type_name(tp)}")  # pragma: no cover
+
+
+def _build(cls: type, values: Any, prefix: str, source: str) -> Any:
+    if values is None:
+        values = {}
+    if not isinstance(values, dict):
+        where = prefix or "top level"
+        raise ConfigError(f"{source}: {where}: expected a mapping, got {type(values).__name__} {values!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if not f.metadata.get("internal")}
+    kwargs = {}
+    for key, value in values.items():
+        dotted = f"{prefix}.{key}" if prefix else str(key)
+        if key not in fields:
+            raise ConfigError(f"{source}: unknown key '{dotted}'")
+        kwargs[key] = _coerce(value, hints[key], dotted, source)
+    return cls(**kwargs)
+
+
+def _check(cfg: Config) -> None:
+    """Cross-field checks that types alone cannot express."""
+    src = cfg.source
+    if not cfg.name or "/" in cfg.name:
+        raise ConfigError(f"{src}: name: must be a non-empty name without '/', got {cfg.name!r}")
+    if cfg.tile.size <= 0:
+        raise ConfigError(f"{src}: tile.size: must be positive, got {cfg.tile.size}")
+    if not 0 < cfg.tile.stride <= cfg.tile.size:
+        raise ConfigError(f"{src}: tile.stride: must be in 1..tile.size ({cfg.tile.size}), got {cfg.tile.stride}")
+    if len(cfg.tile.split_ratios) != 3 or any(r < 0 for r in cfg.tile.split_ratios) or sum(cfg.tile.split_ratios) <= 0:
+        raise ConfigError(f"{src}: tile.split_ratios: expected three non-negative numbers (train, val, test)")
+    if cfg.segmenter.stride not in (1, 2):
+        raise ConfigError(f"{src}: segmenter.stride: must be 1 or 2, got {cfg.segmenter.stride}")
+    if not 0 <= cfg.predict.overlap < 1:
+        raise ConfigError(f"{src}: predict.overlap: must be in [0, 1), got {cfg.predict.overlap}")
+    for key in ("classifier.class_weights", "segmenter.class_weights"):
+        section, attr = key.split(".")
+        weights = getattr(getattr(cfg, section), attr)
+        if weights is not None and (len(weights) != 2 or min(weights) <= 0):
+            raise ConfigError(f"{src}: {key}: expected two positive numbers [background, building]")
+    if cfg.features.per_class <= 0:
+        raise ConfigError(f"{src}: features.per_class: must be positive, got {cfg.features.per_class}")
+
+
+def _parse_override(text: str) -> tuple[list[str], Any]:
+    if "=" not in text:
+        raise ConfigError(f"--set {text}: expected section.key=value")
+    key, raw = text.split("=", 1)
+    # YAML parsing gives numbers, booleans, null and lists their natural types
+    value = yaml.safe_load(raw) if raw != "" else ""
+    return key.strip().split("."), value
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Load a YAML file (or the defaults when `path` is None) and apply `section.key=value` overrides."""
+    source = str(path) if path is not None else "<defaults>"
+    raw: dict[str, Any] = {}
+    if path is not None:
+        try:
+            text = Path(path).read_text()
+        except OSError as err:
+            raise ConfigError(f"{source}: cannot read config ({err.strerror or err})") from None
+        try:
+            raw = yaml.safe_load(text) or {}
+        except yaml.YAMLError as err:
+            mark = getattr(err, "problem_mark", None)
+            where = f" at line {mark.line + 1}" if mark is not None else ""
+            raise ConfigError(f"{source}: invalid YAML{where}") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{source}: top level: expected a mapping of sections")
+    for text in overrides:
+        keys, value = _parse_override(text)
+        node = raw
+        for k in keys[:-1]:
+            node = node.setdefault(k, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"--set {text}: '{k}' is not a section")
+        node[keys[-1]] = value
+    where = source if not overrides else f"{source} (with --set overrides)"
+    cfg = _build(Config, raw, "", where)
+    cfg.source = where
+    _check(cfg)
+    return cfg
+
+
+def config_from_dict(values: dict[str, Any], source: str = "<checkpoint>") -> Config:
+    """Rebuild a Config from `Config.to_dict()` output (e.g. the copy stored in a checkpoint)."""
+    cfg = _build(Config, values, "", source)
+    cfg.source = source
+    return cfg

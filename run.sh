@@ -1,0 +1,148 @@
+#!/usr/bin/env bash
+#SBATCH --job-name=footprints
+#SBATCH --gres=gpu:1
+#SBATCH --cpus-per-task=8
+#SBATCH --time=04:00:00
+#SBATCH --output=logs/%x-%j.out
+#SBATCH --open-mode=append
+#SBATCH --requeue
+#SBATCH --signal=B:USR1@180
+#
+# footprints: one script for everything.
+#   bash run.sh                      set up .venv, then run the whole pipeline on the synthetic demo
+#   bash run.sh test                 the test suite (ruff + pytest)
+#   bash run.sh CMD ARGS...          `footprints CMD ARGS...` in the environment (tile, predict, bench, ...)
+#   sbatch run.sh train-segmenter --config configs/xview2.yaml --load_saved_model
+#
+# Environment knobs:
+#   TORCH_SPEC          what pip installs for torch (default torch==2.13.0; on a GPU node e.g.
+#                       "torch==2.13.0 --index-url <your CUDA wheel index>")
+#   FOOTPRINTS_PYTHON   use this interpreter (an environment you already have) instead of .venv
+#   FOOTPRINTS_VENV     where to create the environment (default <repo>/.venv)
+#
+# Under SLURM the trainer runs in the background so that this shell can catch the pre-timeout
+# signal (--signal=B:USR1@180) and forward it; the trainer checkpoints and exits with code 99, and
+# this script requeues the job, which then resumes by itself (--load_saved_model is added).
+set -uo pipefail
+
+if [ -n "${SLURM_JOB_ID:-}" ] && [ -n "${SLURM_SUBMIT_DIR:-}" ]; then
+  REPO=$SLURM_SUBMIT_DIR  # $0 is slurmd's spool copy of this file
+else
+  REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+fi
+cd "$REPO" || exit 1
+mkdir -p logs
+
+log() { echo "[run.sh $(date +%H:%M:%S)${SLURM_JOB_ID:+ job=$SLURM_JOB_ID}] $*" >&2; }
+
+# ---- environment ------------------------------------------------------------------------------
+TORCH_SPEC=${TORCH_SPEC:-torch==2.13.0}
+VENV=${FOOTPRINTS_VENV:-$REPO/.venv}
+
+ensure_env() {
+  if [ -n "${FOOTPRINTS_PYTHON:-}" ]; then
+    PY=$FOOTPRINTS_PYTHON
+    "$PY" -c "import footprints" 2>/dev/null || "$PY" -m pip install -q -e "$REPO[test]" || return 1
+    return 0
+  fi
+  PY=$VENV/bin/python
+  local stamp_file=$VENV/.footprints-stamp stamp
+  # reinstall only when what we install changed: the package metadata, the torch spec, the interpreter
+  stamp=$( { cat "$REPO/pyproject.toml"; echo "$TORCH_SPEC"; python3 --version 2>&1; } | sha256sum | cut -c1-16)
+  if [ -x "$PY" ] && [ "$(cat "$stamp_file" 2>/dev/null)" = "$stamp" ]; then
+    return 0
+  fi
+  log "setting up $VENV (torch: $TORCH_SPEC)"
+  [ -x "$PY" ] || python3 -m venv "$VENV" || { log "python3 -m venv failed"; return 1; }
+  # shellcheck disable=SC2086 # TORCH_SPEC may carry pip options such as --index-url
+  "$PY" -m pip install -q --disable-pip-version-check $TORCH_SPEC || { log "installing $TORCH_SPEC failed"; return 1; }
+  "$PY" -m pip install -q --disable-pip-version-check -e "$REPO[test]" || { log "installing footprints failed"; return 1; }
+  echo "$stamp" > "$stamp_file"
+  log "environment ready"
+}
+
+# ---- SLURM ------------------------------------------------------------------------------------
+slurm_banner() {
+  log "job $SLURM_JOB_ID (${SLURM_JOB_NAME:-}) on $(hostname -s), restart ${SLURM_RESTART_COUNT:-0}," \
+      "tasks ${SLURM_NTASKS:-1}, CUDA_VISIBLE_DEVICES=${CUDA_VISIBLE_DEVICES:-none}"
+  if command -v nvidia-smi >/dev/null 2>&1; then
+    nvidia-smi -L 2>/dev/null | while read -r line; do log "gpu: $line"; done
+  fi
+  log "args: $*"
+}
+
+requeue_allowed() {
+  scontrol show job "$SLURM_JOB_ID" 2>/dev/null | grep -q 'Requeue=1'
+}
+
+run_under_slurm() {
+  local args=("$@")
+  # a requeued run resumes by itself
+  if [ "${SLURM_RESTART_COUNT:-0}" -gt 0 ]; then
+    case " ${args[*]} " in
+      *" train-segmenter "*|*" all "*)
+        case " ${args[*]} " in *" --load_saved_model "*) ;; *) args+=(--load_saved_model) ;; esac ;;
+    esac
+  fi
+  slurm_banner "${args[@]}"
+  local launcher=()
+  if [ "${SLURM_NTASKS:-1}" -gt 1 ]; then
+    # one process per GPU/task; srun forwards USR1 to the tasks
+    launcher=(srun --kill-on-bad-exit=1 --export=ALL)
+  fi
+  local child="" signalled=0
+  forward() {
+    log "got SIG$1, forwarding to the trainer (pid $child)"
+    [ "$1" = USR1 ] && signalled=1
+    [ -n "$child" ] && kill -"$1" "$child" 2>/dev/null
+  }
+  trap 'forward USR1' USR1
+  trap 'forward TERM' TERM
+  "${launcher[@]}" "$PY" -m footprints.cli "${args[@]}" &
+  child=$!
+  local rc=0
+  # every trapped signal makes `wait` return early; wait again until the child is gone
+  while :; do
+    wait "$child"; rc=$?
+    kill -0 "$child" 2>/dev/null || break
+  done
+  log "footprints exited with $rc"
+  if [ "$rc" = 99 ]; then
+    if requeue_allowed; then
+      log "checkpoint written; requeueing job $SLURM_JOB_ID (it resumes with --load_saved_model)"
+      scontrol requeue "$SLURM_JOB_ID"
+      exit 0
+    fi
+    log "checkpoint written; this job may not be requeued: resubmit with --load_saved_model"
+  fi
+  exit "$rc"
+}
+
+# ---- commands ---------------------------------------------------------------------------------
+ensure_env || exit 1
+
+CMD=${1:-demo}
+case "$CMD" in
+  test)
+    shift
+    log "ruff check"
+    "$PY" -m ruff check "$REPO" || exit 1
+    log "pytest"
+    "$PY" -m pytest "$REPO/tests" "$@"
+    exit $?
+    ;;
+  demo)
+    [ $# -gt 0 ] && shift
+    CONFIG=configs/demo.yaml
+    if [ ! -d data/demo/images ]; then
+      "$PY" -m footprints.cli synth --out data/demo --scenes 6 --seed 0 || exit 1
+    fi
+    # `all` ends by printing the test metrics and where the GeoJSON footprints are
+    exec "$PY" -m footprints.cli all --config "$CONFIG" "$@"
+    ;;
+esac
+
+if [ -n "${SLURM_JOB_ID:-}" ]; then
+  run_under_slurm "$@"
+fi
+exec "$PY" -m footprints.cli "$@"
