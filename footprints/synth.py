@@ -1,0 +1,558 @@
+"""Synthetic xView2-layout scenes: plausible enough that colour alone does not find the buildings.
+
+`write_synthetic_dataset` writes the real xView2 layout (``images/<disaster>_<8-digit id>_pre_disaster.png``
+and ``labels/<same stem>.json`` with ``features.xy`` / ``features.lng_lat`` WKT and ``metadata``), the exact
+pixel -> WGS84 geotransform of every scene (``truth_transforms.json``, the format of ``data.geotransforms``),
+and optionally a GeoTIFF variant of the same pixels in the scene's UTM zone with EPSG:4326 GeoJSON labels
+(``geotiff/images/<stem>.tif``, ``geotiff/labels/<stem>.geojson``), so that the tile stage has to reproject.
+
+Each scene is drawn from its own generator seeded by (seed, scene index): the same seed gives the same bytes.
+A scene is textured ground made of a few blended land-cover colours, yards, paved lots and small clutter
+in roof and ground colours (hard negatives), roads, trees, and non-overlapping
+buildings (rotated rectangles and L-shapes, 6-40 m sides) whose roof colours include ground-like browns and
+greys, with a ridge or gradient and a shadow cast away from the sun given in the metadata, then blur and
+sensor noise. Pixel coordinates follow xView2: x = column, y = row, (0, 0) the top-left image corner, so the
+centre of pixel (row r, col c) is (c + 0.5, r + 0.5).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import shapely
+from rasterio.features import rasterize
+from scipy.ndimage import gaussian_filter
+from shapely import affinity
+from shapely.geometry import LineString, Point, Polygon, box
+
+from .atomic import atomic_path, write_json
+
+log = logging.getLogger(__name__)
+
+GSD_M = 0.5  # metres per pixel of every synthetic scene
+MAX_BUILDING_FRACTION = 0.145
+
+# Real xBD events (name, scene-centre latitude, longitude, disaster type): scenes sit near them.
+PLACES: tuple[tuple[str, float, float, str], ...] = (
+    ("hurricane-harvey", 29.7604, -95.3698, "flooding"),
+    ("hurricane-michael", 30.1588, -85.6602, "wind"),
+    ("palu-tsunami", -0.8917, 119.8707, "tsunami"),
+    ("santa-rosa-wildfire", 38.4741, -122.7286, "fire"),
+    ("mexico-earthquake", 19.3467, -99.1617, "earthquake"),
+    ("joplin-tornado", 37.0629, -94.4991, "tornado"),
+    ("guatemala-volcano", 14.4747, -90.8806, "volcano"),
+    ("pinery-bushfire", -34.2970, 138.3210, "fire"),
+    ("portugal-wildfire", 39.9495, -8.1980, "fire"),
+    ("hurricane-matthew", 18.6500, -74.1167, "wind"),
+)
+SENSORS = ("WORLDVIEW02", "WORLDVIEW03_VNIR", "GEOEYE01", "QUICKBIRD02")
+
+# Land-cover colours (RGB): grass, dry grass, bare soil, sand, pavement, dark soil.
+GROUND_COLOURS = np.array(
+    [[88, 104, 66], [142, 134, 96], [134, 112, 88], [176, 164, 134], [146, 144, 138], [96, 86, 70]],
+    dtype=np.float32,
+)
+# Roof colours: greys and browns like the ground, terracotta, white, dark shingle, blue-grey metal.
+ROOF_COLOURS = np.array(
+    [[150, 146, 140], [120, 118, 114], [136, 114, 90], [170, 160, 136], [92, 86, 78], [160, 96, 72],
+     [206, 204, 198], [112, 124, 134], [96, 104, 80], [182, 170, 150], [70, 68, 66], [140, 130, 110]],
+    dtype=np.float32,
+)
+ROAD_COLOURS = np.array([[84, 84, 86], [110, 108, 104], [164, 160, 152], [140, 122, 100]], dtype=np.float32)
+TREE_COLOURS = np.array([[52, 70, 38], [64, 82, 46], [44, 58, 36], [76, 88, 52]], dtype=np.float32)
+
+
+# ----------------------------------------------------------------------------------------------- noise
+def _lattice_weights(n_out: int, cell: float) -> tuple[np.ndarray, np.ndarray]:
+    """Lower lattice index and smoothstep weight of each of n_out pixel centres (lattice spacing `cell`)."""
+    pos = (np.arange(n_out) + 0.5) / cell
+    i0 = np.floor(pos).astype(np.int64)
+    t = pos - i0
+    return i0, (t * t * (3.0 - 2.0 * t)).astype(np.float32)
+
+
+def value_noise(rng: np.random.Generator, size: int, cell: float) -> np.ndarray:
+    """One octave of smooth value noise (size, size) in about [-1, 1], lattice spacing `cell` pixels."""
+    n_grid = int(math.ceil(size / cell)) + 2
+    grid = rng.uniform(-1.0, 1.0, (n_grid, n_grid)).astype(np.float32)
+    i0, t = _lattice_weights(size, cell)
+    rows = grid[i0] * (1.0 - t)[:, None] + grid[i0 + 1] * t[:, None]  # (size, n_grid), separable
+    return rows[:, i0] * (1.0 - t)[None, :] + rows[:, i0 + 1] * t[None, :]
+
+
+def fractal_noise(rng: np.random.Generator, size: int, base_cell: float, octaves: int = 4,
+                  persistence: float = 0.5) -> np.ndarray:
+    """Multi-octave value noise, normalised to unit standard deviation."""
+    out = np.zeros((size, size), dtype=np.float32)
+    amp, cell = 1.0, float(base_cell)
+    for _ in range(octaves):
+        out += amp * value_noise(rng, size, max(cell, 1.5))
+        amp *= persistence
+        cell /= 2.0
+    return out / (out.std() + 1e-6)
+
+
+# ------------------------------------------------------------------------------------------- geometry
+@dataclass
+class _Building:
+    poly: Polygon  # pixel coordinates, clipped to the image
+    cx: float
+    cy: float
+    angle: float  # radians, direction of the long axis
+    half_len: float
+    half_wid: float
+    colour: np.ndarray
+    roof: str  # "gable", "hip" or "flat"
+    height_m: float
+
+
+def _building_shape(rng: np.random.Generator, cx: float, cy: float, angle_deg: float, max_side: float
+                    ) -> tuple[Polygon, float, float]:
+    """A rotated rectangle or L-shape centred near (cx, cy); returns (polygon, half length, half width)."""
+    lo = min(12.0, max_side * 0.5)  # 6 m at 0.5 m/px, smaller only in tiny test scenes
+    length = float(np.clip(lo * np.exp(rng.uniform(0.0, math.log(max(max_side / lo, 1.0001)))), lo, max_side))
+    width = float(np.clip(length * rng.uniform(0.45, 1.0), lo, max_side))
+    hl, hw = length / 2.0, width / 2.0
+    if rng.random() < 0.3 and width > 14:
+        # L-shape: the rectangle minus one corner block
+        cut_l = rng.uniform(0.35, 0.6) * length
+        cut_w = rng.uniform(0.35, 0.6) * width
+        sx, sy = (1 if rng.random() < 0.5 else -1), (1 if rng.random() < 0.5 else -1)
+        rect = box(-hl, -hw, hl, hw)
+        corner = box(min(sx * hl, sx * (hl - cut_l)), min(sy * hw, sy * (hw - cut_w)),
+                     max(sx * hl, sx * (hl - cut_l)), max(sy * hw, sy * (hw - cut_w)))
+        shape = rect.difference(corner)
+        shape = shapely.normalize(shapely.Polygon(shape.exterior.coords)) if isinstance(shape, Polygon) else rect
+    else:
+        shape = box(-hl, -hw, hl, hw)
+    shape = affinity.rotate(shape, angle_deg, origin=(0, 0))
+    shape = affinity.translate(shape, cx, cy)
+    return shape, hl, hw
+
+
+def _roads(rng: np.random.Generator, size: int, base_angle: float) -> tuple[list[Polygon], list[np.ndarray]]:
+    """A few straight or gently bent roads across the scene, aligned with the dominant building angle."""
+    n = int(rng.integers(1, 6))
+    polys: list[Polygon] = []
+    colours: list[np.ndarray] = []
+    diag = size * 1.5
+    for i in range(n):
+        ang = math.radians(base_angle + (90.0 if i % 2 else 0.0) + rng.normal(0, 4))
+        if rng.random() < 0.25:
+            ang = rng.uniform(0, math.pi)
+        px, py = rng.uniform(0, size, 2)
+        dx, dy = math.cos(ang), math.sin(ang)
+        pts = [(px - dx * diag, py - dy * diag), (px, py)]
+        bend = math.radians(rng.normal(0, 10))
+        dx2, dy2 = math.cos(ang + bend), math.sin(ang + bend)
+        pts.append((px + dx2 * diag, py + dy2 * diag))
+        width = rng.uniform(8.0, 24.0) if size >= 128 else rng.uniform(3.0, 6.0)
+        polys.append(LineString(pts).buffer(width / 2.0, cap_style="flat"))
+        colours.append(ROAD_COLOURS[rng.integers(len(ROAD_COLOURS))] * rng.uniform(0.9, 1.1))
+    return polys, colours
+
+
+def _place_buildings(rng: np.random.Generator, size: int, base_angle: float, target_frac: float,
+                     obstacles: list[Polygon]) -> list[_Building]:
+    """Non-overlapping buildings (with a gap) away from roads, until about target_frac of the pixels."""
+    target_area = target_frac * size * size
+    max_side = min(80.0, size / 3.0)  # 40 m
+    frame = box(0, 0, size, size)
+    placed: list[_Building] = []
+    keepout: list[Polygon] = []  # buffered footprints: no building may touch another
+    obstacle_union = shapely.union_all(obstacles) if obstacles else None
+    if obstacle_union is not None:
+        shapely.prepare(obstacle_union)
+    area = 0.0
+    attempts = 0
+    # cluster buildings around a few centres so scenes have neighbourhoods and open land
+    n_centres = int(rng.integers(1, 5))
+    centres = rng.uniform(0, size, (n_centres, 2))
+    spread = rng.uniform(0.15, 0.45, n_centres) * size
+    while area < target_area and attempts < 4000:
+        attempts += 1
+        k = int(rng.integers(n_centres))
+        cx, cy = centres[k] + rng.normal(0, spread[k], 2)
+        if not (0 <= cx < size and 0 <= cy < size):
+            continue
+        angle = base_angle + (90.0 if rng.random() < 0.3 else 0.0) + rng.normal(0, 5.0)
+        if rng.random() < 0.2:
+            angle = rng.uniform(0, 180)
+        shape, hl, hw = _building_shape(rng, float(cx), float(cy), float(angle), max_side)
+        gap = rng.uniform(2.0, 8.0)
+        zone = shape.buffer(gap, join_style="mitre")
+        if keepout and shapely.intersects(zone, np.asarray(keepout, dtype=object)).any():
+            continue
+        if obstacle_union is not None and obstacle_union.intersects(shape.buffer(3.0)):
+            continue
+        clipped = shape.intersection(frame)
+        if not isinstance(clipped, Polygon) or clipped.area < 0.5 * shape.area:
+            continue
+        if area + clipped.area > MAX_BUILDING_FRACTION * size * size:
+            continue  # keep every scene's building pixels at or under 15 %
+        clipped = shapely.normalize(clipped)
+        roof = ("gable", "hip", "flat")[int(rng.choice(3, p=[0.45, 0.2, 0.35]))]
+        colour = ROOF_COLOURS[rng.integers(len(ROOF_COLOURS))] * rng.uniform(0.85, 1.12) \
+            + rng.normal(0, 6, 3)
+        placed.append(_Building(clipped, float(cx), float(cy), math.radians(angle), hl, hw,
+                                colour.astype(np.float32), roof, float(rng.uniform(2.5, 7.0))))
+        keepout.append(shape)
+        area += clipped.area
+    return placed
+
+
+def _trees(rng: np.random.Generator, size: int, buildings: list[_Building]) -> list[tuple[float, float, float]]:
+    """Tree crowns (cx, cy, radius): random clumps plus some next to buildings."""
+    scale = size / 1024.0
+    out: list[tuple[float, float, float]] = []
+    n_clumps = int(rng.integers(2, 14) * max(scale, 0.1) + 0.5)
+    for _ in range(n_clumps):
+        cx, cy = rng.uniform(0, size, 2)
+        spread = rng.uniform(10, 70) * max(scale, 0.15)
+        for _ in range(int(rng.integers(3, 30))):
+            out.append((cx + rng.normal(0, spread), cy + rng.normal(0, spread), rng.uniform(3.0, 11.0)))
+    for b in buildings:
+        if rng.random() < 0.5:
+            for _ in range(int(rng.integers(1, 4))):
+                # around the building: crowns shade yards; buildings are drawn over any crown they touch
+                ang = rng.uniform(0, 2 * math.pi)
+                dist = max(b.half_len, b.half_wid) + rng.uniform(2.0, 12.0)
+                out.append((b.cx + dist * math.cos(ang), b.cy + dist * math.sin(ang), rng.uniform(3.0, 9.0)))
+    return out
+
+
+def _burn(geoms: list[Any], size: int, values: list[int] | None = None, dtype: str = "uint8") -> np.ndarray:
+    """Rasterise geometries onto the (size, size) pixel grid (pixel centres inside; later ones on top)."""
+    if not geoms:
+        return np.zeros((size, size), dtype=dtype)
+    shapes = zip(geoms, values, strict=True) if values is not None else ((g, 1) for g in geoms)
+    return rasterize(shapes, out_shape=(size, size), fill=0, dtype=dtype)
+
+
+def _paint(img: np.ndarray, geoms: list[Any], colours: list[np.ndarray], texture: np.ndarray) -> None:
+    """Fill geometries (later ones on top) with their colours, modulated by (1 + texture), in place."""
+    if not geoms:
+        return
+    ids = _burn(geoms, img.shape[0], list(range(1, len(geoms) + 1)), "int32")
+    on = ids > 0
+    lut = np.asarray(colours, dtype=np.float32).reshape(-1, 3)
+    img[on] = lut[ids[on] - 1] * (1.0 + texture[on])[:, None]
+
+
+# ---------------------------------------------------------------------------------------------- scene
+def make_scene(rng: np.random.Generator, size: int = 1024, empty: bool | None = None,
+               sun_azimuth: float | None = None, sun_elevation: float | None = None
+               ) -> tuple[np.ndarray, list[Polygon]]:
+    """Draw one scene: (rgb uint8 (size, size, 3), building polygons in pixel coordinates).
+
+    `empty=True` forces a scene without buildings, `empty=False` one with buildings; None draws it (about
+    one scene in six has none). Building pixels are 3-15 % of a scene that has buildings. The sun angles (degrees) set the shadow direction and length.
+    """
+    rgb, buildings, _ = _make_scene(rng, size, empty, sun_azimuth, sun_elevation)
+    return rgb, buildings
+
+
+def _make_scene(rng: np.random.Generator, size: int, empty: bool | None, sun_azimuth: float | None,
+                sun_elevation: float | None) -> tuple[np.ndarray, list[Polygon], dict[str, float]]:
+    if empty is None:
+        empty = bool(rng.random() < 1.0 / 6.0)
+    az = float(rng.uniform(100.0, 260.0) if sun_azimuth is None else sun_azimuth)
+    el = float(rng.uniform(40.0, 75.0) if sun_elevation is None else sun_elevation)
+    # shadows fall away from the sun: image x is east, y is south
+    shadow_dir = np.array([-math.sin(math.radians(az)), math.cos(math.radians(az))])
+    shadow_px_per_m = 1.0 / math.tan(math.radians(el)) / GSD_M
+    base_angle = float(rng.uniform(0, 180))
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) + 0.5
+
+    # ground: soft blend of 3-4 land covers, textured by multi-octave noise and speckle
+    n_cover = int(rng.integers(3, 5))
+    cover = GROUND_COLOURS[rng.choice(len(GROUND_COLOURS), n_cover, replace=False)]
+    cover = cover * rng.uniform(0.9, 1.1, (n_cover, 1)).astype(np.float32)
+    fields = np.stack([fractal_noise(rng, size, rng.uniform(150, 400) * size / 1024 + 8, 3)
+                       for _ in range(n_cover)])
+    w = np.exp(3.0 * (fields - fields.max(0, keepdims=True)))
+    w /= w.sum(0, keepdims=True)
+    img = np.einsum("khw,kc->hwc", w, cover)
+    tex = fractal_noise(rng, size, 24.0, 4, 0.6)
+    fine = value_noise(rng, size, 2.0)
+    speckle = value_noise(rng, size, 1.0)
+    img *= (1.0 + 0.10 * tex + 0.07 * fine + 0.05 * speckle)[..., None]
+
+    road_polys, road_cols = _roads(rng, size, base_angle)
+
+    # buildings (geometry first: yards and trees are placed around them)
+    buildings: list[_Building] = []
+    if not empty:
+        frac = float(rng.uniform(0.045, 0.13))
+        buildings = _place_buildings(rng, size, base_angle, frac, road_polys)
+
+    # hard negatives: yards around buildings, paved lots in roof greys, and small clutter (cars, debris,
+    # bare patches) in roof and ground colours; none of them casts a building shadow
+    yards, yard_cols = [], []
+    for b in buildings:
+        if rng.random() < 0.45:
+            m = rng.uniform(4.0, 14.0)
+            rect = box(-b.half_len - m, -b.half_wid - m, b.half_len + m, b.half_wid + m)
+            yards.append(affinity.translate(affinity.rotate(rect, b.angle, origin=(0, 0), use_radians=True),
+                                            b.cx, b.cy))
+            yard_cols.append(GROUND_COLOURS[rng.integers(len(GROUND_COLOURS))] * rng.uniform(0.85, 1.15))
+    scale = size / 1024.0
+    for _ in range(int(rng.poisson(2.5 * scale + 0.3))):
+        lx, ly = rng.uniform(0, size, 2)
+        lw, lh = rng.uniform(20, 110, 2) * max(scale, 0.25)
+        rect = affinity.rotate(box(lx - lw / 2, ly - lh / 2, lx + lw / 2, ly + lh / 2),
+                               base_angle + rng.normal(0, 3))
+        yards.append(rect)
+        yard_cols.append(ROOF_COLOURS[rng.choice([0, 1, 3, 9, 11])] * rng.uniform(0.9, 1.1))
+    _paint(img, yards, yard_cols, 0.06 * tex + 0.05 * fine)
+    _paint(img, road_polys, road_cols, 0.05 * tex + 0.04 * fine)  # roads cut through yards and lots
+    n_clutter = int(rng.integers(150, 600) * scale * scale) + 2
+    cxy = rng.uniform(0, size, (n_clutter, 2))
+    cwh = rng.uniform(1.5, 5.0, (n_clutter, 2))
+    cang = rng.uniform(0, 180, n_clutter)
+    # rotated rectangles built as arrays: thousands of shapely affine calls would dominate the run time
+    corners = np.array([[-0.5, -0.5], [0.5, -0.5], [0.5, 0.5], [-0.5, 0.5]])
+    ca, sa = np.cos(np.radians(cang)), np.sin(np.radians(cang))
+    lx_ = corners[None, :, 0] * cwh[:, None, 0]
+    ly_ = corners[None, :, 1] * cwh[:, None, 1]
+    ring = np.stack([cxy[:, None, 0] + lx_ * ca[:, None] - ly_ * sa[:, None],
+                     cxy[:, None, 1] + lx_ * sa[:, None] + ly_ * ca[:, None]], axis=-1)
+    clutter = list(shapely.polygons(ring))
+    palette = np.vstack([ROOF_COLOURS, GROUND_COLOURS, ROAD_COLOURS])
+    clutter_cols = palette[rng.integers(len(palette), size=n_clutter)] * rng.uniform(0.8, 1.2, (n_clutter, 1))
+    _paint(img, clutter, list(clutter_cols), 0.05 * fine)
+    trees = _trees(rng, size, buildings)
+
+    # shadows of trees and buildings darken the ground (the sweep of the outline along the sun direction)
+    shadow_geoms: list[Any] = []
+    for tx, ty, r in trees:
+        d = r * 1.4 * shadow_px_per_m * GSD_M
+        shadow_geoms.append(Point(tx + shadow_dir[0] * d, ty + shadow_dir[1] * d).buffer(r, 8))
+    for b in buildings:
+        d = b.height_m * shadow_px_per_m
+        moved = affinity.translate(b.poly, shadow_dir[0] * d, shadow_dir[1] * d)
+        shadow_geoms.append(moved)
+        # the sweep of every wall along the sun direction (exact for L-shapes, unlike a convex hull)
+        ring = b.poly.exterior.coords
+        for a, c in zip(ring[:-1], ring[1:], strict=True):
+            quad = Polygon([a, c, (c[0] + shadow_dir[0] * d, c[1] + shadow_dir[1] * d),
+                            (a[0] + shadow_dir[0] * d, a[1] + shadow_dir[1] * d)])
+            if quad.area > 1e-6:
+                shadow_geoms.append(quad)
+    shadow = _burn(shadow_geoms, size).astype(bool)
+    shade = rng.uniform(0.45, 0.6)
+    img[shadow] *= np.array([shade, shade * 1.03, shade * 1.12], np.float32)
+
+    # tree crowns: dark green blobs, lit on the sun side
+    if trees:
+        # lumpy crowns: each a main disc plus two smaller lobes
+        lobes = rng.normal(0, 0.45, (len(trees), 2, 2))
+        crowns = [shapely.union_all([Point(tx, ty).buffer(r, 8)]
+                                    + [Point(tx + r * dx_, ty + r * dy_).buffer(0.6 * r, 6) for dx_, dy_ in lb])
+                  for (tx, ty, r), lb in zip(trees, lobes, strict=True)]
+        ids = _burn(crowns, size, list(range(1, len(crowns) + 1)), "int32")
+        on = ids > 0
+        t = np.asarray(trees, np.float32)
+        k = ids[on] - 1
+        col = TREE_COLOURS[rng.integers(len(TREE_COLOURS), size=len(trees))] * \
+            rng.uniform(0.85, 1.15, (len(trees), 1)).astype(np.float32)
+        dx = (xx[on] - t[k, 0]) / t[k, 2]
+        dy = (yy[on] - t[k, 1]) / t[k, 2]
+        lit = 1.0 - 0.25 * (dx * shadow_dir[0] + dy * shadow_dir[1])  # darker on the shadow side
+        img[on] = col[k] * (lit * (1.0 + 0.15 * fine[on] + 0.12 * speckle[on] + 0.08 * tex[on]))[:, None]
+
+    # roofs: per-building colour with a ridge (gable), a soft gradient (hip) or a parapet (flat)
+    polys = [b.poly for b in buildings]
+    if buildings:
+        ids = _burn(polys, size, list(range(1, len(polys) + 1)), "int32")
+        on = ids > 0
+        k = ids[on] - 1
+        cx = np.array([b.cx for b in buildings], np.float32)[k]
+        cy = np.array([b.cy for b in buildings], np.float32)[k]
+        ang = np.array([b.angle for b in buildings], np.float32)[k]
+        hw = np.array([b.half_wid for b in buildings], np.float32)[k]
+        hl = np.array([b.half_len for b in buildings], np.float32)[k]
+        roof = np.array([("gable", "hip", "flat").index(b.roof) for b in buildings])[k]
+        col = np.stack([b.colour for b in buildings])[k]
+        u = (xx[on] - cx) * np.cos(ang) + (yy[on] - cy) * np.sin(ang)
+        v = -(xx[on] - cx) * np.sin(ang) + (yy[on] - cy) * np.cos(ang)
+        # which roof half faces the sun: its normal (perpendicular to the ridge) dotted with the sun side
+        normal_sun = -(-np.sin(ang) * shadow_dir[0] + np.cos(ang) * shadow_dir[1])
+        side = np.sign(v) * np.sign(normal_sun + 1e-6)
+        gable = 1.0 + 0.12 * side + 0.06 * (np.abs(v) / hw) * side
+        gable = np.where(np.abs(v) < 1.0, 1.12, gable)  # ridge line
+        hip = 1.0 + 0.10 * np.clip(v / hw, -1, 1) * np.sign(normal_sun + 1e-6) \
+            + 0.05 * np.clip(u / hl, -1, 1)
+        flat = 1.0 + 0.04 * np.clip(u / hl, -1, 1)
+        factor = np.select([roof == 0, roof == 1], [gable, hip], flat)
+        img[on] = col * (factor * (1.0 + 0.04 * fine[on] + 0.03 * tex[on]))[:, None]
+        # a thin lighter/darker rim on flat roofs (parapets) and at every roof edge (eaves)
+        inside = on.copy()
+        edge = inside & ~(np.roll(inside, 1, 0) & np.roll(inside, -1, 0) & np.roll(inside, 1, 1)
+                          & np.roll(inside, -1, 1))
+        img[edge] *= rng.uniform(0.85, 1.1)
+
+    # sensor: a slight blur (MTF), a per-scene gain/haze, and noise
+    for c in range(3):
+        img[..., c] = gaussian_filter(img[..., c], sigma=float(rng.uniform(0.5, 0.9)))
+    # atmosphere: muted colours, a slight tint, haze lifting the blacks
+    grey = img.mean(-1, keepdims=True)
+    img = grey + rng.uniform(0.55, 0.85) * (img - grey)
+    gain = (rng.uniform(0.92, 1.08) * (1.0 + rng.normal(0.0, 0.02, 3))).astype(np.float32)
+    haze = rng.uniform(5.0, 25.0)
+    img = img * gain * (1.0 - haze / 255.0) + haze
+    img += rng.normal(0.0, rng.uniform(1.5, 4.0), img.shape).astype(np.float32)
+    rgb = np.clip(np.rint(img), 0, 255).astype(np.uint8)
+    return rgb, polys, {"sun_azimuth": az, "sun_elevation": el}
+
+
+# --------------------------------------------------------------------------------------- georeference
+def metres_per_degree(lat: float) -> tuple[float, float]:
+    """(metres per degree of longitude, of latitude) on WGS84 at latitude `lat`."""
+    p = math.radians(lat)
+    m_lat = 111132.92 - 559.82 * math.cos(2 * p) + 1.175 * math.cos(4 * p) - 0.0023 * math.cos(6 * p)
+    m_lon = 111412.84 * math.cos(p) - 93.5 * math.cos(3 * p) + 0.118 * math.cos(5 * p)
+    return m_lon, m_lat
+
+
+def scene_geotransform(lon_c: float, lat_c: float, size: int, gsd: float = GSD_M) -> list[float]:
+    """North-up GDAL geotransform (pixel corner -> lon/lat) of a size x size scene centred at lon_c, lat_c."""
+    m_lon, m_lat = metres_per_degree(lat_c)
+    dx, dy = gsd / m_lon, gsd / m_lat
+    return [lon_c - dx * size / 2.0, dx, 0.0, lat_c + dy * size / 2.0, 0.0, -dy]
+
+
+def utm_epsg(lon: float, lat: float) -> int:
+    """EPSG code of the WGS84 UTM zone holding (lon, lat)."""
+    zone = int((lon + 180.0) // 6.0) % 60 + 1
+    return (32600 if lat >= 0 else 32700) + zone
+
+
+def _wkt(coords: np.ndarray) -> str:
+    """xView2-style WKT with full float precision: POLYGON ((x y, x y, ...))."""
+    return "POLYGON ((" + ", ".join(f"{x!r} {y!r}" for x, y in coords.tolist()) + "))"
+
+
+def _apply_gt(gt: list[float], xy: np.ndarray) -> np.ndarray:
+    x, y = xy[:, 0], xy[:, 1]
+    return np.column_stack([gt[0] + x * gt[1] + y * gt[2], gt[3] + x * gt[4] + y * gt[5]])
+
+
+# ---------------------------------------------------------------------------------------------- write
+def write_synthetic_dataset(out: str | Path, n_scenes: int, seed: int, size: int = 1024,
+                            geotiff: bool = True) -> dict[str, Any]:
+    """Write `n_scenes` synthetic xView2 scenes (and their GeoTIFF variant) under `out`; return a summary."""
+    from PIL import Image
+
+    out = Path(out)
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    (out / "labels").mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    truth: dict[str, list[float]] = {}
+    fractions: list[float] = []
+    names: list[str] = []
+    for i in range(n_scenes):
+        rng = np.random.default_rng([seed, i])
+        disaster, lat0, lon0, dtype = PLACES[int(rng.integers(len(PLACES)))]
+        # within a few km of the event
+        m_lon, m_lat = metres_per_degree(lat0)
+        lon_c = lon0 + rng.uniform(-3000, 3000) / m_lon
+        lat_c = lat0 + rng.uniform(-3000, 3000) / m_lat
+        rgb, polys, sun = _make_scene(rng, size, None, None, None)
+        stem = f"{disaster}_{i + 1:08d}_pre_disaster"
+        img_name = stem + ".png"
+        gt = scene_geotransform(lon_c, lat_c, size)
+        truth[img_name] = gt
+        mask_px = sum(p.area for p in polys)
+        fractions.append(float(mask_px / (size * size)))
+        uids = [str(uuid.UUID(bytes=rng.bytes(16), version=4)) for _ in polys]
+        xy_feats, ll_feats = [], []
+        for poly, uid in zip(polys, uids, strict=True):
+            ring = np.asarray(poly.exterior.coords, dtype=np.float64)
+            props = {"feature_type": "building", "subtype": "no-damage", "uid": uid}
+            xy_feats.append({"properties": dict(props), "wkt": _wkt(ring)})
+            ll_feats.append({"properties": dict(props), "wkt": _wkt(_apply_gt(gt, ring))})
+        capture = f"20{int(rng.integers(16, 19))}-{int(rng.integers(1, 13)):02d}-{int(rng.integers(1, 29)):02d}" \
+            f"T{int(rng.integers(15, 19)):02d}:{int(rng.integers(0, 60)):02d}:{int(rng.integers(0, 60)):02d}.000Z"
+        metadata = {
+            "sensor": SENSORS[int(rng.integers(len(SENSORS)))],
+            "provider_asset_type": "synthetic",
+            "gsd": GSD_M,
+            "capture_date": capture,
+            "off_nadir_angle": round(float(rng.uniform(5.0, 30.0)), 6),
+            "pan_resolution": GSD_M,
+            "sun_azimuth": round(sun["sun_azimuth"], 6),
+            "sun_elevation": round(sun["sun_elevation"], 6),
+            "target_azimuth": round(float(rng.uniform(0.0, 360.0)), 6),
+            "disaster": disaster,
+            "disaster_type": dtype,
+            "catalog_id": rng.bytes(8).hex().upper(),
+            "original_width": size,
+            "original_height": size,
+            "width": size,
+            "height": size,
+            "id": str(uuid.UUID(bytes=rng.bytes(16), version=4)),
+            "img_name": img_name,
+        }
+        label = {"features": {"lng_lat": ll_feats, "xy": xy_feats}, "metadata": metadata}
+        with atomic_path(out / "images" / img_name) as tmp:
+            Image.fromarray(rgb).save(tmp, format="PNG", compress_level=1)
+        write_json(out / "labels" / f"{stem}.json", label)
+        if geotiff:
+            _write_geotiff_variant(out / "geotiff", stem, rgb, polys, uids, lon_c, lat_c)
+        names.append(img_name)
+        log.debug("scene %s: %d buildings, %.1f%% building pixels", img_name, len(polys), 100 * fractions[-1])
+    write_json(out / "truth_transforms.json", truth)
+    seconds = time.perf_counter() - t0
+    empty = sum(1 for f in fractions if f == 0.0)
+    log.info("synth: %d scenes (%d without buildings) of %dx%d px in %s (%.2f s)", n_scenes, empty, size, size,
+             out, seconds)
+    return {"scenes": n_scenes, "out": str(out), "images": names, "building_fraction": fractions,
+            "empty_scenes": empty, "geotiff": geotiff, "seconds": round(seconds, 3)}
+
+
+def _write_geotiff_variant(root: Path, stem: str, rgb: np.ndarray, polys: list[Polygon], uids: list[str],
+                           lon_c: float, lat_c: float) -> None:
+    """The same pixels as a north-up 0.5 m GeoTIFF in the UTM zone, labels as EPSG:4326 GeoJSON."""
+    import rasterio
+    from pyproj import Transformer
+    from rasterio.transform import Affine
+
+    size = rgb.shape[0]
+    epsg = utm_epsg(lon_c, lat_c)
+    to_utm = Transformer.from_crs(4326, epsg, always_xy=True)
+    to_ll = Transformer.from_crs(epsg, 4326, always_xy=True)
+    e_c, n_c = to_utm.transform(lon_c, lat_c)
+    # snap the corner to whole metres so the grid is tidy (and identical for the same seed)
+    e0 = math.floor(e_c - GSD_M * size / 2.0)
+    n0 = math.floor(n_c + GSD_M * size / 2.0)
+    transform = Affine(GSD_M, 0.0, float(e0), 0.0, -GSD_M, float(n0))
+    profile = {"driver": "GTiff", "width": size, "height": size, "count": 3, "dtype": "uint8",
+               "crs": f"EPSG:{epsg}", "transform": transform, "photometric": "RGB", "compress": "deflate"}
+    if size >= 256 and size % 16 == 0:
+        profile.update(tiled=True, blockxsize=256, blockysize=256)
+    with atomic_path(root / "images" / f"{stem}.tif") as tmp:
+        with rasterio.open(tmp, "w", **profile) as dst:
+            dst.write(np.moveaxis(rgb, -1, 0))
+    features = []
+    for poly, uid in zip(polys, uids, strict=True):
+        ring = np.asarray(poly.exterior.coords, dtype=np.float64)
+        e = transform.c + ring[:, 0] * transform.a + ring[:, 1] * transform.b
+        n = transform.f + ring[:, 0] * transform.d + ring[:, 1] * transform.e
+        lon, lat = to_ll.transform(e, n)
+        ll = np.column_stack([lon, lat])
+        if shapely.is_ccw(shapely.LinearRing(ll)) is False:  # RFC 7946: exterior rings counter-clockwise
+            ll = ll[::-1]
+        features.append({"type": "Feature", "properties": {"uid": uid, "feature_type": "building"},
+                         "geometry": {"type": "Polygon", "coordinates": [ll.tolist()]}})
+    fc = {"type": "FeatureCollection", "features": features}
+    with atomic_path(root / "labels" / f"{stem}.geojson", suffix=".tmp") as tmp:
+        tmp.write_text(json.dumps(fc) + "\n")
