@@ -130,7 +130,6 @@ def clean_truth(geoms: np.ndarray) -> np.ndarray:
     return geoms[~shapely.is_empty(geoms) & (shapely.area(geoms) > 0)]
 
 
-_clean_truth = clean_truth  # the predict stage's calibration imports this name
 
 
 def read_predicted_polygons(path: Path, target_crs: Any) -> np.ndarray:
