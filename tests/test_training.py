@@ -1,0 +1,279 @@
+"""train-segmenter in one process: checkpoints, RNG state, sampler/augmentation/loss pieces, the stage's
+outputs and re-run behaviour, and the signals that make it checkpoint and stop (exit code 99)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import pickle
+import random
+import signal
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from train_fixtures import load, make_project
+
+from footprints import checkpoint as ckpt_io
+from footprints.classifier import class_weights_from_counts
+from footprints.config import load_config
+from footprints.errors import InputError, Preempted, StageError
+from footprints.tiling import read_manifest
+from footprints.training import (
+    DEBUG_SIGNAL_ENV,
+    DistInfo,
+    GlobalBatchSampler,
+    apply_augment,
+    augment_code,
+    dist_from_env,
+    epoch_permutation,
+    first_slurm_host,
+    rendezvous,
+    weighted_ce_sums,
+)
+from pipelines.train_segmenter import run
+
+# ------------------------------------------------------------------------------------------ pieces
+
+
+def test_rng_state_round_trip_through_a_weights_only_checkpoint(tmp_path):
+    random.seed(1), np.random.seed(2), torch.manual_seed(3)
+    random.random(), np.random.normal(), torch.randn(2)  # a cached gaussian and a used state
+    ckpt_io.save_checkpoint(tmp_path / "c.pt", {"model": {}, "rng": ckpt_io.capture_rng()})
+    expected = (random.random(), np.random.normal(), np.random.rand(3).tolist(), torch.rand(4))
+    random.seed(9), np.random.seed(9), torch.manual_seed(9)
+    ckpt_io.restore_rng(ckpt_io.load_checkpoint(tmp_path / "c.pt")["rng"])
+    got = (random.random(), np.random.normal(), np.random.rand(3).tolist(), torch.rand(4))
+    assert got[:3] == expected[:3] and torch.equal(got[3], expected[3])
+
+
+class _Evil:
+    def __reduce__(self):
+        return (os.system, ("echo pwned > /dev/null",))
+
+
+def test_checkpoint_write_is_atomic_and_loading_is_safe(tmp_path, monkeypatch):
+    path = tmp_path / "last.pt"
+    ckpt_io.save_checkpoint(path, {"model": {"w": torch.ones(2)}, "epoch": 1})
+
+    def crash(tmp):  # the process dies between writing the temporary file and renaming it
+        raise RuntimeError("killed")
+
+    monkeypatch.setattr(ckpt_io, "_before_rename_hook", crash)
+    with pytest.raises(RuntimeError):
+        ckpt_io.save_checkpoint(path, {"model": {"w": torch.zeros(2)}, "epoch": 2})
+    monkeypatch.setattr(ckpt_io, "_before_rename_hook", None)
+    assert ckpt_io.load_checkpoint(path)["epoch"] == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]
+
+    evil = tmp_path / "evil.pt"
+    evil.write_bytes(pickle.dumps({"model": _Evil()}))
+    with pytest.raises(InputError, match="evil.pt: not a loadable checkpoint"):
+        ckpt_io.load_checkpoint(evil)
+    torn = tmp_path / "torn.pt"
+    torn.write_bytes(path.read_bytes()[:100])
+    with pytest.raises(InputError, match="torn.pt"):
+        ckpt_io.load_checkpoint(torn)
+
+
+def test_augmentation_moves_image_and_mask_together():
+    image = np.arange(3 * 4 * 4, dtype=np.uint8).reshape(3, 4, 4)
+    mask = image[1].copy()  # the mask is a copy of one band: any mismatch shows
+    outputs = set()
+    for code in range(8):
+        im, m = apply_augment(image, mask, code)
+        assert np.array_equal(im[1], m) and im.flags.c_contiguous
+        assert sorted(im.ravel()) == sorted(image.ravel())
+        outputs.add(im.tobytes())
+    assert len(outputs) == 8  # the 8 flips/rotations are all different
+    codes = [augment_code(0, 1, p) for p in range(64)]
+    assert codes == [augment_code(0, 1, p) for p in range(64)] and len(set(codes)) == 8
+    assert codes != [augment_code(0, 2, p) for p in range(64)]
+
+
+def test_epoch_permutation_depends_on_seed_and_epoch_only():
+    a = epoch_permutation(50, 7, 3)
+    assert sorted(a) == list(range(50))
+    assert np.array_equal(a, epoch_permutation(50, 7, 3))
+    assert not np.array_equal(a, epoch_permutation(50, 7, 4))
+    assert not np.array_equal(a, epoch_permutation(50, 8, 3))
+
+
+def test_weighted_loss_sums_equal_cross_entropy_and_ignore_stand_in_samples():
+    torch.manual_seed(0)
+    logits = torch.randn(3, 2, 5, 6)
+    target = torch.randint(0, 2, (3, 5, 6))
+    target[:, 0] = 255
+    weight = torch.tensor([0.7, 4.0])
+    loss_sum, weight_sum = weighted_ce_sums(logits, target, weight, torch.ones(3))
+    expected = F.cross_entropy(logits, target, weight=weight, ignore_index=255)
+    assert torch.allclose(loss_sum / weight_sum, expected, rtol=1e-6)
+    # a stand-in sample (real = 0) contributes nothing
+    s2, w2 = weighted_ce_sums(logits, target, weight, torch.tensor([1.0, 0.0, 1.0]))
+    s_ref, w_ref = weighted_ce_sums(logits[[0, 2]], target[[0, 2]], weight, torch.ones(2))
+    assert torch.allclose(s2, s_ref) and torch.allclose(w2, w_ref)
+
+
+def test_global_batches_are_split_across_ranks_without_loss_or_overlap():
+    order = np.random.default_rng(0).permutation(11)
+    single = list(GlobalBatchSampler(order, 4, 2, 11, 0, DistInfo()))
+    ranks = [list(GlobalBatchSampler(order, 4, 2, 11, 0, DistInfo(r, 3))) for r in range(3)]
+    assert len(single) == 3 and all(len(r) == 3 for r in ranks)
+    for step, batch in enumerate(single):
+        shards = [key for r in ranks for key in r[step] if key[3] == 1]
+        assert sorted(shards) == sorted(batch)
+    # the last global batch has one sample (position 10): ranks 1 and 2 get a weightless stand-in
+    assert [r[2][0][3] for r in ranks] == [1, 0, 0]
+
+
+def test_rank_and_rendezvous_from_torchrun_and_slurm():
+    assert dist_from_env({"RANK": "1", "WORLD_SIZE": "4", "LOCAL_RANK": "1"}) == DistInfo(1, 4, 1, "torchrun")
+    slurm = {"SLURM_PROCID": "3", "SLURM_STEP_NUM_TASKS": "4", "SLURM_LOCALID": "1", "SLURM_NTASKS": "4"}
+    assert dist_from_env(slurm) == DistInfo(3, 4, 1, "slurm")
+    # the batch shell of a 4-task job is one process, not rank 0 of 4
+    assert dist_from_env({"SLURM_PROCID": "0", "SLURM_NTASKS": "4"}) == DistInfo()
+    assert first_slurm_host("gpu[03-05,07],cpu1") == "gpu03"
+    assert first_slurm_host("node7") == "node7"
+    assert rendezvous({"SLURM_JOB_NODELIST": "n[12-13]", "SLURM_JOB_ID": "123"}) == ("n12", "15123")
+    assert rendezvous({"MASTER_ADDR": "h", "MASTER_PORT": "1"}) == ("h", "1")
+
+
+# ------------------------------------------------------------------------------------------ the stage
+
+
+@pytest.fixture
+def project(tmp_path):
+    return make_project(tmp_path)
+
+
+def test_stage_trains_and_writes_checkpoints_curves_and_overlays(project, tmp_path):
+    cfg = load_config(project)
+    result = run(cfg)
+    out = tmp_path / "outputs" / "t" / "train-segmenter"
+    last, best = load(out / "last.pt"), load(out / "best.pt")
+    for key in ("model", "optimizer", "scheduler", "epoch", "step", "sampler", "rng", "history", "config", "meta"):
+        assert key in last, key
+    assert last["epoch"] == 2 and last["step"] == 0 and last["global_step"] == 6
+    assert set(last["rng"]) == {"python", "numpy", "torch", "cuda"}
+    history = json.loads((out / "history.json").read_text())
+    assert [h["epoch"] for h in history] == [1, 2] and last["history"] == history
+    ious = [h["val"]["building_iou"] for h in history]
+    assert best["epoch"] == 1 + int(np.argmax(ious)) == result["best_epoch"]
+    assert result["best_val_building_iou"] == max(ious)
+    assert history[1]["lr"] == pytest.approx(history[0]["lr"] * 0.5)  # StepLR, step_size 1, gamma 0.5
+    assert all(np.isfinite(h["train_loss"]) and np.isfinite(h["val_loss"]) for h in history)
+    assert (out / "learning_curve.png").stat().st_size > 1000
+    assert len(list((out / "overlays").glob("epoch001_*.png"))) == 2
+    assert len(list((out / "overlays").glob("epoch002_*.png"))) == 2
+
+    # class weights: inverse frequency of the train patches' pixels (the classifier's [0.6, 3] are not used)
+    rows = read_manifest(tmp_path / "outputs" / "t" / "tile")
+    rows = rows[rows["split"] == "train"]
+    expected = class_weights_from_counts(rows["background_px"].sum(), rows["building_px"].sum())
+    assert last["meta"]["class_weights"] == pytest.approx(expected.tolist())
+
+    # the head learned, the frozen backbone did not move
+    from footprints.segmenter import segmenter_from_classifier
+
+    torch.manual_seed(0)
+    initial, _ = segmenter_from_classifier(tmp_path / "outputs" / "t" / "train-classifier" / "best.pt")
+    init_state = initial.state_dict()
+    backbone_keys = [k for k in init_state if k.startswith("backbone.")]
+    head_keys = [k for k in init_state if k.startswith("head.")]
+    assert backbone_keys and head_keys
+    assert all(torch.equal(last["model"][k], load(out / "best.pt")["model"][k]) for k in backbone_keys)
+    assert any(not torch.equal(last["model"][k], init_state[k]) for k in head_keys)
+    assert set(last["optimizer"]["state"]) == set(range(len(head_keys)))  # only trainable params optimised
+
+
+def test_rerun_skips_overwrite_retrains_and_more_epochs_continue(project, tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="footprints")
+    out = tmp_path / "outputs" / "t" / "train-segmenter"
+    cfg = load_config(project, ["segmenter.max_steps_per_epoch=1"])
+    run(cfg)
+    first = load(out / "last.pt")
+    assert first["global_step"] == 2  # one step per epoch
+
+    mtime = (out / "last.pt").stat().st_mtime_ns
+    assert run(cfg, load_saved_model=True)["status"] == "complete"
+    assert run(cfg)["status"] == "complete"
+    assert "nothing to do" in caplog.text
+    assert (out / "last.pt").stat().st_mtime_ns == mtime
+
+    # more epochs without --load_saved_model: refused with the way out in the message
+    more = load_config(project, ["segmenter.max_steps_per_epoch=1", "segmenter.epochs=3"])
+    with pytest.raises(StageError, match="trained for 2 of 3 epoch.*--load_saved_model to continue it or --overwrite"):
+        run(more)
+    result = run(more, load_saved_model=True)
+    cont = load(out / "last.pt")
+    assert result["epochs"] == 3 and cont["epoch"] == 3 and cont["global_step"] == 3
+    assert cont["history"][:2] == first["history"]
+
+    (out / "overlays" / "stale.png").write_bytes(b"x")
+    run(cfg, overwrite=True)
+    again = load(out / "last.pt")
+    assert again["epoch"] == 2 and len(again["history"]) == 2
+    assert not (out / "overlays" / "stale.png").exists()
+    for key, value in first["model"].items():
+        assert torch.equal(value, again["model"][key])  # a fresh run from the same seed is the same run
+
+
+def test_load_saved_model_without_checkpoint_starts_fresh(project, tmp_path, caplog):
+    cfg = load_config(project, ["segmenter.epochs=1", "segmenter.max_steps_per_epoch=1",
+                                "segmenter.class_weights=[1.0, 2.5]"])  # fmt: skip
+    result = run(cfg, load_saved_model=True)
+    assert "no checkpoint at" in caplog.text and "starting fresh" in caplog.text
+    assert result["status"] == "trained" and result["epochs"] == 1
+    assert load(tmp_path / "outputs" / "t" / "train-segmenter" / "last.pt")["meta"]["class_weights"] == [1.0, 2.5]
+
+
+@pytest.mark.parametrize("signame", ["SIGUSR1", "SIGTERM", "SIGINT"])
+def test_signal_finishes_the_step_checkpoints_and_raises_preempted(project, tmp_path, monkeypatch, signame):
+    previous = signal.getsignal(getattr(signal, signame))
+    cfg = load_config(project, ["segmenter.epochs=1"])
+    monkeypatch.setenv(DEBUG_SIGNAL_ENV, f"2:{signame}:step")  # the signal arrives just after step 2
+    with pytest.raises(Preempted, match=f"stopped by {signame} at epoch 1/1, step 2") as err:
+        run(cfg)
+    assert err.value.exit_code == 99
+    last = tmp_path / "outputs" / "t" / "train-segmenter" / "last.pt"
+    state = load(last)
+    assert (state["epoch"], state["step"], state["global_step"], state["sampler"]["position"]) == (0, 2, 2, 6)
+    assert signal.getsignal(getattr(signal, signame)) is previous  # handlers restored
+
+    if signame == "SIGUSR1":
+        monkeypatch.delenv(DEBUG_SIGNAL_ENV)
+        assert run(cfg, load_saved_model=True)["status"] == "trained"
+        state = load(last)
+        assert (state["epoch"], state["global_step"]) == (1, 3)
+
+
+def test_missing_inputs_are_clear_stage_errors(tmp_path):
+    cfg = load_config(make_project(tmp_path))
+    (tmp_path / "outputs" / "t" / "train-classifier" / "best.pt").unlink()
+    with pytest.raises(StageError, match="train-classifier/best.pt: not found; run train-classifier first"):
+        run(cfg)
+    (tmp_path / "outputs" / "t" / "tile" / "manifest.csv").unlink()
+    with pytest.raises(StageError, match="manifest.csv"):
+        run(cfg)
+
+
+def test_signal_during_start_up_checkpoints_the_initial_state_and_resume_is_exact(tmp_path):
+    from footprints.signals import StopSignals
+    from footprints.training import train_segmenter
+
+    config = make_project(tmp_path)
+    cfg = load_config(config, ["segmenter.epochs=1", "segmenter.max_steps_per_epoch=2"])
+    stop = StopSignals()
+    stop.signame = "SIGUSR1"  # as if SLURM's warning came while torch was importing
+    with pytest.raises(Preempted, match="epoch 1/1, step 0"):
+        train_segmenter(cfg, stop=stop)
+    last = tmp_path / "outputs" / "t" / "train-segmenter" / "last.pt"
+    assert (load(last)["epoch"], load(last)["global_step"]) == (0, 0)
+    run(cfg, load_saved_model=True)
+    resumed = load(last)["model"]
+
+    run(cfg, overwrite=True)
+    fresh = load(last)["model"]
+    assert all(torch.equal(resumed[k], fresh[k]) for k in fresh)
