@@ -125,6 +125,7 @@ def load_backbone(weights: str, normalization: str, device: str | torch.device =
         log.warning(
             "BACKBONE WEIGHTS ARE RANDOM: hypercolumns carry no ImageNet knowledge; metrics are not comparable"
         )
+        _init_random(model)
     elif weights == "imagenet":
         model.features.load_state_dict(_torchvision_imagenet_features())
     else:
@@ -145,6 +146,22 @@ def load_backbone(weights: str, normalization: str, device: str | torch.device =
             raise InputError(path, f"state dict does not fit VGG16 features ({first})") from None
     model.requires_grad_(False)
     return model.eval().to(device)
+
+
+RANDOM_WEIGHTS_SEED = 0
+
+
+def _init_random(model: VGG16Features, seed: int = RANDOM_WEIGHTS_SEED) -> None:
+    """torchvision's VGG init (Kaiming normal, fan_out; zero bias) from a fixed seed.
+
+    Every stage and process that asks for `random` must get the same backbone, or the classifier trained
+    on the features stage's hypercolumns would meet different ones in train-segmenter and predict.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    for module in model.features:
+        if isinstance(module, nn.Conv2d):
+            nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu", generator=gen)
+            nn.init.zeros_(module.bias)
 
 
 def _torchvision_imagenet_features() -> dict[str, torch.Tensor]:

@@ -1,0 +1,356 @@
+"""Stage `train-classifier`: the shallow class-weighted MLP on sampled hypercolumns, and a baseline.
+
+Class weights. `class_weights_from_counts` gives each class the weight N / (2 * n_c) (N = all labelled
+training pixels, n_c those of class c; scikit-learn's `class_weight='balanced'` formula): inverse
+frequency, normalised so that the mean weight over the training pixels is 1 (sum_c n_c * w_c = N, so the
+loss keeps the scale of the unweighted one) and each class carries half of the total weight. They come
+from the training masks (features/meta.json `class_pixels`), or from `classifier.class_weights` when set.
+
+The loss. Samples are drawn class-balanced per patch, so their class frequencies are not the masks'.
+Each sample therefore carries `w`, the number of mask pixels it stands for; the loss weights sample i by
+`class_weight[y_i] * w_i` (normalised per batch), which is an unbiased estimate of the class-weighted
+cross entropy over every pixel of the training masks: the objective the dense segmenter trains on later.
+Plain class weights on balanced samples would count the class imbalance twice (a ~20x building prior).
+
+Model selection: the epoch with the best validation building IoU, estimated for the dense masks (sampled
+validation pixels weighted by `w`). Metrics on the sampled pixels unweighted are reported beside it, as
+is a scikit-learn logistic regression (`class_weight='balanced'`) on the same standardised features.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from .atomic import atomic_path, write_json
+from .config import Config
+from .errors import FootprintsError, StageError
+from .hypercolumns import load_features, resolve_device
+from .metrics import confusion, pixel_metrics
+from .mlp import MLP
+
+log = logging.getLogger(__name__)
+
+BASELINE_MAX_SAMPLES = 200_000  # logistic regression on more rows than this uses a seeded subsample
+
+
+def class_weights_from_counts(background_px: float, building_px: float) -> np.ndarray:
+    """Inverse-frequency weights [background, building] = N / (2 * n_c), N = n_0 + n_1.
+
+    Normalised so that the pixel-weighted mean weight is 1: sum_c n_c * w_c = N (e.g. 900 background and
+    100 building pixels give [0.556, 5.0]).
+    """
+    counts = np.array([background_px, building_px], dtype=np.float64)
+    if (counts <= 0).any():
+        raise StageError(
+            f"class weights: the training masks hold {int(counts[0])} background and {int(counts[1])} building "
+            "pixels; both classes are needed (or set classifier.class_weights)"
+        )
+    return counts.sum() / (2.0 * counts)
+
+
+def resolve_class_weights(cfg: Config, class_pixels: dict[str, int]) -> tuple[np.ndarray, str]:
+    """The configured override, or the inverse-frequency weights of the training masks; and their source."""
+    if cfg.classifier.class_weights is not None:
+        return np.asarray(cfg.classifier.class_weights, dtype=np.float64), "config classifier.class_weights"
+    w = class_weights_from_counts(class_pixels["background"], class_pixels["building"])
+    return w, "inverse frequency of the training masks"
+
+
+def _weighted_loss(logits: torch.Tensor, y: torch.Tensor, w: torch.Tensor, cw: torch.Tensor) -> torch.Tensor:
+    per = nn.functional.cross_entropy(logits, y, reduction="none")
+    sw = cw[y] * w
+    return (per * sw).sum() / sw.sum().clamp_min(1e-12)
+
+
+def _evaluate(
+    model: nn.Module, X: torch.Tensor, y: torch.Tensor, w: torch.Tensor, cw: torch.Tensor, batch: int
+) -> tuple[float, dict[str, float], dict[str, float]]:
+    """(weighted loss, dense-estimate metrics, sampled-pixel metrics) of `model` on (X, y, w)."""
+    model.eval()
+    preds, loss_sum, weight_sum = [], 0.0, 0.0
+    with torch.inference_mode():
+        for s in range(0, len(y), batch):
+            logits = model(X[s : s + batch])
+            yb, wb = y[s : s + batch], w[s : s + batch]
+            per = nn.functional.cross_entropy(logits, yb, reduction="none")
+            sw = cw[yb] * wb
+            loss_sum += float((per * sw).sum())
+            weight_sum += float(sw.sum())
+            preds.append(logits.argmax(1))
+    pred = torch.cat(preds) if preds else torch.zeros(0, dtype=torch.long, device=y.device)
+    dense = pixel_metrics(*confusion(pred, y, ignore=None, weight=w))
+    sampled = pixel_metrics(*confusion(pred, y, ignore=None))
+    return loss_sum / max(weight_sum, 1e-12), dense, sampled
+
+
+def _to_python(obj: Any) -> Any:
+    """Numbers/arrays -> plain Python (a weights_only checkpoint refuses numpy scalars)."""
+    if isinstance(obj, dict):
+        return {str(k): _to_python(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_to_python(v) for v in obj]
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    if isinstance(obj, np.generic):
+        return obj.item()
+    return obj
+
+
+def train_mlp(
+    cfg: Config,
+    train: dict[str, np.ndarray],
+    val: dict[str, np.ndarray],
+    mean: np.ndarray,
+    std: np.ndarray,
+    class_weights: np.ndarray,
+) -> tuple[MLP, dict[str, Any]]:
+    """Train the MLP with Adam + StepLR; return the best model (on val building IoU) and its record."""
+    c = cfg.classifier
+    device = resolve_device(c.device)
+    torch.manual_seed(cfg.seed)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    in_channels = train["X"].shape[1]
+    model = MLP(in_channels, hidden=c.hidden, dropout=c.dropout, mean=mean, std=std).to(device)
+    opt = torch.optim.Adam(model.parameters(), lr=c.lr, weight_decay=c.weight_decay)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=max(1, c.step_size), gamma=c.gamma)
+    cw = torch.as_tensor(class_weights, dtype=torch.float32, device=device)
+
+    def tensors(d: dict[str, np.ndarray]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return (
+            torch.as_tensor(d["X"], dtype=torch.float32, device=device),
+            torch.as_tensor(d["y"], dtype=torch.long, device=device),
+            torch.as_tensor(d["w"], dtype=torch.float32, device=device),
+        )
+
+    Xt, yt, wt = tensors(train)
+    has_val = len(val["y"]) > 0
+    Xv, yv, wv = tensors(val) if has_val else (Xt, yt, wt)
+    select_on = "val" if has_val else "train"
+    if not has_val:
+        log.warning("train-classifier: no validation samples; selecting the epoch on TRAINING building IoU")
+
+    history: list[dict[str, Any]] = []
+    best: dict[str, Any] = {"iou": -1.0}
+    n = len(yt)
+    for epoch in range(1, c.epochs + 1):
+        model.train()
+        order = torch.randperm(n, generator=gen).to(device)
+        total, weight = 0.0, 0.0
+        for s in range(0, n, c.batch_size):
+            idx = order[s : s + c.batch_size]
+            logits = model(Xt[idx])
+            loss = _weighted_loss(logits, yt[idx], wt[idx], cw)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            bw = float((cw[yt[idx]] * wt[idx]).sum())
+            total += loss.item() * bw
+            weight += bw
+        sched.step()
+        val_loss, dense, sampled = _evaluate(model, Xv, yv, wv, cw, max(c.batch_size, 4096))
+        row = {
+            "epoch": epoch,
+            "lr": opt.param_groups[0]["lr"],
+            "train_loss": total / max(weight, 1e-12),
+            f"{select_on}_loss": val_loss,
+            f"{select_on}_building_iou": dense["building_iou"],
+            f"{select_on}_building_iou_sampled": sampled["building_iou"],
+        }
+        history.append(row)
+        log.info(
+            "train-classifier: epoch %d/%d train loss %.4f %s loss %.4f building IoU %.4f (sampled pixels %.4f)",
+            epoch, c.epochs, row["train_loss"], select_on, val_loss, dense["building_iou"], sampled["building_iou"],
+        )
+        if dense["building_iou"] > best["iou"]:
+            best = {
+                "iou": dense["building_iou"], "epoch": epoch, "state": copy.deepcopy(model.state_dict()),
+                "dense": dense, "sampled": sampled, "loss": val_loss,
+            }
+    model.load_state_dict(best["state"])
+    model.eval()
+    record = {
+        "selected_on": f"{select_on} building IoU (dense estimate)",
+        "epoch": best["epoch"],
+        select_on: best["dense"],
+        f"{select_on}_sampled_pixels": best["sampled"],
+        f"{select_on}_loss": best["loss"],
+        "history": history,
+        "device": str(device),
+    }
+    return model.cpu(), record
+
+
+def train_baseline(
+    cfg: Config, train: dict[str, np.ndarray], val: dict[str, np.ndarray], mean: np.ndarray, std: np.ndarray
+) -> dict[str, Any]:
+    """scikit-learn LogisticRegression(class_weight='balanced') on the standardised features."""
+    from sklearn.exceptions import ConvergenceWarning
+    from sklearn.linear_model import LogisticRegression
+
+    t0 = time.perf_counter()
+    scale = np.where(std > 1e-6, std, 1.0)
+    X, y = train["X"], train["y"]
+    if len(y) > BASELINE_MAX_SAMPLES:
+        keep = np.random.default_rng(cfg.seed).choice(len(y), BASELINE_MAX_SAMPLES, replace=False)
+        X, y = X[keep], y[keep]
+        log.info("baseline: fitting on a seeded subsample of %d training samples", BASELINE_MAX_SAMPLES)
+    if len(np.unique(y)) < 2:
+        raise StageError("baseline: the training samples hold only one class")
+    max_iter = 300
+    clf = LogisticRegression(class_weight="balanced", max_iter=max_iter, random_state=cfg.seed)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)  # reported below as "converged"
+        clf.fit((X - mean) / scale, y)
+    iterations = int(np.max(clf.n_iter_))
+    out: dict[str, Any] = {
+        "model": f"sklearn LogisticRegression(class_weight='balanced', max_iter={max_iter}) on standardised features",
+        "train_samples": int(len(y)),
+        "iterations": iterations,
+        "converged": iterations < max_iter,
+        "seconds": 0.0,
+    }
+    if iterations >= max_iter:
+        log.info("baseline: logistic regression stopped at max_iter=%d before converging", max_iter)
+    if len(val["y"]):
+        pred = clf.predict((val["X"] - mean) / scale)
+        out["val"] = pixel_metrics(*confusion(pred, val["y"], ignore=None, weight=val["w"]))
+        out["val_sampled_pixels"] = pixel_metrics(*confusion(pred, val["y"], ignore=None))
+    out["seconds"] = round(time.perf_counter() - t0, 2)
+    return out
+
+
+def _learning_curve(history: list[dict[str, Any]], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    split = "val" if "val_loss" in history[0] else "train"
+    epochs = [h["epoch"] for h in history]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot(epochs, [h["train_loss"] for h in history], label="train loss")
+    ax.plot(epochs, [h[f"{split}_loss"] for h in history], label=f"{split} loss")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("weighted cross entropy")
+    ax2 = ax.twinx()
+    ax2.plot(epochs, [h[f"{split}_building_iou"] for h in history], "g-", label=f"{split} building IoU")
+    ax2.plot(epochs, [h[f"{split}_building_iou_sampled"] for h in history], "g:", label="(sampled pixels)")
+    ax2.set_ylabel("building IoU")
+    ax2.set_ylim(0, 1)
+    lines = ax.get_lines() + ax2.get_lines()
+    ax.legend(lines, [ln.get_label() for ln in lines], loc="center right", fontsize=8)
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    with atomic_path(path) as tmp, open(tmp, "wb") as fh:
+        fig.savefig(fh, format="png", dpi=100)
+    plt.close(fig)
+
+
+def train_classifier(cfg: Config, overwrite: bool = False) -> dict[str, Any]:
+    """Run the `train-classifier` stage; returns the metrics dict (also metrics.json)."""
+    feat_dir = cfg.stage_dir("features")
+    out_dir = cfg.stage_dir("train-classifier")
+    meta_path = feat_dir / "meta.json"
+    if not meta_path.is_file():
+        raise StageError(f"{meta_path}: missing; run the features stage first")
+    meta = json.loads(meta_path.read_text())
+    c = cfg.classifier
+    settings = {k: getattr(c, k) for k in ("hidden", "dropout", "epochs", "batch_size", "lr", "weight_decay",
+                                           "step_size", "gamma", "class_weights", "baseline")}
+    metrics_path, ckpt_path = out_dir / "metrics.json", out_dir / "best.pt"
+    if not overwrite and metrics_path.is_file() and ckpt_path.is_file():
+        done = json.loads(metrics_path.read_text())
+        if done.get("features_fingerprint") == meta["fingerprint"] and done.get("settings") == settings \
+                and done.get("seed") == cfg.seed:
+            log.info("train-classifier: %s is complete (same features and settings); skipping", out_dir)
+            return {**done, "skipped": True}
+
+    t0 = time.perf_counter()
+    train = load_features(feat_dir, "train")
+    val = load_features(feat_dir, "val")
+    if len(np.unique(train["y"])) < 2:
+        raise StageError(f"{feat_dir}: the training samples hold only one class; cannot train a classifier")
+    with np.load(feat_dir / "stats.npz") as z:
+        mean, std = z["mean"], z["std"]
+    class_weights, source = resolve_class_weights(cfg, meta["class_pixels"])
+    log.info(
+        "train-classifier: class weights background %.4f building %.4f (%s; train mask pixels %s)",
+        class_weights[0], class_weights[1], source, meta["class_pixels"],
+    )
+    random_backbone = meta["backbone"]["weights"] == "random"
+    if random_backbone:
+        log.warning("train-classifier: features come from a RANDOM backbone; metrics are not ImageNet-comparable")
+    log.info("train-classifier: %d train / %d val samples of %d channels", len(train["y"]), len(val["y"]),
+             train["X"].shape[1])
+
+    model, record = train_mlp(cfg, train, val, mean, std, class_weights)
+    mlp_seconds = time.perf_counter() - t0
+    baseline = None
+    if c.baseline:
+        baseline = train_baseline(cfg, train, val, mean, std)
+        write_json(out_dir / "baseline.json", {**baseline, **({"warning": meta.get("warning")} if random_backbone else {})})
+
+    selected = record.get("val") or record.get("train")
+    metrics: dict[str, Any] = {
+        "features_fingerprint": meta["fingerprint"],
+        "settings": settings,
+        "seed": cfg.seed,
+        "backbone": meta["backbone"],
+        "layers": meta["layers"],
+        "class_weights": class_weights.tolist(),
+        "class_weights_source": source,
+        "class_pixels": meta["class_pixels"],
+        "samples": {"train": int(len(train["y"])), "val": int(len(val["y"]))},
+        "mlp": {k: v for k, v in record.items() if k != "history"},
+        "baseline": baseline,
+        "history": record["history"],
+        "seconds": {"mlp": round(mlp_seconds, 2), "baseline": baseline["seconds"] if baseline else None},
+    }
+    if random_backbone:
+        metrics["warning"] = "BACKBONE WEIGHTS ARE RANDOM: these metrics do not reflect ImageNet features"
+    checkpoint = {
+        "model": model.state_dict(),
+        "in_channels": int(model.in_channels),
+        "hidden": int(c.hidden),
+        "dropout": float(c.dropout),
+        "layers": list(meta["layers"]),
+        "backbone": dict(meta["backbone"]),
+        "class_weights": [float(v) for v in class_weights],
+        "epoch": int(record["epoch"]),
+        "metrics": _to_python(selected),
+        "config": _to_python(cfg.to_dict()),
+    }
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with atomic_path(ckpt_path) as tmp:
+        torch.save(checkpoint, tmp)
+    _learning_curve(
+        record["history"], out_dir / "learning_curve.png",
+        f"{cfg.name}: MLP, best epoch {record['epoch']}" + (" (RANDOM backbone)" if random_backbone else ""),
+    )
+    write_json(metrics_path, _to_python(metrics))
+    summary = f"MLP building IoU {selected['building_iou']:.4f}"
+    if baseline and "val" in baseline:
+        summary += f", logistic-regression baseline {baseline['val']['building_iou']:.4f}"
+    log.info("train-classifier: %s (epoch %d) -> %s", summary, record["epoch"], ckpt_path)
+    return metrics
+
+
+def load_classifier(path: str | Path, device: str | torch.device = "cpu") -> tuple[MLP, dict[str, Any]]:
+    """The MLP of a train-classifier checkpoint in eval mode, and the checkpoint dict (weights_only load)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FootprintsError(f"{path}: classifier checkpoint not found; run train-classifier first")
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    model = MLP(ckpt["in_channels"], hidden=ckpt["hidden"], dropout=ckpt["dropout"])
+    model.load_state_dict(ckpt["model"])
+    return model.eval().to(device), ckpt
