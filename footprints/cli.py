@@ -98,6 +98,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--load_saved_model", "--load-saved-model", dest="load_saved_model", action="store_true",
                    help="resume segmenter training from last.pt")
 
+    p = sub.add_parser("cv", help="cross-validation over scenes: every stage once per fold (tile.folds), "
+                       "test metrics pooled over all scenes")
+    _common(p)
+    p.add_argument("--overwrite", action="store_true", help="redo every stage of every fold")
+
     p = sub.add_parser("bench", help="run one benchmark; the last output line is a JSON object")
     _common(p)
     p.add_argument("name", choices=BENCHMARKS, help="which benchmark")
@@ -139,6 +144,8 @@ def _dispatch(args: argparse.Namespace) -> dict[str, Any] | None:
     cfg = load_config(args.config, args.overrides)
     if args.command == "all":
         return run_all(cfg, overwrite=args.overwrite, load_saved_model=args.load_saved_model)
+    if args.command == "cv":
+        return importlib.import_module("pipelines.crossval").run(cfg, overwrite=args.overwrite)
     if args.command == "bench":
         from .bench import run_benchmark
 

@@ -50,8 +50,11 @@ class TileConfig:
     size: int = 256
     stride: int = 256
     target_gsd: float | None = None  # metres; None keeps the native resolution
-    # "random": scene-level split by split_ratios and seed; "subset": xView2 subsets map to splits
-    split_mode: Literal["random", "subset"] = "random"
+    # "random": scene-level split by split_ratios and seed; "subset": xView2 subsets map to splits;
+    # "kfold": scenes shuffled by seed into `folds` folds, fold `fold` is test, the next one val
+    split_mode: Literal["random", "subset", "kfold"] = "random"
+    folds: int = 5
+    fold: int = 0
     split_ratios: list[float] = field(default_factory=lambda: [0.7, 0.15, 0.15])
     subset_splits: dict[str, str] = field(
         default_factory=lambda: {"train": "train", "tier3": "train", "hold": "val", "test": "test"}
@@ -152,6 +155,11 @@ class SlurmClusterConfig:
     adaptive_min: int | None = None
     adaptive_max: int | None = None
     python: str | None = None  # interpreter on the compute nodes; None = this one
+    # network interface of the scheduler and workers (e.g. "ib0"; "lo" for a one-node cluster); None = default
+    interface: str | None = None
+    job_name: str = "footprints-dask"
+    # seconds to wait for the first worker job to start before giving up with a clear error; 0 = forever
+    startup_timeout: float = 1800.0
 
 
 @dataclass
@@ -281,6 +289,9 @@ def _check(cfg: Config) -> None:
         raise ConfigError(f"{src}: tile.stride: must be in 1..tile.size ({cfg.tile.size}), got {cfg.tile.stride}")
     if len(cfg.tile.split_ratios) != 3 or any(r < 0 for r in cfg.tile.split_ratios) or sum(cfg.tile.split_ratios) <= 0:
         raise ConfigError(f"{src}: tile.split_ratios: expected three non-negative numbers (train, val, test)")
+    if cfg.tile.split_mode == "kfold" and not (cfg.tile.folds >= 3 and 0 <= cfg.tile.fold < cfg.tile.folds):
+        raise ConfigError(f"{src}: tile.fold: needs tile.folds >= 3 and 0 <= fold < folds, got "
+                          f"fold {cfg.tile.fold} of {cfg.tile.folds}")
     if cfg.segmenter.stride not in (1, 2):
         raise ConfigError(f"{src}: segmenter.stride: must be 1 or 2, got {cfg.segmenter.stride}")
     if not 0 <= cfg.predict.overlap < 1:

@@ -120,6 +120,20 @@ def assign_splits(
     return out
 
 
+def assign_folds(groups: Iterable[str], folds: int, fold: int, seed: int) -> dict[str, str]:
+    """Cross-validation split: groups shuffled by `seed` into `folds` near-equal folds; fold `fold` is
+    test, fold `fold + 1` (cyclically) val, the others train. Over fold = 0..folds-1 every group is
+    tested exactly once, always by a model that never saw it.
+    """
+    keys = sorted(set(groups))
+    order = np.random.default_rng(seed).permutation(len(keys))
+    out = {}
+    for rank, idx in enumerate(order):
+        k = rank % folds
+        out[keys[idx]] = "test" if k == fold else "val" if k == (fold + 1) % folds else "train"
+    return out
+
+
 # ---------------------------------------------------------------------------------------------------
 # one scene
 
@@ -263,7 +277,11 @@ def _split_for(sources: list[SceneSource], cfg: Config) -> dict[str, str]:
                 raise StageError(f"tile.subset_splits: {src.subset!r} maps to {split!r}, not one of {SPLITS}")
             out[src.scene_id] = split
         return out
-    by_loc = assign_splits((s.location_id for s in sources), tile.split_ratios, cfg.seed)
+    locations = (s.location_id for s in sources)
+    if tile.split_mode == "kfold":
+        by_loc = assign_folds(locations, tile.folds, tile.fold, cfg.seed)
+    else:
+        by_loc = assign_splits(locations, tile.split_ratios, cfg.seed)
     return {s.scene_id: by_loc[s.location_id] for s in sources}
 
 
