@@ -1,0 +1,498 @@
+"""The dense head of the segmenter: the per-pixel MLP as 1x1 convolutions, without the hypercolumn.
+
+The seed's head upsamples every backbone activation to the patch size, concatenates them (4,227
+channels), normalises, and applies conv1 (1x1, stride s) -> ReLU -> dropout -> conv2 (1x1, stride s) ->
+ReLU -> dropout -> conv3 (1x1). With stride s only the patch pixels (s*s*i, s*s*j) ever reach conv3: the
+"evaluated grid" (64x64 of a 256 px patch for s=2). Both the bilinear upsampling and a 1x1 convolution
+are linear, so
+
+    W1 . concat_i(up(f_i)) = sum_i up(W1_i . f_i)            (W1_i = the columns of W1 reading layer i)
+
+and `DenseHead` computes the first layer only on the evaluated grid, per layer, in whichever order is
+cheaper: layers at least as dense as the grid (input .. conv3_x for s=2) are sampled first, with the
+bilinear weights of exactly the source pixels `F.interpolate(size=patch, mode="bilinear",
+align_corners=False)` would use, and projected in one GEMM; coarser layers (conv4_x at 32x32, conv5_x
+at 16x16) are projected at their own resolution, summed per resolution, and only those 1024-channel
+sums are sampled. conv2 and conv3 then run on the grid. The feature normaliser (x - mean) / std is
+folded into conv1's weights and bias. `NaiveHead` is the straightforward reference (the seed's head);
+tests prove both give the same numbers and gradients.
+
+Measured (`footprints bench head`, 4 patches x 4,227 channels x 256 px, hidden 1024, stride 2, forward
++ backward, 2-core CPU): naive 15.1 s and 9.3 GiB peak, factorised 1.9 s and 0.4 GiB. The floor for
+both is conv2 (1024x1024 on the 64x64 grid), which they share; the naive head's cost is conv1 on the
+full 128x128 output of its first stride-2 conv over the 4,227-channel hypercolumn.
+
+`bench_head(cfg)` measures both on one input (`footprints bench head`).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import statistics
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .backbone import LAYER_CHANNELS, LAYER_SCALE, hypercolumn_channels, resolve_layers
+from .mlp import MLP
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "DenseHead",
+    "NaiveHead",
+    "bench_head",
+    "compare_heads",
+    "evaluated_positions",
+    "sample_bilinear",
+    "upsample_grid",
+]
+
+
+# ----------------------------------------------------------------------------------------------------
+# geometry
+
+
+def evaluated_positions(size: int, stride: int) -> torch.Tensor:
+    """Patch pixel indices (along one axis) that conv1 (stride s) followed by conv2 (stride s) read.
+
+    conv1 reads 0, s, 2s, ... (ceil(size/s) outputs); conv2 reads every s-th of those.
+    """
+    n1 = (size - 1) // stride + 1
+    n2 = (n1 - 1) // stride + 1
+    return torch.arange(n2, dtype=torch.long) * (stride * stride)
+
+
+def _source_coords(out_positions: torch.Tensor, in_size: int, out_size: int) -> tuple[torch.Tensor, ...]:
+    """(i0, i1, lambda) that `F.interpolate(size=out_size, bilinear, align_corners=False)` uses.
+
+    PyTorch: src = (dst + 0.5) * in/out - 0.5, clamped at 0; i1 = min(i0 + 1, in - 1).
+    """
+    scale = in_size / out_size
+    src = ((out_positions.to(torch.float64) + 0.5) * scale - 0.5).clamp(min=0.0)
+    i0 = src.floor().long().clamp(max=in_size - 1)
+    i1 = (i0 + 1).clamp(max=in_size - 1)
+    lam = src - i0.to(torch.float64)
+    return i0, i1, lam
+
+
+def _axis_resampler(
+    i0: torch.Tensor, i1: torch.Tensor, lam: torch.Tensor, n_in: int
+) -> slice | torch.Tensor:
+    """How to resample one axis: a `slice` when every output hits an input pixel exactly at a constant
+    step (full-resolution layers: a free view), else the dense (n_out, n_in) interpolation matrix
+    (float64; a row holds 1 - lambda at i0 and lambda at i1)."""
+    n_out = len(i0)
+    if bool((lam == 0).all()):
+        step = int(i0[1] - i0[0]) if n_out > 1 else 1
+        if step > 0 and torch.equal(i0, i0[0] + step * torch.arange(n_out)):
+            return slice(int(i0[0]), int(i0[0]) + step * (n_out - 1) + 1, step)
+    m = torch.zeros(n_out, n_in, dtype=torch.float64)
+    k = torch.arange(n_out)
+    m.index_put_((k, i0), 1 - lam, accumulate=True)
+    m.index_put_((k, i1), lam, accumulate=True)
+    return m
+
+
+def _resample(x: torch.Tensor, rows: slice | torch.Tensor, cols: slice | torch.Tensor) -> torch.Tensor:
+    """Apply per-axis resamplers to the last two dims of x (B, C, h, w).
+
+    Matrices are applied as GEMMs (einsum): gathering along the last dimension with index_select and
+    its index_add backward are an order of magnitude slower on CPU for (4, 1024, 64, 64) tensors.
+    """
+    if isinstance(rows, slice):
+        x = x[:, :, rows]
+    if isinstance(cols, slice):
+        x = x[:, :, :, cols]
+    if isinstance(rows, torch.Tensor) and isinstance(cols, torch.Tensor):
+        r, c = rows.to(x), cols.to(x)
+        # cheaper contraction order: shrink the axis that shrinks most first
+        if r.shape[0] * x.shape[-1] <= x.shape[-2] * c.shape[0]:
+            return torch.einsum("bcrw,sw->bcrs", torch.einsum("rh,bchw->bcrw", r, x), c)
+        return torch.einsum("rh,bchs->bcrs", r, torch.einsum("bchw,sw->bchs", x, c))
+    if isinstance(rows, torch.Tensor):
+        return torch.einsum("rh,bchw->bcrw", rows.to(x), x)
+    if isinstance(cols, torch.Tensor):
+        return torch.einsum("bchw,sw->bchs", x, cols.to(x))
+    return x
+
+
+def sample_bilinear(
+    f: torch.Tensor, out_size: tuple[int, int], rows: torch.Tensor, cols: torch.Tensor
+) -> torch.Tensor:
+    """`F.interpolate(f, size=out_size, mode="bilinear", align_corners=False)[..., rows, :][..., cols]`
+    without computing the other pixels. f: (B, C, h, w) -> (B, C, len(rows), len(cols))."""
+    h, w = f.shape[-2:]
+    ry = _axis_resampler(*_source_coords(rows, h, out_size[0]), h)
+    cx = _axis_resampler(*_source_coords(cols, w, out_size[1]), w)
+    return _resample(f, ry, cx)
+
+
+def upsample_grid(logits: torch.Tensor, size: tuple[int, int], step: int) -> torch.Tensor:
+    """Bilinear upsampling of values on the evaluated grid (node k at pixel k*step) to `size` pixels.
+
+    The seed used `F.interpolate(size=...)`, which places node k at pixel k*step + (step-1)/2: every
+    prediction shifted by 1.5 px for s=2. Here node k sits on the pixel it was computed from, so the
+    output at an evaluated pixel is exactly the head's value there; beyond the last node the value is
+    held (edge clamp). step=1 is the identity.
+    """
+    if step == 1 and tuple(logits.shape[-2:]) == tuple(size):
+        return logits
+    axes = []
+    for n_in, n_out in ((logits.shape[-2], size[0]), (logits.shape[-1], size[1])):
+        src = (torch.arange(n_out, dtype=torch.float64) / step).clamp(max=n_in - 1)
+        i0 = src.floor().long()
+        axes.append(_axis_resampler(i0, (i0 + 1).clamp(max=n_in - 1), src - i0.to(torch.float64), n_in))
+    return _resample(logits, axes[0], axes[1])
+
+
+# ----------------------------------------------------------------------------------------------------
+# heads
+
+
+class DenseHead(nn.Module):
+    """The factorised head: hypercolumn layers -> hidden -> hidden -> classes on the evaluated grid.
+
+    Parameters are three 1x1 `nn.Conv2d` (`conv1` holds the MLP's fc1 with the normaliser folded in).
+    `forward(acts, size)` takes the backbone activations (each at its own resolution) of a patch of
+    `size` pixels and returns logits on the evaluated grid, (B, classes, n_rows, n_cols).
+    """
+
+    def __init__(
+        self,
+        layers: Sequence[str],
+        hidden: int = 1024,
+        stride: int = 2,
+        dropout: float = 0.5,
+        num_classes: int = 2,
+    ):
+        super().__init__()
+        if stride < 1:
+            raise ValueError(f"segmenter.stride must be >= 1, got {stride}")
+        self.layers = resolve_layers(list(layers))
+        self.in_channels = hypercolumn_channels(self.layers)
+        self.hidden = hidden
+        self.stride = stride
+        self.dropout_p = dropout
+        self.num_classes = num_classes
+        self.conv1 = nn.Conv2d(self.in_channels, hidden, 1)
+        self.conv2 = nn.Conv2d(hidden, hidden, 1)
+        self.conv3 = nn.Conv2d(hidden, num_classes, 1)
+        self.dropout = nn.Dropout(dropout)
+        offsets = [0]
+        for name in self.layers:
+            offsets.append(offsets[-1] + LAYER_CHANNELS[name])
+        self._slices = {name: slice(offsets[k], offsets[k + 1]) for k, name in enumerate(self.layers)}
+
+    @property
+    def grid_step(self) -> int:
+        """Pixels between evaluated grid nodes (s*s)."""
+        return self.stride * self.stride
+
+    @classmethod
+    def from_mlp(cls, mlp: MLP, layers: Sequence[str], stride: int = 2) -> DenseHead:
+        """Exact conversion: conv weights = fc weights; (x - mean) / std folded into conv1. The head
+        is in the MLP's mode (train/eval).
+
+        W1 ((x - m) / s) + b1 = (W1 / s) x + (b1 - (W1 / s) m), computed in float64.
+        """
+        layers = resolve_layers(list(layers))
+        if hypercolumn_channels(layers) != mlp.in_channels:
+            raise ValueError(
+                f"classifier has {mlp.in_channels} input channels, layers {layers} give "
+                f"{hypercolumn_channels(layers)}"
+            )
+        head = cls(layers, mlp.hidden, stride, mlp.dropout_p, mlp.fc3.out_features)
+        with torch.no_grad():
+            w1 = mlp.fc1.weight.double() / mlp.std.double()[None, :]
+            b1 = mlp.fc1.bias.double() - w1 @ mlp.mean.double()
+            head.conv1.weight.copy_(w1[:, :, None, None])
+            head.conv1.bias.copy_(b1)
+            head.conv2.weight.copy_(mlp.fc2.weight[:, :, None, None])
+            head.conv2.bias.copy_(mlp.fc2.bias)
+            head.conv3.weight.copy_(mlp.fc3.weight[:, :, None, None])
+            head.conv3.bias.copy_(mlp.fc3.bias)
+        return head.train(mlp.training)
+
+    def first_layer(self, acts: Mapping[str, torch.Tensor], size: tuple[int, int]) -> torch.Tensor:
+        """conv1's pre-activation on the evaluated grid, (B, hidden, n_rows, n_cols).
+
+        Layers at least as dense as the grid are sampled first (C_i channels) and projected together
+        in one GEMM; coarser layers are projected at their own resolution, summed per resolution
+        (conv4_x, conv5_x), and only those sums (hidden channels) are sampled.
+        """
+        rows = evaluated_positions(size[0], self.stride)
+        cols = evaluated_positions(size[1], self.stride)
+        n_grid = len(rows) * len(cols)
+        w1 = self.conv1.weight
+        dense: list[torch.Tensor] = []
+        dense_idx: list[int] = []
+        coarse: dict[tuple[int, int], torch.Tensor] = {}  # resolution -> sum of W1_i f_i at it
+        for name in self.layers:
+            f = acts[name]
+            sl = self._slices[name]
+            hw = (int(f.shape[-2]), int(f.shape[-1]))
+            if hw[0] * hw[1] >= n_grid:
+                dense.append(sample_bilinear(f, size, rows, cols))
+                dense_idx.extend(range(sl.start, sl.stop))
+            else:
+                # separate GEMMs, not one on concatenated layers: same speed, no concatenated copy kept
+                g = F.conv2d(f, w1[:, sl])
+                coarse[hw] = g if hw not in coarse else coarse[hw] + g
+        z: torch.Tensor | None = None
+        if dense:
+            x = dense[0] if len(dense) == 1 else torch.cat(dense, dim=1)
+            idx = torch.tensor(dense_idx, device=w1.device)
+            w = w1 if len(dense_idx) == w1.shape[1] else w1.index_select(1, idx)
+            z = F.conv2d(x, w, self.conv1.bias)
+        for g in coarse.values():
+            part = sample_bilinear(g, size, rows, cols)
+            z = part if z is None else z + part
+        assert z is not None  # layers is never empty (resolve_layers refuses that)
+        if not dense:
+            z = z + self.conv1.bias.view(1, -1, 1, 1)
+        return z
+
+    def forward(self, acts: Mapping[str, torch.Tensor], size: tuple[int, int]) -> torch.Tensor:
+        # in-place ReLUs: their inputs are fresh tensors that no other op saved for backward
+        h = self.dropout(torch.relu_(self.first_layer(acts, size)))
+        h = self.dropout(torch.relu_(self.conv2(h)))
+        return self.conv3(h)
+
+
+class NaiveHead(nn.Module):
+    """Reference: the seed's head, hypercolumn materialised. For tests and the benchmark only.
+
+    upsample every layer to the patch size, concatenate, normalise by `mean`/`std` (buffers; 0 and 1
+    when the weights already have them folded in), conv1 (stride s) -> ReLU -> dropout -> conv2
+    (stride s) -> ReLU -> dropout -> conv3. Returns logits on the evaluated grid, like `DenseHead`.
+    """
+
+    def __init__(self, layers: Sequence[str], hidden: int = 1024, stride: int = 2, dropout: float = 0.5,
+                 num_classes: int = 2):
+        super().__init__()
+        self.layers = resolve_layers(list(layers))
+        c = hypercolumn_channels(self.layers)
+        self.stride = stride
+        self.register_buffer("mean", torch.zeros(c))
+        self.register_buffer("std", torch.ones(c))
+        self.conv1 = nn.Conv2d(c, hidden, 1, stride=stride)
+        self.conv2 = nn.Conv2d(hidden, hidden, 1, stride=stride)
+        self.conv3 = nn.Conv2d(hidden, num_classes, 1)
+        self.dropout = nn.Dropout(dropout)
+
+    @classmethod
+    def from_mlp(cls, mlp: MLP, layers: Sequence[str], stride: int = 2) -> NaiveHead:
+        """The seed's conversion: fc weights reshaped, normalisation kept as a separate step."""
+        head = cls(layers, mlp.hidden, stride, mlp.dropout_p, mlp.fc3.out_features)
+        with torch.no_grad():
+            head.mean.copy_(mlp.mean)
+            head.std.copy_(mlp.std)
+            for k in (1, 2, 3):
+                fc, conv = getattr(mlp, f"fc{k}"), getattr(head, f"conv{k}")
+                conv.weight.copy_(fc.weight[:, :, None, None])
+                conv.bias.copy_(fc.bias)
+        return head.train(mlp.training)
+
+    @classmethod
+    def from_dense(cls, dense: DenseHead) -> NaiveHead:
+        """Same parameter values and mode as `dense` (normaliser already folded: mean 0, std 1)."""
+        head = cls(dense.layers, dense.hidden, dense.stride, dense.dropout_p, dense.num_classes)
+        head = head.to(dense.conv1.weight.dtype)  # before copying, or float64 values are rounded
+        head.load_state_dict({**dense.state_dict(), "mean": head.mean, "std": head.std})
+        return head.train(dense.training)
+
+    def hypercolumns(self, acts: Mapping[str, torch.Tensor], size: tuple[int, int]) -> torch.Tensor:
+        """The full hypercolumn (B, C, H, W), un-normalised: every layer upsampled and concatenated."""
+        up = [F.interpolate(acts[n], size=size, mode="bilinear", align_corners=False) for n in self.layers]
+        return torch.cat(up, dim=1)
+
+    def forward(self, acts: Mapping[str, torch.Tensor], size: tuple[int, int]) -> torch.Tensor:
+        x = self.hypercolumns(acts, size)
+        mean, std = self.mean.view(1, -1, 1, 1).to(x.dtype), self.std.view(1, -1, 1, 1).to(x.dtype)
+        if x.requires_grad:
+            x = (x - mean) / std
+        else:  # in place when no gradient flows into x: a third 4 GB tensor would prove nothing
+            x.sub_(mean).div_(std)
+        h = self.dropout(torch.relu(self.conv1(x)))
+        h = self.dropout(torch.relu(self.conv2(h)))
+        return self.conv3(h)
+
+
+# ----------------------------------------------------------------------------------------------------
+# benchmark
+
+
+def _cpu_peak_bytes(fn: Any) -> int:
+    """Peak growth of live CPU tensor memory while `fn()` runs (bytes).
+
+    `torch.profiler` with `profile_memory=True` records every allocation and free made by PyTorch's CPU
+    allocator (forward and the autograd backward alike) as a signed byte count in time order; the peak
+    of their running sum is the largest amount of tensor memory alive at once beyond what existed
+    before. Unlike the process RSS this ignores the malloc cache and other processes, and unlike
+    summing tensor sizes it sees the temporaries inside operators and the backward pass.
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
+    events.sort(key=lambda e: e.start_ns())
+    live = peak = 0
+    for e in events:
+        if str(e.device_type()).endswith("CPU"):
+            live += e.nbytes()
+            peak = max(peak, live)
+    return peak
+
+
+def bench_head(cfg: Any) -> dict[str, Any]:
+    """Naive vs factorised head, forward + backward, on one random input (`footprints bench head`).
+
+    A batch of 4 patches of 256 px, all 14 layers (4,227 channels), hidden 1024, stride from
+    `cfg.segmenter.stride`; see `compare_heads` for what is measured and how.
+    """
+    stride = int(getattr(getattr(cfg, "segmenter", None), "stride", 2) or 2)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return compare_heads(batch=4, size=256, hidden=1024, layers="all", stride=stride, device=device)
+
+
+def compare_heads(
+    batch: int,
+    size: int,
+    hidden: int,
+    layers: Any,
+    stride: int,
+    device: torch.device | str = "cpu",
+    fast_reps: int = 5,
+    naive_reps: int = 2,
+) -> dict[str, Any]:
+    """Time and peak memory of forward + backward of `NaiveHead` and `DenseHead` on the same input.
+
+    Random backbone activations (uniform in [0, 1), like post-ReLU features) are made once at each
+    layer's own resolution; the MLP (weights, normaliser) is random and converted both ways: the seed's
+    way (`NaiveHead.from_mlp`, explicit normalisation) and folded (`DenseHead.from_mlp`). Both run with
+    dropout off (eval) so their outputs can be compared; the loss is a random linear function of the
+    logits, so every gradient is non-trivial. Times: median of `fast_reps` / `naive_reps` repetitions,
+    the two heads alternating (after one untimed warm-up of the fast head; the naive one is too slow to
+    warm up). `max_rel_diff`: max |fast - naive| / max |naive| of the logits; `grad_rel_err`:
+    ||g_fast - g_naive|| / ||g_naive|| of the conv2 and conv3 weight gradients (the larger). Peak memory:
+    on CUDA `torch.cuda.max_memory_allocated` beyond what was allocated before the call; on CPU the
+    profiler's allocation trace (`_cpu_peak_bytes`), in a separate untimed run. Both exclude the
+    activations, which exist before either head runs. The naive head's peak is the list of upsampled
+    layers plus their concatenation (2 x 4.4 GB for the benchmark input) while `torch.cat` runs: the
+    seed's way of building the hypercolumn; writing the layers into one preallocated tensor instead
+    would halve it.
+
+    `grad_rel_err` is ~1e-3, not ~1e-6 like the logits: a few of the 16.7 M conv2 outputs lie within
+    float32 rounding of 0, so their ReLU goes different ways in the two float32 computations (4 against a
+    float64 reference in one check, enough for 5e-4), and each flip moves one term of a conv2
+    weight-gradient sum. In float64 the gradients agree to 1e-10 (tests/test_head.py).
+    """
+    device = torch.device(device)
+    names = resolve_layers(layers)
+    gen = torch.Generator().manual_seed(0)
+    c = hypercolumn_channels(names)
+    mlp = MLP(c, hidden, dropout=0.5, mean=torch.rand(c, generator=gen), std=0.5 + torch.rand(c, generator=gen))
+    with torch.no_grad():  # larger-than-default weights so the logits are O(1)
+        mlp.fc1.weight.mul_(4.0)
+        mlp.fc2.weight.mul_(4.0)
+    acts = {
+        n: torch.rand(batch, LAYER_CHANNELS[n], size // LAYER_SCALE[n], size // LAYER_SCALE[n], generator=gen)
+        .to(device)
+        for n in names
+    }
+    fast = DenseHead.from_mlp(mlp, names, stride).to(device).eval()
+    naive = NaiveHead.from_mlp(mlp, names, stride).to(device).eval()
+    n = len(evaluated_positions(size, stride))
+    weight = torch.randn(batch, mlp.fc3.out_features, n, n, generator=gen).to(device)
+
+    def step(head: nn.Module) -> torch.Tensor:
+        for p in head.parameters():
+            p.grad = None
+        out = head(acts, (size, size))
+        (out * weight).sum().backward()
+        return out.detach()
+
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    def timed(head: nn.Module) -> tuple[float, torch.Tensor]:
+        sync()
+        t0 = time.perf_counter()
+        out = step(head)
+        sync()
+        return time.perf_counter() - t0, out
+
+    def peak(head: nn.Module) -> int:
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats(device)
+            base = torch.cuda.memory_allocated(device)
+            step(head)
+            torch.cuda.synchronize()
+            return torch.cuda.max_memory_allocated(device) - base
+        for p in head.parameters():  # freed before the trace starts (its frees of older blocks are not seen)
+            p.grad = None
+        return _cpu_peak_bytes(lambda: step(head))
+
+    log.info("bench head: %d patches x %d channels x %d px, hidden %d, stride %d, on %s",
+             batch, c, size, hidden, stride, device)
+    step(fast)
+    # alternate the two so that both see the same background load (a shared machine)
+    fast_times: list[float] = []
+    naive_times: list[float] = []
+    fast_out = naive_out = torch.empty(0)
+    for r in range(max(fast_reps, naive_reps)):
+        if r < fast_reps:
+            t, fast_out = timed(fast)
+            fast_times.append(t)
+        if r < naive_reps:
+            t, naive_out = timed(naive)
+            naive_times.append(t)
+    log.info("factorised head: %.3f s (median of %s)", statistics.median(fast_times),
+             [round(t, 3) for t in fast_times])
+    log.info("naive head: %.3f s (median of %s)", statistics.median(naive_times),
+             [round(t, 3) for t in naive_times])
+    fast_grads = {k: getattr(fast, k).weight.grad.clone() for k in ("conv2", "conv3")}
+    naive_grads = {k: getattr(naive, k).weight.grad.clone() for k in ("conv2", "conv3")}
+    fast_mem = peak(fast)
+    naive_mem = peak(naive)
+    log.info("peak memory beyond the activations: naive %.1f MiB, factorised %.1f MiB",
+             naive_mem / 2**20, fast_mem / 2**20)
+
+    max_rel_diff = float((fast_out - naive_out).abs().max() / naive_out.abs().max().clamp(min=1e-30))
+    # conv1 differs by construction (normaliser folded vs explicit); conv2/conv3 must get equal gradients.
+    # Relative in norm: a few ReLUs whose input is within rounding of 0 flip between the two float32
+    # computations, which moves single entries but not the gradient as a whole.
+    grad_diff = max(float((fast_grads[k] - naive_grads[k]).norm() / naive_grads[k].norm().clamp(min=1e-30))
+                    for k in fast_grads)
+    naive_s, fast_s = statistics.median(naive_times), statistics.median(fast_times)
+    result = {
+        "speedup": naive_s / fast_s,
+        "memory_ratio": naive_mem / max(fast_mem, 1),
+        "max_rel_diff": max_rel_diff,
+        "grad_rel_err": grad_diff,
+        "naive_s": naive_s,
+        "fast_s": fast_s,
+        "naive_peak_bytes": int(naive_mem),
+        "fast_peak_bytes": int(fast_mem),
+        "batch": batch,
+        "patch": size,
+        "channels": c,
+        "hidden": hidden,
+        "stride": stride,
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "torch_threads": torch.get_num_threads(),
+    }
+    log.info("head: %.1fx faster, %.1fx less peak memory, max relative difference %.2e (gradients %.2e)",
+             result["speedup"], result["memory_ratio"], max_rel_diff, grad_diff)
+    if not math.isfinite(max_rel_diff):
+        log.warning("head outputs are not finite")
+    return result

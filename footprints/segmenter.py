@@ -1,0 +1,190 @@
+"""The dense segmenter: VGG16 backbone + the factorised 1x1-conv head + upsampling of the logits.
+
+`segmenter_from_classifier` converts a trained classifier (train-classifier/best.pt) exactly;
+`build_segmenter(meta)` rebuilds the architecture from a checkpoint's `meta`; `load_segmenter(path)`
+gives a model ready for prediction. `model(rgb)` takes RGB floats in 0..255, (B, 3, H, W), and returns
+logits (B, 2, H, W) at the input size. H and W that are not multiples of 16 (VGG's four poolings) are
+padded inside with 0 (the tiles' nodata value) at the bottom/right and the output cropped back, so
+predictions near such an edge see black padding, as edge tiles do in training.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .backbone import VGG16Features, hypercolumn_channels, load_backbone, resolve_layers
+from .errors import InputError
+from .head import DenseHead, upsample_grid
+from .mlp import MLP
+
+log = logging.getLogger(__name__)
+
+PAD_MULTIPLE = 16  # 2**4 poolings before conv5
+
+
+class Segmenter(nn.Module):
+    """VGG16Features (frozen by default) -> DenseHead on the evaluated grid -> logits at input size."""
+
+    def __init__(
+        self,
+        layers: Any = "all",
+        hidden: int = 1024,
+        stride: int = 2,
+        normalization: str = "torchvision",
+        dropout: float = 0.5,
+        num_classes: int = 2,
+        train_backbone: bool = False,
+        backbone: VGG16Features | None = None,
+    ):
+        super().__init__()
+        self.layers = resolve_layers(layers)
+        self.backbone = backbone if backbone is not None else VGG16Features(normalization)
+        self.head = DenseHead(self.layers, hidden, stride, dropout, num_classes)
+        self.train_backbone = bool(train_backbone)
+        self.backbone.requires_grad_(self.train_backbone)
+        if not self.train_backbone:
+            self.backbone.eval()
+
+    def train(self, mode: bool = True) -> Segmenter:
+        """Like nn.Module.train, but a frozen backbone stays in eval mode."""
+        super().train(mode)
+        if not self.train_backbone:
+            self.backbone.eval()
+        return self
+
+    def head_parameters(self) -> Iterator[nn.Parameter]:
+        return self.head.parameters()
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """What the optimiser should update: the head, plus the backbone when `train_backbone`."""
+        return [p for p in self.parameters() if p.requires_grad]
+
+    def features(self, rgb: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Backbone activations of the layers the head reads (no autograd graph when frozen)."""
+        if self.train_backbone:
+            return self.backbone(rgb, self.layers)
+        with torch.no_grad():
+            return self.backbone(rgb, self.layers)
+
+    def grid_logits(self, rgb: torch.Tensor) -> torch.Tensor:
+        """Logits on the evaluated grid (node k at pixel k*stride**2) of an input whose H, W are multiples
+        of 16; the values the MLP would give on those pixels' hypercolumns."""
+        size = (int(rgb.shape[-2]), int(rgb.shape[-1]))
+        return self.head(self.features(rgb), size)
+
+    def forward(self, rgb: torch.Tensor) -> torch.Tensor:
+        if rgb.dim() != 4 or rgb.shape[1] != 3:
+            raise ValueError(f"Segmenter expects (B, 3, H, W) RGB in 0..255, got shape {tuple(rgb.shape)}")
+        h, w = int(rgb.shape[-2]), int(rgb.shape[-1])
+        ph, pw = -h % PAD_MULTIPLE, -w % PAD_MULTIPLE
+        x = F.pad(rgb, (0, pw, 0, ph)) if ph or pw else rgb
+        logits = upsample_grid(self.grid_logits(x), (h + ph, w + pw), self.head.grid_step)
+        return logits[..., :h, :w] if ph or pw else logits
+
+
+def build_segmenter(meta: Mapping[str, Any], train_backbone: bool | None = None) -> Segmenter:
+    """The architecture described by a checkpoint's `meta` (weights left at their initial values).
+
+    `train_backbone` None takes `meta["train_backbone"]` (default False).
+    """
+    if train_backbone is None:
+        train_backbone = bool(meta.get("train_backbone", False))
+    backbone = meta.get("backbone") or {}
+    layers = resolve_layers(meta["layers"])
+    if "in_channels" in meta and int(meta["in_channels"]) != hypercolumn_channels(layers):
+        raise ValueError(f"meta: in_channels {meta['in_channels']} does not match layers {layers}")
+    return Segmenter(
+        layers=layers,
+        hidden=int(meta.get("hidden", 1024)),
+        stride=int(meta.get("stride", 2)),
+        normalization=str(backbone.get("normalization", "torchvision")),
+        dropout=float(meta.get("dropout", 0.5)),
+        num_classes=int(meta.get("num_classes", 2)),
+        train_backbone=train_backbone,
+    )
+
+
+def _load_checkpoint(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise InputError(path, "checkpoint not found")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - any unpickling failure means a bad or foreign file
+        raise InputError(path, f"not a loadable checkpoint ({type(err).__name__}: {err})") from None
+    if not isinstance(ckpt, dict) or "model" not in ckpt:
+        raise InputError(path, "not a footprints checkpoint (no 'model' entry)")
+    return ckpt
+
+
+def segmenter_from_classifier(
+    ckpt: Mapping[str, Any] | str | Path,
+    stride: int = 2,
+    train_backbone: bool = False,
+    device: str | torch.device = "cpu",
+) -> tuple[Segmenter, dict[str, Any]]:
+    """Exact conversion of a train-classifier checkpoint (dict or path) into a Segmenter, and its meta.
+
+    The backbone gets the weights the features were computed with (`ckpt["backbone"]`); the MLP's
+    layers become 1x1 convs with the normaliser folded into conv1 (`DenseHead.from_mlp`).
+    """
+    path = None
+    if not isinstance(ckpt, Mapping):
+        path = Path(ckpt)
+        ckpt = _load_checkpoint(path)
+    where = path if path is not None else Path("<classifier checkpoint>")
+    missing = [k for k in ("model", "in_channels", "layers", "backbone") if k not in ckpt]
+    if missing:
+        raise InputError(where, f"not a classifier checkpoint (missing {missing})")
+    state = ckpt["model"]
+    hidden = int(ckpt.get("hidden", state["fc1.weight"].shape[0]))
+    dropout = float(ckpt.get("dropout", 0.5))
+    in_channels = int(ckpt["in_channels"])
+    mlp = MLP(in_channels, hidden, dropout, num_classes=state["fc3.weight"].shape[0])
+    try:
+        mlp.load_state_dict(state)
+    except RuntimeError as err:
+        raise InputError(where, f"classifier weights do not fit ({str(err).splitlines()[0]})") from None
+    layers = resolve_layers(ckpt["layers"])
+    bb = dict(ckpt["backbone"])
+    backbone = load_backbone(str(bb.get("weights", "random")), str(bb.get("normalization", "torchvision")))
+    model = Segmenter(layers, hidden, stride, backbone.normalization, dropout, mlp.fc3.out_features,
+                      train_backbone=train_backbone, backbone=backbone)
+    model.head = DenseHead.from_mlp(mlp, layers, stride)
+    config = ckpt.get("config") or {}
+    tile = config.get("tile") or {} if isinstance(config, Mapping) else {}
+    meta = {
+        "layers": layers,
+        "in_channels": in_channels,
+        "hidden": hidden,
+        "stride": int(stride),
+        "dropout": dropout,
+        "num_classes": mlp.fc3.out_features,
+        "backbone": {"weights": str(bb.get("weights", "random")),
+                     "normalization": str(bb.get("normalization", "torchvision"))},
+        "target_gsd": tile.get("target_gsd"),
+        "tile_size": tile.get("size"),
+        "class_weights": [float(v) for v in ckpt.get("class_weights") or []] or None,
+    }
+    return model.to(device), meta
+
+
+def load_segmenter(path: str | Path, device: str | torch.device = "cpu") -> tuple[Segmenter, dict[str, Any]]:
+    """A train-segmenter checkpoint (`last.pt`/`best.pt`) -> (model in eval mode on `device`, meta)."""
+    path = Path(path)
+    ckpt = _load_checkpoint(path)
+    if "meta" not in ckpt:
+        raise InputError(path, "not a segmenter checkpoint (no 'meta'; a classifier checkpoint?)")
+    meta = dict(ckpt["meta"])
+    model = build_segmenter(meta)
+    try:
+        model.load_state_dict(ckpt["model"])
+    except RuntimeError as err:
+        raise InputError(path, f"weights do not fit the architecture in meta ({str(err).splitlines()[0]})") from None
+    return model.to(device).eval(), meta
