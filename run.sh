@@ -13,6 +13,8 @@
 #   bash run.sh test                 the test suite (ruff + pytest)
 #   bash run.sh CMD ARGS...          `footprints CMD ARGS...` in the environment (tile, predict, bench, ...)
 #   sbatch run.sh train-segmenter --config configs/xview2.yaml --load_saved_model
+#                                    (`mkdir -p logs` first: SLURM opens the log before this script runs;
+#                                    the job runs in the submit directory with this checkout's environment)
 #
 # Environment knobs:
 #   TORCH_SPEC          what pip installs for torch (default torch==2.13.0; on a GPU node e.g.
@@ -22,15 +24,33 @@
 #
 # Under SLURM the trainer runs in the background so that this shell can catch the pre-timeout
 # signal (--signal=B:USR1@180) and forward it; the trainer checkpoints and exits with code 99, and
-# this script requeues the job, which then resumes by itself (--load_saved_model is added).
+# this script requeues the job, which then resumes by itself (--load_saved_model is added). Several
+# tasks (--ntasks=N, one per GPU) are started with srun, which forwards the signal to every rank.
 set -uo pipefail
 
+if [ -n "${SLURM_JOB_ID:-}" ]; then
+  # with a short --time the pre-timeout warning can come at once: remember it until the trainer runs
+  # (an untrapped USR1 would kill this shell)
+  EARLY_USR1=0
+  trap 'EARLY_USR1=1' USR1
+fi
+
 if [ -n "${SLURM_JOB_ID:-}" ] && [ -n "${SLURM_SUBMIT_DIR:-}" ]; then
-  REPO=$SLURM_SUBMIT_DIR  # $0 is slurmd's spool copy of this file
+  # a batch job runs from the submit directory (relative --config paths and logs/ are the user's), and
+  # $0 is slurmd's spool copy of this file: find the checkout (for .venv) from the command that was
+  # submitted, which scontrol records as typed (maybe relative to the submit directory)
+  WORKDIR=$SLURM_SUBMIT_DIR
+  REPO=$SLURM_SUBMIT_DIR
+  script=$(scontrol show job "$SLURM_JOB_ID" 2>/dev/null | sed -n 's/^ *Command=\([^ ]*\).*/\1/p' | head -1)
+  case "$script" in /*) ;; ?*) script=$SLURM_SUBMIT_DIR/$script ;; esac
+  if [ -n "$script" ] && [ -f "$(dirname "$script")/pyproject.toml" ]; then
+    REPO=$(cd "$(dirname "$script")" && pwd)
+  fi
 else
   REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+  WORKDIR=$REPO
 fi
-cd "$REPO" || exit 1
+cd "$WORKDIR" || exit 1
 mkdir -p logs
 
 log() { echo "[run.sh $(date +%H:%M:%S)${SLURM_JOB_ID:+ job=$SLURM_JOB_ID}] $*" >&2; }
@@ -90,22 +110,36 @@ run_under_slurm() {
     # one process per GPU/task; srun forwards USR1 to the tasks
     launcher=(srun --kill-on-bad-exit=1 --export=ALL)
   fi
-  local child="" signalled=0
+  local child="" resender="" warned=0
   forward() {
     log "got SIG$1, forwarding to the trainer (pid $child)"
-    [ "$1" = USR1 ] && signalled=1
     [ -n "$child" ] && kill -"$1" "$child" 2>/dev/null
+    if [ "$1" = USR1 ] && [ "$warned" = 0 ] && [ -n "$child" ]; then
+      warned=1
+      # a warning that comes before the trainer has installed its handler is ignored by it (see below):
+      # repeat it every few seconds until the trainer exits (its handler only sets a flag)
+      ( while sleep 3 && kill -0 "$child" 2>/dev/null; do kill -USR1 "$child" 2>/dev/null; done ) &
+      resender=$!
+    fi
   }
   trap 'forward USR1' USR1
   trap 'forward TERM' TERM
-  "${launcher[@]}" "$PY" -m footprints.cli "${args[@]}" &
+  # python starts with USR1 ignored (kept across exec) so that an early warning cannot kill it before the
+  # trainer installs its handler, which replaces the ignore; commands without one carry on
+  # shellcheck disable=SC2016 # $@ belongs to the inner shell
+  "${launcher[@]}" bash -c 'trap "" USR1; exec "$@"' footprints "$PY" -m footprints.cli "${args[@]}" &
   child=$!
+  if [ "${EARLY_USR1:-0}" = 1 ]; then
+    log "the time-limit warning came before the trainer started"
+    forward USR1
+  fi
   local rc=0
   # every trapped signal makes `wait` return early; wait again until the child is gone
   while :; do
     wait "$child"; rc=$?
     kill -0 "$child" 2>/dev/null || break
   done
+  [ -n "$resender" ] && kill "$resender" 2>/dev/null
   log "footprints exited with $rc"
   if [ "$rc" = 99 ]; then
     if requeue_allowed; then
@@ -125,6 +159,7 @@ CMD=${1:-demo}
 case "$CMD" in
   test)
     shift
+    cd "$REPO" || exit 1
     log "ruff check"
     "$PY" -m ruff check "$REPO" || exit 1
     log "pytest"
@@ -133,6 +168,7 @@ case "$CMD" in
     ;;
   demo)
     [ $# -gt 0 ] && shift
+    cd "$REPO" || exit 1
     CONFIG=configs/demo.yaml
     if [ ! -d data/demo/images ]; then
       "$PY" -m footprints.cli synth --out data/demo --scenes 6 --seed 0 || exit 1

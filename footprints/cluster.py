@@ -8,8 +8,11 @@ never gathers patches or features and a lost worker costs only its own scenes.
 from __future__ import annotations
 
 import logging
+import sys
+import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any, TypeVar
 
 from tqdm import tqdm
@@ -43,13 +46,39 @@ def dask_client(cfg: ClusterConfig) -> Iterator[Any]:
         with Client(cluster) as client:
             if cfg.kind == "slurm":
                 s = cfg.slurm
-                if s.adaptive_min is not None or s.adaptive_max is not None:
+                adaptive = s.adaptive_min is not None or s.adaptive_max is not None
+                if adaptive:
                     cluster.adapt(minimum_jobs=s.adaptive_min or 0, maximum_jobs=s.adaptive_max or s.jobs)
                 else:
                     cluster.scale(jobs=s.jobs)
+                log.info("dask: %s, scheduler %s", _describe(cfg), client.scheduler.address)
+                # an adaptive cluster with no minimum starts jobs only once work is submitted; the
+                # no-worker watchdog of map_scenes covers it
+                if not adaptive or (s.adaptive_min or 0) > 0:
+                    _wait_for_first_worker(client, s.startup_timeout)
             yield client
     finally:
         cluster.close()
+
+
+def _describe(cfg: ClusterConfig) -> str:
+    s = cfg.slurm
+    jobs = f"{s.jobs} jobs" if s.adaptive_min is None and s.adaptive_max is None else (
+        f"adaptive {s.adaptive_min or 0}..{s.adaptive_max or s.jobs} jobs")
+    return f"SLURM {jobs} of {s.cores} cores / {s.memory} / {s.walltime}" + (f" on {s.queue}" if s.queue else "")
+
+
+def _wait_for_first_worker(client: Any, timeout: float) -> None:
+    """Fail clearly instead of hanging when no worker job ever starts (wrong queue, limits, bad python)."""
+    if timeout <= 0:
+        return
+    try:
+        client.wait_for_workers(1, timeout=timeout)
+    except TimeoutError:
+        raise FootprintsError(
+            f"no dask worker joined within {timeout:.0f} s (cluster.slurm.startup_timeout): check `squeue` "
+            "and the worker logs in cluster.slurm.log_directory"
+        ) from None
 
 
 def _slurm_cluster(cfg: ClusterConfig) -> Any:
@@ -57,9 +86,10 @@ def _slurm_cluster(cfg: ClusterConfig) -> Any:
         from dask_jobqueue import SLURMCluster
     except ImportError as err:  # pragma: no cover - a declared dependency
         raise FootprintsError(f"cluster.kind: slurm needs dask-jobqueue ({err})") from None
-    import sys
 
     s = cfg.slurm
+    if s.log_directory:
+        Path(s.log_directory).mkdir(parents=True, exist_ok=True)
     return SLURMCluster(
         queue=s.queue,
         account=s.account,
@@ -67,11 +97,15 @@ def _slurm_cluster(cfg: ClusterConfig) -> Any:
         processes=s.processes,
         memory=s.memory,
         walltime=s.walltime,
+        job_name=s.job_name,
+        interface=s.interface,
         job_extra_directives=list(s.job_extra_directives),
         job_script_prologue=list(s.job_script_prologue),
         local_directory=s.local_directory,
         log_directory=s.log_directory,
+        # the workers must import this very code: the same interpreter unless told otherwise
         python=s.python or sys.executable,
+        # one scene at a time per worker process bounds its memory; the job's cores serve torch's threads
         worker_extra_args=["--nthreads", str(cfg.threads_per_worker)] if s.processes == 1 else [],
     )
 
@@ -99,14 +133,71 @@ def map_scenes(
                 bar.update()
                 yield item, result, error
             return
-        from distributed import as_completed
+        yield from _gather_as_completed(client, cfg, func, items, bar)
 
-        futures = {client.submit(func, item, pure=False): item for item in items}
-        for future in as_completed(futures):
+
+def _gather_as_completed(
+    client: Any, cfg: ClusterConfig, func: Callable[[T], Any], items: list[T], bar: tqdm
+) -> Iterator[tuple[T, Any, BaseException | None]]:
+    """Submit every item, yield results as they finish, give up on the rest when no worker is left.
+
+    Dask reschedules the scenes of a lost worker on the others (up to `distributed.scheduler.allowed-failures`
+    times). When every worker is gone for good (SLURM jobs past their walltime, a crash on start-up) the
+    remaining items are reported as failed after `_no_worker_limit(cfg)` seconds instead of waiting forever.
+    """
+    from distributed import as_completed
+
+    futures = {client.submit(func, item, pure=False): item for item in items}
+    # results are fetched in the background as tasks finish: a blocking future.result() would wait forever
+    # for a result that sat on a worker that has gone meanwhile (dask recomputes it only if workers remain)
+    pending = as_completed(futures, with_results=True, raise_errors=False)
+    limit = _no_worker_limit(cfg)
+    no_workers_since: float | None = None
+    last_check = 0.0
+    while futures:
+        batch = pending.next_batch(block=limit <= 0)
+        if not batch:
+            now = time.monotonic()
+            if limit > 0 and now - last_check >= _WORKER_CHECK_S:
+                last_check = now
+                if client.scheduler_info(n_workers=-1).get("workers"):
+                    no_workers_since = None
+                elif no_workers_since is None:
+                    no_workers_since = now
+                elif now - no_workers_since > limit:
+                    error = FootprintsError(
+                        f"no dask worker left for {limit:.0f} s; {len(futures)} {_plural(len(futures))} not done "
+                        "(rerun to finish them: finished scenes are skipped)"
+                    )
+                    log.error("%s", error)
+                    client.cancel(list(futures))
+                    for item in futures.values():
+                        bar.update()
+                        yield item, None, error
+                    return
+            time.sleep(_POLL_S)
+            continue
+        for future, outcome in batch:
             item = futures.pop(future)
-            try:
-                result, error = future.result(), None
-            except Exception as err:  # noqa: BLE001 - a scene's failure, or a lost worker
-                result, error = None, err
+            if future.status == "error":  # a scene's failure, or KilledWorker after a lost worker
+                result, error = None, outcome[1]
+            elif isinstance(outcome, BaseException):  # cancelled
+                result, error = None, outcome
+            else:
+                result, error = outcome, None
+            future.release()
             bar.update()
             yield item, result, error
+
+
+_POLL_S = 0.05
+_WORKER_CHECK_S = 2.0
+
+
+def _no_worker_limit(cfg: ClusterConfig) -> float:
+    # a LocalCluster's nannies restart dead workers; SLURM workers do not come back once their job ended
+    return cfg.slurm.startup_timeout if cfg.kind == "slurm" else 0.0
+
+
+def _plural(n: int) -> str:
+    return "scene" if n == 1 else "scenes"

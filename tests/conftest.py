@@ -6,6 +6,9 @@ from pathlib import Path
 
 import pytest
 
+# the session-scoped `slurm_cluster` fixture (a real one-node SLURM cluster) lives in its own plugin
+pytest_plugins = ["conftest_slurm"]
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
 
