@@ -30,8 +30,13 @@ def dask_client(cfg: ClusterConfig) -> Iterator[Any]:
     if cfg.kind == "local" and cfg.workers == 0:
         yield None
         return
+    import dask
     from distributed import Client, LocalCluster
 
+    # distributed sets up INFO logging of its own on import; the user wants scene progress, not
+    # scheduler chatter (workers inherit the setting through the config)
+    dask.config.set({"logging.distributed": "warning"})
+    logging.getLogger("distributed").setLevel(logging.WARNING)
     if cfg.kind == "local":
         cluster = LocalCluster(
             n_workers=cfg.workers,
