@@ -181,3 +181,30 @@ def test_compare_heads_small():
     assert r["naive_peak_bytes"] >= 64 * 64 * 4227 * 4
     assert 0 < r["fast_peak_bytes"] < r["naive_peak_bytes"] / 10
     assert r["naive_s"] > 0 and r["fast_s"] > 0 and r["device"] == "cpu"
+
+
+def test_frozen_activations_float64_and_cached_geometry():
+    """The usual case (frozen backbone, no gradient into the activations) is exact too, across patch sizes
+    that share the head (cached sampling matrices per geometry must not leak between sizes)."""
+    layers = resolve_layers("all")
+    torch.manual_seed(5)
+    dense = DenseHead(layers, hidden=16, stride=2).double().eval()
+    with torch.no_grad():
+        for p in dense.parameters():
+            p.copy_(torch.randn_like(p) / (p.shape[1] if p.dim() > 1 else 1) ** 0.5)
+    naive = NaiveHead.from_dense(dense).double().eval()
+    assert {k: tuple(v.shape) for k, v in dense.state_dict().items()} == {
+        "conv1.weight": (16, 4227, 1, 1), "conv1.bias": (16,), "conv2.weight": (16, 16, 1, 1),
+        "conv2.bias": (16,), "conv3.weight": (2, 16, 1, 1), "conv3.bias": (2,)}
+    for size in [(64, 64), (48, 80), (64, 64)]:
+        acts = random_acts(layers, 2, size, seed=size[1])
+        for p in (*dense.parameters(), *naive.parameters()):
+            p.grad = None
+        out_f, out_n = dense(acts, size), naive(acts, size)
+        assert out_f.is_contiguous() and out_f.shape == out_n.shape
+        assert rel_diff(out_f, out_n) < 1e-10
+        w = torch.randn(out_n.shape, dtype=torch.float64)
+        (out_f * w).sum().backward()
+        (out_n * w).sum().backward()
+        for name, p in dense.named_parameters():
+            assert rel_diff(p.grad, dict(naive.named_parameters())[name].grad) < 1e-10, (size, name)
