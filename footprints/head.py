@@ -26,10 +26,9 @@ order of magnitude slower); ReLUs run in place. What remains is ~212 GFLOP of la
 forward + backward (conv2 ~102, conv1 ~110), no frozen-activation gradient is computed.
 
 Measured (`footprints bench head`, 4 patches x 4,227 channels x 256 px, hidden 1024, stride 2, forward
-+ backward, 2-core AMD EPYC shared with other jobs, 1-min load 2.3-3.5 during the runs): 7.9x to 11.3x
-faster in three runs (factorised median 2.5-3.3 s, best repetition 1.69 s; naive median 24-28 s), 25.6x
-less peak memory (naive 9.1 GiB, factorised 0.36 GiB), logits equal within 1e-6 relative. The timings
-swing with the other jobs' load; the 10x target is not reliably met on this shared machine. The naive
++ backward, 2-core AMD EPYC with nothing else running): 10.4x and 10.7x faster in two runs (naive 16.1-16.6
+s, factorised 1.55 s), 25.6x less peak memory (naive 9.1 GiB, factorised 0.36 GiB), logits equal within
+1e-6 relative. With other jobs on the machine the ratio swings (7.9x-11.3x seen at load 2.3-3.5). The naive
 head's cost is conv1 on the full 128x128 output of its first stride-2 conv over the 4,227-channel
 hypercolumn (~1,100 GFLOP forward + weight gradient).
 
