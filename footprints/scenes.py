@@ -213,6 +213,16 @@ def _one_line(err: BaseException, path: Path | None = None) -> str:
     return " ".join(text.split())[:200] or type(err).__name__
 
 
+def _open_raster(path: Path, what: str) -> Any:
+    """rasterio.open without the PNG georeference warning; failures as one-line InputErrors."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", NotGeoreferencedWarning)
+            return rasterio.open(path)
+    except RasterioError as err:
+        raise InputError(path, f"unreadable {what} ({_one_line(err)})") from None
+
+
 class SceneReader:
     """A scene on its output grid. Build it with `open_scene`; use as a context manager."""
 
@@ -256,12 +266,7 @@ class SceneReader:
             raise InputError(img, "empty scene: the file has 0 bytes")
         if img.suffix.lower() == ".png":
             self._verify_png(img)
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", NotGeoreferencedWarning)
-                self._ds = rasterio.open(img)
-        except RasterioError as err:
-            raise InputError(img, f"unreadable image ({_one_line(err)})") from None
+        self._ds = _open_raster(img, "image")
         ds = self._ds
         if ds.width == 0 or ds.height == 0 or ds.count == 0:
             raise InputError(img, f"empty scene: {ds.width}x{ds.height} px, {ds.count} bands")
@@ -496,12 +501,7 @@ class SceneReader:
     def _open_mask(self, path: Path) -> None:
         if not path.is_file():
             raise InputError(path, "mask file missing")
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", NotGeoreferencedWarning)
-                self._mask_ds = rasterio.open(path)
-        except RasterioError as err:
-            raise InputError(path, f"unreadable mask ({_one_line(err)})") from None
+        self._mask_ds = _open_raster(path, "mask")
         m = self._mask_ds
         if (m.width, m.height) != (self.src_width, self.src_height):
             raise InputError(path, f"label/image size mismatch: mask is {m.width}x{m.height}, image "
