@@ -33,8 +33,9 @@ from torch import nn
 
 from .atomic import atomic_path, write_json
 from .config import Config
+from .device import resolve_device
 from .errors import FootprintsError, StageError
-from .hypercolumns import load_features, resolve_device
+from .hypercolumns import load_features
 from .metrics import confusion, pixel_metrics
 from .mlp import MLP
 
@@ -116,7 +117,7 @@ def train_mlp(
 ) -> tuple[MLP, dict[str, Any]]:
     """Train the MLP with Adam + StepLR; return the best model (on val building IoU) and its record."""
     c = cfg.classifier
-    device = resolve_device(c.device)
+    device = resolve_device(c.device, key="classifier.device")
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
     in_channels = train["X"].shape[1]

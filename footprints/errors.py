@@ -26,3 +26,9 @@ class Preempted(FootprintsError):
     """Training stopped on a signal after writing its checkpoint; run.sh requeues on this exit code."""
 
     exit_code = 99
+
+
+def as_input_error(err: BaseException, path: str | Path) -> InputError:
+    """A per-scene failure as one line naming a file: an InputError as it is, anything else (a bug, a
+    library failure) as `path: ExceptionType: message`."""
+    return err if isinstance(err, InputError) else InputError(path, f"{type(err).__name__}: {err}")

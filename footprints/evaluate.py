@@ -31,7 +31,7 @@ from rasterio.windows import Window
 
 from .atomic import atomic_path, write_json, write_text
 from .config import Config
-from .errors import InputError, StageError
+from .errors import InputError, StageError, as_input_error
 from .metrics import confusion, pixel_metrics
 from .vectorize import gpkg_crs_for_raster, polygons_from_probability, threshold_mask
 
@@ -417,7 +417,7 @@ def run_evaluate(cfg: Config, overwrite: bool = False) -> dict[str, Any]:
     items = [(s, s.scene_id in overlay_ids) for s in sources]
     for (src, _), res, err in map_scenes(cfg.cluster, func, items, desc="evaluate"):
         if err is not None:
-            reason = str(err) if isinstance(err, InputError) else f"{type(err).__name__}: {' '.join(str(err).split())}"
+            reason = str(as_input_error(err, src.image))
             log.error("evaluate: %s: %s", src.scene_id, reason)
             skipped.append({"scene": src.scene_id, "reason": reason})
             continue

@@ -42,7 +42,8 @@ from tqdm import tqdm
 from .atomic import atomic_path, write_json
 from .backbone import LAYER_CHANNELS, hypercolumn_channels, load_backbone, resolve_layers
 from .config import Config
-from .errors import FootprintsError, InputError, StageError
+from .device import resolve_device
+from .errors import InputError, StageError
 
 log = logging.getLogger(__name__)
 
@@ -174,18 +175,6 @@ class RunningStats:
 
 # ---------------------------------------------------------------------------------------------------
 # the stage
-
-
-def resolve_device(spec: str) -> torch.device:
-    """`auto` -> cuda when available, else cpu; `cuda` without a GPU is a clear error."""
-    if spec == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if spec.startswith("cuda") and not torch.cuda.is_available():
-        raise FootprintsError(f"device: {spec!r} asked for but torch sees no CUDA device (use 'auto' or 'cpu')")
-    try:
-        return torch.device(spec)
-    except RuntimeError:
-        raise FootprintsError(f"device: unknown device {spec!r} (use auto, cpu or cuda)") from None
 
 
 def patch_rng(seed: int, patch_id: str) -> np.random.Generator:
@@ -394,7 +383,7 @@ def extract_features(cfg: Config, overwrite: bool = False) -> dict[str, Any]:
         log.info("features: resuming; %d of %d shards already done", len(headers), len(plan))
 
     t0 = time.perf_counter()
-    device = resolve_device(cfg.features.device)
+    device = resolve_device(cfg.features.device, key="features.device")
     if todo:
         if cfg.backbone.weights == "random":
             log.warning("features: BACKBONE WEIGHTS ARE RANDOM (backbone.weights: random)")

@@ -44,7 +44,8 @@ from tqdm import tqdm
 from .atomic import atomic_path, write_json
 from .cluster import map_scenes
 from .config import Config, DataConfig, TileConfig, config_from_dict
-from .errors import FootprintsError, InputError, StageError
+from .device import resolve_device
+from .errors import FootprintsError, InputError, StageError, as_input_error
 from .scenes import SceneSource
 
 log = logging.getLogger(__name__)
@@ -106,13 +107,6 @@ def _touching(origins: np.ndarray, start: int, stop: int, tile_size: int) -> np.
 
 # ---------------------------------------------------------------------------------------------------
 # inference
-
-
-def resolve_device(name: str) -> torch.device:
-    """'auto' -> CUDA when available, else CPU."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 @torch.inference_mode()
@@ -629,10 +623,7 @@ def _sum_counts(parts: Sequence[dict[str, Any]]) -> tuple[list[list[float]], lis
 
 
 def _log_scene_error(source: SceneSource, err: BaseException) -> None:
-    if isinstance(err, FootprintsError):
-        log.error("%s", err)
-    else:  # a bug or a library failure: still one line, naming the scene
-        log.error("%s: %s: %s", source.image, type(err).__name__, " ".join(str(err).split())[:300])
+    log.error("%s", err if isinstance(err, FootprintsError) else as_input_error(err, source.image))
 
 
 def resolve_calibration(

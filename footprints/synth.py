@@ -34,6 +34,7 @@ from shapely import affinity
 from shapely.geometry import LineString, Point, Polygon, box
 
 from .atomic import atomic_path, write_json
+from .vectorize import utm_epsg
 
 log = logging.getLogger(__name__)
 
@@ -428,12 +429,6 @@ def scene_geotransform(lon_c: float, lat_c: float, size: int, gsd: float = GSD_M
     m_lon, m_lat = metres_per_degree(lat_c)
     dx, dy = gsd / m_lon, gsd / m_lat
     return [lon_c - dx * size / 2.0, dx, 0.0, lat_c + dy * size / 2.0, 0.0, -dy]
-
-
-def utm_epsg(lon: float, lat: float) -> int:
-    """EPSG code of the WGS84 UTM zone holding (lon, lat)."""
-    zone = int((lon + 180.0) // 6.0) % 60 + 1
-    return (32600 if lat >= 0 else 32700) + zone
 
 
 def _wkt(coords: np.ndarray) -> str:

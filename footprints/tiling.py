@@ -39,7 +39,7 @@ from rasterio.windows import Window
 from .atomic import atomic_path, write_json
 from .cluster import map_scenes
 from .config import Config, DataConfig, TileConfig
-from .errors import InputError, StageError
+from .errors import InputError, StageError, as_input_error
 from .scenes import SceneSource, crs_string, discover_scenes, open_scene
 
 log = logging.getLogger(__name__)
@@ -306,10 +306,8 @@ def run_tile(cfg: Config, overwrite: bool = False) -> dict[str, Any]:
     ok_ids: set[str] = set()
     for src, result, error in map_scenes(cfg.cluster, func, sources, desc="tile"):
         if error is not None:
-            if isinstance(error, InputError):
-                reason, path = error.reason, error.path
-            else:  # a bug or an environment problem: still one line, naming the scene's image
-                reason, path = f"{type(error).__name__}: {' '.join(str(error).split())}", str(src.image)
+            bad = as_input_error(error, src.image)
+            reason, path = bad.reason, bad.path
             log.error("%s: %s (scene skipped)", path, reason)
             skipped.append({"scene_id": src.scene_id, "file": path, "reason": reason})
             continue

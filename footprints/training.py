@@ -46,6 +46,7 @@ from torch import nn
 from . import checkpoint as ckpt_io
 from .atomic import atomic_path, write_json
 from .config import Config
+from .device import resolve_device
 from .errors import FootprintsError, InputError, Preempted, StageError
 from .signals import StopSignals
 
@@ -166,20 +167,6 @@ def rendezvous(env: dict[str, str] | None = None) -> tuple[str, str]:
         # a port per job, so that two jobs sharing a node do not meet at the same address
         port = str(15000 + int(job) % 20000) if job and job.isdigit() else "29500"
     return addr, port
-
-
-def resolve_device(spec: str, info: DistInfo) -> torch.device:
-    """`auto` = the rank's GPU when CUDA is there, else the CPU."""
-    if spec not in ("auto", "cpu", "cuda") and not spec.startswith("cuda:"):
-        raise StageError(f"segmenter.device: expected auto, cpu, cuda or cuda:N, got {spec!r}")
-    if spec == "cpu" or (spec == "auto" and not torch.cuda.is_available()):
-        return torch.device("cpu")
-    if not torch.cuda.is_available():
-        raise StageError(f"segmenter.device: {spec!r} asked for, but torch sees no CUDA device")
-    if spec.startswith("cuda:"):
-        return torch.device(spec)
-    # with --gpus-per-task each task may see only its own GPU; the modulo covers both layouts
-    return torch.device("cuda", info.local_rank % torch.cuda.device_count())
 
 
 def init_distributed(info: DistInfo, device: torch.device) -> None:
@@ -831,7 +818,7 @@ def train_segmenter(
     """
     stop = stop if stop is not None else StopSignals()
     info = dist_from_env()
-    device = resolve_device(cfg.segmenter.device, info)
+    device = resolve_device(cfg.segmenter.device, info.local_rank, key="segmenter.device")
     pkg_log = logging.getLogger("footprints")
     old_level = pkg_log.level
     if not info.is_main:

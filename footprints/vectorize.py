@@ -94,8 +94,13 @@ def utm_crs_for(obj: gpd.GeoDataFrame | gpd.GeoSeries | float, lat: float | None
         lon, lat = (minx + maxx) / 2.0, (miny + maxy) / 2.0
     else:
         lon = float(obj)  # type: ignore[arg-type]
+    return ProjCRS.from_epsg(utm_epsg(lon, lat))
+
+
+def utm_epsg(lon: float, lat: float) -> int:
+    """EPSG code of the WGS84 UTM zone holding (lon, lat): 326xx north, 327xx south."""
     zone = min(60, max(1, int(math.floor((lon + 180.0) / 6.0)) + 1))
-    return ProjCRS.from_epsg((32600 if lat >= 0 else 32700) + zone)
+    return (32600 if lat >= 0 else 32700) + zone
 
 
 def _utm_for_raster(transform: Affine, crs: ProjCRS, width: int, height: int) -> ProjCRS:
