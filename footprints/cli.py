@@ -7,28 +7,18 @@ configuration print one line (`footprints: error: <file>: <reason>`) and exit 2,
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import logging
 import sys
-from collections.abc import Callable
 from typing import Any
 
-from .config import Config, ConfigError, load_config
+from .benchmarks import BENCHMARKS
+from .config import ConfigError, load_config
+from .contracts.paths import STAGES
 from .errors import FootprintsError, Preempted
+from .runner import run_all, run_cv, run_stage
 
 log = logging.getLogger("footprints")
-
-# stage name -> module in pipelines/ (each has run(cfg, **options) -> dict)
-STAGES: dict[str, str] = {
-    "tile": "pipelines.tile",
-    "features": "pipelines.features",
-    "train-classifier": "pipelines.train_classifier",
-    "train-segmenter": "pipelines.train_segmenter",
-    "predict": "pipelines.predict",
-    "evaluate": "pipelines.evaluate",
-}
-BENCHMARKS = ("tile", "head", "vectorize", "predict")
 
 _STAGE_HELP = {
     "tile": "cut scenes into georeferenced patches with masks, a manifest and a scene-level split",
@@ -69,7 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--size", type=int, default=1024, help="scene width and height in pixels (default 1024)")
     p.add_argument("--no-geotiff", dest="geotiff", action="store_false", help="skip the GeoTIFF+GeoJSON variant")
 
-    for stage, helptext in _STAGE_HELP.items():
+    for stage in STAGES:
+        helptext = _STAGE_HELP[stage]
         p = sub.add_parser(stage, help=helptext, description=helptext)
         _common(p)
         p.add_argument("--overwrite", action="store_true", help="redo work whose outputs already exist")
@@ -105,7 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("bench", help="run one benchmark; the last output line is a JSON object")
     _common(p)
-    p.add_argument("name", choices=BENCHMARKS, help="which benchmark")
+    p.add_argument("name", choices=list(BENCHMARKS), help="which benchmark")
     return parser
 
 
@@ -120,22 +111,7 @@ def _setup_logging(verbose: bool) -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
-def _stage_runner(stage: str) -> Callable[..., dict[str, Any]]:
-    return importlib.import_module(STAGES[stage]).run
-
-
-def run_all(cfg: Config, overwrite: bool = False, load_saved_model: bool = False) -> dict[str, Any]:
-    results: dict[str, Any] = {}
-    for stage in STAGES:
-        log.info("=== stage %s ===", stage)
-        opts: dict[str, Any] = {"overwrite": overwrite}
-        if stage == "train-segmenter":
-            opts["load_saved_model"] = load_saved_model
-        results[stage] = _stage_runner(stage)(cfg, **opts)
-    return results
-
-
-def _dispatch(args: argparse.Namespace) -> dict[str, Any] | None:
+def _dispatch(args: argparse.Namespace, stage_options: dict[str, Any]) -> dict[str, Any] | None:
     if args.command == "synth":
         from .synth import write_synthetic_dataset
 
@@ -145,9 +121,9 @@ def _dispatch(args: argparse.Namespace) -> dict[str, Any] | None:
     if args.command == "all":
         return run_all(cfg, overwrite=args.overwrite, load_saved_model=args.load_saved_model)
     if args.command == "cv":
-        return importlib.import_module("pipelines.crossval").run(cfg, overwrite=args.overwrite)
+        return run_cv(cfg, overwrite=args.overwrite)
     if args.command == "bench":
-        from .bench import run_benchmark
+        from .benchmarks import run_benchmark
 
         result = run_benchmark(args.name, cfg)
         print(json.dumps(result), flush=True)  # the last line: one JSON object for scripts
@@ -157,14 +133,15 @@ def _dispatch(args: argparse.Namespace) -> dict[str, Any] | None:
         opts["load_saved_model"] = args.load_saved_model
     if args.command == "predict":
         opts.update(checkpoint=args.checkpoint, inputs=args.inputs, output=args.output)
-    return _stage_runner(args.command)(cfg, **opts)
+    return run_stage(args.command, cfg, **opts, **stage_options)
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, **stage_options: Any) -> int:
+    """The command line; `stage_options` are passed to the stage run (e.g. `hooks=` of train-segmenter)."""
     args = build_parser().parse_args(argv)
     _setup_logging(args.verbose)
     try:
-        _dispatch(args)
+        _dispatch(args, stage_options)
     except Preempted as err:
         log.warning("%s", err)
         return Preempted.exit_code

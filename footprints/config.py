@@ -188,10 +188,6 @@ class Config:
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     source: str = field(default="<defaults>", metadata={"internal": True})
 
-    def stage_dir(self, stage: str) -> Path:
-        """`outputs/<name>/<stage>/` (not created)."""
-        return Path(self.output_root) / self.name / stage
-
     def to_dict(self) -> dict[str, Any]:
         """Plain dict (YAML/JSON/torch-checkpoint safe) of every key, without internal fields."""
         out = dataclasses.asdict(self)

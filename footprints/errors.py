@@ -32,3 +32,15 @@ def as_input_error(err: BaseException, path: str | Path) -> InputError:
     """A per-scene failure as one line naming a file: an InputError as it is, anything else (a bug, a
     library failure) as `path: ExceptionType: message`."""
     return err if isinstance(err, InputError) else InputError(path, f"{type(err).__name__}: {err}")
+
+
+def one_line(err: BaseException, path: Path | None = None) -> str:
+    """A library error as one short line, with its cause (which rasterio often hides behind 'See previous
+    exception'); the full path of `path` shortened to its name, since the message names it already."""
+    text = str(err)
+    cause = err.__cause__ or err.__context__
+    if cause is not None and str(cause) and str(cause) not in text:
+        text = f"{text.replace('See previous exception for details.', '').strip()} {cause}"
+    if path is not None:
+        text = text.replace(f"'{path}'", path.name).replace(str(path), path.name)
+    return " ".join(text.split())[:200] or type(err).__name__

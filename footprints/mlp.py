@@ -6,10 +6,14 @@ it travels with every checkpoint and can be folded into the first layer of the d
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
+
+from .errors import InputError
 
 
 class MLP(nn.Module):
@@ -43,3 +47,16 @@ class MLP(nn.Module):
         x = self.dropout(torch.relu(self.fc1(x)))
         x = self.dropout(torch.relu(self.fc2(x)))
         return self.fc3(x)
+
+
+def mlp_from_checkpoint(ckpt: Mapping[str, Any], where: str | Path = "<classifier checkpoint>") -> MLP:
+    """The MLP of a train-classifier checkpoint dict (`footprints.contracts.checkpoints`), in eval mode."""
+    state = ckpt["model"]
+    hidden = int(ckpt.get("hidden", state["fc1.weight"].shape[0]))
+    mlp = MLP(int(ckpt["in_channels"]), hidden, float(ckpt.get("dropout", 0.5)),
+              num_classes=int(state["fc3.weight"].shape[0]))
+    try:
+        mlp.load_state_dict(state)
+    except RuntimeError as err:
+        raise InputError(where, f"classifier weights do not fit ({str(err).splitlines()[0]})") from None
+    return mlp.eval()

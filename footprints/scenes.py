@@ -1,4 +1,4 @@
-"""Scene discovery and reading, shared by tile and predict.
+"""Scene reading, shared by tile, predict and evaluate (discovery is `footprints.sources`).
 
 A scene is one image (xView2 PNG or GeoTIFF) with optional labels: an xView2 label JSON, a vector
 file (GeoJSON/GPKG, any CRS) or a mask raster on the image grid. `open_scene` turns it into a
@@ -11,25 +11,32 @@ Bad input raises `InputError(path, reason)` naming the offending file (image, la
 
 from __future__ import annotations
 
-import json
 import logging
 import math
-import warnings
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import rasterio
 from affine import Affine
 from rasterio.crs import CRS
 from rasterio.enums import Resampling
-from rasterio.errors import NotGeoreferencedWarning, RasterioError
+from rasterio.errors import RasterioError
 from rasterio.windows import Window
 
 from .config import DataConfig, TileConfig
-from .errors import InputError
-from .georef import WGS84, GeorefError, fit_affine, load_geotransforms, residual_px, vertex_pairs
+from .errors import InputError, one_line
+from .georef import WGS84, GeorefError, fit_affine, load_geotransforms, residual_px
+from .labels import (
+    LabelSource,
+    MaskGrid,
+    MaskLabels,
+    PolygonLabels,
+    XView2Label,
+    read_vector_polygons,
+    read_xview2_label,
+)
+from .rasters import open_raster
+from .sources import PLAIN_SUFFIXES, SceneSource
 
 log = logging.getLogger(__name__)
 
@@ -38,145 +45,6 @@ log = logging.getLogger(__name__)
 IN_MEMORY_MAX_PX = 40_000_000
 # long side of the decimated read used for statistics (stretch, emptiness) of larger scenes
 _STATS_SIDE = 1024
-_RASTER_SUFFIXES = {".tif", ".tiff", ".vrt", ".img", ".jp2"}
-_PLAIN_SUFFIXES = {".png", ".jpg", ".jpeg"}
-_VECTOR_SUFFIXES = (".geojson", ".gpkg", ".json", ".shp")
-
-
-@dataclass(frozen=True)
-class SceneSource:
-    """Where a scene's files are. `label` is an xView2 JSON or a vector file, `mask` a raster."""
-
-    image: Path
-    label: Path | None = None
-    mask: Path | None = None
-    subset: str | None = None
-    # "xview2" (label JSON with xy/lng_lat WKT) or "vector"; None = inferred from the label's suffix
-    label_kind: str | None = None
-
-    @property
-    def scene_id(self) -> str:
-        return self.image.stem
-
-    @property
-    def location_id(self) -> str:
-        """The scene id without the xView2 `_pre_disaster`/`_post_disaster` suffix (splits group on it)."""
-        sid = self.scene_id
-        for suffix in ("_pre_disaster", "_post_disaster"):
-            if sid.endswith(suffix):
-                return sid[: -len(suffix)]
-        return sid
-
-    def files(self) -> list[str]:
-        return [str(p) for p in (self.image, self.label, self.mask) if p is not None]
-
-
-# ---------------------------------------------------------------------------------------------------
-# discovery
-
-
-def _is_post(path: Path) -> bool:
-    return "_post_disaster" in path.stem
-
-
-def _vector_label(labels_dir: Path, stem: str) -> Path:
-    for suffix in _VECTOR_SUFFIXES:
-        if (labels_dir / f"{stem}{suffix}").is_file():
-            return labels_dir / f"{stem}{suffix}"
-    return labels_dir / f"{stem}.geojson"  # missing: open_scene says so, naming this path
-
-
-def _sources_in(folder: Path, subset: str | None, cfg: DataConfig) -> list[SceneSource]:
-    images_dir = folder / cfg.images_dir
-    if not images_dir.is_dir():
-        raise InputError(images_dir, "images folder not found")
-    pattern = cfg.image_glob or ("*.png" if cfg.format == "xview2" else "*.tif")
-    images = sorted(p for p in images_dir.glob(pattern) if p.is_file() and not p.name.startswith("."))
-    if cfg.format == "geotiff" and not cfg.image_glob:
-        images += sorted(p for p in images_dir.glob("*.tiff") if p.is_file())
-    if cfg.format == "xview2" and not cfg.use_post_disaster:
-        skipped = [p for p in images if _is_post(p)]
-        if skipped:
-            log.debug("%s: %d post-disaster images left out (data.use_post_disaster: false)", images_dir,
-                      len(skipped))
-        images = [p for p in images if not _is_post(p)]
-    labels_dir = folder / cfg.labels_dir
-    masks_dir = folder / cfg.masks_dir
-    out = []
-    for img in images:
-        label = mask = None
-        kind = None
-        if cfg.format == "xview2":
-            if labels_dir.is_dir():
-                label, kind = labels_dir / f"{img.stem}.json", "xview2"
-        elif cfg.label_format == "mask":
-            if masks_dir.is_dir():
-                mask = masks_dir / img.name
-                if not mask.is_file():
-                    alt = sorted(masks_dir.glob(f"{img.stem}.tif*"))
-                    mask = alt[0] if alt else mask
-        elif labels_dir.is_dir():
-            label, kind = _vector_label(labels_dir, img.stem), "vector"
-        out.append(SceneSource(img, label, mask, subset, kind))
-    return out
-
-
-def discover_scenes(data_cfg: DataConfig) -> list[SceneSource]:
-    """All scenes under `data.root` (in `data.subsets` folders when given), sorted by subset and name.
-
-    A labels (or masks) folder that is absent means an unlabelled dataset: its scenes get `label=None`.
-    A labels folder that exists but lacks one scene's file keeps the expected path, so that opening the
-    scene reports the missing file by name.
-    """
-    root = Path(data_cfg.root)
-    if not root.is_dir():
-        raise InputError(root, "data root not found")
-    sources: list[SceneSource] = []
-    if data_cfg.subsets:
-        for subset in data_cfg.subsets:
-            sources += _sources_in(root / subset, subset, data_cfg)
-    else:
-        sources = _sources_in(root, None, data_cfg)
-    seen: dict[str, SceneSource] = {}
-    unique = []
-    for src in sources:
-        if src.scene_id in seen:
-            log.warning("%s: duplicate scene id %r (also %s); kept the first", src.image, src.scene_id,
-                        seen[src.scene_id].image)
-            continue
-        seen[src.scene_id] = src
-        unique.append(src)
-    return unique
-
-
-def sources_from_paths(paths: list[str | Path], data_cfg: DataConfig) -> list[SceneSource]:
-    """Scenes from explicit files or folders (e.g. `predict --input`): labels are looked up beside them
-    (`../labels/<stem>.json` for PNGs; `../<labels_dir>` or `../<masks_dir>` for GeoTIFFs) when present."""
-    out: list[SceneSource] = []
-    for raw in paths:
-        path = Path(raw)
-        if path.is_dir():
-            files = sorted(p for p in path.iterdir() if p.suffix.lower() in _RASTER_SUFFIXES | _PLAIN_SUFFIXES)
-        elif path.is_file():
-            files = [path]
-        else:
-            raise InputError(path, "no such file or folder")
-        for img in files:
-            parent = img.parent.parent
-            label = mask = kind = None
-            if img.suffix.lower() in _PLAIN_SUFFIXES:
-                cand = parent / data_cfg.labels_dir / f"{img.stem}.json"
-                if cand.is_file():
-                    label, kind = cand, "xview2"
-            else:
-                cand = _vector_label(parent / data_cfg.labels_dir, img.stem)
-                mcand = parent / data_cfg.masks_dir / img.name
-                if data_cfg.label_format == "mask" and mcand.is_file() and mcand != img:
-                    mask = mcand
-                elif cand.is_file():
-                    label, kind = cand, "vector"
-            out.append(SceneSource(img, label, mask, None, kind))
-    return out
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -202,27 +70,6 @@ def gsd_metres(transform: Affine, crs: CRS | None, width: int, height: int) -> f
     return float(math.sqrt(dx * dy))
 
 
-def _one_line(err: BaseException, path: Path | None = None) -> str:
-    """A library error as one short line (with its cause, which rasterio often hides behind 'See previous')."""
-    text = str(err)
-    cause = err.__cause__ or err.__context__
-    if cause is not None and str(cause) and str(cause) not in text:
-        text = f"{text.replace('See previous exception for details.', '').strip()} {cause}"
-    if path is not None:
-        text = text.replace(f"'{path}'", path.name).replace(str(path), path.name)
-    return " ".join(text.split())[:200] or type(err).__name__
-
-
-def _open_raster(path: Path, what: str) -> Any:
-    """rasterio.open without the PNG georeference warning; failures as one-line InputErrors."""
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", NotGeoreferencedWarning)
-            return rasterio.open(path)
-    except RasterioError as err:
-        raise InputError(path, f"unreadable {what} ({_one_line(err)})") from None
-
-
 class SceneReader:
     """A scene on its output grid. Build it with `open_scene`; use as a context manager."""
 
@@ -241,11 +88,10 @@ class SceneReader:
         self.scene_id = source.scene_id
         self._data_cfg = data_cfg
         self._ds: Any = None
-        self._mask_ds: Any = None
+        self.labels: LabelSource | None = None
         self._rgb: np.ndarray | None = None  # in-memory output grid (small scenes)
         self._valid: np.ndarray | None = None
         self._mask_full: np.ndarray | None = None
-        self._polys_px: list[Any] | None = None  # label polygons in output-grid pixel coordinates
         self._stretch: np.ndarray | None = None  # (bands, 2) lo/hi for non-uint8 imagery
         self.georef_rms_px = None
         self.warnings: list[str] = []
@@ -266,30 +112,29 @@ class SceneReader:
             raise InputError(img, "empty scene: the file has 0 bytes")
         if img.suffix.lower() == ".png":
             self._verify_png(img)
-        self._ds = _open_raster(img, "image")
+        self._ds = open_raster(img, "image")
         ds = self._ds
         if ds.width == 0 or ds.height == 0 or ds.count == 0:
             raise InputError(img, f"empty scene: {ds.width}x{ds.height} px, {ds.count} bands")
         self.src_width, self.src_height = ds.width, ds.height
         self._bands = self._band_indexes(ds)
         self._nodata = cfg.nodata if cfg.nodata is not None else (ds.nodata if ds.nodata is not None else 0)
-        self._is_plain = img.suffix.lower() in _PLAIN_SUFFIXES or ds.driver in ("PNG", "JPEG")
+        self._is_plain = img.suffix.lower() in PLAIN_SUFFIXES or ds.driver in ("PNG", "JPEG")
 
         # georeference of the source grid
         label_kind = src.label_kind
         if src.label is not None and label_kind is None:
             label_kind = "xview2" if (src.label.suffix.lower() == ".json" and self._is_plain) else "vector"
         self._label_kind = label_kind if src.label is not None else None
-        xview2_label: dict | None = None
+        xview2 = None
         if self._label_kind == "xview2":
-            xview2_label = self._load_xview2_json(src.label)
-        src_transform, crs = self._georeference(xview2_label)
+            xview2 = read_xview2_label(src.label, (ds.width, ds.height), img)
+        src_transform, crs = self._georeference(xview2)
 
         # output grid (target GSD)
         native_gsd = gsd_metres(src_transform, crs, ds.width, ds.height)
-        if native_gsd is None and xview2_label is not None:
-            gsd_meta = (xview2_label.get("metadata") or {}).get("gsd")
-            native_gsd = float(gsd_meta) if isinstance(gsd_meta, (int, float)) and gsd_meta > 0 else None
+        if native_gsd is None and xview2 is not None:
+            native_gsd = xview2.gsd_m
         self.native_gsd_m = native_gsd
         target = tile_cfg.target_gsd if tile_cfg is not None else None
         out_w, out_h = ds.width, ds.height
@@ -308,12 +153,18 @@ class SceneReader:
         self.gsd_m = native_gsd * math.sqrt(self._sx * self._sy) if native_gsd is not None else None
 
         # labels on the output grid
-        if xview2_label is not None:
-            self._polys_px = self._xview2_polygons(xview2_label)
+        if xview2 is not None:
+            polys = xview2.polygons
+            if self._resampled:
+                from shapely import affinity
+
+                polys = [affinity.scale(g, 1 / self._sx, 1 / self._sy, origin=(0, 0)) for g in polys]
+            self.labels = PolygonLabels(src.label, polys)
         elif self._label_kind == "vector":
-            self._polys_px = self._vector_polygons(src.label)
-        if src.mask is not None:
-            self._open_mask(src.mask)
+            self.labels = PolygonLabels(src.label, read_vector_polygons(src.label, self.crs, self.transform))
+        elif src.mask is not None:
+            grid = MaskGrid(ds.width, ds.height, self._sx, self._sy, self._resampled)
+            self.labels = MaskLabels(src.mask, grid, cfg.mask_threshold, ds.transform, img)
 
         # pixels: small scenes in memory at once; statistics (stretch, emptiness) from them
         if self.width * self.height <= IN_MEMORY_MAX_PX and ds.width * ds.height <= IN_MEMORY_MAX_PX:
@@ -325,8 +176,8 @@ class SceneReader:
             self._stretch = self._stretch_limits(raw, valid)
         if not valid.any():
             raise InputError(img, f"empty scene: every pixel is nodata (value {self._nodata:g})")
-        if self._polys_px is not None and self._mask_ds is None:
-            self._check_polygons_inside()
+        if isinstance(self.labels, PolygonLabels):
+            self.labels.check_inside(self.width, self.height, img)
 
     @staticmethod
     def _verify_png(path: Path) -> None:
@@ -338,7 +189,7 @@ class SceneReader:
             with Image.open(path) as im:
                 im.verify()
         except (OSError, SyntaxError, UnidentifiedImageError, ValueError) as err:
-            raise InputError(path, f"unreadable or truncated PNG ({_one_line(err)})") from None
+            raise InputError(path, f"unreadable or truncated PNG ({one_line(err)})") from None
 
     def _warn(self, message: str) -> None:
         log.warning("%s", message)
@@ -357,49 +208,7 @@ class SceneReader:
             raise InputError(self.source.image, f"has {ds.count} bands; data.bands asks for band(s) {bad}")
         return bands
 
-    def _load_xview2_json(self, path: Path) -> dict:
-        if not path.is_file():
-            raise InputError(path, "label JSON missing")
-        try:
-            label = json.loads(path.read_text())
-        except json.JSONDecodeError as err:
-            raise InputError(path, f"malformed label JSON ({err.msg} at line {err.lineno} column {err.colno})") from None
-        except (OSError, UnicodeDecodeError) as err:
-            raise InputError(path, f"unreadable label JSON ({_one_line(err)})") from None
-        feats = label.get("features") if isinstance(label, dict) else None
-        if not isinstance(feats, dict) or not isinstance(feats.get("xy", []), list):
-            raise InputError(path, "malformed label JSON (no 'features' object with an 'xy' list)")
-        meta = label.get("metadata") or {}
-        w, h = meta.get("width"), meta.get("height")
-        if isinstance(w, int) and isinstance(h, int) and (w, h) != (self._ds.width, self._ds.height):
-            raise InputError(
-                path, f"label/image size mismatch: label says {w}x{h}, image {self.source.image.name} is "
-                f"{self._ds.width}x{self._ds.height}"
-            )
-        return label
-
-    @staticmethod
-    def _parse_wkt_list(path: Path, items: list, key: str) -> list[tuple[str | None, Any]]:
-        import shapely
-        from shapely import wkt as shp_wkt
-
-        out = []
-        for i, feat in enumerate(items):
-            if not isinstance(feat, dict) or not isinstance(feat.get("wkt"), str):
-                raise InputError(path, f"malformed label JSON (features.{key}[{i}] has no 'wkt' string)")
-            props = feat.get("properties") or {}
-            if props.get("feature_type", "building") != "building":
-                continue
-            try:
-                geom = shp_wkt.loads(feat["wkt"])
-            except (shapely.errors.ShapelyError, ValueError, TypeError) as err:
-                raise InputError(path, f"invalid WKT in features.{key}[{i}] ({_one_line(err)[:120]})") from None
-            if geom.geom_type not in ("Polygon", "MultiPolygon"):
-                raise InputError(path, f"invalid WKT in features.{key}[{i}]: {geom.geom_type}, not a polygon")
-            out.append((props.get("uid"), geom))
-        return out
-
-    def _georeference(self, label: dict | None) -> tuple[Affine, CRS | None]:
+    def _georeference(self, label: XView2Label | None) -> tuple[Affine, CRS | None]:
         """Source-grid transform and CRS: a GeoTIFF's own, the geotransforms override, or the fit."""
         src, cfg, ds = self.source, self._data_cfg, self._ds
         override = None
@@ -417,20 +226,7 @@ class SceneReader:
             if ds.transform.is_identity:
                 raise InputError(src.image, "GeoTIFF has a CRS but no geotransform")
             return ds.transform, ds.crs
-        pairs = None
-        if label is not None:
-            xy = self._parse_wkt_list(src.label, label["features"].get("xy", []), "xy")
-            ll = self._parse_wkt_list(src.label, label["features"].get("lng_lat", []) or [], "lng_lat")
-            self._xy_geoms = [g for _, g in xy]
-            if ll:
-                by_uid = {uid: g for uid, g in ll if uid is not None}
-                if len(by_uid) == len(ll) and all(uid in by_uid for uid, _ in xy):
-                    paired_ll = [by_uid[uid] for uid, _ in xy]
-                elif len(ll) == len(xy):
-                    paired_ll = [g for _, g in ll]
-                else:
-                    raise InputError(src.label, f"{len(xy)} xy features but {len(ll)} lng_lat features")
-                pairs = vertex_pairs(self._xy_geoms, paired_ll)
+        pairs = label.vertex_pairs() if label is not None else None
         if override is not None:
             transform, crs = override
             if pairs is not None and len(pairs[0]):
@@ -456,69 +252,6 @@ class SceneReader:
                              f"data.max_residual_px {cfg.max_residual_px:g} ({fit.n_points} vertices)")
         return fit.transform, WGS84
 
-    def _xview2_polygons(self, label: dict) -> list[Any]:
-        from shapely import affinity
-
-        geoms = getattr(self, "_xy_geoms", [])
-        if not self._resampled:
-            return [g for g in geoms if not g.is_empty]
-        return [affinity.scale(g, 1 / self._sx, 1 / self._sy, origin=(0, 0)) for g in geoms if not g.is_empty]
-
-    def _vector_polygons(self, path: Path) -> list[Any]:
-        import geopandas as gpd
-        import shapely
-        from shapely import affinity
-
-        if not path.is_file():
-            raise InputError(path, "label file missing")
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                gdf = gpd.read_file(path)
-        except Exception as err:  # noqa: BLE001 - pyogrio/fiona raise many types for a bad file
-            raise InputError(path, f"unreadable vector labels ({_one_line(err, path)})") from None
-        if len(gdf) == 0:
-            return []
-        if gdf.crs is None:
-            if path.suffix.lower() in (".geojson", ".json"):
-                gdf = gdf.set_crs(WGS84)  # RFC 7946: GeoJSON coordinates are WGS84 lon/lat
-            else:
-                raise InputError(path, "vector labels have no CRS")
-        if self.crs is not None and not gdf.crs.equals(self.crs):
-            gdf = gdf.to_crs(self.crs)
-        geoms = []
-        for i, geom in enumerate(gdf.geometry):
-            if geom is None or geom.is_empty:
-                continue
-            if geom.geom_type not in ("Polygon", "MultiPolygon"):
-                raise InputError(path, f"feature {i} is a {geom.geom_type}, not a polygon")
-            if not geom.is_valid:
-                geom = shapely.make_valid(geom)
-            geoms.append(geom)
-        inv = ~self.transform  # CRS -> output-grid pixel coordinates
-        return [affinity.affine_transform(g, [inv.a, inv.b, inv.d, inv.e, inv.c, inv.f]) for g in geoms]
-
-    def _open_mask(self, path: Path) -> None:
-        if not path.is_file():
-            raise InputError(path, "mask file missing")
-        self._mask_ds = _open_raster(path, "mask")
-        m = self._mask_ds
-        if (m.width, m.height) != (self.src_width, self.src_height):
-            raise InputError(path, f"label/image size mismatch: mask is {m.width}x{m.height}, image "
-                             f"{self.source.image.name} is {self.src_width}x{self.src_height}")
-        if m.crs is not None and not m.transform.almost_equals(self._ds.transform, precision=1e-9):
-            raise InputError(path, "mask grid differs from the image grid (transform mismatch)")
-
-    def _check_polygons_inside(self) -> None:
-        from shapely.geometry import box
-
-        if not self._polys_px:
-            return
-        extent = box(0, 0, self.width, self.height)
-        if not any(g.intersects(extent) for g in self._polys_px):
-            raise InputError(self.source.label, f"all {len(self._polys_px)} label polygons lie entirely "
-                             f"outside the image {self.source.image.name}")
-
     # -- pixels ------------------------------------------------------------------------------------
 
     def _src_window(self, r0: int, r1: int, c0: int, c1: int) -> Window:
@@ -541,7 +274,7 @@ class SceneReader:
                 raw = ds.read(self._bands, window=win, out_shape=shape, resampling=rs)
                 near = ds.read(self._bands, window=win, out_shape=shape, resampling=Resampling.nearest)
         except RasterioError as err:
-            raise InputError(self.source.image, f"cannot read pixels ({_one_line(err)[:160]})") from None
+            raise InputError(self.source.image, f"cannot read pixels ({one_line(err)[:160]})") from None
         valid = ~np.all(near == np.asarray(self._nodata, dtype=near.dtype), axis=0)
         if isinstance(self._nodata, float) and math.isnan(self._nodata):
             valid = ~np.all(np.isnan(near), axis=0)
@@ -554,7 +287,7 @@ class SceneReader:
         try:
             raw = ds.read(self._bands, out_shape=shape, resampling=Resampling.nearest)
         except RasterioError as err:
-            raise InputError(self.source.image, f"cannot read pixels ({_one_line(err)[:160]})") from None
+            raise InputError(self.source.image, f"cannot read pixels ({one_line(err)[:160]})") from None
         return raw, ~np.all(raw == np.asarray(self._nodata, dtype=raw.dtype), axis=0)
 
     def _stretch_limits(self, raw: np.ndarray, valid: np.ndarray) -> np.ndarray | None:
@@ -606,33 +339,7 @@ class SceneReader:
 
     @property
     def has_labels(self) -> bool:
-        return self._polys_px is not None or self._mask_ds is not None
-
-    def _label_grid(self, r0: int, r1: int, c0: int, c1: int) -> np.ndarray:
-        """0/1 building raster for output rows r0:r1, cols c0:c1 (inside the scene)."""
-        if self._mask_ds is not None:
-            m = self._mask_ds
-            try:
-                if not self._resampled:
-                    data = m.read(1, window=Window(c0, r0, c1 - c0, r1 - r0))
-                else:
-                    data = m.read(1, window=self._src_window(r0, r1, c0, c1), out_shape=(r1 - r0, c1 - c0),
-                                  resampling=Resampling.nearest)
-            except RasterioError as err:
-                raise InputError(self.source.mask, f"cannot read mask ({_one_line(err)[:160]})") from None
-            # a declared mask nodata (SpaceNet masks say 0) is ignored on purpose: 0 means background
-            return (data >= self._data_cfg.mask_threshold).astype(np.uint8)
-        from rasterio import features
-        from shapely.geometry import box
-
-        shape = (r1 - r0, c1 - c0)
-        frame = box(c0, r0, c1, r1)
-        shapes = [(g, 1) for g in self._polys_px or [] if g.intersects(frame)]
-        if not shapes:
-            return np.zeros(shape, dtype=np.uint8)
-        # pixel-space polygons, integer translation: the same pixels as rasterising the whole scene
-        return features.rasterize(shapes, out_shape=shape, transform=Affine.translation(c0, r0), fill=0,
-                                  dtype=np.uint8)
+        return self.labels is not None
 
     def truth_mask(self, window: Window) -> np.ndarray | None:
         """Mask uint8 (h, w): 0 background, 1 building, 255 ignore (nodata or outside); None without labels."""
@@ -644,10 +351,10 @@ class SceneReader:
             return out
         if self._rgb is not None:
             if self._mask_full is None:
-                self._mask_full = self._label_grid(0, self.height, 0, self.width)
+                self._mask_full = self.labels.burn(0, self.height, 0, self.width)
             lab, ok = self._mask_full[r0:r1, c0:c1], self._valid[r0:r1, c0:c1]
         else:
-            lab = self._label_grid(r0, r1, c0, c1)
+            lab = self.labels.burn(r0, r1, c0, c1)
             _, ok = self._read_raw(r0, r1, c0, c1)
         out[r0 - ro : r1 - ro, c0 - co : c1 - co] = np.where(ok, lab, 255)
         return out
@@ -662,13 +369,13 @@ class SceneReader:
 
         if not self.has_labels:
             return None
-        if self._polys_px is not None:
-            polys = self._polys_px
+        if self.labels.has_polygons:
+            polys = self.labels.polygons()
         else:
             from rasterio import features
             from shapely.geometry import shape
 
-            grid = self._label_grid(0, self.height, 0, self.width)
+            grid = self.labels.burn(0, self.height, 0, self.width)
             polys = [shape(g) for g, v in features.shapes(grid, mask=grid == 1) if v == 1]
         t = self.transform
         geoms = [affinity.affine_transform(g, [t.a, t.b, t.d, t.e, t.c, t.f]) for g in polys]
@@ -699,10 +406,11 @@ class SceneReader:
         }
 
     def close(self) -> None:
-        for ds in (self._ds, self._mask_ds):
-            if ds is not None:
-                ds.close()
-        self._ds = self._mask_ds = None
+        if self.labels is not None:
+            self.labels.close()
+        if self._ds is not None:
+            self._ds.close()
+        self._ds = None
 
     def __enter__(self) -> SceneReader:
         return self

@@ -20,9 +20,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from .backbone import VGG16Features, hypercolumn_channels, load_backbone, resolve_layers
+from .contracts.checkpoints import REQUIRED, load_checkpoint
 from .errors import InputError
 from .head import DenseHead, upsample_grid
-from .mlp import MLP
+from .mlp import mlp_from_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -111,18 +112,6 @@ def build_segmenter(meta: Mapping[str, Any], train_backbone: bool | None = None)
     )
 
 
-def _load_checkpoint(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        raise InputError(path, "checkpoint not found")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001 - any unpickling failure means a bad or foreign file
-        raise InputError(path, f"not a loadable checkpoint ({type(err).__name__}: {err})") from None
-    if not isinstance(ckpt, dict) or "model" not in ckpt:
-        raise InputError(path, "not a footprints checkpoint (no 'model' entry)")
-    return ckpt
-
-
 def segmenter_from_classifier(
     ckpt: Mapping[str, Any] | str | Path,
     stride: int = 2,
@@ -137,20 +126,13 @@ def segmenter_from_classifier(
     path = None
     if not isinstance(ckpt, Mapping):
         path = Path(ckpt)
-        ckpt = _load_checkpoint(path)
+        ckpt = load_checkpoint(path, kind="classifier")
     where = path if path is not None else Path("<classifier checkpoint>")
-    missing = [k for k in ("model", "in_channels", "layers", "backbone") if k not in ckpt]
+    missing = [k for k in REQUIRED["classifier"] if k not in ckpt]
     if missing:
         raise InputError(where, f"not a classifier checkpoint (missing {missing})")
-    state = ckpt["model"]
-    hidden = int(ckpt.get("hidden", state["fc1.weight"].shape[0]))
-    dropout = float(ckpt.get("dropout", 0.5))
-    in_channels = int(ckpt["in_channels"])
-    mlp = MLP(in_channels, hidden, dropout, num_classes=state["fc3.weight"].shape[0])
-    try:
-        mlp.load_state_dict(state)
-    except RuntimeError as err:
-        raise InputError(where, f"classifier weights do not fit ({str(err).splitlines()[0]})") from None
+    mlp = mlp_from_checkpoint(ckpt, where)
+    hidden, dropout, in_channels = mlp.hidden, mlp.dropout_p, mlp.in_channels
     layers = resolve_layers(ckpt["layers"])
     bb = dict(ckpt["backbone"])
     backbone = load_backbone(str(bb.get("weights", "random")), str(bb.get("normalization", "torchvision")))
@@ -178,9 +160,7 @@ def segmenter_from_classifier(
 def load_segmenter(path: str | Path, device: str | torch.device = "cpu") -> tuple[Segmenter, dict[str, Any]]:
     """A train-segmenter checkpoint (`last.pt`/`best.pt`) -> (model in eval mode on `device`, meta)."""
     path = Path(path)
-    ckpt = _load_checkpoint(path)
-    if "meta" not in ckpt:
-        raise InputError(path, "not a segmenter checkpoint (no 'meta'; a classifier checkpoint?)")
+    ckpt = load_checkpoint(path, kind="segmenter")
     meta = dict(ckpt["meta"])
     model = build_segmenter(meta)
     try:

@@ -13,6 +13,9 @@ buildings (rotated rectangles and L-shapes, 6-40 m sides) whose roof colours inc
 greys, with a ridge or gradient and a shadow cast away from the sun given in the metadata, then blur and
 sensor noise. Pixel coordinates follow xView2: x = column, y = row, (0, 0) the top-left image corner, so the
 centre of pixel (row r, col c) is (c + 0.5, r + 0.5).
+
+Long: one generator of plausible scenes; its drawing helpers (noise, roads, buildings, trees, shadows)
+serve only it.
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ from shapely import affinity
 from shapely.geometry import LineString, Point, Polygon, box
 
 from .atomic import atomic_path, write_json
-from .vectorize import utm_epsg
+from .geo import utm_epsg
 
 log = logging.getLogger(__name__)
 

@@ -10,16 +10,21 @@ import torch
 import torch.nn.functional as F
 from sklearn.utils.class_weight import compute_class_weight
 
-from footprints.classifier import (
-    _weighted_loss,
-    class_weights_from_counts,
-    load_classifier,
-    resolve_class_weights,
-)
 from footprints.config import load_config
+from footprints.contracts.checkpoints import load_checkpoint
+from footprints.contracts.features_store import load_features
+from footprints.contracts.manifest import read_manifest
+from footprints.contracts.paths import RunPaths
 from footprints.errors import StageError
-from footprints.hypercolumns import load_features
+from footprints.losses import class_weights_from_counts, resolve_class_weights, weighted_ce_sums
 from footprints.metrics import confusion, pixel_metrics
+from footprints.mlp import mlp_from_checkpoint
+from footprints.runner import run_stage
+
+
+def _weighted_loss(logits, y, w, cw):
+    loss_sum, weight_sum = weighted_ce_sums(logits, y, cw, w)
+    return loss_sum / weight_sum
 
 
 def test_class_weights_by_hand():
@@ -32,10 +37,8 @@ def test_class_weights_by_hand():
     assert w == pytest.approx(compute_class_weight("balanced", classes=np.array([0, 1]), y=y))
     with pytest.raises(StageError, match="both classes"):
         class_weights_from_counts(10, 0)
-    cfg = load_config(None, ["classifier.class_weights=[1.0, 3.0]"])
-    assert resolve_class_weights(cfg, {"background": 900, "building": 100})[0].tolist() == [1.0, 3.0]
-    cfg = load_config(None)
-    got, source = resolve_class_weights(cfg, {"background": 900, "building": 100})
+    assert resolve_class_weights([1.0, 3.0], 900, 100, "classifier.class_weights")[0].tolist() == [1.0, 3.0]
+    got, source = resolve_class_weights(None, 900, 100, "classifier.class_weights")
     assert got == pytest.approx(w) and "inverse frequency" in source
 
 
@@ -57,7 +60,6 @@ def test_weighted_loss_is_class_weighted_cross_entropy_over_the_pixels_samples_s
 def synthetic_run(tmp_path_factory):
     """Synthetic scenes -> real tile stage -> features -> train-classifier (random backbone, small)."""
     from footprints.synth import write_synthetic_dataset
-    from pipelines import features, tile, train_classifier
 
     root = tmp_path_factory.mktemp("clf")
     write_synthetic_dataset(root / "data", n_scenes=8, seed=1, size=128, geotiff=False)
@@ -69,18 +71,16 @@ def synthetic_run(tmp_path_factory):
         "classifier.hidden=128", "classifier.epochs=8", "classifier.batch_size=64", "classifier.lr=0.001",
         "classifier.step_size=5", "classifier.device=cpu",
     ])
-    tile.run(cfg)
-    features.run(cfg)
-    metrics = train_classifier.run(cfg)
+    run_stage("tile", cfg)
+    run_stage("features", cfg)
+    metrics = run_stage("train-classifier", cfg)
     return cfg, metrics
 
 
 @pytest.mark.slow
 def test_trained_mlp_beats_chance_on_synthetic_scenes(synthetic_run):
     cfg, metrics = synthetic_run
-    from footprints.tiling import read_manifest
-
-    man = read_manifest(cfg.stage_dir("tile"))
+    man = read_manifest(RunPaths.of(cfg).stage("tile"))
     val = man[man["split"] == "val"]
     frac = val["building_px"].sum() / (val["building_px"].sum() + val["background_px"].sum())
     mlp = metrics["mlp"]["val"]
@@ -97,7 +97,7 @@ def test_trained_mlp_beats_chance_on_synthetic_scenes(synthetic_run):
 @pytest.mark.slow
 def test_checkpoint_and_artifacts_follow_the_contract(synthetic_run):
     cfg, metrics = synthetic_run
-    out = cfg.stage_dir("train-classifier")
+    out = RunPaths.of(cfg).stage("train-classifier")
     ckpt = torch.load(out / "best.pt", weights_only=True)  # plain data only
     assert {"model", "in_channels", "hidden", "dropout", "layers", "backbone", "class_weights", "epoch",
             "metrics", "config"} <= set(ckpt)
@@ -106,10 +106,10 @@ def test_checkpoint_and_artifacts_follow_the_contract(synthetic_run):
     assert ckpt["metrics"]["building_iou"] == pytest.approx(metrics["mlp"]["val"]["building_iou"])
     assert ckpt["config"]["classifier"]["epochs"] == 8
     # normaliser travels inside the model
-    with np.load(cfg.stage_dir("features") / "stats.npz") as z:
+    with np.load(RunPaths.of(cfg).stage("features") / "stats.npz") as z:
         assert np.allclose(ckpt["model"]["mean"].numpy(), z["mean"], rtol=1e-6)
     # class weights: the train masks' inverse frequencies, recorded everywhere
-    meta = json.loads((cfg.stage_dir("features") / "meta.json").read_text())
+    meta = json.loads((RunPaths.of(cfg).stage("features") / "meta.json").read_text())
     cp = meta["class_pixels"]
     want = class_weights_from_counts(cp["background"], cp["building"])
     assert ckpt["class_weights"] == pytest.approx(want.tolist())
@@ -121,13 +121,11 @@ def test_checkpoint_and_artifacts_follow_the_contract(synthetic_run):
     assert json.loads((out / "baseline.json").read_text())["val"] == saved["baseline"]["val"]
     assert (out / "learning_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # the saved model reproduces the recorded validation metrics
-    model, _ = load_classifier(out / "best.pt")
-    val = load_features(cfg.stage_dir("features"), "val")
+    model = mlp_from_checkpoint(load_checkpoint(out / "best.pt", kind="classifier"))
+    val = load_features(RunPaths.of(cfg).stage("features"), "val")
     with torch.no_grad():
         pred = model(torch.from_numpy(val["X"])).argmax(1).numpy()
     got = pixel_metrics(*confusion(pred, val["y"], ignore=None, weight=val["w"]))
     assert got["building_iou"] == pytest.approx(saved["mlp"]["val"]["building_iou"], rel=1e-5)
     # rerun: complete, skipped
-    from pipelines import train_classifier
-
-    assert train_classifier.run(cfg)["skipped"] is True
+    assert run_stage("train-classifier", cfg)["skipped"] is True

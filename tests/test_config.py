@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from footprints.config import Config, ConfigError, config_from_dict, load_config
+from footprints.contracts.paths import RunPaths
 
 REPO = Path(__file__).resolve().parents[1]
 REQUIRED_KEYS = [
@@ -37,7 +38,7 @@ def test_shipped_configs_load_and_have_the_documented_keys(name: str) -> None:
     assert cfg.name == name
     for key in REQUIRED_KEYS:
         _get(cfg, key)  # raises AttributeError if a documented key is missing
-    assert cfg.stage_dir("tile") == Path("outputs") / name / "tile"
+    assert RunPaths.of(cfg).stage("tile") == Path("outputs") / name / "tile"
 
 
 def test_unknown_key_names_key_and_file(tmp_path: Path) -> None:

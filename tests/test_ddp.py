@@ -10,12 +10,9 @@ from __future__ import annotations
 
 import socket
 import subprocess
-import sys
 
 import pytest
-from train_fixtures import REPO, copy_inputs, load, make_project, run_cli
-
-from footprints.training import DEBUG_SIGNAL_ENV
+from train_fixtures import REPO, copy_inputs, load, make_project, run_cli, train_command
 
 pytestmark = pytest.mark.slow
 
@@ -26,7 +23,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _launch_ranks(config, args, extra_env=None, world=2):
+def _launch_ranks(config, args, hooks=None, world=2):
     """Start `world` ranks the way torchrun would (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_*)."""
     import os
 
@@ -35,9 +32,9 @@ def _launch_ranks(config, args, extra_env=None, world=2):
     for rank in range(world):
         env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
         env.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
-                   MASTER_PORT=port, **(extra_env or {}).get(rank, {}))  # fmt: skip
+                   MASTER_PORT=port)  # fmt: skip
         procs.append(subprocess.Popen(
-            [sys.executable, "-m", "footprints.cli", "train-segmenter", "--config", str(config), *args],
+            train_command(config, *args, hook=(hooks or {}).get(rank)),
             cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         ))  # fmt: skip
     outs = []
@@ -60,7 +57,7 @@ def test_two_rank_ddp_matches_one_process_and_stops_together(tmp_path):
 
     ddp = ("--set", "name=ddp", "--set", "segmenter.checkpoint_every=1")
     # only rank 1 gets SIGUSR1 (after its step 2); both ranks must stop after the same step, exit 99
-    outs = _launch_ranks(config, ddp, extra_env={1: {DEBUG_SIGNAL_ENV: "2:SIGUSR1:step"}})
+    outs = _launch_ranks(config, ddp, hooks={1: "2:SIGUSR1:step"})
     assert [rc for rc, _ in outs] == [99, 99], outs[0][1][-3000:] + outs[1][1][-3000:]
     assert "stopped by a signal on another rank" in outs[0][1] and "stopped by SIGUSR1" in outs[1][1]
     out = tmp_path / "outputs" / "ddp" / "train-segmenter"

@@ -62,5 +62,8 @@ def test_every_stage_runs_in_order_on_tiny_synthetic_scenes(tmp_path: Path, caps
     printed = capsys.readouterr()
     assert str(geojson) in printed.out + printed.err
 
-    # a second run finds every stage complete and skips the work
+    # a second run finds every stage complete and skips the work: not one file is written again
+    before = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()}
     assert main(["all", "--config", str(cfg)]) == 0
+    after = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()}
+    assert after == before, sorted(str(p.relative_to(out)) for p in after if after[p] != before.get(p))

@@ -12,11 +12,30 @@ import shapely
 from rasterio.windows import Window
 
 from footprints.config import load_config
-from footprints.evaluate import match_polygons, overall_metrics, polygon_scores
-from footprints.scenes import discover_scenes, open_scene
+from footprints.contracts.footprint_files import write_geojson, write_gpkg
+from footprints.contracts.freshness import write_record
+from footprints.contracts.manifest import read_manifest
+from footprints.contracts.paths import RunPaths, ScenePaths
+from footprints.geo import gpkg_crs_for_raster
+from footprints.matching import match_polygons, polygon_scores
+from footprints.scenes import open_scene
+from footprints.scoring import truth_polygons
+from footprints.sources import discover_scenes
+from footprints.stages.evaluate import overall_metrics
+from footprints.stages.evaluate import run as run_evaluate
+from footprints.stages.tile import run as run_tile
 from footprints.synth import write_synthetic_dataset
-from footprints.tiling import read_manifest, run_tile
-from footprints.vectorize import gpkg_crs_for_raster, polygons_from_probability, write_geojson, write_gpkg
+from footprints.vectorize import polygons_from_probability
+
+
+def finish_predictions(pred_dir: Path, ids: list[str], split: str = "test") -> None:
+    """What the predict stage writes beside its files (the contract evaluate reads): a record per scene
+    with the vectorisation settings, and the stage summary naming the split."""
+    vector = {"threshold": 0.5, "min_area_m2": 0.0, "hole_area_m2": 4.0, "simplify_px": 1.0}
+    for sid in ids:
+        sp = ScenePaths(pred_dir, sid)
+        write_record(sp.record, "test", [p for p in (sp.prob, sp.gpkg) if p.is_file()], scene_id=sid, vector=vector)
+    (pred_dir / "summary.json").write_text(json.dumps({"split": split, "calibration": "test"}))
 
 box = shapely.box
 
@@ -99,9 +118,9 @@ def tiled(tmp_path_factory: pytest.TempPathFactory):
 
 def _write_predictions(cfg, kind: str) -> list[str]:
     """Predictions for the test scenes: `perfect` (truth mask as probability, truth polygons) or `empty`."""
-    pred_dir = cfg.stage_dir("predict")
+    pred_dir = RunPaths.of(cfg).stage("predict")
     pred_dir.mkdir(parents=True, exist_ok=True)
-    manifest = read_manifest(cfg.stage_dir("tile"))
+    manifest = read_manifest(RunPaths.of(cfg).stage("tile"))
     ids = sorted(set(manifest.loc[manifest["split"] == "test", "scene_id"]))
     layers = []
     for src in discover_scenes(cfg.data):
@@ -124,23 +143,21 @@ def _write_predictions(cfg, kind: str) -> list[str]:
     import pandas as pd
 
     write_geojson(pd.concat(layers, ignore_index=True), pred_dir / "footprints.geojson")
-    (pred_dir / "calibration.json").write_text(json.dumps({"threshold": 0.5, "min_area_m2": 0.0}))
+    finish_predictions(pred_dir, ids)
     return ids
 
 
 def test_stage_on_perfect_then_empty_prediction(tiled, capsys: pytest.CaptureFixture[str]):
-    import pipelines.evaluate as stage
-
     cfg = tiled
     ids = _write_predictions(cfg, "perfect")
     assert len(ids) == 2
-    res = stage.run(cfg, overwrite=True)
+    res = run_evaluate(cfg, overwrite=True)
     px, pg = res["overall"]["pixel"], res["overall"]["polygon"]
     assert px["tp"] > 0 and px["fp"] == 0 and px["fn"] == 0
     assert px["building_iou"] == 1.0 and px["f1"] == 1.0 and px["mean_iu"] == 1.0
     assert pg["n_truth"] > 0 and pg["tp"] == pg["n_truth"] == pg["n_pred"] and pg["f1"] == 1.0
     assert sorted(res["per_scene"]) == ids
-    ev = cfg.stage_dir("evaluate")
+    ev = RunPaths.of(cfg).stage("evaluate")
     saved = json.loads((ev / "metrics.json").read_text())
     assert saved["overall"]["polygon"]["f1"] == 1.0 and res["metrics_path"] == str(ev / "metrics.json")
     report = (ev / "report.md").read_text()
@@ -152,15 +169,15 @@ def test_stage_on_perfect_then_empty_prediction(tiled, capsys: pytest.CaptureFix
     assert "footprints.geojson" in out and "polygon F1" in out
 
     # up to date: a second run without --overwrite reads the saved result
-    again = stage.run(cfg)
+    again = run_evaluate(cfg)
     assert again["overall"] == saved["overall"]
     cfg.evaluate.iou_threshold = 0.99  # a changed setting is not up to date
-    strict = stage.run(cfg)
+    strict = run_evaluate(cfg)
     assert strict["iou_threshold"] == 0.99 and strict["overall"]["polygon"]["tp"] == pg["tp"]  # IoU 1 still
     cfg.evaluate.iou_threshold = 0.5
 
     _write_predictions(cfg, "empty")
-    res = stage.run(cfg)  # predictions are newer than metrics.json: recomputed without --overwrite
+    res = run_evaluate(cfg)  # predictions are newer than metrics.json: recomputed without --overwrite
     px, pg = res["overall"]["pixel"], res["overall"]["polygon"]
     assert px["tp"] == 0 and px["fp"] == 0 and px["fn"] > 0
     assert px["building_iou"] == 0.0 and px["recall"] == 0.0 and px["f1"] == 0.0
@@ -171,17 +188,16 @@ def test_stage_on_perfect_then_empty_prediction(tiled, capsys: pytest.CaptureFix
 
 def test_missing_prediction_is_skipped_with_its_path(tiled):
     from footprints.errors import StageError
-    from footprints.evaluate import run_evaluate
 
     cfg = tiled
     ids = _write_predictions(cfg, "perfect")
-    pred_dir = cfg.stage_dir("predict")
+    pred_dir = RunPaths.of(cfg).stage("predict")
     (pred_dir / f"{ids[0]}.gpkg").unlink()
     res = run_evaluate(cfg, overwrite=True)
     assert list(res["per_scene"]) == ids[1:]
     assert res["skipped"] == [{"scene": ids[0], "reason": f"{pred_dir / ids[0]}.gpkg: missing prediction "
                                                           "(run the predict stage on this split)"}]
-    assert ids[0] in (cfg.stage_dir("evaluate") / "report.md").read_text().split("## Skipped")[1]
+    assert ids[0] in (RunPaths.of(cfg).stage("evaluate") / "report.md").read_text().split("## Skipped")[1]
     (pred_dir / f"{ids[1]}_prob.tif").unlink()
     with pytest.raises(StageError, match="no scene"):  # nothing usable left: the stage fails
         run_evaluate(cfg, overwrite=True)
@@ -190,8 +206,6 @@ def test_missing_prediction_is_skipped_with_its_path(tiled):
 def test_mask_labels_are_vectorised_like_predictions(tmp_path: Path):
     """A GeoTIFF scene (UTM) with a mask raster: truth polygons get the predictions' cleaning."""
     from affine import Affine
-
-    from footprints.evaluate import run_evaluate, scene_truth_polygons
 
     data = tmp_path / "data"
     (data / "images").mkdir(parents=True)
@@ -214,22 +228,24 @@ def test_mask_labels_are_vectorised_like_predictions(tmp_path: Path):
     ])
     (src,) = discover_scenes(cfg.data)
     with open_scene(src, cfg.data, cfg.tile) as r:
-        truth = scene_truth_polygons(r, src, hole_area_m2=4.0, simplify_px=1.0, block_size=64)
-    assert len(truth) == 2 and truth.crs == "EPSG:32723"
-    interiors = sorted(len(g.interiors) for g in truth.geometry)
+        truth = truth_polygons(r, hole_area_m2=4.0, simplify_px=1.0, block_size=64)  # in the scene's UTM CRS
+    assert len(truth) == 2
+    interiors = sorted(len(g.interiors) for g in truth)
     assert interiors == [0, 1]  # the 1 m2 hole is filled, the courtyard kept
     expected = polygons_from_probability(mask, tf, "EPSG:32723", threshold=0.5, hole_area_m2=4.0, simplify_px=1.0)
-    assert shapely.union_all(truth.geometry.values).equals(shapely.union_all(expected.geometry.values))
+    assert shapely.union_all(truth).equals(shapely.union_all(expected.geometry.values))
 
     # the stage on this scene: a prediction vectorised the same way matches every truth polygon
     run_tile(cfg)
-    pred_dir = cfg.stage_dir("predict")
+    pred_dir = RunPaths.of(cfg).stage("predict")
     pred_dir.mkdir(parents=True)
     with rasterio.open(pred_dir / "s1_prob.tif", "w", driver="GTiff", width=96, height=96, count=1, dtype="uint8",
                        crs="EPSG:32723", transform=tf) as dst:
         dst.write(mask, 1)
     write_gpkg(expected.assign(scene="s1"), pred_dir / "s1.gpkg")
+    finish_predictions(pred_dir, ["s1"])
     res = run_evaluate(cfg, overwrite=True)
     assert res["overall"]["polygon"]["f1"] == 1.0 and res["overall"]["polygon"]["tp"] == 2
     assert res["overall"]["pixel"]["building_iou"] == 1.0
-    assert res["threshold_source"] == "default"  # no calibration.json: 0.5, with a warning
+    # the threshold is the one the predict stage recorded for the scene, and where it came from
+    assert res["threshold"] == 0.5 and res["threshold_source"] == "test"

@@ -7,14 +7,8 @@ import torch
 import torch.nn.functional as F
 
 from footprints.backbone import LAYER_CHANNELS, LAYER_SCALE, hypercolumn_channels, resolve_layers
-from footprints.head import (
-    DenseHead,
-    NaiveHead,
-    compare_heads,
-    evaluated_positions,
-    sample_bilinear,
-    upsample_grid,
-)
+from footprints.benchmarks.head import compare_heads
+from footprints.head import DenseHead, NaiveHead, evaluated_positions, sample_bilinear, upsample_grid
 from footprints.mlp import MLP
 
 

@@ -1,4 +1,4 @@
-"""Stage `features`: sampling, sparse hypercolumn gathering, streaming stats, shards and resuming."""
+"""Stage `features` and `footprints.hypercolumns`: sampling, sparse hypercolumn gathering, streaming stats, shards and resuming."""
 
 from __future__ import annotations
 
@@ -12,14 +12,10 @@ from fake_tiles import write_fake_tiles
 
 from footprints.backbone import CONV_LAYERS, hypercolumn_channels, load_backbone
 from footprints.config import load_config
-from footprints.hypercolumns import (
-    RunningStats,
-    extract_features,
-    gather_hypercolumns,
-    load_features,
-    patch_rng,
-    sample_pixels,
-)
+from footprints.contracts.features_store import load_features
+from footprints.contracts.paths import RunPaths
+from footprints.hypercolumns import RunningStats, gather_hypercolumns, patch_rng, sample_pixels
+from footprints.stages.features import run as extract_features
 
 ALL = ["input", *CONV_LAYERS]
 
@@ -117,14 +113,14 @@ def tiles(tmp_path):
     cfg = load_config(None, [f"output_root={tmp_path / 'out'}", "name=t", "tile.size=32", "tile.stride=32",
                              "features.per_class=6", "features.batch_size=3", "features.shard_patches=3",
                              "features.device=cpu", "cluster.workers=0"])
-    write_fake_tiles(cfg.stage_dir("tile"), _scenes(), 32)
+    write_fake_tiles(RunPaths.of(cfg).stage("tile"), _scenes(), 32)
     return cfg
 
 
 def test_features_stage_shards_stats_and_resume(tiles, caplog):
     cfg = tiles
     meta = extract_features(cfg)
-    out = cfg.stage_dir("features")
+    out = RunPaths.of(cfg).stage("features")
     # 48x48 scenes in 32-px patches: 4 patches each; 8 train patches in shards of 3 -> 3 shards; 4 val -> 2
     assert meta["shards"] == {"train": ["train_0000.npz", "train_0001.npz", "train_0002.npz"],
                               "val": ["val_0000.npz", "val_0001.npz"], "test": []}
@@ -137,7 +133,7 @@ def test_features_stage_shards_stats_and_resume(tiles, caplog):
     # labels agree with the masks, never an ignore pixel, per_class per class per patch at most
     import rasterio
 
-    tile_dir = cfg.stage_dir("tile")
+    tile_dir = RunPaths.of(cfg).stage("tile")
     class_px = np.zeros(2, np.int64)
     for p in np.unique(pid):
         scene = p.split("_")[0]
@@ -195,9 +191,9 @@ def test_features_settings_change_recomputes_and_meta(tiles):
     cfg.backbone.layers = "pool"
     meta = extract_features(cfg)
     assert "skipped" not in meta and meta["channels"] == 64 + 128 + 256 + 512 + 512
-    train = load_features(cfg.stage_dir("features"), "train")
+    train = load_features(RunPaths.of(cfg).stage("features"), "train")
     assert train["X"].shape[1] == meta["channels"]
     assert max(np.unique(train["patch_id"], return_counts=True)[1]) <= 4
-    saved = json.loads((cfg.stage_dir("features") / "meta.json").read_text())
+    saved = json.loads((RunPaths.of(cfg).stage("features") / "meta.json").read_text())
     assert saved["per_class"] == 2 and saved["layers"] == ["conv1_2", "conv2_2", "conv3_3", "conv4_3", "conv5_3"]
 

@@ -24,20 +24,23 @@ from rasterio.windows import Window
 from shapely.geometry import Polygon, box, mapping
 from torch import nn
 
+from footprints.calibration import choose_calibration
 from footprints.config import Config, DataConfig, TileConfig
-from footprints.predict import (
+from footprints.contracts.manifest import MANIFEST_COLUMNS, write_rows
+from footprints.contracts.paths import RunPaths
+from footprints.contracts.probability import read_probability
+from footprints.inference import (
     Grid,
-    choose_calibration,
     predict_block,
     predict_scene,
     ramp_weights,
-    read_probability,
-    resolve_calibration,
-    run_predict,
     window_origins,
     window_stride,
 )
-from footprints.scenes import SceneSource, open_scene
+from footprints.scenes import open_scene
+from footprints.sources import SceneSource
+from footprints.stages.predict import build_settings, resolve_calibration
+from footprints.stages.predict import run as run_predict
 
 TILE = 64  # test windows: small and fast
 
@@ -295,7 +298,7 @@ def test_png_without_labels_gives_pixel_space_output_and_a_warning(tmp_path: Pat
     with caplog.at_level(logging.WARNING):
         out = run_predict(cfg, inputs=[str(tmp_path / "images")], model=RedModel(), meta={"tile_size": TILE})
     assert any("polygons are in pixel coordinates" in r.getMessage() for r in caplog.records
-               if r.levelno == logging.WARNING and r.name == "footprints.predict")
+               if r.levelno == logging.WARNING and r.name == "footprints.stages.predict")
     raw = json.loads(Path(out["geojson"]).read_text())
     assert len(raw["features"]) == 1
     got = Polygon(raw["features"][0]["geometry"]["coordinates"][0])
@@ -345,16 +348,18 @@ def _calibration_dataset(tmp_path: Path) -> Config:
                                                                     driver="GeoJSON")
     cfg = _cfg(tmp_path, threshold_grid=[0.5, 0.7], min_area_grid=[0.0, 5.0], hole_area_m2=0.0)
     cfg.data = DataConfig(root=str(root), format="geotiff", label_format="vector")
-    tile_dir = cfg.stage_dir("tile")
+    tile_dir = RunPaths.of(cfg).stage("tile")
     tile_dir.mkdir(parents=True)
-    (tile_dir / "manifest.csv").write_text("scene_id,split,labelled\nval1,val,True\ntest1,test,True\n")
+    # a manifest with the contract's columns that only says which scene is in which split
+    write_rows(tile_dir / "manifest.csv", [{"scene_id": "val1", "split": "val", "labelled": True},
+                                           {"scene_id": "test1", "split": "test", "labelled": True}], MANIFEST_COLUMNS)
     return cfg
 
 
 def test_calibration_grid_search_on_val_picks_the_crafted_best_and_is_used(tmp_path: Path):
     cfg = _calibration_dataset(tmp_path)
     out = run_predict(cfg, model=RedModel(), meta={"tile_size": TILE})
-    cal = json.loads((cfg.stage_dir("predict") / "calibration.json").read_text())
+    cal = json.loads((RunPaths.of(cfg).stage("predict") / "calibration.json").read_text())
     # 0.5 finds the 4 buildings (p 0.55), 5 m2 drops the 2.25 m2 blobs; 0.7 would keep only blobs
     assert (cal["threshold"], cal["min_area_m2"]) == (0.5, 5.0)
     assert cal["best"]["polygon_f1"] == 1.0 and cal["scenes"] == ["val1"]
@@ -364,8 +369,6 @@ def test_calibration_grid_search_on_val_picks_the_crafted_best_and_is_used(tmp_p
     assert out["scenes"] == 1 and out["polygons"] == 4  # the test scene, with the calibrated settings
     assert len(pyogrio.read_dataframe(out["gpkg"])) == 4
     # stored: a second resolution reads the file instead of searching again
-    from footprints.predict import build_settings
-
     settings = build_settings(cfg, None, {"tile_size": TILE}, {}, "injected-model")
     again = resolve_calibration(cfg, settings, None, model=RedModel())
     assert again["source"].endswith("calibration.json") and again["threshold"] == 0.5

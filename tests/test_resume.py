@@ -2,7 +2,7 @@
 ends with the same weights, optimizer state and history as an uninterrupted run (CPU, deterministic).
 
 Every run is a real `python -m footprints.cli train-segmenter` process. The kill points are made exact by
-the FOOTPRINTS_TEST_SIGNAL hook (the process signals itself at a chosen global step and place): 2 epochs
+the hooks of tests/train_hooks.py (the process signals itself at a chosen global step and place): 2 epochs
 of 3 steps (8 train patches, global batch 3, so the last batch is short), checkpoint after every step.
 """
 
@@ -13,8 +13,6 @@ import json
 import pytest
 import torch
 from train_fixtures import copy_inputs, load, make_project, run_cli
-
-from footprints.training import DEBUG_SIGNAL_ENV
 
 pytestmark = pytest.mark.slow
 
@@ -50,7 +48,7 @@ def test_sigkill_at_any_point_then_resume_gives_identical_weights(tmp_path):
     cut_dir = tmp_path / "outputs" / "cut" / "train-segmenter"
 
     # 1. mid-epoch: killed after step 2's optimizer update, before its checkpoint (step 2 is lost, redone)
-    p = run_cli(config, *cut, env={DEBUG_SIGNAL_ENV: "2:SIGKILL:step"})
+    p = run_cli(config, *cut, hook="2:SIGKILL:step")
     assert p.returncode == -9, p.stderr[-3000:]
     state = load(cut_dir / "last.pt")
     assert (state["epoch"], state["step"], state["sampler"]["position"]) == (0, 1, 3)
@@ -60,7 +58,7 @@ def test_sigkill_at_any_point_then_resume_gives_identical_weights(tmp_path):
     assert p.returncode == 2 and "--load_saved_model" in p.stderr
 
     # 2. at the epoch boundary: all of epoch 1 trained and checkpointed, killed during its validation
-    p = run_cli(config, *cut, "--load_saved_model", env={DEBUG_SIGNAL_ENV: "3:SIGKILL:validation"})
+    p = run_cli(config, *cut, "--load_saved_model", hook="3:SIGKILL:validation")
     assert p.returncode == -9, p.stderr[-3000:]
     assert "resuming from" in p.stderr
     state = load(cut_dir / "last.pt")
@@ -68,7 +66,7 @@ def test_sigkill_at_any_point_then_resume_gives_identical_weights(tmp_path):
     assert state["history"] == []  # the epoch's validation never finished
 
     # 3. in the middle of writing a checkpoint (temp file written, not yet renamed): last.pt stays intact
-    p = run_cli(config, *cut, "--load_saved_model", env={DEBUG_SIGNAL_ENV: "5:SIGKILL:checkpoint"})
+    p = run_cli(config, *cut, "--load_saved_model", hook="5:SIGKILL:checkpoint")
     assert p.returncode == -9, p.stderr[-3000:]
     state = load(cut_dir / "last.pt")
     assert (state["epoch"], state["step"], state["global_step"]) == (1, 1, 4)
@@ -76,7 +74,7 @@ def test_sigkill_at_any_point_then_resume_gives_identical_weights(tmp_path):
     assert list(cut_dir.glob(".last.*.part")), "the killed write should have left its temporary file"
 
     # 4. SLURM's pre-timeout signal after the last training step: checkpoint, exit code 99
-    p = run_cli(config, *cut, "--load_saved_model", env={DEBUG_SIGNAL_ENV: "6:SIGUSR1:step"})
+    p = run_cli(config, *cut, "--load_saved_model", hook="6:SIGUSR1:step")
     assert p.returncode == 99, p.stderr[-3000:]
     assert "stopped by SIGUSR1" in p.stderr
     state = load(cut_dir / "last.pt")

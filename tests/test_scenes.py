@@ -15,7 +15,8 @@ from shapely import wkt as shp_wkt
 
 from footprints.config import DataConfig, TileConfig
 from footprints.errors import InputError
-from footprints.scenes import SceneSource, discover_scenes, open_scene, sources_from_paths
+from footprints.scenes import open_scene
+from footprints.sources import SceneSource, discover_scenes, sources_from_paths
 from footprints.synth import write_synthetic_dataset
 
 

@@ -180,7 +180,7 @@ def test_save_and_load_segmenter(weights_file, tmp_path):
     with pytest.raises(InputError, match="not a loadable"):
         load_segmenter(tmp_path / "junk.pt")
     torch.save(ckpt, tmp_path / "classifier.pt")
-    with pytest.raises(InputError, match="no 'meta'"):
+    with pytest.raises(InputError, match="not a segmenter checkpoint .*a classifier checkpoint"):
         load_segmenter(tmp_path / "classifier.pt")
     with pytest.raises(InputError, match="not found"):
         load_segmenter(tmp_path / "missing.pt")

@@ -27,6 +27,8 @@ import torch
 import yaml
 from train_fixtures import load, make_project
 
+from footprints.contracts.paths import RunPaths
+
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
 REPO = Path(__file__).resolve().parents[1]
@@ -101,7 +103,7 @@ def _check_requeued_run(
     assert re.search(r"args: train-segmenter --config config.yaml .*--load_saved_model", second)
     resumed = re.search(rf"resuming from \S*last.pt: epoch (\d+) of {epochs}, step (\d+)", second)
     assert resumed and resumed.group(1) == stop.group(1) and resumed.group(2) == stop.group(2), second[-3000:]
-    assert f"INFO footprints.training: epoch {epochs}/{epochs}:" in second
+    assert f"INFO footprints.stages.train_segmenter: epoch {epochs}/{epochs}:" in second
     assert "footprints exited with 0" in second
     last = load(root / "outputs" / "t" / "train-segmenter" / "last.pt")
     assert last["epoch"] == epochs and last["step"] == 0
@@ -231,7 +233,7 @@ def test_two_task_job_trains_with_ddp_and_survives_a_requeue(slurm_cluster, slur
     assert "stopped by SIGUSR1" in first and f"requeueing job {job}" in first and info["Restarts"] == "1"
     assert re.search(r"resuming from \S*last.pt", second) and "footprints exited with 0" in second
     # only rank 0 logs its progress (the other rank warns only)
-    assert second.count(f"INFO footprints.training: epoch {epochs}/{epochs}:") == 1
+    assert second.count(f"INFO footprints.stages.train_segmenter: epoch {epochs}/{epochs}:") == 1
     ddp, one = load(last), load(ref_config.parent / "outputs" / "t" / "train-segmenter" / "last.pt")
     assert ddp["epoch"] == one["epoch"] == epochs
     assert ddp["model"].keys() == one["model"].keys()
@@ -286,9 +288,9 @@ def test_tile_and_predict_on_slurm_dask_workers_match_in_process(
     slurm_cluster, slurm_env, tmp_path: Path, monkeypatch
 ) -> None:
     from footprints.config import load_config
-    from footprints.predict import read_probability
+    from footprints.contracts.probability import read_probability
+    from footprints.runner import run_stage
     from footprints.synth import write_synthetic_dataset
-    from pipelines import predict, tile
 
     for key in [k for k in list(__import__("os").environ) if k not in slurm_env]:
         monkeypatch.delenv(key)
@@ -305,8 +307,8 @@ def test_tile_and_predict_on_slurm_dask_workers_match_in_process(
     for name, cluster in (("inproc", {"kind": "local", "workers": 0}), ("slurm", slurm)):
         cfg = load_config(_stage_config(tmp_path, data, name, cluster))
         t = time.monotonic()
-        tiled = tile.run(cfg)
-        predicted = predict.run(cfg, checkpoint=str(ckpt))
+        tiled = run_stage("tile", cfg)
+        predicted = run_stage("predict", cfg, checkpoint=str(ckpt))
         runs[name] = (cfg, tiled, predicted, time.monotonic() - t)
         print(f"tile + predict, {name}: {runs[name][3]:.1f} s")
     (c_in, _, p_in, _), (c_sl, _, p_sl, _) = runs["inproc"], runs["slurm"]
@@ -325,11 +327,11 @@ def test_tile_and_predict_on_slurm_dask_workers_match_in_process(
         assert "Starting Worker" in text and "Registered to:      tcp://127.0.0.1:" in text, text[-2000:]
 
     # tile: the same manifest and the same patches, bit for bit
-    m_in = pd.read_csv(c_in.stage_dir("tile") / "manifest.csv").sort_values("patch_id").reset_index(drop=True)
-    m_sl = pd.read_csv(c_sl.stage_dir("tile") / "manifest.csv").sort_values("patch_id").reset_index(drop=True)
+    m_in = pd.read_csv(RunPaths.of(c_in).stage("tile") / "manifest.csv").sort_values("patch_id").reset_index(drop=True)
+    m_sl = pd.read_csv(RunPaths.of(c_sl).stage("tile") / "manifest.csv").sort_values("patch_id").reset_index(drop=True)
     pd.testing.assert_frame_equal(m_in, m_sl)
     for rel in list(m_in["image_path"]) + list(m_in["mask_path"]):
-        a, b = (c.stage_dir("tile") / rel for c in (c_in, c_sl))
+        a, b = (RunPaths.of(c).stage("tile") / rel for c in (c_in, c_sl))
         assert a.read_bytes() == b.read_bytes(), rel
 
     # predict: the same probability rasters (within a uint8 step) and the same polygons

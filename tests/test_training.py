@@ -15,25 +15,22 @@ import pytest
 import torch
 import torch.nn.functional as F
 from train_fixtures import load, make_project
+from train_hooks import SignalAt
 
-from footprints import checkpoint as ckpt_io
-from footprints.classifier import class_weights_from_counts
 from footprints.config import load_config
+from footprints.contracts import checkpoints as ckpt_io
+from footprints.contracts.manifest import read_manifest
+from footprints.distributed import DistInfo, dist_from_env, first_slurm_host, rendezvous
 from footprints.errors import InputError, Preempted, StageError
-from footprints.tiling import read_manifest
-from footprints.training import (
-    DEBUG_SIGNAL_ENV,
-    DistInfo,
-    GlobalBatchSampler,
-    apply_augment,
-    augment_code,
-    dist_from_env,
-    epoch_permutation,
-    first_slurm_host,
-    rendezvous,
-    weighted_ce_sums,
-)
-from pipelines.train_segmenter import run
+from footprints.losses import class_weights_from_counts, weighted_ce_sums
+from footprints.runner import run_stage
+from footprints.stages import train_segmenter as train_stage
+from footprints.training_data import GlobalBatchSampler, apply_augment, augment_code, epoch_permutation
+
+
+def run(cfg, **options):
+    """The train-segmenter stage as the CLI runs it (signal handlers installed first)."""
+    return run_stage("train-segmenter", cfg, **options)
 
 # ------------------------------------------------------------------------------------------ pieces
 
@@ -54,17 +51,16 @@ class _Evil:
         return (os.system, ("echo pwned > /dev/null",))
 
 
-def test_checkpoint_write_is_atomic_and_loading_is_safe(tmp_path, monkeypatch):
+def test_checkpoint_write_is_atomic_and_loading_is_safe(tmp_path):
     path = tmp_path / "last.pt"
     ckpt_io.save_checkpoint(path, {"model": {"w": torch.ones(2)}, "epoch": 1})
 
     def crash(tmp):  # the process dies between writing the temporary file and renaming it
+        assert tmp.is_file() and tmp.stat().st_size > 0
         raise RuntimeError("killed")
 
-    monkeypatch.setattr(ckpt_io, "_before_rename_hook", crash)
     with pytest.raises(RuntimeError):
-        ckpt_io.save_checkpoint(path, {"model": {"w": torch.zeros(2)}, "epoch": 2})
-    monkeypatch.setattr(ckpt_io, "_before_rename_hook", None)
+        ckpt_io.save_checkpoint(path, {"model": {"w": torch.zeros(2)}, "epoch": 2}, before_rename=crash)
     assert ckpt_io.load_checkpoint(path)["epoch"] == 1
     assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]
 
@@ -107,12 +103,13 @@ def test_weighted_loss_sums_equal_cross_entropy_and_ignore_stand_in_samples():
     target = torch.randint(0, 2, (3, 5, 6))
     target[:, 0] = 255
     weight = torch.tensor([0.7, 4.0])
-    loss_sum, weight_sum = weighted_ce_sums(logits, target, weight, torch.ones(3))
+    loss_sum, weight_sum = weighted_ce_sums(logits, target, weight)
     expected = F.cross_entropy(logits, target, weight=weight, ignore_index=255)
     assert torch.allclose(loss_sum / weight_sum, expected, rtol=1e-6)
     # a stand-in sample (real = 0) contributes nothing
-    s2, w2 = weighted_ce_sums(logits, target, weight, torch.tensor([1.0, 0.0, 1.0]))
-    s_ref, w_ref = weighted_ce_sums(logits[[0, 2]], target[[0, 2]], weight, torch.ones(2))
+    masked = train_stage._masked_target(target, torch.tensor([1, 0, 1]))
+    s2, w2 = weighted_ce_sums(logits, masked, weight)
+    s_ref, w_ref = weighted_ce_sums(logits[[0, 2]], target[[0, 2]], weight)
     assert torch.allclose(s2, s_ref) and torch.allclose(w2, w_ref)
 
 
@@ -233,9 +230,9 @@ def test_load_saved_model_without_checkpoint_starts_fresh(project, tmp_path, cap
 def test_signal_finishes_the_step_checkpoints_and_raises_preempted(project, tmp_path, monkeypatch, signame):
     previous = signal.getsignal(getattr(signal, signame))
     cfg = load_config(project, ["segmenter.epochs=1"])
-    monkeypatch.setenv(DEBUG_SIGNAL_ENV, f"2:{signame}:step")  # the signal arrives just after step 2
+    hook = SignalAt(f"2:{signame}:step")  # the signal arrives just after step 2
     with pytest.raises(Preempted, match=f"stopped by {signame} at epoch 1/1, step 2") as err:
-        run(cfg)
+        run(cfg, hooks=hook)
     assert err.value.exit_code == 99
     last = tmp_path / "outputs" / "t" / "train-segmenter" / "last.pt"
     state = load(last)
@@ -243,7 +240,6 @@ def test_signal_finishes_the_step_checkpoints_and_raises_preempted(project, tmp_
     assert signal.getsignal(getattr(signal, signame)) is previous  # handlers restored
 
     if signame == "SIGUSR1":
-        monkeypatch.delenv(DEBUG_SIGNAL_ENV)
         assert run(cfg, load_saved_model=True)["status"] == "trained"
         state = load(last)
         assert (state["epoch"], state["global_step"]) == (1, 3)
@@ -261,14 +257,13 @@ def test_missing_inputs_are_clear_stage_errors(tmp_path):
 
 def test_signal_during_start_up_checkpoints_the_initial_state_and_resume_is_exact(tmp_path):
     from footprints.signals import StopSignals
-    from footprints.training import train_segmenter
 
     config = make_project(tmp_path)
     cfg = load_config(config, ["segmenter.epochs=1", "segmenter.max_steps_per_epoch=2"])
     stop = StopSignals()
     stop.signame = "SIGUSR1"  # as if SLURM's warning came while torch was importing
     with pytest.raises(Preempted, match="epoch 1/1, step 0"):
-        train_segmenter(cfg, stop=stop)
+        train_stage.run(cfg, stop=stop)
     last = tmp_path / "outputs" / "t" / "train-segmenter" / "last.pt"
     assert (load(last)["epoch"], load(last)["global_step"]) == (0, 0)
     run(cfg, load_saved_model=True)

@@ -13,15 +13,11 @@ import shapely
 from affine import Affine
 from pyproj import CRS, Geod
 
+from footprints.benchmarks.vectorize import bench_vectorize
 from footprints.config import Config
-from footprints.vectorize import (
-    bench_vectorize,
-    gpkg_crs_for_raster,
-    polygons_from_probability,
-    utm_crs_for,
-    write_geojson,
-    write_gpkg,
-)
+from footprints.contracts.footprint_files import write_geojson, write_gpkg
+from footprints.geo import gpkg_crs_for_raster, utm_crs_for
+from footprints.vectorize import polygons_from_probability
 
 # 0.5 m pixels in UTM 23S, top-left corner in Rio de Janeiro (about 43.2 W, 22.9 S)
 RIO = Affine(0.5, 0, 684000.0, 0, -0.5, 7466000.0)
@@ -255,7 +251,6 @@ def test_pixel_space_without_crs():
 
 def test_bench_vectorize_runs():
     out = bench_vectorize(Config())
-    assert out["pixels"] == 4096 * 4096 and out["ratio"] > 0
-    assert out["pixels_per_s"] > 0 and out["bare_pixels_per_s"] > 0
+    assert out["pixels"] == 4096 * 4096
     # all cleaning drops only blobs under the 5 m2 area limit: the polygon counts are close
     assert 0.9 * out["bare_polygons"] <= out["polygons"] <= out["bare_polygons"]

@@ -15,7 +15,6 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import torch
 import yaml
 from fake_tiles import write_fake_tiles
@@ -62,10 +61,6 @@ def make_project(
     tile_dir = out / "tile"
     tile_dir.mkdir(parents=True, exist_ok=True)
     write_fake_tiles(tile_dir, specs, patch)
-    manifest = pd.read_csv(tile_dir / "manifest.csv")
-    if "labelled" not in manifest:
-        manifest["labelled"] = True  # the tile stage writes this column; fake_tiles predates it
-        manifest.to_csv(tile_dir / "manifest.csv", index=False)
 
     torch.manual_seed(0)
     c = hypercolumn_channels(LAYERS)
@@ -103,16 +98,22 @@ def copy_inputs(root: Path, src: str, dst: str) -> None:
         shutil.copytree(root / "outputs" / src / stage, root / "outputs" / dst / stage, dirs_exist_ok=True)
 
 
-def run_cli(config: Path, *args: str, env: dict[str, str] | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
-    """`python -m footprints.cli train-segmenter --config CONFIG ARGS` in a fresh process."""
+def train_command(config: Path, *args: str, hook: str | None = None) -> list[str]:
+    """`footprints train-segmenter --config CONFIG ARGS`, through tests/train_hooks.py when a `hook` spec
+    (e.g. "2:SIGKILL:step", see `train_hooks.SignalAt`) is given."""
+    prefix = [str(REPO / "tests" / "train_hooks.py"), hook] if hook else ["-m", "footprints.cli"]
+    return [sys.executable, *prefix, "train-segmenter", "--config", str(config), *args]
+
+
+def run_cli(config: Path, *args: str, env: dict[str, str] | None = None, hook: str | None = None,
+            timeout: float = 300) -> subprocess.CompletedProcess:
+    """`footprints train-segmenter --config CONFIG ARGS` in a fresh process (with `hook`, see train_command)."""
     full_env = {**os.environ, **(env or {})}
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_PROCID", "SLURM_STEP_NUM_TASKS", "SLURM_NTASKS"):
         if env is None or key not in env:
             full_env.pop(key, None)
-    return subprocess.run(
-        [sys.executable, "-m", "footprints.cli", "train-segmenter", "--config", str(config), *args],
-        cwd=REPO, env=full_env, capture_output=True, text=True, timeout=timeout,
-    )  # fmt: skip
+    return subprocess.run(train_command(config, *args, hook=hook), cwd=REPO, env=full_env, capture_output=True,
+                          text=True, timeout=timeout)
 
 
 def load(path: Path) -> dict:

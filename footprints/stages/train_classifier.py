@@ -1,10 +1,7 @@
 """Stage `train-classifier`: the shallow class-weighted MLP on sampled hypercolumns, and a baseline.
 
-Class weights. `class_weights_from_counts` gives each class the weight N / (2 * n_c) (N = all labelled
-training pixels, n_c those of class c; scikit-learn's `class_weight='balanced'` formula): inverse
-frequency, normalised so that the mean weight over the training pixels is 1 (sum_c n_c * w_c = N, so the
-loss keeps the scale of the unweighted one) and each class carries half of the total weight. They come
-from the training masks (features/meta.json `class_pixels`), or from `classifier.class_weights` when set.
+Class weights (`footprints.losses`) come from the training masks (features/meta.json `class_pixels`), or
+from `classifier.class_weights` when set.
 
 The loss. Samples are drawn class-balanced per patch, so their class frequencies are not the masks'.
 Each sample therefore carries `w`, the number of mask pixels it stands for; the loss weights sample i by
@@ -20,61 +17,34 @@ is a scikit-learn logistic regression (`class_weight='balanced'`) on the same st
 from __future__ import annotations
 
 import copy
-import json
 import logging
 import time
 import warnings
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from torch import nn
 
-from .atomic import atomic_path, write_json
-from .config import Config
-from .device import resolve_device
-from .errors import FootprintsError, StageError
-from .hypercolumns import load_features
-from .metrics import confusion, pixel_metrics
-from .mlp import MLP
+from ..atomic import write_json
+from ..config import Config
+from ..contracts import features_store
+from ..contracts.checkpoints import save_checkpoint
+from ..contracts.freshness import digest, is_fresh, read_record, unmark, write_record
+from ..contracts.paths import RunPaths
+from ..device import resolve_device
+from ..errors import StageError
+from ..losses import resolve_class_weights, weighted_ce_sums
+from ..metrics import confusion, pixel_metrics
+from ..mlp import MLP
+from ..plots import write_learning_curve
 
 log = logging.getLogger(__name__)
 
 BASELINE_MAX_SAMPLES = 200_000  # logistic regression on more rows than this uses a seeded subsample
 
 
-def class_weights_from_counts(background_px: float, building_px: float) -> np.ndarray:
-    """Inverse-frequency weights [background, building] = N / (2 * n_c), N = n_0 + n_1.
-
-    Normalised so that the pixel-weighted mean weight is 1: sum_c n_c * w_c = N (e.g. 900 background and
-    100 building pixels give [0.556, 5.0]).
-    """
-    counts = np.array([background_px, building_px], dtype=np.float64)
-    if (counts <= 0).any():
-        raise StageError(
-            f"class weights: the training masks hold {int(counts[0])} background and {int(counts[1])} building "
-            "pixels; both classes are needed (or set classifier.class_weights)"
-        )
-    return counts.sum() / (2.0 * counts)
-
-
-def resolve_class_weights(cfg: Config, class_pixels: dict[str, int]) -> tuple[np.ndarray, str]:
-    """The configured override, or the inverse-frequency weights of the training masks; and their source."""
-    if cfg.classifier.class_weights is not None:
-        return np.asarray(cfg.classifier.class_weights, dtype=np.float64), "config classifier.class_weights"
-    w = class_weights_from_counts(class_pixels["background"], class_pixels["building"])
-    return w, "inverse frequency of the training masks"
-
-
-def _weighted_loss(logits: torch.Tensor, y: torch.Tensor, w: torch.Tensor, cw: torch.Tensor) -> torch.Tensor:
-    per = nn.functional.cross_entropy(logits, y, reduction="none")
-    sw = cw[y] * w
-    return (per * sw).sum() / sw.sum().clamp_min(1e-12)
-
-
 def _evaluate(
-    model: nn.Module, X: torch.Tensor, y: torch.Tensor, w: torch.Tensor, cw: torch.Tensor, batch: int
+    model: torch.nn.Module, X: torch.Tensor, y: torch.Tensor, w: torch.Tensor, cw: torch.Tensor, batch: int
 ) -> tuple[float, dict[str, float], dict[str, float]]:
     """(weighted loss, dense-estimate metrics, sampled-pixel metrics) of `model` on (X, y, w)."""
     model.eval()
@@ -83,10 +53,9 @@ def _evaluate(
         for s in range(0, len(y), batch):
             logits = model(X[s : s + batch])
             yb, wb = y[s : s + batch], w[s : s + batch]
-            per = nn.functional.cross_entropy(logits, yb, reduction="none")
-            sw = cw[yb] * wb
-            loss_sum += float((per * sw).sum())
-            weight_sum += float(sw.sum())
+            ls, ws = weighted_ce_sums(logits, yb, cw, wb)
+            loss_sum += float(ls)
+            weight_sum += float(ws)
             preds.append(logits.argmax(1))
     pred = torch.cat(preds) if preds else torch.zeros(0, dtype=torch.long, device=y.device)
     dense = pixel_metrics(*confusion(pred, y, ignore=None, weight=w))
@@ -150,13 +119,13 @@ def train_mlp(
         for s in range(0, n, c.batch_size):
             idx = order[s : s + c.batch_size]
             logits = model(Xt[idx])
-            loss = _weighted_loss(logits, yt[idx], wt[idx], cw)
+            loss_sum, weight_sum = weighted_ce_sums(logits, yt[idx], cw, wt[idx])
+            loss = loss_sum / weight_sum.clamp_min(1e-12)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            bw = float((cw[yt[idx]] * wt[idx]).sum())
-            total += loss.item() * bw
-            weight += bw
+            total += float(loss_sum.detach())
+            weight += float(weight_sum)
         sched.step()
         val_loss, dense, sampled = _evaluate(model, Xv, yv, wv, cw, max(c.batch_size, 4096))
         row = {
@@ -230,63 +199,34 @@ def train_baseline(
     return out
 
 
-def _learning_curve(history: list[dict[str, Any]], path: Path, title: str) -> None:
-    import matplotlib
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    split = "val" if "val_loss" in history[0] else "train"
-    epochs = [h["epoch"] for h in history]
-    fig, ax = plt.subplots(figsize=(7, 4))
-    ax.plot(epochs, [h["train_loss"] for h in history], label="train loss")
-    ax.plot(epochs, [h[f"{split}_loss"] for h in history], label=f"{split} loss")
-    ax.set_xlabel("epoch")
-    ax.set_ylabel("weighted cross entropy")
-    ax2 = ax.twinx()
-    ax2.plot(epochs, [h[f"{split}_building_iou"] for h in history], "g-", label=f"{split} building IoU")
-    ax2.plot(epochs, [h[f"{split}_building_iou_sampled"] for h in history], "g:", label="(sampled pixels)")
-    ax2.set_ylabel("building IoU")
-    ax2.set_ylim(0, 1)
-    lines = ax.get_lines() + ax2.get_lines()
-    ax.legend(lines, [ln.get_label() for ln in lines], loc="center right", fontsize=8)
-    ax.set_title(title, fontsize=9)
-    fig.tight_layout()
-    with atomic_path(path) as tmp, open(tmp, "wb") as fh:
-        fig.savefig(fh, format="png", dpi=100)
-    plt.close(fig)
-
-
-def train_classifier(cfg: Config, overwrite: bool = False) -> dict[str, Any]:
-    """Run the `train-classifier` stage; returns the metrics dict (also metrics.json)."""
-    feat_dir = cfg.stage_dir("features")
-    out_dir = cfg.stage_dir("train-classifier")
-    meta_path = feat_dir / "meta.json"
-    if not meta_path.is_file():
-        raise StageError(f"{meta_path}: missing; run the features stage first")
-    meta = json.loads(meta_path.read_text())
+def run(cfg: Config, overwrite: bool = False) -> dict[str, Any]:
+    """The `train-classifier` stage: features/ -> train-classifier/best.pt; returns metrics.json's content."""
+    paths = RunPaths.of(cfg)
+    feat_dir, out_dir = paths.features, paths.classifier
+    meta = features_store.read_meta(feat_dir)
     c = cfg.classifier
     settings = {k: getattr(c, k) for k in ("hidden", "dropout", "epochs", "batch_size", "lr", "weight_decay",
                                            "step_size", "gamma", "class_weights", "baseline")}
-    metrics_path, ckpt_path = out_dir / "metrics.json", out_dir / "best.pt"
-    if not overwrite and metrics_path.is_file() and ckpt_path.is_file():
-        done = json.loads(metrics_path.read_text())
-        if done.get("features_fingerprint") == meta["fingerprint"] and done.get("settings") == settings \
-                and done.get("seed") == cfg.seed:
-            log.info("train-classifier: %s is complete (same features and settings); skipping", out_dir)
-            return {**done, "skipped": True}
+    metrics_path, ckpt_path = paths.classifier_metrics, paths.classifier_checkpoint
+    key = digest({"features": meta.get("key"), "settings": settings, "seed": cfg.seed})
+    if not overwrite and is_fresh(metrics_path, key):
+        log.info("train-classifier: %s is complete (same features and settings); skipping", out_dir)
+        return {**(read_record(metrics_path) or {}), "skipped": True}
+    unmark(metrics_path)
 
     t0 = time.perf_counter()
-    train = load_features(feat_dir, "train")
-    val = load_features(feat_dir, "val")
+    train = features_store.load_features(feat_dir, "train")
+    val = features_store.load_features(feat_dir, "val")
     if len(np.unique(train["y"])) < 2:
         raise StageError(f"{feat_dir}: the training samples hold only one class; cannot train a classifier")
-    with np.load(feat_dir / "stats.npz") as z:
-        mean, std = z["mean"], z["std"]
-    class_weights, source = resolve_class_weights(cfg, meta["class_pixels"])
+    mean, std = features_store.read_stats(paths.features_stats)
+    px = meta["class_pixels"]
+    class_weights, source = resolve_class_weights(c.class_weights, px["background"], px["building"],
+                                                  "classifier.class_weights")
     log.info(
         "train-classifier: class weights background %.4f building %.4f (%s; train mask pixels %s)",
-        class_weights[0], class_weights[1], source, meta["class_pixels"],
+        class_weights[0], class_weights[1], source, px,
     )
     random_backbone = meta["backbone"]["weights"] == "random"
     if random_backbone:
@@ -303,14 +243,14 @@ def train_classifier(cfg: Config, overwrite: bool = False) -> dict[str, Any]:
 
     selected = record.get("val") or record.get("train")
     metrics: dict[str, Any] = {
-        "features_fingerprint": meta["fingerprint"],
+        "features_key": meta.get("key"),
         "settings": settings,
         "seed": cfg.seed,
         "backbone": meta["backbone"],
         "layers": meta["layers"],
         "class_weights": class_weights.tolist(),
         "class_weights_source": source,
-        "class_pixels": meta["class_pixels"],
+        "class_pixels": px,
         "samples": {"train": int(len(train["y"])), "val": int(len(val["y"]))},
         "mlp": {k: v for k, v in record.items() if k != "history"},
         "baseline": baseline,
@@ -332,26 +272,20 @@ def train_classifier(cfg: Config, overwrite: bool = False) -> dict[str, Any]:
         "config": _to_python(cfg.to_dict()),
     }
     out_dir.mkdir(parents=True, exist_ok=True)
-    with atomic_path(ckpt_path) as tmp:
-        torch.save(checkpoint, tmp)
-    _learning_curve(
-        record["history"], out_dir / "learning_curve.png",
+    save_checkpoint(ckpt_path, checkpoint)
+    history = record["history"]
+    split = "val" if "val_loss" in history[0] else "train"
+    write_learning_curve(
+        out_dir / "learning_curve.png", [h["epoch"] for h in history],
+        {"train": [h["train_loss"] for h in history], split: [h[f"{split}_loss"] for h in history]},
+        {f"{split} building IoU": [h[f"{split}_building_iou"] for h in history],
+         "(sampled pixels)": [h[f"{split}_building_iou_sampled"] for h in history]},
+        "weighted cross entropy", "building IoU",
         f"{cfg.name}: MLP, best epoch {record['epoch']}" + (" (RANDOM backbone)" if random_backbone else ""),
-    )
-    write_json(metrics_path, _to_python(metrics))
+    )  # fmt: skip
+    metrics = write_record(metrics_path, key, [ckpt_path], **_to_python(metrics))
     summary = f"MLP building IoU {selected['building_iou']:.4f}"
     if baseline and "val" in baseline:
         summary += f", logistic-regression baseline {baseline['val']['building_iou']:.4f}"
     log.info("train-classifier: %s (epoch %d) -> %s", summary, record["epoch"], ckpt_path)
     return metrics
-
-
-def load_classifier(path: str | Path, device: str | torch.device = "cpu") -> tuple[MLP, dict[str, Any]]:
-    """The MLP of a train-classifier checkpoint in eval mode, and the checkpoint dict (weights_only load)."""
-    path = Path(path)
-    if not path.is_file():
-        raise FootprintsError(f"{path}: classifier checkpoint not found; run train-classifier first")
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    model = MLP(ckpt["in_channels"], hidden=ckpt["hidden"], dropout=ckpt["dropout"])
-    model.load_state_dict(ckpt["model"])
-    return model.eval().to(device), ckpt

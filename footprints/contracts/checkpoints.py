@@ -1,35 +1,49 @@
-"""Training checkpoints: atomic writes, safe loads, and the random-number state of every generator.
+"""Model checkpoints: one writer and one reader for every kind (classifier, segmenter, training state).
 
 A checkpoint is a plain dict of tensors, numbers, strings, lists and dicts, so it loads with
 `torch.load(..., weights_only=True)`: a file from elsewhere can never execute code on load. It is written
 to a temporary file in the same folder, flushed to disk and renamed over the old one, so a process killed
 at any moment (SIGKILL, a node failure) leaves either the previous checkpoint or the new one, never a
 truncated file under the final name.
+
+Kinds and the keys they must hold:
+
+- `classifier` (train-classifier/best.pt): `model` (MLP state dict), `in_channels`, `layers`, `backbone`
+  ({weights, normalization}), plus `hidden`, `dropout`, `class_weights`, `epoch`, `metrics`, `config`.
+- `segmenter` (train-segmenter/best.pt, last.pt): `model` (Segmenter state dict) and `meta` (everything
+  needed to rebuild the architecture and to predict: layers, hidden, stride, classes, backbone, target GSD,
+  tile size, class weights), plus `config`.
+- `training` (last.pt when resuming): a segmenter checkpoint that also holds `epoch`, `step`, `optimizer`,
+  `scheduler`, `rng` (every generator's state), `sampler`, `progress`, `history`, `best`.
 """
 
 from __future__ import annotations
 
 import os
 import random
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from .atomic import atomic_path
-from .errors import InputError
+from ..atomic import atomic_path
+from ..errors import InputError
 
-# test hook (FOOTPRINTS_TEST_SIGNAL, see footprints.training): called between writing the temporary
-# file and the rename, so a test can kill the process exactly there and check that the old one survives
-_before_rename_hook: Any = None
+REQUIRED: dict[str, tuple[str, ...]] = {
+    "classifier": ("model", "in_channels", "layers", "backbone"),
+    "segmenter": ("model", "meta"),
+    "training": ("model", "meta", "epoch", "step", "optimizer", "scheduler", "rng"),
+}
+TRAINING_FORMAT = "footprints-segmenter-v1"
 
 
 def capture_rng() -> dict[str, Any]:
     """The state of Python's, NumPy's, torch's and (when in use) the current CUDA device's generator."""
     py_version, py_state, py_gauss = random.getstate()
     np_state = np.random.get_state(legacy=False)
-    state: dict[str, Any] = {
+    return {
         "python": {"version": py_version, "state": list(py_state), "gauss_next": py_gauss},
         # NumPy's key is a uint32 array; stored as int64 tensor because weights_only refuses ndarrays
         "numpy": {
@@ -44,7 +58,6 @@ def capture_rng() -> dict[str, Any]:
         # every DDP rank; and nothing when CUDA was never used (a CPU run on a GPU node)
         "cuda": [torch.cuda.get_rng_state()] if torch.cuda.is_available() and torch.cuda.is_initialized() else [],
     }
-    return state
 
 
 def restore_rng(state: dict[str, Any]) -> None:
@@ -66,8 +79,13 @@ def restore_rng(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state(cuda_states[0].cpu())  # the current device, as captured
 
 
-def save_checkpoint(path: str | Path, state: dict[str, Any]) -> Path:
-    """Write `state` with torch.save to a temporary file beside `path`, fsync it, and rename it onto `path`."""
+def save_checkpoint(path: str | Path, state: dict[str, Any],
+                    before_rename: Callable[[Path], None] | None = None) -> Path:
+    """Write `state` with torch.save to a temporary file beside `path`, fsync it, and rename it onto `path`.
+
+    `before_rename(tmp)` runs between the write and the rename (tests kill the process there to prove
+    that the previous checkpoint survives).
+    """
     path = Path(path)
     with atomic_path(path) as tmp:
         with open(tmp, "wb") as fh:
@@ -75,21 +93,32 @@ def save_checkpoint(path: str | Path, state: dict[str, Any]) -> Path:
             fh.flush()
             # the rename must never reach the disk before the data does (power loss, node crash)
             os.fsync(fh.fileno())
-        if _before_rename_hook is not None:
-            _before_rename_hook(tmp)
+        if before_rename is not None:
+            before_rename(tmp)
     return path
 
 
-def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Load a checkpoint dict safely (`weights_only=True`); a bad file is an `InputError` naming it."""
+def load_checkpoint(path: str | Path, kind: str | None = None, map_location: str | torch.device = "cpu",
+                    mmap: bool = False) -> dict[str, Any]:
+    """Load a checkpoint dict safely (`weights_only=True`) and check it holds what `kind` needs.
+
+    Every failure is an `InputError` naming the file: missing, truncated, foreign, code-carrying, or a
+    checkpoint of another kind (e.g. a classifier given where a segmenter is expected). `mmap` maps the
+    tensors lazily (reading `meta` of a large checkpoint without loading its weights).
+    """
     path = Path(path)
     if not path.is_file():
         raise InputError(path, "checkpoint not found")
     try:
-        state = torch.load(path, map_location=map_location, weights_only=True)
+        state = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except Exception as err:  # noqa: BLE001 - truncated, foreign or code-carrying pickles all land here
         first = str(err).strip().splitlines()[0] if str(err).strip() else ""
-        raise InputError(path, f"not a loadable checkpoint ({type(err).__name__}: {first})") from None
+        raise InputError(path, f"not a loadable checkpoint ({type(err).__name__}: {first[:160]})") from None
     if not isinstance(state, dict) or "model" not in state:
         raise InputError(path, "not a footprints checkpoint (expected a dict with a 'model' state dict)")
+    if kind is not None:
+        missing = [k for k in REQUIRED[kind] if k not in state]
+        if missing:
+            hint = " (a classifier checkpoint?)" if kind != "classifier" and "meta" in missing else ""
+            raise InputError(path, f"not a {kind} checkpoint (missing {missing}){hint}")
     return state

@@ -1,0 +1,101 @@
+"""The tile manifest: one row per patch, the contract between `tile` and every later stage.
+
+`tile/scenes/<scene>.csv` holds one scene's rows (SCENE_COLUMNS); `tile/manifest.csv` concatenates the
+usable scenes' rows in discovery order and adds `split` (MANIFEST_COLUMNS). `read_manifest` refuses a file
+whose columns differ from the schema, naming the file, so that a stage never reads a stale or foreign one.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+from ..atomic import atomic_path
+from ..errors import StageError
+
+log = logging.getLogger(__name__)
+
+SPLITS = ("train", "val", "test")
+# column -> type; the order is the file's column order (`split` is added when the manifest is assembled)
+SCENE_SCHEMA: dict[str, type] = {
+    "patch_id": str, "scene_id": str, "image_file": str, "label_file": str, "subset": str,
+    "row_off": int, "col_off": int, "size": int,
+    "valid_row_off": int, "valid_col_off": int, "valid_height": int, "valid_width": int,
+    "minx": float, "miny": float, "maxx": float, "maxy": float, "crs": str,
+    "building_frac": float, "nodata_frac": float, "building_px": int, "background_px": int, "labelled": bool,
+    "image_path": str, "mask_path": str,
+}  # fmt: skip
+SCENE_COLUMNS = list(SCENE_SCHEMA)
+MANIFEST_COLUMNS = SCENE_COLUMNS[:5] + ["split"] + SCENE_COLUMNS[5:]
+MANIFEST_SCHEMA: dict[str, type] = {c: (str if c == "split" else SCENE_SCHEMA[c]) for c in MANIFEST_COLUMNS}
+
+
+def write_rows(path: Path, rows: Iterable[dict[str, Any]], columns: Sequence[str]) -> None:
+    """Write manifest rows as CSV, atomically (extra keys in a row are ignored)."""
+    with atomic_path(path, suffix=".tmp") as tmp, open(tmp, "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(columns), extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def assemble_manifest(tile_dir: Path, scene_ids: Sequence[str], splits: dict[str, str]) -> list[dict[str, Any]]:
+    """Concatenate the per-scene CSVs (in the given order), add `split`, write `manifest.csv` atomically."""
+    rows: list[dict[str, Any]] = []
+    for sid in scene_ids:
+        with open(Path(tile_dir) / "scenes" / f"{sid}.csv", newline="") as fh:
+            for row in csv.DictReader(fh):
+                row["split"] = splits[sid]
+                rows.append(row)
+    write_rows(Path(tile_dir) / "manifest.csv", rows, MANIFEST_COLUMNS)
+    return rows
+
+
+def read_manifest(tile_dir: str | Path) -> Any:
+    """The tile manifest as a pandas DataFrame with the schema's types (`crs` is '' in pixel space).
+
+    Raises StageError naming the file when it is missing or its columns are not the schema's.
+    """
+    import pandas as pd
+
+    path = Path(tile_dir) / "manifest.csv"
+    if not path.is_file():
+        raise StageError(f"{path}: no tile manifest (run the tile stage first)")
+    str_cols = {c: str for c, t in MANIFEST_SCHEMA.items() if t in (str, bool)}
+    try:
+        df = pd.read_csv(path, dtype=str_cols, keep_default_na=False)
+    except (OSError, ValueError) as err:
+        raise StageError(f"{path}: unreadable tile manifest ({' '.join(str(err).split())[:160]})") from None
+    if list(df.columns) != MANIFEST_COLUMNS:
+        missing = [c for c in MANIFEST_COLUMNS if c not in df.columns]
+        extra = [c for c in df.columns if c not in MANIFEST_COLUMNS]
+        raise StageError(f"{path}: not a tile manifest of this version (missing columns {missing}, "
+                         f"unexpected {extra}); rerun the tile stage with --overwrite")
+    df["labelled"] = df["labelled"].astype(str) == "True"
+    return df
+
+
+def split_scene_ids(tile_dir: str | Path, split: str) -> list[str]:
+    """The scene ids of one split, in manifest order."""
+    df = read_manifest(tile_dir)
+    return list(dict.fromkeys(df.loc[df["split"] == split, "scene_id"]))
+
+
+def split_sources(tile_dir: str | Path, data_cfg: Any, split: str) -> list[Any]:
+    """The scenes (`SceneSource`) of one split of the manifest, found again under `data.root`, sorted by id.
+
+    A scene of the manifest that is no longer under `data.root` is reported and left out.
+    """
+    from ..sources import discover_scenes
+
+    ids = split_scene_ids(tile_dir, split)
+    if not ids:
+        return []
+    found = {s.scene_id: s for s in discover_scenes(data_cfg)}
+    missing = [sid for sid in ids if sid not in found]
+    if missing:
+        log.warning("%d %s scene(s) of the tile manifest are no longer under %s: %s", len(missing), split,
+                    data_cfg.root, ", ".join(sorted(missing)[:5]))
+    return sorted((found[sid] for sid in ids if sid in found), key=lambda s: s.scene_id)

@@ -1,0 +1,95 @@
+"""The probability raster: what `predict` writes per scene and `evaluate` (and calibration) read.
+
+`<scene>_prob.tif` is a Cloud-Optimised GeoTIFF on the scene's output grid (georeferenced like the scene)
+holding the building probability: uint8 round(255 * p) (default) or IEEE half floats in a Float32 band
+(`prob_dtype: float16`). Invalid pixels (nodata, outside the scene) are flagged in an internal mask band,
+so uint8 keeps the full 0-255 range. A pixel is a building when p >= threshold (`threshold_mask`): the
+one rule shared by vectorisation, calibration and evaluation, so they all see the same pixels.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import rasterio
+import rasterio.shutil
+from rasterio.windows import Window
+
+COG_BLOCK = 512  # internal tile size of the probability COG
+UINT8_SCALE = 255.0
+
+
+def encode_probability(prob: np.ndarray, prob_dtype: str) -> np.ndarray:
+    """Probability in [0, 1] -> stored values: uint8 round(p * 255), or float16 (stored as 16-bit float)."""
+    if prob_dtype == "uint8":
+        return np.rint(prob * UINT8_SCALE).astype(np.uint8)
+    if prob_dtype == "float16":
+        return prob.astype(np.float16).astype(np.float32)
+    raise ValueError(f"prob_dtype must be 'uint8' or 'float16', got {prob_dtype!r}")
+
+
+def read_probability(path: str | Path, window: Window | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(probability float32 in [0, 1], valid bool) of a probability raster written by `predict_scene`."""
+    with rasterio.open(path) as src:
+        values = src.read(1, window=window)
+        valid = src.read_masks(1, window=window) > 0
+    prob = values.astype(np.float32)
+    if values.dtype == np.uint8:
+        prob /= UINT8_SCALE
+    return prob, valid
+
+
+def raster_profile(width: int, height: int, transform: Any, crs: Any, prob_dtype: str) -> dict[str, Any]:
+    block = COG_BLOCK if min(width, height) >= COG_BLOCK else 256
+    profile: dict[str, Any] = {
+        "driver": "GTiff",
+        "width": width,
+        "height": height,
+        "count": 1,
+        "dtype": "uint8" if prob_dtype == "uint8" else "float32",
+        "transform": transform,
+        "tiled": True,
+        "blockxsize": block,
+        "blockysize": block,
+        "compress": "deflate",
+        "BIGTIFF": "IF_SAFER",
+    }
+    if crs is not None:
+        profile["crs"] = crs
+    if prob_dtype == "float16":
+        profile["nbits"] = 16  # IEEE half floats inside a Float32 band (GDAL has no Float16 type here)
+    return profile
+
+
+def to_cog(src_path: Path, dst_path: Path, prob_dtype: str) -> None:
+    """Copy a tiled GeoTIFF to a Cloud-Optimised GeoTIFF (overviews averaged, mask band kept)."""
+    opts: dict[str, Any] = {
+        "driver": "COG",
+        "compress": "DEFLATE",
+        "blocksize": COG_BLOCK,
+        "overview_resampling": "average",
+        "BIGTIFF": "IF_SAFER",
+    }
+    if prob_dtype == "float16":
+        opts["nbits"] = 16
+    rasterio.shutil.copy(str(src_path), str(dst_path), **opts)
+
+
+def threshold_raw(dtype: np.dtype, threshold: float) -> float:
+    # uint8 rasters store round(255 * p); compare in raw units so no float copy of the block is needed
+    return round(threshold * 255.0, 6) if np.issubdtype(dtype, np.integer) else threshold
+
+
+def threshold_mask(raw: np.ndarray, threshold: float) -> np.ndarray:
+    """Building mask of stored probability values: `p >= threshold`, p = value / 255 for uint8 rasters.
+
+    The one comparison used by vectorisation and evaluation, so both see the same pixels.
+    """
+    return raw >= threshold_raw(raw.dtype, threshold)
+
+
+def prob_scale(dtype: np.dtype) -> float:
+    return 1.0 / 255.0 if np.issubdtype(dtype, np.integer) else 1.0
+

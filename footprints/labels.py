@@ -1,0 +1,254 @@
+"""Building labels behind one small interface: xView2 label JSON, vector files, mask rasters.
+
+A `LabelSource` answers two questions on a scene's output grid (pixel coordinates, origin at the
+top-left corner of the top-left pixel):
+
+- `burn(r0, r1, c0, c1)`: the 0/1 building raster of output rows r0:r1, columns c0:c1 (inside the scene);
+- `polygons()`: the building outlines in output-grid pixel coordinates (instances, one per building),
+  when the source has them (`has_polygons`); a mask raster has none (its buildings touch and merge).
+
+`PolygonLabels` holds outlines (from an xView2 label JSON or a GeoJSON/GPKG file); `MaskLabels` reads a mask
+raster window by window. Parsing the files is here too: `read_xview2_label` (which also gives the vertex
+pairs that georeference an xView2 PNG) and `read_vector_polygons`. Bad files raise `InputError` naming them.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from affine import Affine
+from rasterio.enums import Resampling
+from rasterio.errors import RasterioError
+from rasterio.windows import Window
+
+from .errors import InputError, one_line
+from .georef import WGS84, vertex_pairs
+from .rasters import open_raster
+
+log = logging.getLogger(__name__)
+
+
+class LabelSource:
+    """Building labels on a scene's output grid (see the module docstring)."""
+
+    path: Path
+    has_polygons: bool = False
+
+    def burn(self, r0: int, r1: int, c0: int, c1: int) -> np.ndarray:
+        raise NotImplementedError
+
+    def polygons(self) -> list[Any]:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Release open files (mask rasters)."""
+
+
+class PolygonLabels(LabelSource):
+    """Building outlines in output-grid pixel coordinates."""
+
+    has_polygons = True
+
+    def __init__(self, path: Path, polygons: list[Any]):
+        self.path = path
+        self._polygons = [g for g in polygons if g is not None and not g.is_empty]
+
+    def polygons(self) -> list[Any]:
+        return list(self._polygons)
+
+    def burn(self, r0: int, r1: int, c0: int, c1: int) -> np.ndarray:
+        from rasterio import features
+        from shapely.geometry import box
+
+        shape = (r1 - r0, c1 - c0)
+        frame = box(c0, r0, c1, r1)
+        shapes = [(g, 1) for g in self._polygons if g.intersects(frame)]
+        if not shapes:
+            return np.zeros(shape, dtype=np.uint8)
+        # pixel-space polygons, integer translation: the same pixels as rasterising the whole scene
+        return features.rasterize(shapes, out_shape=shape, transform=Affine.translation(c0, r0), fill=0,
+                                  dtype=np.uint8)
+
+    def check_inside(self, width: int, height: int, image: Path) -> None:
+        """Refuse labels that lie entirely outside the image (a wrong file, or a wrong CRS)."""
+        from shapely.geometry import box
+
+        if self._polygons and not any(g.intersects(box(0, 0, width, height)) for g in self._polygons):
+            raise InputError(self.path, f"all {len(self._polygons)} label polygons lie entirely outside the "
+                             f"image {image.name}")
+
+
+@dataclass
+class MaskGrid:
+    """How the output grid maps onto the source grid of a mask raster (the image's grid)."""
+
+    src_width: int
+    src_height: int
+    sx: float  # source pixels per output pixel, along x
+    sy: float
+    resampled: bool
+
+
+class MaskLabels(LabelSource):
+    """A building mask raster on the image grid: pixel values >= `threshold` are buildings."""
+
+    def __init__(self, path: Path, grid: MaskGrid, threshold: int, image_transform: Affine, image: Path):
+        self.path = path
+        self._grid = grid
+        self._threshold = threshold
+        if not path.is_file():
+            raise InputError(path, "mask file missing")
+        self._ds = open_raster(path, "mask")
+        m = self._ds
+        if (m.width, m.height) != (grid.src_width, grid.src_height):
+            self.close()
+            raise InputError(path, f"label/image size mismatch: mask is {m.width}x{m.height}, image "
+                             f"{image.name} is {grid.src_width}x{grid.src_height}")
+        if m.crs is not None and not m.transform.almost_equals(image_transform, precision=1e-9):
+            self.close()
+            raise InputError(path, "mask grid differs from the image grid (transform mismatch)")
+
+    def burn(self, r0: int, r1: int, c0: int, c1: int) -> np.ndarray:
+        g = self._grid
+        try:
+            if not g.resampled:
+                data = self._ds.read(1, window=Window(c0, r0, c1 - c0, r1 - r0))
+            else:
+                win = Window(c0 * g.sx, r0 * g.sy, (c1 - c0) * g.sx, (r1 - r0) * g.sy)
+                data = self._ds.read(1, window=win, out_shape=(r1 - r0, c1 - c0), resampling=Resampling.nearest)
+        except RasterioError as err:
+            raise InputError(self.path, f"cannot read mask ({' '.join(str(err).split())[:160]})") from None
+        # a declared mask nodata (SpaceNet masks say 0) is ignored on purpose: 0 means background
+        return (data >= self._threshold).astype(np.uint8)
+
+    def polygons(self) -> list[Any]:
+        raise NotImplementedError("a mask raster has no building outlines; vectorise burn() instead")
+
+    def close(self) -> None:
+        if self._ds is not None:
+            self._ds.close()
+            self._ds = None
+
+
+# ---------------------------------------------------------------------------------------------------
+# parsing label files
+
+
+@dataclass
+class XView2Label:
+    """An xView2 label JSON: building outlines in source-grid pixels, their lon/lat twins, metadata."""
+
+    path: Path
+    polygons: list[Any]  # `features.xy`, pixel coordinates of the source image
+    lnglat: list[Any] | None  # `features.lng_lat`, paired with `polygons` (same order), or None
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    def vertex_pairs(self) -> tuple[np.ndarray, np.ndarray] | None:
+        """Matching (pixel, lon/lat) vertices of every building, or None without lng_lat features."""
+        if self.lnglat is None:
+            return None
+        return vertex_pairs(self.polygons, self.lnglat)
+
+    @property
+    def gsd_m(self) -> float | None:
+        gsd = self.metadata.get("gsd")
+        return float(gsd) if isinstance(gsd, (int, float)) and gsd > 0 else None
+
+
+def _parse_wkt_list(path: Path, items: list, key: str) -> list[tuple[str | None, Any]]:
+    import shapely
+    from shapely import wkt as shp_wkt
+
+    out = []
+    for i, feat in enumerate(items):
+        if not isinstance(feat, dict) or not isinstance(feat.get("wkt"), str):
+            raise InputError(path, f"malformed label JSON (features.{key}[{i}] has no 'wkt' string)")
+        props = feat.get("properties") or {}
+        if props.get("feature_type", "building") != "building":
+            continue
+        try:
+            geom = shp_wkt.loads(feat["wkt"])
+        except (shapely.errors.ShapelyError, ValueError, TypeError) as err:
+            raise InputError(path, f"invalid WKT in features.{key}[{i}] ({one_line(err)[:120]})") from None
+        if geom.geom_type not in ("Polygon", "MultiPolygon"):
+            raise InputError(path, f"invalid WKT in features.{key}[{i}]: {geom.geom_type}, not a polygon")
+        out.append((props.get("uid"), geom))
+    return out
+
+
+def read_xview2_label(path: Path, image_size: tuple[int, int], image: Path) -> XView2Label:
+    """Parse an xView2 label JSON; `image_size` (width, height) must match its metadata when it has one."""
+    if not path.is_file():
+        raise InputError(path, "label JSON missing")
+    try:
+        label = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise InputError(path, f"malformed label JSON ({err.msg} at line {err.lineno} column {err.colno})") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise InputError(path, f"unreadable label JSON ({one_line(err)})") from None
+    feats = label.get("features") if isinstance(label, dict) else None
+    if not isinstance(feats, dict) or not isinstance(feats.get("xy", []), list):
+        raise InputError(path, "malformed label JSON (no 'features' object with an 'xy' list)")
+    meta = label.get("metadata") or {}
+    w, h = meta.get("width"), meta.get("height")
+    if isinstance(w, int) and isinstance(h, int) and (w, h) != tuple(image_size):
+        raise InputError(path, f"label/image size mismatch: label says {w}x{h}, image {image.name} is "
+                         f"{image_size[0]}x{image_size[1]}")
+    xy = _parse_wkt_list(path, feats.get("xy", []), "xy")
+    ll = _parse_wkt_list(path, feats.get("lng_lat", []) or [], "lng_lat")
+    polygons = [g for _, g in xy]
+    paired: list[Any] | None = None
+    if ll:
+        by_uid = {uid: g for uid, g in ll if uid is not None}
+        if len(by_uid) == len(ll) and all(uid in by_uid for uid, _ in xy):
+            paired = [by_uid[uid] for uid, _ in xy]
+        elif len(ll) == len(xy):
+            paired = [g for _, g in ll]
+        else:
+            raise InputError(path, f"{len(xy)} xy features but {len(ll)} lng_lat features")
+    return XView2Label(path, polygons, paired, meta if isinstance(meta, dict) else {})
+
+
+def read_vector_polygons(path: Path, crs: Any, transform: Affine) -> list[Any]:
+    """Polygons of a GeoJSON/GPKG label file in output-grid pixel coordinates of a grid (`crs`, `transform`).
+
+    GeoJSON without a CRS is WGS84 (RFC 7946); other formats must declare one. Invalid outlines are repaired.
+    """
+    import geopandas as gpd
+    import shapely
+    from shapely import affinity
+
+    if not path.is_file():
+        raise InputError(path, "label file missing")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            gdf = gpd.read_file(path)
+    except Exception as err:  # noqa: BLE001 - pyogrio/fiona raise many types for a bad file
+        raise InputError(path, f"unreadable vector labels ({one_line(err, path)})") from None
+    if len(gdf) == 0:
+        return []
+    if gdf.crs is None:
+        if path.suffix.lower() in (".geojson", ".json"):
+            gdf = gdf.set_crs(WGS84)  # RFC 7946: GeoJSON coordinates are WGS84 lon/lat
+        else:
+            raise InputError(path, "vector labels have no CRS")
+    if crs is not None and not gdf.crs.equals(crs):
+        gdf = gdf.to_crs(crs)
+    geoms = []
+    for i, geom in enumerate(gdf.geometry):
+        if geom is None or geom.is_empty:
+            continue
+        if geom.geom_type not in ("Polygon", "MultiPolygon"):
+            raise InputError(path, f"feature {i} is a {geom.geom_type}, not a polygon")
+        if not geom.is_valid:
+            geom = shapely.make_valid(geom)
+        geoms.append(geom)
+    inv = ~transform  # CRS -> output-grid pixel coordinates
+    return [affinity.affine_transform(g, [inv.a, inv.b, inv.d, inv.e, inv.c, inv.f]) for g in geoms]

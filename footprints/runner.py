@@ -1,0 +1,115 @@
+"""Running stages by name: one stage, every stage in order (`all`), or every stage once per fold (`cv`).
+
+The only module that knows every stage; stages never import each other or this module. Stage modules
+are imported when run, so `footprints tile` never loads torch, and the train-segmenter stage gets its
+signal handlers before torch is imported (a SLURM warning in the first seconds of a job must not kill it).
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib
+import logging
+from typing import Any
+
+from .atomic import write_json, write_text
+from .config import Config
+from .contracts import paths as P
+from .signals import StopSignals
+
+log = logging.getLogger("footprints")
+
+# stage name (as typed) -> module with run(cfg, **options) -> dict
+STAGE_MODULES: dict[str, str] = {
+    P.TILE: "footprints.stages.tile",
+    P.FEATURES: "footprints.stages.features",
+    P.TRAIN_CLASSIFIER: "footprints.stages.train_classifier",
+    P.TRAIN_SEGMENTER: "footprints.stages.train_segmenter",
+    P.PREDICT: "footprints.stages.predict",
+    P.EVALUATE: "footprints.stages.evaluate",
+}
+
+
+def run_stage(stage: str, cfg: Config, **options: Any) -> dict[str, Any]:
+    """Run one stage by its name with its options (overwrite, load_saved_model, checkpoint, inputs, ...)."""
+    if stage == P.TRAIN_SEGMENTER:
+        # handlers first, torch second
+        with StopSignals() as stop:
+            module = importlib.import_module(STAGE_MODULES[stage])
+            return module.run(cfg, stop=stop, **options)
+    return importlib.import_module(STAGE_MODULES[stage]).run(cfg, **options)
+
+
+def run_all(cfg: Config, overwrite: bool = False, load_saved_model: bool = False) -> dict[str, Any]:
+    """Every stage in order; returns each stage's result by name."""
+    results: dict[str, Any] = {}
+    for stage in P.STAGES:
+        log.info("=== stage %s ===", stage)
+        opts: dict[str, Any] = {"overwrite": overwrite}
+        if stage == P.TRAIN_SEGMENTER:
+            opts["load_saved_model"] = load_saved_model
+        results[stage] = run_stage(stage, cfg, **opts)
+    return results
+
+
+# ---------------------------------------------------------------------------------------------------
+# cross-validation over scenes
+
+
+def fold_config(cfg: Config, fold: int) -> Config:
+    """The config of one fold: its own run name, the k-fold split with `fold` as test."""
+    fcfg = copy.deepcopy(cfg)
+    fcfg.name = f"{cfg.name}-fold{fold}"
+    fcfg.tile.split_mode = "kfold"
+    fcfg.tile.fold = fold
+    return fcfg
+
+
+def pool_folds(folds: list[dict[str, Any]]) -> dict[str, Any]:
+    """Pooled metrics over the test scenes of every fold (counts summed over scenes, then the ratios)."""
+    from .stages.evaluate import overall_metrics
+
+    per_scene: dict[str, Any] = {}
+    for result in folds:
+        per_scene.update(result["per_scene"])
+    return {"scenes": len(per_scene), "pooled": overall_metrics(per_scene)}
+
+
+def run_cv(cfg: Config, overwrite: bool = False) -> dict[str, Any]:
+    """Cross-validation over scenes: the whole pipeline once per fold (`tile.folds`), every scene tested
+    once by a model that never saw it; pooled metrics and a report in `outputs/<name>/cv/`."""
+    results = []
+    for k in range(cfg.tile.folds):
+        log.info("=== cross-validation fold %d of %d ===", k + 1, cfg.tile.folds)
+        results.append(run_all(fold_config(cfg, k), overwrite=overwrite)[P.EVALUATE])
+    pooled = pool_folds(results)
+    folds = [{"fold": k, "name": r["name"], "scenes": sorted(r["per_scene"]), "threshold": r["threshold"],
+              "min_area_m2": r["min_area_m2"], "overall": r["overall"]} for k, r in enumerate(results)]
+    out_dir = P.RunPaths.of(cfg).cv
+    summary = {"name": cfg.name, "folds": cfg.tile.folds, "seed": cfg.seed, "scenes": pooled["scenes"],
+               "pooled": pooled["pooled"], "per_fold": folds,
+               "backbone": {"weights": cfg.backbone.weights, "normalization": cfg.backbone.normalization}}
+    if cfg.backbone.weights == "random":
+        summary["warning"] = "backbone weights are random"
+    write_json(out_dir / "metrics.json", summary)
+    write_text(out_dir / "report.md", _cv_report(summary))
+    px, pg = summary["pooled"]["pixel"], summary["pooled"]["polygon"]
+    print(f"cross-validation {cfg.name}: {cfg.tile.folds} folds, {summary['scenes']} test scenes pooled | pixel "
+          f"building IoU {px['building_iou']:.3f}, F1 {px['f1']:.3f} | polygon F1@0.5 {pg['f1']:.3f} "
+          f"(P {pg['precision']:.3f}, R {pg['recall']:.3f})\nreport: {out_dir / 'report.md'}", flush=True)
+    return summary
+
+
+def _cv_report(s: dict[str, Any]) -> str:
+    lines = [f"# Cross-validation: {s['name']}", "",
+             f"{s['folds']} folds over {s['scenes']} scenes (seed {s['seed']}); counts pooled over every test scene.",
+             "", "| fold | test scenes | pixel IoU | pixel F1 | polygon F1 | threshold | min area m2 |",
+             "|---|---|---|---|---|---|---|"]
+    for f in s["per_fold"]:
+        o = f["overall"]
+        lines.append(f"| {f['fold']} | {', '.join(f['scenes'])} | {o['pixel']['building_iou']:.3f} | "
+                     f"{o['pixel']['f1']:.3f} | {o['polygon']['f1']:.3f} | {f['threshold']} | {f['min_area_m2']} |")
+    p = s["pooled"]
+    lines.append(f"| **pooled** | {s['scenes']} | **{p['pixel']['building_iou']:.3f}** | {p['pixel']['f1']:.3f} | "
+                 f"**{p['polygon']['f1']:.3f}** | | |")
+    return "\n".join(lines) + "\n"

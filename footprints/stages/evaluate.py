@@ -1,0 +1,247 @@
+"""Stage 6, evaluate: pixel metrics (xView2 style) and polygon metrics (SpaceNet style) on the predicted scenes.
+
+Reads what the predict stage wrote (`predict/summary.json`, and per scene `<scene>_prob.tif`, `<scene>.gpkg`
+and `<scene>.json`, whose record holds the threshold and cleaning settings used) and the truth of those
+scenes; writes `evaluate/metrics.json` (its freshness record), `report.md` and `overlay_<scene>.png`.
+
+Pixel metrics: per scene, the predicted mask (`p >= threshold` on `<scene>_prob.tif`, the rule of the
+vectorisation) against the truth mask on the same grid, nodata left out; TP/FP/FN/TN are summed over all
+scenes before the ratios are taken (as the xView2 scorer does), giving building IoU, precision, recall,
+F1 (= the xView2 localisation F1) and the two-class mean IU.
+
+Polygon metrics: the footprints of `<scene>.gpkg` against the truth polygons (`footprints.scoring`), matched
+one-to-one at IoU >= `evaluate.iou_threshold` (`footprints.matching`); precision, recall and F1 per scene
+and overall (counts summed over scenes).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from rasterio.windows import Window
+
+from ..atomic import write_text
+from ..cluster import map_scenes
+from ..config import Config
+from ..contracts.footprint_files import read_footprints
+from ..contracts.freshness import digest, file_digest, is_fresh, read_record, unmark, write_record
+from ..contracts.manifest import split_sources
+from ..contracts.paths import RunPaths, ScenePaths
+from ..errors import InputError, StageError, as_input_error
+from ..matching import match_polygons, polygon_scores
+from ..metrics import pixel_metrics
+from ..plots import polygon_rings, write_overlay
+from ..scoring import metric_crs, pixel_counts, truth_polygons
+
+log = logging.getLogger(__name__)
+
+BLOCK = 2048  # rows/cols of a scene scored at once (bounded memory)
+OVERLAY_MAX_SIDE = 1024
+
+
+def _overlay(reader: Any, truth: np.ndarray, pred: np.ndarray, crs: Any, path: Path) -> None:
+    """The image (a centred crop of at most OVERLAY_MAX_SIDE px), truth outlines green, predictions red."""
+    import geopandas as gpd
+
+    w, h = min(reader.width, OVERLAY_MAX_SIDE), min(reader.height, OVERLAY_MAX_SIDE)
+    c0, r0 = (reader.width - w) // 2, (reader.height - h) // 2
+    rgb, _ = reader.read(Window(c0, r0, w, h))
+
+    def rings(geoms: np.ndarray) -> list[np.ndarray]:
+        if len(geoms) and reader.crs is not None and crs is not None:
+            geoms = gpd.GeoSeries(geoms, crs=crs).to_crs(reader.crs).values
+        return polygon_rings(geoms, ~reader.transform, c0, r0)
+
+    write_overlay(path, rgb, rings(truth), rings(pred), f"{reader.scene_id}: truth (green), predicted (red)")
+
+
+def evaluate_scene(source: Any, cfg: Config, pred_dir: str, out_dir: str, overlay: bool) -> dict[str, Any]:
+    """Pixel counts and polygon matches of one scene (top-level: runs on dask workers)."""
+    from ..scenes import open_scene
+
+    sp = ScenePaths(Path(pred_dir), source.scene_id)
+    for p in (sp.prob, sp.gpkg, sp.record):
+        if not p.is_file():
+            raise InputError(p, "missing prediction (run the predict stage on this split)")
+    vector = (read_record(sp.record) or {}).get("vector")
+    if not vector:
+        raise InputError(sp.record, "unfinished prediction (rerun the predict stage)")
+    with open_scene(source, cfg.data, cfg.tile) as reader:
+        if not reader.has_labels:
+            raise InputError(source.image, "no labels: nothing to evaluate against")
+        threshold = float(vector["threshold"])
+        tp, fp, fn, tn = pixel_counts(reader, sp.prob, [threshold], BLOCK)[threshold].tolist()
+        crs = metric_crs(reader)
+        truth = truth_polygons(reader, float(vector["hole_area_m2"]), float(vector["simplify_px"]), BLOCK)
+        pred = read_footprints(sp.gpkg, crs)
+        match = match_polygons(pred, truth, cfg.evaluate.iou_threshold)
+        overlay_path = None
+        if overlay:
+            overlay_path = Path(out_dir) / f"overlay_{reader.scene_id}.png"
+            _overlay(reader, truth, pred, crs, overlay_path)
+    return {
+        "scene_id": source.scene_id,
+        "threshold": threshold,
+        "min_area_m2": vector.get("min_area_m2"),
+        "pixel": pixel_metrics(tp, fp, fn, tn),
+        "polygon": {**polygon_scores(match.tp, match.fp, match.fn), "n_truth": len(truth), "n_pred": len(pred),
+                    "mean_matched_iou": float(np.mean([m[2] for m in match.pairs])) if match.pairs else None},
+        "overlay": str(overlay_path) if overlay_path else None,
+    }
+
+
+def _evaluate_item(item: tuple[Any, bool], **kwargs: Any) -> dict[str, Any]:
+    """(source, draw an overlay?) -> evaluate_scene; top-level so that dask can pickle it."""
+    return evaluate_scene(item[0], overlay=item[1], **kwargs)
+
+
+# ---------------------------------------------------------------------------------------------------
+# the stage
+
+
+def _predicted(paths: RunPaths) -> dict[str, Any]:
+    """The predict stage's summary of the run (which split, which threshold)."""
+    summary_path = paths.predict / "summary.json"
+    summary = read_record(summary_path)
+    if summary is None:
+        raise StageError(f"{summary_path}: no predictions (run the predict stage first)")
+    return summary
+
+
+def _fmt(x: Any) -> str:
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "-"
+    return f"{x:.3f}" if isinstance(x, float) else str(x)
+
+
+def render_report(result: dict[str, Any]) -> str:
+    """Markdown report: settings, overall table, one row per scene."""
+    o = result["overall"]
+    px, pg = o["pixel"], o["polygon"]
+    lines = [
+        f"# Evaluation: {result['name']} ({result['split']} split, {len(result['per_scene'])} scenes)",
+        "",
+        f"Threshold {result['threshold']:.3f} ({result['threshold_source']}), minimum area "
+        f"{_fmt(result['min_area_m2'])} m2; polygon match: greedy one-to-one by IoU, match when "
+        f"IoU >= {result['iou_threshold']}. Pixel counts are summed over scenes (xView2); the xView2 "
+        "localisation F1 is the pixel F1.",
+        "",
+        "| | building IoU | precision | recall | F1 | mean IU (2 classes) |",
+        "|---|---|---|---|---|---|",
+        f"| pixels | {_fmt(px['building_iou'])} | {_fmt(px['precision'])} | {_fmt(px['recall'])} | "
+        f"{_fmt(px['f1'])} | {_fmt(px['mean_iu'])} |",
+        "",
+        "| | truth | predicted | TP | FP | FN | precision | recall | F1@IoU0.5 |",
+        "|---|---|---|---|---|---|---|---|---|",
+        f"| polygons | {pg['n_truth']} | {pg['n_pred']} | {pg['tp']} | {pg['fp']} | {pg['fn']} | "
+        f"{_fmt(pg['precision'])} | {_fmt(pg['recall'])} | {_fmt(pg['f1'])} |",
+        "",
+        "## Per scene",
+        "",
+        "| scene | pixel IoU | pixel P | pixel R | pixel F1 | truth | pred | TP | FP | FN | poly P | poly R "
+        "| poly F1 |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for sid, s in sorted(result["per_scene"].items()):
+        p, g = s["pixel"], s["polygon"]
+        lines.append(
+            f"| {sid} | {_fmt(p['building_iou'])} | {_fmt(p['precision'])} | {_fmt(p['recall'])} | "
+            f"{_fmt(p['f1'])} | {g['n_truth']} | {g['n_pred']} | {g['tp']} | {g['fp']} | {g['fn']} | "
+            f"{_fmt(g['precision'])} | {_fmt(g['recall'])} | {_fmt(g['f1'])} |"
+        )
+    if result.get("skipped"):
+        lines += ["", "## Skipped", ""] + [f"- {s['scene']}: {s['reason']}" for s in result["skipped"]]
+    overlays = [Path(s["overlay"]).name for s in result["per_scene"].values() if s.get("overlay")]
+    if overlays:
+        lines += ["", "## Overlays", ""] + [f"![{n}]({n})" for n in overlays]
+    return "\n".join(lines) + "\n"
+
+
+def overall_metrics(per_scene: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """Pixel and polygon metrics from counts summed over scenes."""
+    keys = ("tp", "fp", "fn", "tn")
+    pix = {k: sum(s["pixel"][k] for s in per_scene.values()) for k in keys}
+    poly = {k: sum(s["polygon"][k] for s in per_scene.values()) for k in ("tp", "fp", "fn", "n_truth", "n_pred")}
+    pixel = pixel_metrics(pix["tp"], pix["fp"], pix["fn"], pix["tn"])
+    pixel["xview2_localization_f1"] = pixel["f1"]
+    polygon = {**polygon_scores(poly["tp"], poly["fp"], poly["fn"]), "n_truth": poly["n_truth"],
+               "n_pred": poly["n_pred"]}
+    return {"pixel": pixel, "polygon": polygon}
+
+
+def run(cfg: Config, overwrite: bool = False) -> dict[str, Any]:
+    """Evaluate the run's predictions on the split they were made for."""
+    paths = RunPaths.of(cfg)
+    pred_dir, out_dir, metrics_path = paths.predict, paths.evaluate, paths.metrics
+    predicted = _predicted(paths)
+    split = predicted["split"]
+    sources = split_sources(paths.tile, cfg.data, split)
+    if not sources:
+        raise StageError(f"no scenes in split {split!r} of the tile manifest")
+    records = {s.scene_id: ScenePaths(pred_dir, s.scene_id).record for s in sources}
+    key = digest({"iou_threshold": cfg.evaluate.iou_threshold, "overlays": cfg.evaluate.overlays,
+                  "predictions": {sid: file_digest(p) if p.is_file() else None for sid, p in records.items()}})
+    if not overwrite and is_fresh(metrics_path, key):
+        log.info("evaluate: %s is up to date (use --overwrite to redo)", metrics_path)
+        saved = read_record(metrics_path) or {}
+        _summary(saved)
+        return saved
+    unmark(metrics_path)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    overlay_ids = {s.scene_id for s in sources[: max(cfg.evaluate.overlays, 0)]}
+    per_scene: dict[str, dict[str, Any]] = {}
+    skipped: list[dict[str, str]] = []
+    func = functools.partial(_evaluate_item, cfg=cfg, pred_dir=str(pred_dir), out_dir=str(out_dir))
+    items = [(s, s.scene_id in overlay_ids) for s in sources]
+    for (src, _), res, err in map_scenes(cfg.cluster, func, items, desc="evaluate"):
+        if err is not None:
+            reason = str(as_input_error(err, src.image))
+            log.error("evaluate: %s: %s", src.scene_id, reason)
+            skipped.append({"scene": src.scene_id, "reason": reason})
+            continue
+        per_scene[res["scene_id"]] = res
+    if not per_scene:
+        raise StageError(f"evaluate: no scene of the {split} split could be evaluated "
+                         f"({len(skipped)} skipped; see the log)")
+    per_scene = dict(sorted(per_scene.items()))
+    first = next(iter(per_scene.values()))
+    result: dict[str, Any] = {
+        "name": cfg.name,
+        "split": split,
+        "threshold": first["threshold"],
+        "threshold_source": predicted.get("calibration") or "config",
+        "min_area_m2": first["min_area_m2"],
+        "iou_threshold": cfg.evaluate.iou_threshold,
+        "match_rule": f"greedy one-to-one by decreasing IoU, match when IoU >= {cfg.evaluate.iou_threshold}",
+        "overall": overall_metrics(per_scene),
+        "per_scene": per_scene,
+        "skipped": skipped,
+        "geojson": str(predicted.get("geojson", pred_dir / "footprints.geojson")),
+        "metrics_path": str(metrics_path),
+        "report": str(out_dir / "report.md"),
+    }
+    write_text(out_dir / "report.md", render_report(result))
+    overlays = [s["overlay"] for s in per_scene.values() if s.get("overlay")]
+    result = write_record(metrics_path, key, [out_dir / "report.md", *overlays], **result)
+    _summary(result)
+    return result
+
+
+def _summary(result: dict[str, Any]) -> None:
+    px, pg = result["overall"]["pixel"], result["overall"]["polygon"]
+    text = (
+        f"evaluate {result['name']}: {len(result['per_scene'])} {result['split']} scenes | pixel building IoU "
+        f"{px['building_iou']:.3f}, F1 (xView2 localisation) {px['f1']:.3f}, precision {px['precision']:.3f}, "
+        f"recall {px['recall']:.3f}, mean IU {px['mean_iu']:.3f} | polygon F1@IoU>={result['iou_threshold']} "
+        f"{pg['f1']:.3f} (P {pg['precision']:.3f}, R {pg['recall']:.3f}; {pg['tp']} TP, {pg['fp']} FP, "
+        f"{pg['fn']} FN)"
+    )
+    log.info("%s", text)
+    print(text, flush=True)
+    print(f"metrics: {result['metrics_path']}", flush=True)
+    print(f"footprints GeoJSON: {result['geojson']}", flush=True)

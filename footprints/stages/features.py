@@ -1,0 +1,272 @@
+"""Stage `features`: class-balanced pixel samples and their VGG16 zoom-out hypercolumns.
+
+For every patch of the tile manifest, `features.per_class` pixels of each class (background 0, building 1)
+are drawn without replacement from the patch mask (never an ignore/nodata pixel; a patch without
+buildings still gives background samples), seeded by the run seed and the patch id so that any shard can
+be recomputed alone. Patches go through the frozen backbone in batches on the device, and only the
+sampled pixels' columns are gathered (`footprints.hypercolumns`). Each sample carries `w`, the number of
+mask pixels it stands for (the class's pixel count in its patch divided by the samples drawn of it:
+weighting by `w` turns sampled-pixel counts into unbiased estimates of dense counts).
+
+Outputs (`footprints.contracts.features_store`): shards `<split>_<shard:04d>.npz`, `stats.npz` (train
+mean/std merged from the shards' partial statistics: no second pass) and `meta.json`, the run's freshness
+record, written last. A shard is written atomically; on a rerun, shards whose fingerprint (settings +
+patch ids) matches are kept, others are recomputed, so an interrupted run resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from ..backbone import LAYER_CHANNELS, hypercolumn_channels, load_backbone, resolve_layers
+from ..config import Config
+from ..contracts import features_store
+from ..contracts.freshness import digest, is_fresh, read_record, unmark, write_record
+from ..contracts.manifest import SPLITS, read_manifest
+from ..contracts.patches import load_patch
+from ..contracts.paths import RunPaths
+from ..device import resolve_device
+from ..errors import InputError, StageError
+from ..hypercolumns import RunningStats, gather_hypercolumns, patch_rng, sample_pixels
+
+log = logging.getLogger(__name__)
+
+
+def _settings(cfg: Config, layers: list[str]) -> dict[str, Any]:
+    return {
+        "format": features_store.FORMAT_VERSION,
+        "seed": cfg.seed,
+        "per_class": cfg.features.per_class,
+        "layers": layers,
+        "backbone": {"weights": cfg.backbone.weights, "normalization": cfg.backbone.normalization},
+    }
+
+
+def _shard_fingerprint(settings: dict[str, Any], rows: list[dict[str, Any]], scene_keys: dict[str, str]) -> str:
+    """What a shard depends on: the settings, its patches, and how their scenes were tiled."""
+    ids = [str(r["patch_id"]) for r in rows]
+    tiled = sorted({(str(r["scene_id"]), scene_keys.get(str(r["scene_id"]), "")) for r in rows})
+    return digest({"settings": settings, "patches": ids, "tiled": tiled})
+
+
+def _load_batch(
+    chunk: list[dict[str, Any]], tile_dir: Path, per_class: int, seed: int
+) -> tuple[list[np.ndarray], list[tuple[Any, ...]], np.ndarray]:
+    """Read the patches of one batch and sample their pixels: (images, samples, class pixel counts)."""
+    images, samples = [], []
+    class_px = np.zeros(2, dtype=np.int64)
+    for row in chunk:
+        try:
+            image, mask = load_patch(tile_dir, row)
+        except InputError as err:
+            log.error("%s", err)
+            continue
+        counts = np.array([(mask == 0).sum(), (mask == 1).sum()], dtype=np.int64)
+        class_px += counts
+        r, c, lab = sample_pixels(mask, per_class, patch_rng(seed, row["patch_id"]))
+        if lab.size == 0:  # all nodata: nothing to learn from
+            continue
+        drawn = np.bincount(lab, minlength=2)
+        w = (counts / np.maximum(drawn, 1))[lab].astype(np.float32)  # mask pixels each sample stands for
+        images.append(image)
+        samples.append((str(row["patch_id"]), r, c, lab, w))
+    return images, samples, class_px
+
+
+def _extract_batch(
+    images: list[np.ndarray], samples: list[tuple[Any, ...]], model: torch.nn.Module, layers: list[str],
+    device: torch.device, tile_dir: Path,
+) -> np.ndarray:
+    """Hypercolumns (n, C) float32 of the sampled pixels of one batch of patches."""
+    sizes = {im.shape for im in images}
+    if len(sizes) != 1:
+        raise StageError(f"{tile_dir}: patches of different shapes in one batch: {sorted(sizes)}")
+    height, width = images[0].shape[1:]
+    x = torch.from_numpy(np.stack(images)).to(device=device, dtype=torch.float32)
+    r_all = np.concatenate([s[1] for s in samples])
+    c_all = np.concatenate([s[2] for s in samples])
+    b_all = np.concatenate([np.full(len(s[1]), i) for i, s in enumerate(samples)])
+    with torch.inference_mode():
+        acts = model(x, layers)
+        feats = gather_hypercolumns(acts, layers, r_all, c_all, (height, width), batch=b_all)
+    feats_np = feats.float().cpu().numpy()
+    if not np.isfinite(feats_np).all():
+        raise StageError(f"non-finite hypercolumn values in patches {[s[0] for s in samples]}")
+    return feats_np
+
+
+def _process_shard(
+    rows: list[dict[str, Any]],
+    tile_dir: Path,
+    model: torch.nn.Module,
+    layers: list[str],
+    cfg: Config,
+    device: torch.device,
+    fingerprint: str,
+    path: Path,
+    bar: tqdm,
+) -> dict[str, Any]:
+    """Sample, extract and write one shard; returns its header (as `read_shard_header`)."""
+    channels = hypercolumn_channels(layers)
+    per_class = cfg.features.per_class
+    xs, ys, ids, rcs, ws = [], [], [], [], []
+    class_px = np.zeros(2, dtype=np.int64)
+    stats = RunningStats(channels)
+    bs = max(1, cfg.features.batch_size)
+    chunks = [rows[start : start + bs] for start in range(0, len(rows), bs)]
+    # read and sample the next batch in a thread (GDAL releases the GIL) while the device works
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        pending = pool.submit(_load_batch, chunks[0], tile_dir, per_class, cfg.seed) if chunks else None
+        for i in range(len(chunks)):
+            images, samples, counts = pending.result()
+            if i + 1 < len(chunks):
+                pending = pool.submit(_load_batch, chunks[i + 1], tile_dir, per_class, cfg.seed)
+            class_px += counts
+            bar.update(len(chunks[i]))
+            if images:
+                feats_np = _extract_batch(images, samples, model, layers, device, tile_dir)
+                stats.update(feats_np)
+                xs.append(feats_np)
+                ys.append(np.concatenate([s[3] for s in samples]))
+                ids.extend(pid for pid, r, *_ in samples for _ in range(len(r)))
+                rcs.append(np.concatenate([np.stack([s[1], s[2]], axis=1) for s in samples]).astype(np.int32))
+                ws.append(np.concatenate([s[4] for s in samples]))
+    arrays = {
+        "X": np.concatenate(xs) if xs else np.zeros((0, channels), np.float32),
+        "y": np.concatenate(ys) if ys else np.zeros(0, np.int64),
+        "patch_id": np.array(ids, dtype=str) if ids else np.zeros(0, dtype="<U1"),
+        "rc": np.concatenate(rcs) if rcs else np.zeros((0, 2), np.int32),
+        "w": np.concatenate(ws) if ws else np.zeros(0, np.float32),
+        "class_px": class_px,
+        "stat_n": np.int64(stats.n),
+        "stat_mean": stats.mean,
+        "stat_m2": stats.m2,
+        "fingerprint": np.array(fingerprint),
+    }
+    features_store.write_shard(path, arrays)
+    return {
+        "fingerprint": fingerprint,
+        "n": int(len(arrays["y"])),
+        "class_px": class_px,
+        "stat_n": stats.n,
+        "stat_mean": stats.mean,
+        "stat_m2": stats.m2,
+    }
+
+
+def run(cfg: Config, overwrite: bool = False) -> dict[str, Any]:
+    """The `features` stage: outputs/<name>/tile/ -> outputs/<name>/features/; returns meta.json's content."""
+    paths = RunPaths.of(cfg)
+    tile_dir, out_dir = paths.tile, paths.features
+    manifest = read_manifest(tile_dir)
+    layers = resolve_layers(cfg.backbone.layers)
+    channels = hypercolumn_channels(layers)
+    settings = _settings(cfg, layers)
+    shard_size = max(1, cfg.features.shard_patches)
+    scene_keys = _scene_keys(paths, manifest)
+
+    # the shard plan: each split's patches in manifest order, cut every shard_patches
+    plan: list[tuple[str, str, list[dict[str, Any]], str]] = []  # (split, file, rows, fingerprint)
+    for split in SPLITS:
+        rows = manifest[manifest["split"] == split].to_dict("records")
+        for k, start in enumerate(range(0, len(rows), shard_size)):
+            part = rows[start : start + shard_size]
+            fp = _shard_fingerprint(settings, part, scene_keys)
+            plan.append((split, features_store.shard_name(split, k), part, fp))
+    if not any(split == "train" for split, *_ in plan):
+        raise StageError(f"{paths.manifest}: no patch in the train split; nothing to train on")
+    run_key = digest({"settings": settings, "shards": [p[3] for p in plan]})
+
+    meta_path = paths.features_meta
+    out_dir.mkdir(parents=True, exist_ok=True)
+    planned = {p[1] for p in plan}
+    for old in out_dir.glob("*_[0-9][0-9][0-9][0-9].npz"):
+        if overwrite or old.name not in planned:  # a shard of another plan must not be read later
+            old.unlink()
+    if not overwrite and is_fresh(meta_path, run_key):
+        log.info("features: %s is complete (same settings and patches); skipping", out_dir)
+        return {**features_store.read_meta(out_dir), "skipped": True}
+    unmark(meta_path)
+
+    headers: dict[str, dict[str, Any]] = {}
+    todo = []
+    for split, name, rows, fp in plan:
+        head = features_store.read_shard_header(out_dir / name)
+        if head is not None and head["fingerprint"] == fp:
+            headers[name] = head
+        else:
+            todo.append((split, name, rows, fp))
+    if headers:
+        log.info("features: resuming; %d of %d shards already done", len(headers), len(plan))
+
+    t0 = time.perf_counter()
+    device = resolve_device(cfg.features.device, key="features.device")
+    if todo:
+        if cfg.backbone.weights == "random":
+            log.warning("features: BACKBONE WEIGHTS ARE RANDOM (backbone.weights: random)")
+        model = load_backbone(cfg.backbone.weights, cfg.backbone.normalization, device)
+        log.info(
+            "features: %d layers (%d channels), %d per class per patch, device %s, %d shard(s) to do",
+            len(layers), channels, cfg.features.per_class, device, len(todo),
+        )
+        with tqdm(total=sum(len(t[2]) for t in todo), desc="features", unit="patch") as bar:
+            for _split, name, rows, fp in todo:
+                headers[name] = _process_shard(rows, tile_dir, model, layers, cfg, device, fp, out_dir / name, bar)
+    elapsed = time.perf_counter() - t0
+
+    stats = RunningStats(channels)
+    class_px = np.zeros(2, dtype=np.int64)
+    samples = {s: 0 for s in SPLITS}
+    patches = {s: 0 for s in SPLITS}
+    shards: dict[str, list[str]] = {s: [] for s in SPLITS}
+    for split, name, rows, _ in plan:
+        head = headers[name]
+        samples[split] += head["n"]
+        patches[split] += len(rows)
+        shards[split].append(name)
+        if split == "train":
+            stats.merge(head["stat_n"], head["stat_mean"], head["stat_m2"])
+            class_px += head["class_px"]
+    if stats.n == 0:
+        raise StageError(f"{out_dir}: the train split gave no valid pixel to sample (all nodata?)")
+    features_store.write_stats(paths.features_stats, stats.mean, stats.std, stats.n)
+    meta: dict[str, Any] = {
+        "layers": layers,
+        "channels": channels,
+        "layer_channels": {n: LAYER_CHANNELS[n] for n in layers},
+        "per_class": cfg.features.per_class,
+        "seed": cfg.seed,
+        "backbone": settings["backbone"],
+        "class_pixels": {"background": int(class_px[0]), "building": int(class_px[1])},
+        "n": samples,
+        "patches": patches,
+        "shards": shards,
+        "stats": paths.features_stats.name,
+        "device": str(device),
+        "seconds": round(elapsed, 2),
+    }
+    if cfg.backbone.weights == "random":
+        meta["warning"] = "backbone.weights is random: hypercolumns carry no ImageNet knowledge"
+    meta = write_record(meta_path, run_key, [out_dir / p[1] for p in plan] + [paths.features_stats], **meta)
+    log.info(
+        "features: %s samples (train/val/test %d/%d/%d), train class pixels background %d building %d, %.1f s",
+        sum(samples.values()), samples["train"], samples["val"], samples["test"], class_px[0], class_px[1], elapsed,
+    )
+    return meta
+
+
+def _scene_keys(paths: RunPaths, manifest: Any) -> dict[str, str]:
+    """The tile record key of every scene in the manifest: re-tiled patches invalidate their shards."""
+    keys = {}
+    for sid in manifest["scene_id"].unique():
+        record = read_record(paths.scene_record(sid)) or {}
+        keys[str(sid)] = str(record.get("key", ""))
+    return keys
