@@ -83,6 +83,13 @@ def build_parser() -> argparse.ArgumentParser:
             )
             p.add_argument("--output", help="GeoJSON path for the merged footprints of --input scenes")
 
+    p = sub.add_parser("report", help="write a self-contained offline HTML map report of the run (or of "
+                       "predict --input outputs)")
+    _common(p)
+    p.add_argument("--output", help="HTML path (default outputs/<name>/report/index.html, or <GEOJSON stem>_report.html)")
+    p.add_argument("--predictions", metavar="GEOJSON", help="report on `predict --input ... --output GEOJSON` outputs")
+    p.add_argument("--input", dest="inputs", nargs="+", metavar="FILE_OR_DIR", help="with --predictions: the scene images")
+
     p = sub.add_parser("all", help="run every stage in order on one config")
     _common(p)
     p.add_argument("--overwrite", action="store_true", help="redo every stage")
@@ -122,6 +129,10 @@ def _dispatch(args: argparse.Namespace, stage_options: dict[str, Any]) -> dict[s
         return run_all(cfg, overwrite=args.overwrite, load_saved_model=args.load_saved_model)
     if args.command == "cv":
         return run_cv(cfg, overwrite=args.overwrite)
+    if args.command == "report":
+        from .report import run_report
+
+        return run_report(cfg, output=args.output, predictions=args.predictions, inputs=args.inputs)
     if args.command == "bench":
         from .benchmarks import run_benchmark
 

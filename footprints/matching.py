@@ -105,3 +105,34 @@ def clean_truth(geoms: np.ndarray) -> np.ndarray:
     return geoms[~shapely.is_empty(geoms) & (shapely.area(geoms) > 0)]
 
 
+
+
+def split_merge_counts(pred: Any, truth: Any, cover: float = 0.5, inside: float = 0.5,
+                       part: float = 0.1) -> dict[str, int]:
+    """How buildings were merged or split by the prediction (beside F1: pixel IoU barely moves when two
+    houses merge, polygon recall halves).
+
+    - `merges`: predictions that cover at least `cover` of the area of each of two or more truths;
+      `merged_truths`: the truths involved.
+    - `splits`: truths holding two or more predictions that each lie at least `inside` within the truth
+      and cover at least `part` of it.
+    """
+    p, t = geom_array(pred), geom_array(truth)
+    out = {"merges": 0, "merged_truths": 0, "splits": 0}
+    if len(p) == 0 or len(t) == 0:
+        return out
+    pi, ti = shapely.STRtree(t).query(p, predicate="intersects")
+    inter = shapely.area(shapely.intersection(p[pi], t[ti]))
+    of_truth = inter / np.maximum(shapely.area(t[ti]), 1e-12)
+    of_pred = inter / np.maximum(shapely.area(p[pi]), 1e-12)
+    covers = of_truth >= cover
+    merged_truths: set[int] = set()
+    for k in np.unique(pi[covers]):
+        truths = ti[covers & (pi == k)]
+        if len(truths) >= 2:
+            out["merges"] += 1
+            merged_truths.update(truths.tolist())
+    out["merged_truths"] = len(merged_truths)
+    piece = (of_pred >= inside) & (of_truth >= part)
+    out["splits"] = int(sum(1 for j in np.unique(ti[piece]) if np.count_nonzero(piece & (ti == j)) >= 2))
+    return out

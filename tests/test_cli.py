@@ -12,7 +12,7 @@ from footprints.cli import build_parser, main
 from footprints.contracts.paths import STAGES
 
 REPO = Path(__file__).resolve().parents[1]
-ALL_COMMANDS = ["synth", *STAGES, "all", "cv", "bench"]
+ALL_COMMANDS = ["synth", *STAGES, "report", "all", "cv", "bench"]
 
 
 def test_every_subcommand_has_help_and_common_options(capsys: pytest.CaptureFixture[str]) -> None:

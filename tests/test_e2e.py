@@ -57,7 +57,14 @@ def test_every_stage_runs_in_order_on_tiny_synthetic_scenes(tmp_path: Path, caps
     pixel = metrics["overall"]["pixel"]
     for key in ("building_iou", "f1", "precision", "recall", "mean_iu"):
         assert 0.0 <= pixel[key] <= 1.0, key
-    assert "f1" in metrics["overall"]["polygon"]
+    assert "f1" in metrics["overall"]["polygon"] and "merges" in metrics["overall"]["polygon"]
+    # every predicted footprint is in the matches layer with its status, and the HTML map was written
+    matches = pyogrio.read_dataframe(out / "evaluate" / "matches.geojson")
+    preds = matches[matches["kind"] == "pred"]
+    assert len(preds) == pyogrio.read_info(geojson)["features"] == metrics["overall"]["polygon"]["n_pred"]
+    assert (preds["status"] == "TP").sum() == metrics["overall"]["polygon"]["tp"]
+    assert (matches["status"] == "FN").sum() == metrics["overall"]["polygon"]["fn"]
+    assert (out / "report" / "index.html").stat().st_size > 100_000
     # the run ends by telling the user where the footprints are
     printed = capsys.readouterr()
     assert str(geojson) in printed.out + printed.err

@@ -282,7 +282,7 @@ def test_georeference_round_trip_within_one_pixel(tmp_path: Path, crs: str, tran
     assert props["scene"] == "scene" and abs(props["area_m2"] - want.area) / want.area < 0.02
     assert props["mean_prob"] == pytest.approx(230 / 255, abs=0.01)
     # the per-scene GeoPackage is projected (UTM for the lon/lat scene) and the COG keeps the scene grid
-    assert pyogrio.read_info(out["gpkg"])["crs"] == "EPSG:32631"
+    assert pyogrio.read_info(out["gpkg"], layer="footprints")["crs"] == "EPSG:32631"
     with rasterio.open(Path(out["scene_dir"]) / "scene_prob.tif") as src:
         assert src.crs == rasterio.crs.CRS.from_string(crs) and src.transform.almost_equals(transform)
 
@@ -367,7 +367,7 @@ def test_calibration_grid_search_on_val_picks_the_crafted_best_and_is_used(tmp_p
     assert by_point[(0.5, 0.0)]["polygon_fp"] == 6 and by_point[(0.7, 5.0)]["polygon_tp"] == 0
     assert (out["threshold"], out["min_area_m2"]) == (0.5, 5.0)
     assert out["scenes"] == 1 and out["polygons"] == 4  # the test scene, with the calibrated settings
-    assert len(pyogrio.read_dataframe(out["gpkg"])) == 4
+    assert len(pyogrio.read_dataframe(out["gpkg"], layer="footprints")) == 4
     # stored: a second resolution reads the file instead of searching again
     settings = build_settings(cfg, None, {"tile_size": TILE}, {}, "injected-model")
     again = resolve_calibration(cfg, settings, None, model=RedModel())
@@ -396,7 +396,7 @@ def test_rerun_skips_done_scenes_revectorises_on_new_threshold_and_reports_a_bad
     assert third["skipped"] == 0 and third["polygons"] == 0 and prob.stat().st_mtime_ns == mtime
     marker = json.loads((Path(third["scene_dir"]) / "s0.json").read_text())
     assert marker["prob_reused"] is True and marker["vector"]["threshold"] == 0.95
-    assert pyogrio.read_info(third["gpkg"])["features"] == 0  # an empty but valid merged layer
+    assert pyogrio.read_info(third["gpkg"], layer="footprints")["features"] == 0  # an empty but valid merged layer
     fourth = run_predict(cfg, overwrite=True, **kw)
     assert fourth["skipped"] == 0 and prob.stat().st_mtime_ns != mtime
 

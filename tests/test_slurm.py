@@ -344,7 +344,7 @@ def test_tile_and_predict_on_slurm_dask_workers_match_in_process(
     import geopandas as gpd
 
     # polygons compared in the GeoPackage's projected CRS (metres)
-    g_in, g_sl = gpd.read_file(p_in["gpkg"]), gpd.read_file(p_sl["gpkg"])
+    g_in, g_sl = gpd.read_file(p_in["gpkg"], layer="footprints"), gpd.read_file(p_sl["gpkg"], layer="footprints")
     assert len(g_in) == len(g_sl) == p_in["polygons"] == p_sl["polygons"]
     assert g_in.crs == g_sl.crs and g_in.crs.is_projected
     g_in, g_sl = (g.sort_values(["scene", "area_m2"]).reset_index(drop=True) for g in (g_in, g_sl))

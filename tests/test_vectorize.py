@@ -96,10 +96,10 @@ def test_gpkg_of_lonlat_scene_is_utm(tmp_path: Path):
     assert gdf.crs == CRS.from_epsg(4326)
     target = gpkg_crs_for_raster(tf, "EPSG:4326", 40, 40)
     assert target == CRS.from_epsg(32723)
-    info = pyogrio.read_info(write_gpkg(gdf, tmp_path / "a.gpkg", crs=target))
+    info = pyogrio.read_info(write_gpkg(gdf, tmp_path / "a.gpkg", crs=target), layer="footprints")
     assert CRS.from_user_input(info["crs"]) == CRS.from_epsg(32723) and info["features"] == 1
     empty = polygons_from_probability(np.zeros((40, 40), np.uint8), tf, "EPSG:4326")
-    info = pyogrio.read_info(write_gpkg(empty, tmp_path / "e.gpkg", crs=target))
+    info = pyogrio.read_info(write_gpkg(empty, tmp_path / "e.gpkg", crs=target), layer="footprints")
     assert CRS.from_user_input(info["crs"]) == CRS.from_epsg(32723) and info["features"] == 0
 
 

@@ -6,7 +6,9 @@
   decimals ~ 1 cm); an empty layer is a valid FeatureCollection. Atomic.
 - `write_gpkg`: GeoPackage in the layer's CRS, or its UTM zone when that CRS is geographic; empty but valid
   when nothing was found. Atomic.
-- `read_footprints`: a layer's polygons in a target CRS, failures as one line naming the file.
+- `read_footprints`: a scene's layer in a target CRS, failures as one line naming the file.
+- Every GeoPackage carries a default QGIS style (`layer_styles`): coloured by match status when the layer
+  has `status` (evaluation), else by `mean_prob`.
 """
 
 from __future__ import annotations
@@ -23,10 +25,12 @@ import shapely
 from ..atomic import atomic_path
 from ..errors import InputError
 from ..geo import as_crs, utm_crs_for
+from .gpkg_style import add_layer_style
 
 log = logging.getLogger(__name__)
 
 COLUMNS = ["scene", "area_m2", "mean_prob", "max_prob"]
+LAYER = "footprints"  # the GeoPackage layer name
 GEOJSON_PRECISION = 7  # decimal degrees: 1e-7 deg ~ 1 cm, far below any pixel
 
 
@@ -81,7 +85,7 @@ def write_geojson(gdf: gpd.GeoDataFrame, path: str | Path) -> Path:
     return path
 
 
-def write_gpkg(gdf: gpd.GeoDataFrame, path: str | Path, layer: str = "footprints",
+def write_gpkg(gdf: gpd.GeoDataFrame, path: str | Path, layer: str = LAYER,
                crs: Any = None) -> Path:
     """Write a GeoPackage layer in the layer's CRS (or `crs`; a geographic CRS becomes its UTM zone).
 
@@ -99,20 +103,23 @@ def write_gpkg(gdf: gpd.GeoDataFrame, path: str | Path, layer: str = "footprints
     with atomic_path(path, suffix=".part.gpkg") as tmp:
         pyogrio.write_dataframe(gdf, tmp, layer=layer, driver="GPKG",
                                 geometry_type="Polygon" if len(gdf) == 0 else None)
+        # QGIS opens the layer coloured (match status, or probability); before the rename: the file's
+        # size is part of freshness records
+        add_layer_style(tmp, layer)
     return path
 
 
-def read_footprints(path: Path, target_crs: Any) -> np.ndarray:
-    """Footprints of a scene's GeoPackage, in `target_crs` (pixel space when both have no CRS)."""
+def read_footprints(path: Path, target_crs: Any) -> gpd.GeoDataFrame:
+    """The footprint layer of a scene's GeoPackage, in `target_crs` (pixel space when both have no CRS)."""
     import pyogrio
 
     try:
-        gdf = pyogrio.read_dataframe(path)
+        gdf = pyogrio.read_dataframe(path, layer=LAYER)
     except Exception as err:  # noqa: BLE001 - any GDAL failure is a bad input file
         raise InputError(path, f"cannot read footprints ({' '.join(str(err).split())[:160]})") from None
     if len(gdf) and target_crs is not None:
         if gdf.crs is None:
             raise InputError(path, "footprints have no CRS but the scene has one")
         gdf = gdf.to_crs(target_crs)
-    return np.asarray(gdf.geometry.values, dtype=object)
+    return gdf
 

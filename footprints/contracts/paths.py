@@ -115,6 +115,11 @@ class RunPaths:
     def metrics(self) -> Path:
         return self.evaluate / "metrics.json"
 
+    @property
+    def matches(self) -> Path:
+        """Every predicted and true polygon of the evaluated scenes with its match status (EPSG:4326)."""
+        return self.evaluate / "matches.geojson"
+
     # ---- others
     @property
     def cv(self) -> Path:
@@ -122,7 +127,7 @@ class RunPaths:
 
     @property
     def report(self) -> Path:
-        return self.root / REPORT
+        return self.root / REPORT / "index.html"
 
 
 @dataclass(frozen=True)

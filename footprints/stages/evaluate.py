@@ -23,17 +23,18 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import shapely
 from rasterio.windows import Window
 
 from ..atomic import write_text
 from ..cluster import map_scenes
 from ..config import Config
-from ..contracts.footprint_files import read_footprints
+from ..contracts.footprint_files import empty_footprints, read_footprints, write_geojson, write_gpkg
 from ..contracts.freshness import digest, file_digest, is_fresh, read_record, unmark, write_record
 from ..contracts.manifest import split_sources
 from ..contracts.paths import RunPaths, ScenePaths
 from ..errors import InputError, StageError, as_input_error
-from ..matching import match_polygons, polygon_scores
+from ..matching import match_polygons, polygon_scores, split_merge_counts
 from ..metrics import pixel_metrics
 from ..plots import polygon_rings, write_overlay
 from ..scoring import metric_crs, pixel_counts, truth_polygons
@@ -78,8 +79,11 @@ def evaluate_scene(source: Any, cfg: Config, pred_dir: str, out_dir: str, overla
         tp, fp, fn, tn = pixel_counts(reader, sp.prob, [threshold], BLOCK)[threshold].tolist()
         crs = metric_crs(reader)
         truth = truth_polygons(reader, float(vector["hole_area_m2"]), float(vector["simplify_px"]), BLOCK)
-        pred = read_footprints(sp.gpkg, crs)
+        pred_layer = read_footprints(sp.gpkg, crs)
+        pred = np.asarray(pred_layer.geometry.values, dtype=object)
         match = match_polygons(pred, truth, cfg.evaluate.iou_threshold)
+        matches_path = Path(out_dir) / "matches" / f"{reader.scene_id}.geojson"
+        write_geojson(_matches_layer(pred_layer, truth, match, crs, reader.scene_id), matches_path)
         overlay_path = None
         if overlay:
             overlay_path = Path(out_dir) / f"overlay_{reader.scene_id}.png"
@@ -90,9 +94,33 @@ def evaluate_scene(source: Any, cfg: Config, pred_dir: str, out_dir: str, overla
         "min_area_m2": vector.get("min_area_m2"),
         "pixel": pixel_metrics(tp, fp, fn, tn),
         "polygon": {**polygon_scores(match.tp, match.fp, match.fn), "n_truth": len(truth), "n_pred": len(pred),
-                    "mean_matched_iou": float(np.mean([m[2] for m in match.pairs])) if match.pairs else None},
+                    "mean_matched_iou": float(np.mean([m[2] for m in match.pairs])) if match.pairs else None,
+                    **split_merge_counts(pred, truth)},
+        "matches": str(matches_path),
         "overlay": str(overlay_path) if overlay_path else None,
     }
+
+
+def _matches_layer(pred: Any, truth: np.ndarray, match: Any, crs: Any, scene_id: str) -> Any:
+    """Predictions (kind `pred`, status TP/FP) and truths (kind `truth`, status TP/FN) with their IoU: what
+    the HTML report and QGIS colour."""
+    import geopandas as gpd
+    import pandas as pd
+
+    pred_iou = np.zeros(len(pred))
+    truth_iou = np.zeros(len(truth))
+    for i, j, iou in match.pairs:
+        pred_iou[i], truth_iou[j] = iou, iou
+    matched_p = {i for i, _, _ in match.pairs}
+    matched_t = {j for _, j, _ in match.pairs}
+    p = pred.assign(kind="pred", status=["TP" if i in matched_p else "FP" for i in range(len(pred))],
+                    iou=pred_iou)
+    t = gpd.GeoDataFrame({
+        "scene": scene_id, "area_m2": shapely.area(truth) if crs is not None else np.nan, "mean_prob": np.nan,
+        "max_prob": np.nan, "kind": "truth", "status": ["TP" if j in matched_t else "FN" for j in range(len(truth))],
+        "iou": truth_iou}, geometry=gpd.GeoSeries(truth, crs=pred.crs if pred.crs is not None else crs))
+    layer = gpd.GeoDataFrame(pd.concat([p, t], ignore_index=True), geometry="geometry", crs=t.crs)
+    return layer
 
 
 def _evaluate_item(item: tuple[Any, bool], **kwargs: Any) -> dict[str, Any]:
@@ -136,23 +164,28 @@ def render_report(result: dict[str, Any]) -> str:
         f"| pixels | {_fmt(px['building_iou'])} | {_fmt(px['precision'])} | {_fmt(px['recall'])} | "
         f"{_fmt(px['f1'])} | {_fmt(px['mean_iu'])} |",
         "",
-        "| | truth | predicted | TP | FP | FN | precision | recall | F1@IoU0.5 |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| | truth | predicted | TP | FP | FN | precision | recall | F1@IoU0.5 | merges | splits |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
         f"| polygons | {pg['n_truth']} | {pg['n_pred']} | {pg['tp']} | {pg['fp']} | {pg['fn']} | "
-        f"{_fmt(pg['precision'])} | {_fmt(pg['recall'])} | {_fmt(pg['f1'])} |",
+        f"{_fmt(pg['precision'])} | {_fmt(pg['recall'])} | {_fmt(pg['f1'])} | {_fmt(pg.get('merges'))} | "
+        f"{_fmt(pg.get('splits'))} |",
+        "",
+        "A merge: one predicted polygon covering half or more of each of two or more true buildings; a split: "
+        "a true building holding two or more predicted polygons that each lie mostly inside it.",
         "",
         "## Per scene",
         "",
         "| scene | pixel IoU | pixel P | pixel R | pixel F1 | truth | pred | TP | FP | FN | poly P | poly R "
-        "| poly F1 |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| poly F1 | merges | splits |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for sid, s in sorted(result["per_scene"].items()):
         p, g = s["pixel"], s["polygon"]
         lines.append(
             f"| {sid} | {_fmt(p['building_iou'])} | {_fmt(p['precision'])} | {_fmt(p['recall'])} | "
             f"{_fmt(p['f1'])} | {g['n_truth']} | {g['n_pred']} | {g['tp']} | {g['fp']} | {g['fn']} | "
-            f"{_fmt(g['precision'])} | {_fmt(g['recall'])} | {_fmt(g['f1'])} |"
+            f"{_fmt(g['precision'])} | {_fmt(g['recall'])} | {_fmt(g['f1'])} | {_fmt(g.get('merges'))} | "
+            f"{_fmt(g.get('splits'))} |"
         )
     if result.get("skipped"):
         lines += ["", "## Skipped", ""] + [f"- {s['scene']}: {s['reason']}" for s in result["skipped"]]
@@ -171,6 +204,9 @@ def overall_metrics(per_scene: dict[str, dict[str, Any]]) -> dict[str, Any]:
     pixel["xview2_localization_f1"] = pixel["f1"]
     polygon = {**polygon_scores(poly["tp"], poly["fp"], poly["fn"]), "n_truth": poly["n_truth"],
                "n_pred": poly["n_pred"]}
+    for k in ("splits", "merges", "merged_truths"):  # when every scene has them (older results may not)
+        if all(k in s["polygon"] for s in per_scene.values()):
+            polygon[k] = sum(s["polygon"][k] for s in per_scene.values())
     return {"pixel": pixel, "polygon": polygon}
 
 
@@ -190,6 +226,8 @@ def run(cfg: Config, overwrite: bool = False) -> dict[str, Any]:
         log.info("evaluate: %s is up to date (use --overwrite to redo)", metrics_path)
         saved = read_record(metrics_path) or {}
         _summary(saved)
+        if not paths.report.is_file():
+            _html_report(paths)
         return saved
     unmark(metrics_path)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -209,6 +247,7 @@ def run(cfg: Config, overwrite: bool = False) -> dict[str, Any]:
         raise StageError(f"evaluate: no scene of the {split} split could be evaluated "
                          f"({len(skipped)} skipped; see the log)")
     per_scene = dict(sorted(per_scene.items()))
+    _merge_matches(per_scene, paths)
     first = next(iter(per_scene.values()))
     result: dict[str, Any] = {
         "name": cfg.name,
@@ -227,9 +266,36 @@ def run(cfg: Config, overwrite: bool = False) -> dict[str, Any]:
     }
     write_text(out_dir / "report.md", render_report(result))
     overlays = [s["overlay"] for s in per_scene.values() if s.get("overlay")]
-    result = write_record(metrics_path, key, [out_dir / "report.md", *overlays], **result)
+    result = write_record(metrics_path, key, [out_dir / "report.md", paths.matches, *overlays], **result)
     _summary(result)
+    _html_report(paths)
     return result
+
+
+def _merge_matches(per_scene: dict[str, Any], paths: RunPaths) -> None:
+    """`evaluate/matches.geojson` (RFC 7946) and `matches.gpkg` (styled by status for QGIS): every scene's."""
+    import geopandas as gpd
+    import pandas as pd
+    import pyogrio
+
+    frames = [pyogrio.read_dataframe(s["matches"]) for s in per_scene.values()]
+    frames = [f for f in frames if len(f)]
+    crs = next((f.crs for f in frames if f.crs is not None), None)
+    layer = (gpd.GeoDataFrame(pd.concat(frames, ignore_index=True), geometry="geometry", crs=crs) if frames
+             else empty_footprints(4326).assign(kind=pd.Series(dtype=object), status=pd.Series(dtype=object),
+                                               iou=pd.Series(dtype="float64")))
+    write_geojson(layer, paths.matches)
+    write_gpkg(layer, paths.matches.with_suffix(".gpkg"), layer="matches")
+
+
+def _html_report(paths: RunPaths) -> None:
+    """The run's offline HTML map (`report/index.html`): a view of the files, so it never fails the stage."""
+    from ..report import report_for_run
+
+    try:
+        print(f"HTML report: {report_for_run(paths.root)['path']}", flush=True)
+    except Exception as err:  # noqa: BLE001 - the report is a view; it must not fail the evaluation
+        log.warning("evaluate: no HTML report (%s: %s)", type(err).__name__, err)
 
 
 def _summary(result: dict[str, Any]) -> None:
@@ -239,7 +305,7 @@ def _summary(result: dict[str, Any]) -> None:
         f"{px['building_iou']:.3f}, F1 (xView2 localisation) {px['f1']:.3f}, precision {px['precision']:.3f}, "
         f"recall {px['recall']:.3f}, mean IU {px['mean_iu']:.3f} | polygon F1@IoU>={result['iou_threshold']} "
         f"{pg['f1']:.3f} (P {pg['precision']:.3f}, R {pg['recall']:.3f}; {pg['tp']} TP, {pg['fp']} FP, "
-        f"{pg['fn']} FN)"
+        f"{pg['fn']} FN; {pg.get('merges', '-')} merges, {pg.get('splits', '-')} splits)"
     )
     log.info("%s", text)
     print(text, flush=True)

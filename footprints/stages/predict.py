@@ -26,7 +26,7 @@ from ..calibration import choose_calibration, scene_counts, sum_counts
 from ..cluster import map_scenes
 from ..config import Config, DataConfig, TileConfig, config_from_dict
 from ..contracts.checkpoints import load_checkpoint
-from ..contracts.footprint_files import empty_footprints, write_geojson, write_gpkg
+from ..contracts.footprint_files import LAYER, empty_footprints, write_geojson, write_gpkg
 from ..contracts.freshness import digest, file_digest, is_fresh, read_record, write_record
 from ..contracts.manifest import split_sources
 from ..contracts.paths import RunPaths, ScenePaths
@@ -276,6 +276,20 @@ def resolve_calibration(
 # the stage
 
 
+def _html_report(geojson: Path, scene_dir: Path, sources: Sequence[SceneSource], cal: dict[str, Any]) -> str | None:
+    """The offline HTML map of `--input` predictions beside the GeoJSON: a view, so it never fails the stage."""
+    from ..report import report_for_predictions
+
+    try:
+        path = report_for_predictions(geojson, scene_dir=scene_dir, images={s.scene_id: s.image for s in sources},
+                                      calibration=cal)["path"]
+    except Exception as err:  # noqa: BLE001 - the report is a view; it must not fail the prediction
+        log.warning("predict: no HTML report (%s: %s)", type(err).__name__, err)
+        return None
+    print(f"HTML report: {path}", flush=True)
+    return str(path)
+
+
 def _checkpoint_info(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     """(meta, config) of a segmenter checkpoint, read lazily (mmap) without building the model."""
     if not path.is_file():
@@ -327,7 +341,7 @@ def merge_outputs(results: Sequence[dict[str, Any]], geojson_path: Path, gpkg_pa
     merged = (gpd.GeoDataFrame(pd.concat(frames, ignore_index=True), geometry="geometry", crs=crs) if frames
               else empty_footprints(crs))
     write_geojson(merged, geojson_path)
-    gpkg_frames = [pyogrio.read_dataframe(r["gpkg"]) for r in chosen]
+    gpkg_frames = [pyogrio.read_dataframe(r["gpkg"], layer=LAYER) for r in chosen]
     crss = {f.crs.to_string() if f.crs is not None else "" for f in gpkg_frames}
     if len(crss) == 1:
         nonempty = [f for f in gpkg_frames if len(f)]
@@ -433,6 +447,8 @@ def run(
     if record is not None:
         # also what the evaluate stage reads: which split was predicted, with which calibration
         summary = write_record(record, key, [geojson, gpkg], **summary, split=pcfg.split)
+    else:
+        summary["report"] = _html_report(geojson, scene_dir, sources, cal)
     log.info("predict: %d scene(s) (%d skipped as done, %d failed), %d polygons -> %s and %s", len(results),
              skipped, failed, n_polygons, geojson, gpkg)
     return summary

@@ -1,0 +1,38 @@
+"""See the footprints: a self-contained offline HTML map report, and default QGIS styles in GeoPackages.
+
+- `run_report(cfg, ...)`: what `footprints report` does.
+- `report_for_run(run_dir)`: `outputs/<name>/report/index.html` from a run folder.
+- `report_for_predictions(out.geojson, images=...)`: `out_report.html` beside `predict --input` outputs.
+- `write_report(out_html, [ReportScene, ...], ...)`: the same from explicit inputs.
+- `add_layer_style(gpkg, layer, kind)`: the GeoPackage `layer_styles` row QGIS applies on opening.
+"""
+
+from __future__ import annotations
+
+from ..contracts.gpkg_style import StyleError, add_layer_style, default_style, style_all
+from .gather import (
+    images_from_inputs,
+    predicted_scene_ids,
+    predictions_report_path,
+    report_for_predictions,
+    report_for_run,
+    run_report,
+)
+from .html import MAX_BYTES, MAX_SIDE, ReportScene, write_report
+
+__all__ = [
+    "MAX_BYTES",
+    "MAX_SIDE",
+    "ReportScene",
+    "StyleError",
+    "add_layer_style",
+    "default_style",
+    "images_from_inputs",
+    "predicted_scene_ids",
+    "predictions_report_path",
+    "report_for_predictions",
+    "report_for_run",
+    "run_report",
+    "style_all",
+    "write_report",
+]

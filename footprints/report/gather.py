@@ -1,0 +1,245 @@
+"""Find what a report shows in the folders the pipeline writes.
+
+`report_for_run` reads a run folder (`outputs/<name>/`: tile/scenes, predict, evaluate, the learning
+curves); `report_for_predictions` reads what `footprints predict --input ... --output out.geojson` wrote
+(`out.geojson` and `out_scenes/`). Both only read: a missing piece (no evaluation yet, no learning curve) is
+left out of the page, never an error.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from affine import Affine
+
+from ..contracts.freshness import read_record
+from ..contracts.paths import RunPaths, ScenePaths
+from .html import MAX_BYTES, MAX_SIDE, ReportScene, write_report
+
+log = logging.getLogger(__name__)
+
+
+def predicted_scene_ids(folder: Path) -> list[str]:
+    """Scenes predict finished in `folder`: its markers (`<scene>.json` with a `scene_id`) and, for older
+    runs, its `<scene>_prob.tif` files."""
+    ids = set()
+    for marker in folder.glob("*.json"):
+        meta = read_record(marker)
+        if meta and meta.get("scene_id") == marker.stem:
+            ids.add(marker.stem)
+    ids.update(p.name[: -len("_prob.tif")] for p in folder.glob("*_prob.tif"))
+    return sorted(ids)
+
+
+def _resolve(path_text: str, bases: Sequence[Path]) -> Path | None:
+    """A path as the pipeline recorded it (relative to the working directory it ran in), found again."""
+    p = Path(path_text)
+    if p.is_absolute():
+        return p if p.exists() else None
+    for base in bases:
+        if (base / p).exists():
+            return (base / p).resolve()
+    return None
+
+
+def _splits(run: RunPaths) -> dict[str, str]:
+    """scene id -> split of the run's tile manifest ({} before tiling)."""
+    from ..contracts.manifest import read_manifest
+    from ..errors import StageError
+
+    try:
+        df = read_manifest(run.tile)
+    except StageError:
+        return {}
+    return dict(zip(df["scene_id"], df["split"], strict=True))
+
+
+def scene_image_georef(meta: Mapping[str, Any]) -> tuple[Affine | None, str | None]:
+    """(transform of the image's own pixel grid, CRS) from tile/scenes/<id>.json, whose `transform` is the
+    scene's output grid (`width` x `height`, resampled to the target GSD) over the image's
+    `source_width` x `source_height` pixels."""
+    t = meta.get("transform")
+    if not t or len(t) != 6:
+        return None, None
+    out = Affine.from_gdal(*[float(v) for v in t])
+    w, h = meta.get("width"), meta.get("height")
+    sw, sh = meta.get("source_width") or w, meta.get("source_height") or h
+    if w and h and sw and sh:
+        out = out * Affine.scale(float(w) / float(sw), float(h) / float(sh))
+    return out, str(meta.get("crs") or "")
+
+
+def report_for_run(
+    run_dir: str | Path,
+    out_html: str | Path | None = None,
+    *,
+    max_bytes: int = MAX_BYTES,
+    max_side: int = MAX_SIDE,
+    image_format: str | None = None,
+) -> dict[str, Any]:
+    """Write the report of a run folder (`outputs/<name>/`) to `<run>/report/index.html` (or `out_html`).
+
+    Shows the scenes predict finished (`predict/`), with their imagery (found through
+    `tile/scenes/<id>.json`), probability raster, footprints, and, once evaluated, `evaluate/metrics.json`
+    and `evaluate/matches.geojson`; the learning curves and `predict/calibration.json` as charts.
+    """
+    run = RunPaths(Path(run_dir))
+    out = Path(out_html) if out_html else run.report
+    pred_dir = run.predict
+    metrics = read_record(run.metrics) or {}
+    per_scene: Mapping[str, Any] = metrics.get("per_scene") or {}
+    ids = (
+        sorted(set(predicted_scene_ids(pred_dir)) | set(per_scene))
+        if pred_dir.is_dir()
+        else sorted(per_scene)
+    )
+    splits = _splits(run)
+    matches = run.matches
+    merged = pred_dir / "footprints.geojson"
+    # recorded paths are relative to where the pipeline ran: usually the checkout holding outputs/
+    bases = [Path.cwd(), run.root.parent.parent, run.root.parent, run.root]
+    scenes = []
+    for sid in ids:
+        meta = read_record(run.scene_record(sid)) or {}
+        image = _resolve(str(meta["image_file"]), bases) if meta.get("image_file") else None
+        transform, crs = scene_image_georef(meta) if image is not None else (None, None)
+        sp = ScenePaths(pred_dir, sid)
+        scene = ReportScene(
+            scene_id=sid,
+            footprints=sp.geojson if sp.geojson.is_file() else (merged if merged.is_file() else None),
+            prob=sp.prob if sp.prob.is_file() else None,
+            image=image,
+            image_transform=transform,
+            image_crs=crs,
+            matches=matches if matches.is_file() else None,
+            metrics=per_scene.get(sid),
+            split=splits.get(sid),
+        )
+        if meta.get("image_file") and image is None:
+            scene.notes.append(f"image {meta['image_file']} not found")
+        scenes.append(scene)
+    if not scenes:
+        log.warning("report: %s has no predicted scenes yet", run.root)
+    cal = read_record(run.calibration)
+    curves = {
+        "Stage 3: shallow classifier (MLP) learning curve": run.classifier / "learning_curve.png",
+        "Stage 4: dense segmenter learning curve": run.segmenter / "learning_curve.png",
+    }
+    info = {
+        "run": metrics.get("name") or run.root.name,
+        "split": metrics.get("split"),
+        "threshold": metrics.get("threshold", (cal or {}).get("threshold")),
+        "min area (m²)": metrics.get("min_area_m2", (cal or {}).get("min_area_m2")),
+        "match rule": metrics.get("match_rule"),
+    }
+    return write_report(
+        out,
+        scenes,
+        title=f"footprints: {info['run']}",
+        overall=metrics.get("overall"),
+        learning_curves=curves,
+        calibration=cal,
+        info=info,
+        max_bytes=max_bytes,
+        max_side=max_side,
+        image_format=image_format,
+    )
+
+
+def predictions_report_path(geojson: str | Path) -> Path:
+    """Where `predict --input ... --output out.geojson` puts its report: `out_report.html` beside it."""
+    g = Path(geojson)
+    return g.with_name(f"{g.stem}_report.html")
+
+
+def report_for_predictions(
+    geojson: str | Path,
+    scene_dir: str | Path | None = None,
+    images: Mapping[str, str | Path] | None = None,
+    out_html: str | Path | None = None,
+    *,
+    calibration: Mapping[str, Any] | None = None,
+    max_bytes: int = MAX_BYTES,
+    max_side: int = MAX_SIDE,
+    image_format: str | None = None,
+) -> dict[str, Any]:
+    """Write the report of `predict --input` outputs: `out.geojson` and its per-scene folder
+    (`out_scenes/`, or `scene_dir`); `images` maps scene ids to their image files (predict knows them; an
+    image without georeference is laid over its probability raster). Goes to `out_report.html` beside the
+    GeoJSON unless `out_html` is given."""
+    g = Path(geojson)
+    # `--output out.geojson` puts the scenes in out_scenes/; without --output they sit beside the GeoJSON
+    folder = Path(scene_dir) if scene_dir else g.with_name(f"{g.stem}_scenes")
+    if scene_dir is None and not folder.is_dir():
+        folder = g.parent
+    out = Path(out_html) if out_html else predictions_report_path(g)
+    images = {str(k): Path(v) for k, v in (images or {}).items()}
+    ids = sorted(set(predicted_scene_ids(folder)) | set(images)) if folder.is_dir() else sorted(images)
+    scenes = []
+    for sid in ids:
+        sp = ScenePaths(folder, sid)
+        scenes.append(
+            ReportScene(
+                scene_id=sid,
+                footprints=sp.geojson if sp.geojson.is_file() else (g if g.is_file() else None),
+                prob=sp.prob if sp.prob.is_file() else None,
+                image=images.get(sid),
+            )
+        )
+    info = {
+        "footprints": str(g),
+        "threshold": (calibration or {}).get("threshold"),
+        "min area (m²)": (calibration or {}).get("min_area_m2"),
+    }
+    return write_report(
+        out,
+        scenes,
+        title=f"footprints: {g.stem}",
+        calibration=calibration,
+        info=info,
+        max_bytes=max_bytes,
+        max_side=max_side,
+        image_format=image_format,
+    )
+
+
+IMAGE_SUFFIXES = (".tif", ".tiff", ".png", ".jpg", ".jpeg", ".jp2", ".vrt")
+
+
+def images_from_inputs(inputs: Sequence[str | Path], scene_ids: Sequence[str]) -> dict[str, Path]:
+    """Scene id -> image file among `predict --input`'s files and folders (a scene's id is its image's
+    stem), for `footprints report --predictions` run after the fact."""
+    wanted = set(scene_ids)
+    found: dict[str, Path] = {}
+    for item in inputs:
+        p = Path(item)
+        files = [p] if p.is_file() else sorted(f for f in p.rglob("*") if f.is_file()) if p.is_dir() else []
+        for f in files:
+            if f.suffix.lower() in IMAGE_SUFFIXES and f.stem in wanted:
+                found.setdefault(f.stem, f)
+    return found
+
+
+def run_report(
+    cfg: Any,
+    output: str | Path | None = None,
+    predictions: str | Path | None = None,
+    inputs: Sequence[str | Path] | None = None,
+) -> dict[str, Any]:
+    """`footprints report`: the run's report (`<output_root>/<name>/report/index.html`, from a `Config`), or,
+    with `predictions` (a `predict --input ... --output out.geojson` GeoJSON), that of those outputs with
+    the imagery of `inputs` (the files or folders given to --input). Prints the path (the last line)."""
+    if predictions is None:
+        summary = report_for_run(RunPaths.of(cfg).root, output)
+    else:
+        geojson = Path(predictions)
+        folder = geojson.with_name(f"{geojson.stem}_scenes")
+        ids = predicted_scene_ids(folder if folder.is_dir() else geojson.parent)
+        summary = report_for_predictions(
+            geojson, images=images_from_inputs(inputs or [], ids), out_html=output
+        )
+    print(f"report: {summary['path']}", flush=True)
+    return summary
