@@ -56,3 +56,26 @@ def _json_default(obj: Any) -> Any:
     if isinstance(obj, Path):
         return str(obj)
     raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
+
+
+def is_temporary(path: Path) -> bool:
+    """A temporary file of `atomic_path` (or of a writer that uses its naming): `.<name>.<...>.part...` or
+    `.<name>.<...>.tmp`."""
+    name = path.name
+    return name.startswith(".") and (".part" in name or name.endswith(".tmp"))
+
+
+def remove_stale_temporaries(folder: str | Path) -> int:
+    """Delete the temporary files a killed process left under `folder` (call it when no writer runs);
+    returns how many."""
+    import shutil
+
+    removed = 0
+    for path in sorted(Path(folder).rglob(".*")) if Path(folder).is_dir() else []:
+        if is_temporary(path) and path.exists():
+            if path.is_dir():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
+            removed += 1
+    return removed

@@ -15,7 +15,7 @@ from typing import Any
 from .benchmarks import BENCHMARKS
 from .config import ConfigError, load_config
 from .contracts.paths import STAGES
-from .errors import FootprintsError, Preempted
+from .errors import FootprintsError, Preempted, describe_failure
 from .runner import run_all, run_cv, run_stage
 
 log = logging.getLogger("footprints")
@@ -158,6 +158,10 @@ def main(argv: list[str] | None = None, **stage_options: Any) -> int:
         return Preempted.exit_code
     except (FootprintsError, ConfigError) as err:
         print(f"footprints: error: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:  # a folder that cannot be written, a full disk
+        log.debug("I/O failure", exc_info=True)
+        print(f"footprints: error: {describe_failure(err)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("footprints: interrupted", file=sys.stderr)

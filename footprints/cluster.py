@@ -152,7 +152,9 @@ def _gather_as_completed(
     """
     from distributed import as_completed
 
-    futures = {client.submit(func, item, pure=False): item for item in items}
+    # a scene's own failure comes back as a value (`_Failed`): the worker then has nothing to log, and the
+    # user sees the one-line error the caller prints, not dask's "Compute Failed" block with a traceback
+    futures = {client.submit(_capture, func, item, pure=False): item for item in items}
     # results are fetched in the background as tasks finish: a blocking future.result() would wait forever
     # for a result that sat on a worker that has gone meanwhile (dask recomputes it only if workers remain)
     pending = as_completed(futures, with_results=True, raise_errors=False)
@@ -188,11 +190,33 @@ def _gather_as_completed(
                 result, error = None, outcome[1]
             elif isinstance(outcome, BaseException):  # cancelled
                 result, error = None, outcome
+            elif isinstance(outcome, _Failed):
+                result, error = None, outcome.error
             else:
                 result, error = outcome, None
             future.release()
             bar.update()
             yield item, result, error
+
+
+class _Failed:
+    """A task's exception, returned instead of raised (see `_gather_as_completed`)."""
+
+    def __init__(self, error: BaseException):
+        import pickle
+
+        try:
+            pickle.dumps(error)
+            self.error = error
+        except Exception:  # noqa: BLE001 - an exception that cannot travel back: its text does
+            self.error = FootprintsError(f"{type(error).__name__}: {error}")
+
+
+def _capture(func: Callable[[T], Any], item: T) -> Any:
+    try:
+        return func(item)
+    except Exception as err:  # noqa: BLE001 - reported per scene by the caller
+        return _Failed(err)
 
 
 _POLL_S = 0.05

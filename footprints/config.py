@@ -8,6 +8,7 @@ working directory (run.sh runs from the repository root, SLURM jobs from the sub
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -56,6 +57,14 @@ class TileConfig:
     folds: int = 5
     fold: int = 0
     split_ratios: list[float] = field(default_factory=lambda: [0.7, 0.15, 0.15])
+    # > 0: the validation split is the bottom `val_band` of the rows of every training scene (for datasets
+    # of a few large scenes, e.g. two xView2 scenes tested one against the other)
+    val_band: float = 0.0
+    # what the models learn per pixel (footprints.targets): "binary" (background, building), "border"
+    # (background, interior, border), "contact" (border + the gaps between close buildings)
+    target: Literal["binary", "border", "contact"] = "border"
+    border_m: float = 1.0  # width of the border class inside each outline, metres
+    contact_m: float = 2.0  # background within this distance of two buildings is contact, metres
     subset_splits: dict[str, str] = field(
         default_factory=lambda: {"train": "train", "tier3": "train", "hold": "val", "test": "test"}
     )
@@ -88,7 +97,9 @@ class ClassifierConfig:
     weight_decay: float = 0.0
     step_size: int = 10
     gamma: float = 0.5
-    class_weights: list[float] | None = None  # override of the inverse-frequency weights
+    class_weights: list[float] | None = None  # override: one weight per class of tile.target
+    # weights from the training masks' class frequencies: inverse (N / (K n_c)), its square root, or none
+    class_weighting: Literal["inverse", "sqrt", "none"] = "sqrt"
     baseline: bool = True  # scikit-learn logistic regression beside the MLP
     device: str = "auto"
 
@@ -105,6 +116,7 @@ class SegmenterConfig:
     train_backbone: bool = False
     augment: bool = True
     class_weights: list[float] | None = None
+    class_weighting: Literal["inverse", "sqrt", "none"] = "sqrt"
     num_workers: int = 0  # data-loader worker processes (CUDA only)
     amp: bool = True  # bf16/fp16 autocast on CUDA; ignored on CPU
     channels_last: bool = True  # CUDA only
@@ -127,6 +139,11 @@ class PredictConfig:
     min_area_m2: float | None = None  # None = chosen on the validation split
     threshold_grid: list[float] = field(default_factory=lambda: [0.3, 0.4, 0.5, 0.6, 0.7])
     min_area_grid: list[float] = field(default_factory=lambda: [0.0, 5.0, 10.0, 20.0, 40.0])
+    # one polygon per building: a seeded watershed splits touching buildings ("components": no split)
+    instances: Literal["watershed", "components"] = "watershed"
+    seed_threshold: float | None = None  # None = chosen on the validation split
+    seed_threshold_grid: list[float] = field(default_factory=lambda: [0.5, 0.7, 0.9])
+    regularize: bool = True  # right angles and aligned walls (buildingregulariser); raw outlines kept
     hole_area_m2: float = 4.0
     simplify_px: float = 1.0
     prob_dtype: Literal["uint8", "float16"] = "uint8"
@@ -274,8 +291,59 @@ def _build(cls: type, values: Any, prefix: str, source: str) -> Any:
     return cls(**kwargs)
 
 
+# The allowed range of every numeric key (lists: of each element): (low, high), None = unbounded, both
+# inclusive; `OPEN` marks an exclusive bound. tests/test_config.py checks that no numeric key is missing.
+OPEN = 1e-12
+RANGES: dict[str, tuple[float | None, float | None]] = {
+    "version": (1, CONFIG_VERSION), "seed": (0, None),
+    "data.mask_threshold": (1, None), "data.max_residual_px": (OPEN, None), "data.bands": (1, None),
+    "data.stretch_percentiles": (0, 100), "data.nodata": (None, None),
+    "tile.size": (16, 8192), "tile.stride": (1, None), "tile.target_gsd": (OPEN, None), "tile.folds": (2, 100),
+    "tile.fold": (0, None), "tile.split_ratios": (0, None), "tile.val_band": (0, 0.9),
+    "tile.border_m": (OPEN, 20), "tile.contact_m": (OPEN, 50),
+    "features.per_class": (1, None), "features.batch_size": (1, None), "features.shard_patches": (1, None),
+    "classifier.hidden": (1, None), "classifier.dropout": (0, 0.99), "classifier.epochs": (1, None),
+    "classifier.batch_size": (1, None), "classifier.lr": (OPEN, 1), "classifier.weight_decay": (0, None),
+    "classifier.step_size": (1, None), "classifier.gamma": (OPEN, 1), "classifier.class_weights": (OPEN, None),
+    "segmenter.epochs": (0, None), "segmenter.batch_size": (1, None), "segmenter.lr": (OPEN, 1),
+    "segmenter.weight_decay": (0, None), "segmenter.step_size": (1, None), "segmenter.gamma": (OPEN, 1),
+    "segmenter.stride": (1, 2), "segmenter.class_weights": (OPEN, None), "segmenter.num_workers": (0, 256),
+    "segmenter.checkpoint_every": (0, None), "segmenter.overlays": (0, 1000),
+    "segmenter.max_steps_per_epoch": (0, None),
+    "predict.overlap": (0, 0.95), "predict.batch_size": (1, None), "predict.block_size": (64, None),
+    "predict.threshold": (OPEN, 1), "predict.min_area_m2": (0, None), "predict.threshold_grid": (OPEN, 1),
+    "predict.min_area_grid": (0, None), "predict.seed_threshold": (OPEN, 1),
+    "predict.seed_threshold_grid": (OPEN, 1), "predict.hole_area_m2": (0, None), "predict.simplify_px": (0, 10),
+    "evaluate.iou_threshold": (OPEN, 1), "evaluate.overlays": (0, 1000),
+    "cluster.workers": (0, 1024), "cluster.threads_per_worker": (1, 1024), "cluster.slurm.cores": (1, None),
+    "cluster.slurm.processes": (1, None), "cluster.slurm.jobs": (1, None), "cluster.slurm.adaptive_min": (0, None),
+    "cluster.slurm.adaptive_max": (1, None), "cluster.slurm.startup_timeout": (0, None),
+}
+
+
+def _get(cfg: Config, dotted: str) -> Any:
+    node: Any = cfg
+    for part in dotted.split("."):
+        node = getattr(node, part)
+    return node
+
+
+def _check_ranges(cfg: Config) -> None:
+    for key, (lo, hi) in RANGES.items():
+        value = _get(cfg, key)
+        for v in value if isinstance(value, list) else [value]:
+            if v is None:
+                continue
+            low_ok = lo is None or (v > 0 if lo == OPEN else v >= lo)
+            if not low_ok or (hi is not None and v > hi) or (isinstance(v, float) and math.isnan(v)):
+                low = "-inf" if lo is None else ("0 (exclusive)" if lo == OPEN else f"{lo:g}")
+                high = "inf" if hi is None else f"{hi:g}"
+                raise ConfigError(f"{cfg.source}: {key}: must be in [{low}, {high}], got {value!r}")
+
+
 def _check(cfg: Config) -> None:
-    """Cross-field checks that types alone cannot express."""
+    """Value ranges, then cross-field checks that types alone cannot express."""
+    _check_ranges(cfg)
     src = cfg.source
     if not cfg.name or "/" in cfg.name:
         raise ConfigError(f"{src}: name: must be a non-empty name without '/', got {cfg.name!r}")
@@ -285,20 +353,46 @@ def _check(cfg: Config) -> None:
         raise ConfigError(f"{src}: tile.stride: must be in 1..tile.size ({cfg.tile.size}), got {cfg.tile.stride}")
     if len(cfg.tile.split_ratios) != 3 or any(r < 0 for r in cfg.tile.split_ratios) or sum(cfg.tile.split_ratios) <= 0:
         raise ConfigError(f"{src}: tile.split_ratios: expected three non-negative numbers (train, val, test)")
-    if cfg.tile.split_mode == "kfold" and not (cfg.tile.folds >= 3 and 0 <= cfg.tile.fold < cfg.tile.folds):
-        raise ConfigError(f"{src}: tile.fold: needs tile.folds >= 3 and 0 <= fold < folds, got "
+    # with validation bands inside the training scenes, two folds suffice (two scenes, each tested once)
+    min_folds = 2 if cfg.tile.val_band > 0 else 3
+    if cfg.tile.split_mode == "kfold" and not (cfg.tile.folds >= min_folds and 0 <= cfg.tile.fold < cfg.tile.folds):
+        raise ConfigError(f"{src}: tile.fold: needs tile.folds >= {min_folds} and 0 <= fold < folds, got "
                           f"fold {cfg.tile.fold} of {cfg.tile.folds}")
+    if not 0 <= cfg.tile.val_band < 1:
+        raise ConfigError(f"{src}: tile.val_band: must be in [0, 1), got {cfg.tile.val_band}")
     if cfg.segmenter.stride not in (1, 2):
         raise ConfigError(f"{src}: segmenter.stride: must be 1 or 2, got {cfg.segmenter.stride}")
     if not 0 <= cfg.predict.overlap < 1:
         raise ConfigError(f"{src}: predict.overlap: must be in [0, 1), got {cfg.predict.overlap}")
+    from .targets import SCHEMES
+
+    classes = SCHEMES[cfg.tile.target].classes
     for key in ("classifier.class_weights", "segmenter.class_weights"):
         section, attr = key.split(".")
         weights = getattr(getattr(cfg, section), attr)
-        if weights is not None and (len(weights) != 2 or min(weights) <= 0):
-            raise ConfigError(f"{src}: {key}: expected two positive numbers [background, building]")
+        if weights is not None and (len(weights) != len(classes) or min(weights) <= 0):
+            raise ConfigError(f"{src}: {key}: expected {len(classes)} positive numbers {list(classes)} "
+                              f"(tile.target {cfg.tile.target}), got {weights}")
     if cfg.features.per_class <= 0:
         raise ConfigError(f"{src}: features.per_class: must be positive, got {cfg.features.per_class}")
+
+
+class _DuplicateKey(ValueError):
+    pass
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key given twice in one mapping (YAML would keep the last silently)."""
+
+    def construct_mapping(self, node: Any, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            line = key_node.start_mark.line + 1
+            if key in seen:
+                raise _DuplicateKey(f"key {key!r} appears twice (lines {seen[key]} and {line}); keep one")
+            seen[key] = line
+        return super().construct_mapping(node, deep=deep)
 
 
 def _parse_override(text: str) -> tuple[list[str], Any]:
@@ -320,7 +414,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         except OSError as err:
             raise ConfigError(f"{source}: cannot read config ({err.strerror or err})") from None
         try:
-            raw = yaml.safe_load(text) or {}
+            raw = yaml.load(text, Loader=_UniqueKeyLoader) or {}
+        except _DuplicateKey as err:
+            raise ConfigError(f"{source}: {err}") from None
         except yaml.YAMLError as err:
             mark = getattr(err, "problem_mark", None)
             where = f" at line {mark.line + 1}" if mark is not None else ""

@@ -29,9 +29,39 @@ class Preempted(FootprintsError):
 
 
 def as_input_error(err: BaseException, path: str | Path) -> InputError:
-    """A per-scene failure as one line naming a file: an InputError as it is, anything else (a bug, a
-    library failure) as `path: ExceptionType: message`."""
-    return err if isinstance(err, InputError) else InputError(path, f"{type(err).__name__}: {err}")
+    """A per-scene failure as one line naming a file: an InputError as it is, a full disk or a refused
+    write as such, anything else (a bug, a library failure) as `path: ExceptionType: message`."""
+    if isinstance(err, InputError):
+        return err
+    return InputError(path, describe_failure(err))
+
+
+def disk_full(path: str | Path | None) -> bool:
+    """The file system holding `path` (or its nearest existing parent) has less than 1 MiB free."""
+    import shutil
+
+    p = Path(path) if path else None
+    while p is not None and not p.exists():
+        p = p.parent if p.parent != p else None
+    try:
+        return p is not None and shutil.disk_usage(p).free < 1 << 20
+    except OSError:
+        return False
+
+
+def describe_failure(err: BaseException, path: str | Path | None = None) -> str:
+    """One line saying why an operation failed, in the user's words: a full disk says so (GDAL reports it
+    as 'TIFFAppendToStrip: Seek error' or 'Failed to create mask'), a refused write names the file."""
+    import errno
+
+    where = getattr(err, "filename", None) or path
+    if (isinstance(err, OSError) and err.errno == errno.ENOSPC) or disk_full(where):
+        return f"no space left on device{f' (writing {where})' if where else ''}"
+    if isinstance(err, PermissionError):
+        return f"permission denied (cannot write {err.filename or where})"
+    if isinstance(err, OSError) and err.strerror:
+        return f"{err.strerror}{f' ({err.filename})' if err.filename else ''}"
+    return f"{type(err).__name__}: {one_line(err)}"
 
 
 def one_line(err: BaseException, path: Path | None = None) -> str:

@@ -18,11 +18,12 @@ import torch
 from .resample import bilinear_source
 
 
-def sample_pixels(mask: np.ndarray, per_class: int, rng: np.random.Generator) -> tuple[np.ndarray, ...]:
-    """Draw up to `per_class` pixels of each class (0, then 1) from `mask` without replacement.
+def sample_pixels(mask: np.ndarray, per_class: int, rng: np.random.Generator,
+                  n_classes: int = 2) -> tuple[np.ndarray, ...]:
+    """Draw up to `per_class` pixels of each class (0 .. n_classes - 1) from `mask` without replacement.
 
-    Pixels whose value is neither 0 nor 1 (255 = nodata/padding) are never drawn. A class with fewer
-    pixels than `per_class` gives all of them. Returns `(rows, cols, labels)`, int64 arrays.
+    Pixels of any other value (255 = nodata/padding) are never drawn. A class with fewer pixels than
+    `per_class` gives all of them. Returns `(rows, cols, labels)`, int64 arrays.
     """
     if mask.ndim != 2:
         raise ValueError(f"sample_pixels: expected a 2-D mask, got shape {mask.shape}")
@@ -30,7 +31,7 @@ def sample_pixels(mask: np.ndarray, per_class: int, rng: np.random.Generator) ->
     width = mask.shape[1]
     picked: list[np.ndarray] = []
     labels: list[np.ndarray] = []
-    for cls in (0, 1):
+    for cls in range(n_classes):
         idx = np.flatnonzero(flat == cls)
         k = min(per_class, idx.size)
         if k == 0:

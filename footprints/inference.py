@@ -34,8 +34,17 @@ from tqdm import tqdm
 from .atomic import atomic_path
 from .blocks import iter_blocks
 from .contracts.probability import encode_probability, raster_profile, to_cog
+from .segmenter import building_and_seed
+from .targets import SCHEMES, ClassScheme
 
-# A model maps rgb float (B, 3, H, W) in 0..255 to logits (B, 2, H, W); any callable will do (tests).
+BINARY = SCHEMES["binary"]
+
+
+def bands_of(scheme: ClassScheme) -> int:
+    """Bands of a scheme's probability raster: building (and the seed score when it differs)."""
+    return 1 if scheme.seed == scheme.building else 2
+
+# A model maps rgb float (B, 3, H, W) in 0..255 to logits (B, K, H, W); any callable will do (tests).
 Model = Callable[[torch.Tensor], torch.Tensor]
 
 
@@ -84,13 +93,15 @@ def _touching(origins: np.ndarray, start: int, stop: int, tile_size: int) -> np.
 
 
 @torch.inference_mode()
-def predict_batch(model: Model, rgb: np.ndarray, device: torch.device, tta_flips: bool = False) -> np.ndarray:
-    """Building probability (B, H, W) float32 for uint8 rgb (B, 3, H, W); flips averaged when asked."""
+def predict_batch(model: Model, rgb: np.ndarray, device: torch.device, tta_flips: bool = False,
+                  scheme: ClassScheme = BINARY) -> np.ndarray:
+    """Probability bands (B, bands, H, W) float32 for uint8 rgb (B, 3, H, W): the building probability,
+    and the watershed seed score for schemes with an interior class (`building_and_seed`); flips averaged
+    when asked."""
     x = torch.from_numpy(np.ascontiguousarray(rgb)).to(device=device, dtype=torch.float32)
 
     def prob(t: torch.Tensor) -> torch.Tensor:
-        logits = model(t)
-        return torch.softmax(logits.float(), dim=1)[:, 1]
+        return building_and_seed(model(t), scheme)
 
     p = prob(x)
     if tta_flips:
@@ -174,8 +185,9 @@ def predict_block(
     device: torch.device | str = "cpu",
     weights: np.ndarray | None = None,
     cache: WindowCache | None = None,
+    scheme: ClassScheme = BINARY,
 ) -> tuple[np.ndarray, np.ndarray, int]:
-    """Blended probability of one block: (prob float32 (h, w), valid bool (h, w), windows run).
+    """Blended probability of one block: (prob float32 (bands, h, w), valid bool (h, w), windows run).
 
     Reads the block's halo (the union of the windows touching it) once with `reader.read` (boundless),
     runs every touching window (or takes it from `cache`, when a previous block ran it), accumulates them
@@ -195,7 +207,7 @@ def predict_block(
     rgb = np.asarray(rgb)
     if rgb.shape != (3, hh, hw):
         raise ValueError(f"reader returned {rgb.shape} for a {hh}x{hw} window")
-    acc = np.zeros((hh, hw), dtype=np.float64)
+    acc = np.zeros((bands_of(scheme), hh, hw), dtype=np.float64)
     wsum = np.zeros((hh, hw), dtype=np.float64)
     origins = [(int(r), int(c)) for r in rows for c in cols]
     probs: dict[tuple[int, int], np.ndarray] = {}
@@ -203,19 +215,19 @@ def predict_block(
     for start in range(0, len(todo), max(1, batch_size)):
         chunk = todo[start : start + batch_size]
         batch = np.stack([rgb[:, r - hr0 : r - hr0 + t, c - hc0 : c - hc0 + t] for r, c in chunk])
-        probs.update(zip(chunk, predict_batch(model, batch, device, tta_flips), strict=True))
+        probs.update(zip(chunk, predict_batch(model, batch, device, tta_flips, scheme), strict=True))
     for o in origins:  # accumulate in global order, whether computed now or earlier
         p = probs[o] if o in probs else cache.take(o)  # type: ignore[union-attr]
         if cache is not None and o in probs:
             cache.offer(o, p)
         r, c = o[0] - hr0, o[1] - hc0
-        acc[r : r + t, c : c + t] += weights * p
+        acc[:, r : r + t, c : c + t] += weights * p
         wsum[r : r + t, c : c + t] += weights
     if cache is not None:
         cache.block_done()
     # keep the block's own pixels
     br, bc = r0 - hr0, c0 - hc0
-    acc = acc[br : br + block.height, bc : bc + block.width]
+    acc = acc[:, br : br + block.height, bc : bc + block.width]
     wsum = wsum[br : br + block.height, bc : bc + block.width]
     prob = (acc / np.maximum(wsum, 1e-12)).astype(np.float32)
     np.clip(prob, 0.0, 1.0, out=prob)
@@ -235,19 +247,22 @@ def predict_scene(
     tta_flips: bool = False,
     prob_dtype: str = "uint8",
     device: torch.device | str = "cpu",
+    scheme: ClassScheme = BINARY,
 ) -> dict[str, Any]:
     """Predict a whole scene into a probability COG at `out_path` (written atomically).
 
     `reader` is a `footprints.scenes.SceneReader` (or anything with `.width`, `.height`, `.transform`,
     `.crs` and `.read(window) -> (rgb uint8 (3, h, w), valid bool (h, w))`); `model` any callable from
-    rgb float (B, 3, H, W) in 0..255 to logits (B, 2, H, W). Returns a small summary.
+    rgb float (B, 3, H, W) in 0..255 to logits (B, K, H, W) of the classes of `scheme`. Band 1 is the
+    building probability, band 2 (schemes with an interior class) the watershed seed score. Returns a small
+    summary.
     """
     out_path = Path(out_path)
     width, height = int(reader.width), int(reader.height)
     stride = window_stride(tile_size, overlap)
     grid = Grid(width, height, tile_size, stride)
     weights = ramp_weights(tile_size, stride)
-    profile = raster_profile(width, height, reader.transform, reader.crs, prob_dtype)
+    profile = raster_profile(width, height, reader.transform, reader.crs, prob_dtype, bands_of(scheme))
     t0 = time.perf_counter()
     n_windows = 0
     valid_px = 0
@@ -265,11 +280,11 @@ def predict_scene(
                             prob, valid, n = predict_block(
                                 reader, model, block, grid,
                                 batch_size=batch_size, tta_flips=tta_flips, device=device, weights=weights,
-                                cache=cache,
+                                cache=cache, scheme=scheme,
                             )  # fmt: skip
                             n_windows += n
                             valid_px += int(valid.sum())
-                            dst.write(encode_probability(prob, prob_dtype), 1, window=block)
+                            dst.write(encode_probability(prob, prob_dtype), window=block)
                             dst.write_mask(np.where(valid, 255, 0).astype(np.uint8), window=block)
                     to_cog(blocks_tmp, final_tmp, prob_dtype)
             finally:

@@ -1,9 +1,11 @@
 """Building labels behind one small interface: xView2 label JSON, vector files, mask rasters.
 
-A `LabelSource` answers two questions on a scene's output grid (pixel coordinates, origin at the
+A `LabelSource` answers three questions on a scene's output grid (pixel coordinates, origin at the
 top-left corner of the top-left pixel):
 
 - `burn(r0, r1, c0, c1)`: the 0/1 building raster of output rows r0:r1, columns c0:c1 (inside the scene);
+- `instances(r0, r1, c0, c1)`: int32 instance ids of the same window (0 background, one id per building;
+  a mask raster's connected components, where touching buildings stay merged);
 - `polygons()`: the building outlines in output-grid pixel coordinates (instances, one per building),
   when the source has them (`has_polygons`); a mask raster has none (its buildings touch and merge).
 
@@ -43,6 +45,14 @@ class LabelSource:
     def burn(self, r0: int, r1: int, c0: int, c1: int) -> np.ndarray:
         raise NotImplementedError
 
+    def instances(self, r0: int, r1: int, c0: int, c1: int) -> np.ndarray:
+        """Connected components (4-connected) of the building raster: the fallback for sources without
+        outlines."""
+        from scipy import ndimage
+
+        ids, _ = ndimage.label(self.burn(r0, r1, c0, c1), structure=ndimage.generate_binary_structure(2, 1))
+        return ids.astype(np.int32)
+
     def polygons(self) -> list[Any]:
         raise NotImplementedError
 
@@ -58,22 +68,34 @@ class PolygonLabels(LabelSource):
     def __init__(self, path: Path, polygons: list[Any]):
         self.path = path
         self._polygons = [g for g in polygons if g is not None and not g.is_empty]
+        self.repaired = _repair(self._polygons)
+        if self.repaired:
+            log.warning("%s: %d self-intersecting label polygon(s) repaired (make_valid keeps all of their "
+                        "area)", path, self.repaired)
 
     def polygons(self) -> list[Any]:
         return list(self._polygons)
 
     def burn(self, r0: int, r1: int, c0: int, c1: int) -> np.ndarray:
+        return self._rasterize(r0, r1, c0, c1, instances=False)
+
+    def instances(self, r0: int, r1: int, c0: int, c1: int) -> np.ndarray:
+        """Each outline rasterised with its own id (its index + 1); a later outline wins a shared pixel."""
+        return self._rasterize(r0, r1, c0, c1, instances=True)
+
+    def _rasterize(self, r0: int, r1: int, c0: int, c1: int, instances: bool) -> np.ndarray:
         from rasterio import features
         from shapely.geometry import box
 
         shape = (r1 - r0, c1 - c0)
+        dtype = np.int32 if instances else np.uint8
         frame = box(c0, r0, c1, r1)
-        shapes = [(g, 1) for g in self._polygons if g.intersects(frame)]
+        shapes = [(g, i + 1 if instances else 1) for i, g in enumerate(self._polygons) if g.intersects(frame)]
         if not shapes:
-            return np.zeros(shape, dtype=np.uint8)
+            return np.zeros(shape, dtype=dtype)
         # pixel-space polygons, integer translation: the same pixels as rasterising the whole scene
         return features.rasterize(shapes, out_shape=shape, transform=Affine.translation(c0, r0), fill=0,
-                                  dtype=np.uint8)
+                                  dtype=dtype)
 
     def check_inside(self, width: int, height: int, image: Path) -> None:
         """Refuse labels that lie entirely outside the image (a wrong file, or a wrong CRS)."""
@@ -82,6 +104,19 @@ class PolygonLabels(LabelSource):
         if self._polygons and not any(g.intersects(box(0, 0, width, height)) for g in self._polygons):
             raise InputError(self.path, f"all {len(self._polygons)} label polygons lie entirely outside the "
                              f"image {image.name}")
+
+
+def _repair(polygons: list[Any]) -> int:
+    """Make invalid outlines (bow-ties, self-touching rings) valid in place, keeping their polygonal parts;
+    returns how many were repaired. Rasterising an invalid outline would keep about half of a bow-tie."""
+    import shapely
+
+    bad = [i for i, g in enumerate(polygons) if not g.is_valid]
+    for i in bad:
+        fixed = shapely.make_valid(polygons[i])
+        parts = [p for p in shapely.get_parts(fixed) if p.geom_type in ("Polygon", "MultiPolygon")]
+        polygons[i] = shapely.union_all(parts) if parts else fixed
+    return len(bad)
 
 
 @dataclass
@@ -93,6 +128,7 @@ class MaskGrid:
     sx: float  # source pixels per output pixel, along x
     sy: float
     resampled: bool
+    row_off: int = 0  # output rows above the scene's first row (a band of rows of the image)
 
 
 class MaskLabels(LabelSource):
@@ -116,6 +152,7 @@ class MaskLabels(LabelSource):
 
     def burn(self, r0: int, r1: int, c0: int, c1: int) -> np.ndarray:
         g = self._grid
+        r0, r1 = r0 + g.row_off, r1 + g.row_off
         try:
             if not g.resampled:
                 data = self._ds.read(1, window=Window(c0, r0, c1 - c0, r1 - r0))

@@ -10,11 +10,15 @@ from __future__ import annotations
 import copy
 import importlib
 import logging
+import os
+import shutil
+from pathlib import Path
 from typing import Any
 
-from .atomic import write_json, write_text
+from .atomic import remove_stale_temporaries, write_json, write_text
 from .config import Config
 from .contracts import paths as P
+from .errors import Preempted
 from .signals import StopSignals
 
 log = logging.getLogger("footprints")
@@ -31,13 +35,65 @@ STAGE_MODULES: dict[str, str] = {
 
 
 def run_stage(stage: str, cfg: Config, **options: Any) -> dict[str, Any]:
-    """Run one stage by its name with its options (overwrite, load_saved_model, checkpoint, inputs, ...)."""
+    """Run one stage by its name with its options (overwrite, load_saved_model, checkpoint, inputs, ...).
+
+    `--overwrite` is transactional: the stage's old outputs are moved aside (`.<stage>.replaced`) and the
+    stage builds new ones from scratch; they are deleted only once it succeeds (or is preempted with a
+    checkpoint to resume from), and put back when it fails, so a bad setting or a crash loses nothing.
+    A folder left aside by a killed run is put back at the next start. Temporary files of killed writers
+    are removed first.
+    """
+    stage_dir = P.RunPaths.of(cfg).stage(stage)
+    in_run = not options.get("inputs") and _main_process()  # predict --input writes elsewhere
+    aside = stage_dir.with_name(f".{stage_dir.name}.replaced")
+    if in_run:
+        _restore_interrupted(stage_dir, aside)
+        removed = remove_stale_temporaries(stage_dir)
+        if removed:
+            log.info("%s: removed %d temporary file(s) left by an interrupted run", stage_dir, removed)
+    moved = False
+    if in_run and options.get("overwrite") and stage_dir.is_dir() and any(stage_dir.iterdir()):
+        os.replace(stage_dir, aside)
+        moved = True
+    try:
+        result = _run(stage, cfg, options)
+    except Preempted:
+        if moved:  # the new run's checkpoint is the one to resume from
+            shutil.rmtree(aside, ignore_errors=True)
+        raise
+    except BaseException:
+        if moved:
+            shutil.rmtree(stage_dir, ignore_errors=True)
+            os.replace(aside, stage_dir)
+            log.warning("%s: --overwrite failed; the previous outputs are back", stage_dir)
+        raise
+    if moved:
+        shutil.rmtree(aside, ignore_errors=True)
+    return result
+
+
+def _run(stage: str, cfg: Config, options: dict[str, Any]) -> dict[str, Any]:
     if stage == P.TRAIN_SEGMENTER:
         # handlers first, torch second
         with StopSignals() as stop:
             module = importlib.import_module(STAGE_MODULES[stage])
             return module.run(cfg, stop=stop, **options)
     return importlib.import_module(STAGE_MODULES[stage]).run(cfg, **options)
+
+
+def _main_process() -> bool:
+    """Not a second rank of a data-parallel job (only rank 0 manages the stage folder)."""
+    rank = os.environ.get("RANK") or (os.environ.get("SLURM_PROCID") if os.environ.get("SLURM_STEP_NUM_TASKS",
+                                                                                        "1") != "1" else None)
+    return rank in (None, "", "0")
+
+
+def _restore_interrupted(stage_dir: Path, aside: Path) -> None:
+    if aside.is_dir():
+        shutil.rmtree(stage_dir, ignore_errors=True)
+        os.replace(aside, stage_dir)
+        log.warning("%s: an --overwrite run was interrupted; its partial outputs were discarded and the "
+                    "previous ones are back", stage_dir)
 
 
 def run_all(cfg: Config, overwrite: bool = False, load_saved_model: bool = False) -> dict[str, Any]:

@@ -37,6 +37,7 @@ from .labels import (
 )
 from .rasters import open_raster
 from .sources import PLAIN_SUFFIXES, SceneSource
+from .targets import ClassScheme, halo_px, instance_target
 
 log = logging.getLogger(__name__)
 
@@ -92,6 +93,7 @@ class SceneReader:
         self._rgb: np.ndarray | None = None  # in-memory output grid (small scenes)
         self._valid: np.ndarray | None = None
         self._mask_full: np.ndarray | None = None
+        self._target_full: dict[str, Any] = {}
         self._stretch: np.ndarray | None = None  # (bands, 2) lo/hi for non-uint8 imagery
         self.georef_rms_px = None
         self.warnings: list[str] = []
@@ -151,6 +153,14 @@ class SceneReader:
         self.transform = src_transform @ Affine.scale(self._sx, self._sy)
         self.crs = crs
         self.gsd_m = native_gsd * math.sqrt(self._sx * self._sy) if native_gsd is not None else None
+        # a band of rows (SceneSource.rows): the scene is that band; output rows count from its top
+        self._row_off = 0
+        if src.rows is not None:
+            r0, r1 = round(src.rows[0] * out_h), round(src.rows[1] * out_h)
+            if not 0 <= r0 < r1 <= out_h:
+                raise InputError(img, f"row band {src.rows} is empty for a scene of {out_h} rows")
+            self._row_off, self.height = r0, r1 - r0
+            self.transform = self.transform @ Affine.translation(0, r0)
 
         # labels on the output grid
         if xview2 is not None:
@@ -159,11 +169,11 @@ class SceneReader:
                 from shapely import affinity
 
                 polys = [affinity.scale(g, 1 / self._sx, 1 / self._sy, origin=(0, 0)) for g in polys]
-            self.labels = PolygonLabels(src.label, polys)
+            self.labels = PolygonLabels(src.label, self._band_polygons(polys))
         elif self._label_kind == "vector":
             self.labels = PolygonLabels(src.label, read_vector_polygons(src.label, self.crs, self.transform))
         elif src.mask is not None:
-            grid = MaskGrid(ds.width, ds.height, self._sx, self._sy, self._resampled)
+            grid = MaskGrid(ds.width, ds.height, self._sx, self._sy, self._resampled, self._row_off)
             self.labels = MaskLabels(src.mask, grid, cfg.mask_threshold, ds.transform, img)
 
         # pixels: small scenes in memory at once; statistics (stretch, emptiness) from them
@@ -176,7 +186,7 @@ class SceneReader:
             self._stretch = self._stretch_limits(raw, valid)
         if not valid.any():
             raise InputError(img, f"empty scene: every pixel is nodata (value {self._nodata:g})")
-        if isinstance(self.labels, PolygonLabels):
+        if isinstance(self.labels, PolygonLabels) and src.rows is None:  # a band may hold no building
             self.labels.check_inside(self.width, self.height, img)
 
     @staticmethod
@@ -254,12 +264,22 @@ class SceneReader:
 
     # -- pixels ------------------------------------------------------------------------------------
 
+    def _band_polygons(self, polys: list[Any]) -> list[Any]:
+        """Outlines on the full output grid -> on this scene's grid (shifted to a row band's top)."""
+        if not self._row_off:
+            return polys
+        from shapely import affinity
+
+        return [affinity.translate(g, 0, -self._row_off) for g in polys]
+
     def _src_window(self, r0: int, r1: int, c0: int, c1: int) -> Window:
+        r0, r1 = r0 + self._row_off, r1 + self._row_off
         return Window(c0 * self._sx, r0 * self._sy, (c1 - c0) * self._sx, (r1 - r0) * self._sy)
 
     def _read_raw(self, r0: int, r1: int, c0: int, c1: int) -> tuple[np.ndarray, np.ndarray]:
         """Selected bands (source dtype) and validity for output rows r0:r1, cols c0:c1 (inside the scene)."""
         ds, shape = self._ds, (3, r1 - r0, c1 - c0)
+        r0, r1 = r0 + self._row_off, r1 + self._row_off
         try:
             if not self._resampled:
                 win = Window(c0, r0, c1 - c0, r1 - r0)
@@ -268,17 +288,26 @@ class SceneReader:
                 raw = data[[uniq.index(b) for b in self._bands]]
                 near = raw
             else:
-                win = self._src_window(r0, r1, c0, c1)
+                win = self._src_window(r0 - self._row_off, r1 - self._row_off, c0, c1)
                 # average when shrinking (no aliasing), bilinear when enlarging; validity from nearest
                 rs = Resampling.average if self.scale < 1 else Resampling.bilinear
                 raw = ds.read(self._bands, window=win, out_shape=shape, resampling=rs)
                 near = ds.read(self._bands, window=win, out_shape=shape, resampling=Resampling.nearest)
         except RasterioError as err:
             raise InputError(self.source.image, f"cannot read pixels ({one_line(err)[:160]})") from None
-        valid = ~np.all(near == np.asarray(self._nodata, dtype=near.dtype), axis=0)
-        if isinstance(self._nodata, float) and math.isnan(self._nodata):
-            valid = ~np.all(np.isnan(near), axis=0)
-        return raw, valid
+        return raw, self._validity(near)
+
+    def _validity(self, values: np.ndarray) -> np.ndarray:
+        """Valid pixels of (bands, h, w) values: not the nodata value in every band, and, for floating
+        point imagery, no NaN in any band (NaN is never a measurement, declared as nodata or not)."""
+        nodata = self._nodata
+        if isinstance(nodata, float) and math.isnan(nodata):
+            valid = np.ones(values.shape[1:], dtype=bool)
+        else:
+            valid = ~np.all(values == np.asarray(nodata, dtype=values.dtype), axis=0)
+        if np.issubdtype(values.dtype, np.floating):
+            valid &= ~np.isnan(values).any(axis=0)
+        return valid
 
     def _read_raw_decimated(self) -> tuple[np.ndarray, np.ndarray]:
         ds = self._ds
@@ -288,7 +317,7 @@ class SceneReader:
             raw = ds.read(self._bands, out_shape=shape, resampling=Resampling.nearest)
         except RasterioError as err:
             raise InputError(self.source.image, f"cannot read pixels ({one_line(err)[:160]})") from None
-        return raw, ~np.all(raw == np.asarray(self._nodata, dtype=raw.dtype), axis=0)
+        return raw, self._validity(raw)
 
     def _stretch_limits(self, raw: np.ndarray, valid: np.ndarray) -> np.ndarray | None:
         if raw.dtype == np.uint8:
@@ -359,6 +388,36 @@ class SceneReader:
         out[r0 - ro : r1 - ro, c0 - co : c1 - co] = np.where(ok, lab, 255)
         return out
 
+    def target(self, window: Window, scheme: ClassScheme, border_m: float, contact_m: float) -> np.ndarray | None:
+        """Class mask uint8 (h, w) of `scheme` (`footprints.targets`): instances rasterised one by one with
+        enough context around the window that border and contact classes are exact; 255 ignore. None
+        without labels. The `binary` scheme is `truth_mask`."""
+        if scheme.name == "binary":
+            return self.truth_mask(window)
+        if not self.has_labels:
+            return None
+        ro, co, h, w, r0, r1, c0, c1 = self._clip(window, self.width, self.height)
+        out = np.full((h, w), 255, dtype=np.uint8)
+        if r1 <= r0 or c1 <= c0:
+            return out
+        key = (scheme.name, border_m, contact_m)
+        if self._rgb is not None:  # small scene: the whole scene's target once
+            if self._target_full.get("key") != key:
+                ids = self.labels.instances(0, self.height, 0, self.width)
+                self._target_full = {"key": key, "target": instance_target(ids, scheme, self.gsd_m, border_m,
+                                                                           contact_m)}
+            cls = self._target_full["target"][r0:r1, c0:c1]
+        else:
+            pad = halo_px(border_m, contact_m, self.gsd_m)
+            hr0, hr1 = max(r0 - pad, 0), min(r1 + pad, self.height)
+            hc0, hc1 = max(c0 - pad, 0), min(c1 + pad, self.width)
+            ids = self.labels.instances(hr0, hr1, hc0, hc1)
+            cls = instance_target(ids, scheme, self.gsd_m, border_m, contact_m)[r0 - hr0 : r1 - hr0,
+                                                                                 c0 - hc0 : c1 - hc0]
+        truth = self.truth_mask(Window(c0, r0, c1 - c0, r1 - r0))  # validity (nodata) as the binary mask's
+        out[r0 - ro : r1 - ro, c0 - co : c1 - co] = np.where(truth == 255, 255, cls)
+        return out
+
     def truth_polygons(self) -> Any:
         """Label polygons as a GeoDataFrame in `.crs` (pixel coordinates when crs is None); None without labels.
 
@@ -377,6 +436,11 @@ class SceneReader:
 
             grid = self.labels.burn(0, self.height, 0, self.width)
             polys = [shape(g) for g, v in features.shapes(grid, mask=grid == 1) if v == 1]
+        if self.source.rows is not None:  # a band: its part of every building
+            import shapely
+
+            polys = [p for p in shapely.intersection(polys, shapely.box(0, 0, self.width, self.height))
+                     if not p.is_empty and p.area > 0]
         t = self.transform
         geoms = [affinity.affine_transform(g, [t.a, t.b, t.d, t.e, t.c, t.f]) for g in polys]
         return gpd.GeoDataFrame({"geometry": geoms}, geometry="geometry", crs=self.crs)
@@ -394,6 +458,7 @@ class SceneReader:
             "subset": self.source.subset,
             "width": self.width,
             "height": self.height,
+            "rows": list(self.source.rows) if self.source.rows is not None else None,
             "source_width": self.src_width,
             "source_height": self.src_height,
             "transform": list(self.transform.to_gdal()),

@@ -24,6 +24,7 @@ from .contracts.checkpoints import REQUIRED, load_checkpoint
 from .errors import InputError
 from .head import DenseHead, upsample_grid
 from .mlp import mlp_from_checkpoint
+from .targets import SCHEMES, ClassScheme, scheme_for
 
 log = logging.getLogger(__name__)
 
@@ -148,6 +149,7 @@ def segmenter_from_classifier(
         "stride": int(stride),
         "dropout": dropout,
         "num_classes": mlp.fc3.out_features,
+        "classes": list(ckpt.get("classes") or SCHEMES["binary"].classes),
         "backbone": {"weights": str(bb.get("weights", "random")),
                      "normalization": str(bb.get("normalization", "torchvision"))},
         "target_gsd": tile.get("target_gsd"),
@@ -168,3 +170,19 @@ def load_segmenter(path: str | Path, device: str | torch.device = "cpu") -> tupl
     except RuntimeError as err:
         raise InputError(path, f"weights do not fit the architecture in meta ({str(err).splitlines()[0]})") from None
     return model.to(device).eval(), meta
+
+
+def scheme_of(meta: Mapping[str, Any]) -> ClassScheme:
+    """The class scheme of a segmenter checkpoint's meta (checkpoints of before K classes: binary)."""
+    return scheme_for(meta.get("classes"))
+
+
+def building_and_seed(logits: torch.Tensor, scheme: ClassScheme) -> torch.Tensor:
+    """(B, bands, H, W) probabilities from logits (B, K, H, W): band 0 the building probability (the sum of
+    the building classes), band 1 the watershed seed score (the interior's probability) when the scheme
+    has more classes than background and building."""
+    p = torch.softmax(logits.float(), dim=1)
+    building = p[:, list(scheme.building)].sum(1, keepdim=True)
+    if scheme.seed == scheme.building:
+        return building
+    return torch.cat([building, p[:, list(scheme.seed)].sum(1, keepdim=True)], dim=1)

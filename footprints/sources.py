@@ -30,15 +30,25 @@ class SceneSource:
     subset: str | None = None
     # "xview2" (label JSON with xy/lng_lat WKT) or "vector"; None = inferred from the label's suffix
     label_kind: str | None = None
+    # a band of the scene's rows, as fractions of its height (start, stop): the scene is that band alone
+    # (e.g. the validation band of a training scene, `tile.val_band`)
+    rows: tuple[float, float] | None = None
+    # the scene's id when its image name is not enough (two folders holding the same file name)
+    name: str | None = None
 
     @property
     def scene_id(self) -> str:
+        if self.name:
+            return self.name
+        if self.rows is not None:
+            return f"{self.image.stem}__rows{round(100 * self.rows[0]):02d}-{round(100 * self.rows[1]):03d}"
         return self.image.stem
 
     @property
     def location_id(self) -> str:
-        """The scene id without the xView2 `_pre_disaster`/`_post_disaster` suffix (splits group on it)."""
-        sid = self.scene_id
+        """The image name without the xView2 `_pre_disaster`/`_post_disaster` suffix (splits group on it:
+        the pre and post images of a place, and the bands of a scene, share a split)."""
+        sid = self.image.stem
         for suffix in ("_pre_disaster", "_post_disaster"):
             if sid.endswith(suffix):
                 return sid[: -len(suffix)]
@@ -153,4 +163,39 @@ def sources_from_paths(paths: list[str | Path], data_cfg: DataConfig) -> list[Sc
                 elif cand.is_file():
                     label, kind = cand, "vector"
             out.append(SceneSource(img, label, mask, None, kind))
+    return out
+
+
+def unique_sources(sources: list[SceneSource]) -> list[SceneSource]:
+    """Each image once, each scene id once: the same file given twice is kept once (with a warning); two
+    different files with the same name (`A/scene.tif`, `B/scene.tif`) get ids that say their folder
+    (`A__scene`, `B__scene`), so that neither overwrites the other's outputs."""
+    import dataclasses
+    from collections import Counter
+
+    seen: dict[Path, SceneSource] = {}
+    for src in sources:
+        key = src.image.resolve()
+        if key in seen:
+            log.warning("%s: given more than once; predicted once", src.image)
+            continue
+        seen[key] = src
+    kept = list(seen.values())
+    counts = Counter(s.scene_id for s in kept)
+    out: list[SceneSource] = []
+    taken: set[str] = set()
+    for src in kept:
+        if counts[src.scene_id] == 1:
+            out.append(src)
+            taken.add(src.scene_id)
+            continue
+        name = f"{src.image.parent.name}__{src.scene_id}"
+        k = 2
+        while name in taken or name in counts:
+            name = f"{src.image.parent.name}__{src.scene_id}_{k}"
+            k += 1
+        log.warning("%s: another input image is also named %s; its outputs are named %s", src.image,
+                    src.image.name, name)
+        out.append(dataclasses.replace(src, name=name))
+        taken.add(name)
     return out

@@ -8,11 +8,16 @@ and optionally a GeoTIFF variant of the same pixels in the scene's UTM zone with
 
 Each scene is drawn from its own generator seeded by (seed, scene index): the same seed gives the same bytes.
 A scene is textured ground made of a few blended land-cover colours, yards, paved lots and small clutter
-in roof and ground colours (hard negatives), roads, trees, and non-overlapping
-buildings (rotated rectangles and L-shapes, 6-40 m sides) whose roof colours include ground-like browns and
-greys, with a ridge or gradient and a shadow cast away from the sun given in the metadata, then blur and
-sensor noise. Pixel coordinates follow xView2: x = column, y = row, (0, 0) the top-left image corner, so the
-centre of pixel (row r, col c) is (c + 0.5, r + 0.5).
+in roof and ground colours (hard negatives), roads, trees, and buildings (`synth_buildings`): detached
+rectangles, L-shapes and courtyard buildings (a polygon with a hole), semi-detached pairs and terraces of
+3-6 houses that share walls, and neighbours 0.5-1.5 m apart. Every building is its own instance polygon,
+as in xView2: touching houses are separate polygons sharing the wall's edge exactly (no pixel belongs to
+both, none between them is lost). Roof colours include ground-like browns and greys, with a ridge or
+gradient and a shadow cast away from the sun given in the metadata; a shared wall shows sometimes (a
+colour or ridge change, a thin dark or light line), not always; then blur and sensor noise. Pixel
+coordinates follow xView2: x = column, y = row, (0, 0) the top-left image corner, so the centre of pixel
+(row r, col c) is (c + 0.5, r + 0.5). Label WKT carries courtyards as interior rings (in `xy` and `lng_lat`
+alike; GeoJSON holes are clockwise, exteriors counter-clockwise, RFC 7946).
 
 Long: one generator of plausible scenes; its drawing helpers (noise, roads, buildings, trees, shadows)
 serve only it.
@@ -25,7 +30,6 @@ import logging
 import math
 import time
 import uuid
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -38,11 +42,18 @@ from shapely.geometry import LineString, Point, Polygon, box
 
 from .atomic import atomic_path, write_json
 from .geo import utm_epsg
+from .synth_buildings import (
+    GSD_M,
+    MAX_BUILDING_FRACTION,  # noqa: F401 - still importable from here, as before the split
+    ROOF_COLOURS,
+    Building,
+    Wall,
+    place_buildings,
+    roof_shading,
+)
 
 log = logging.getLogger(__name__)
 
-GSD_M = 0.5  # metres per pixel of every synthetic scene
-MAX_BUILDING_FRACTION = 0.145
 
 # Real xBD events (name, scene-centre latitude, longitude, disaster type): scenes sit near them.
 PLACES: tuple[tuple[str, float, float, str], ...] = (
@@ -62,12 +73,6 @@ SENSORS = ("WORLDVIEW02", "WORLDVIEW03_VNIR", "GEOEYE01", "QUICKBIRD02")
 # Land-cover colours (RGB): grass, dry grass, bare soil, sand, pavement, dark soil.
 GROUND_COLOURS = np.array(
     [[88, 104, 66], [142, 134, 96], [134, 112, 88], [176, 164, 134], [146, 144, 138], [96, 86, 70]],
-    dtype=np.float32,
-)
-# Roof colours: greys and browns like the ground, terracotta, white, dark shingle, blue-grey metal.
-ROOF_COLOURS = np.array(
-    [[150, 146, 140], [120, 118, 114], [136, 114, 90], [170, 160, 136], [92, 86, 78], [160, 96, 72],
-     [206, 204, 198], [112, 124, 134], [96, 104, 80], [182, 170, 150], [70, 68, 66], [140, 130, 110]],
     dtype=np.float32,
 )
 ROAD_COLOURS = np.array([[84, 84, 86], [110, 108, 104], [164, 160, 152], [140, 122, 100]], dtype=np.float32)
@@ -105,43 +110,6 @@ def fractal_noise(rng: np.random.Generator, size: int, base_cell: float, octaves
 
 
 # ------------------------------------------------------------------------------------------- geometry
-@dataclass
-class _Building:
-    poly: Polygon  # pixel coordinates, clipped to the image
-    cx: float
-    cy: float
-    angle: float  # radians, direction of the long axis
-    half_len: float
-    half_wid: float
-    colour: np.ndarray
-    roof: str  # "gable", "hip" or "flat"
-    height_m: float
-
-
-def _building_shape(rng: np.random.Generator, cx: float, cy: float, angle_deg: float, max_side: float
-                    ) -> tuple[Polygon, float, float]:
-    """A rotated rectangle or L-shape centred near (cx, cy); returns (polygon, half length, half width)."""
-    lo = min(12.0, max_side * 0.5)  # 6 m at 0.5 m/px, smaller only in tiny test scenes
-    length = float(np.clip(lo * np.exp(rng.uniform(0.0, math.log(max(max_side / lo, 1.0001)))), lo, max_side))
-    width = float(np.clip(length * rng.uniform(0.45, 1.0), lo, max_side))
-    hl, hw = length / 2.0, width / 2.0
-    if rng.random() < 0.3 and width > 14:
-        # L-shape: the rectangle minus one corner block
-        cut_l = rng.uniform(0.35, 0.6) * length
-        cut_w = rng.uniform(0.35, 0.6) * width
-        sx, sy = (1 if rng.random() < 0.5 else -1), (1 if rng.random() < 0.5 else -1)
-        rect = box(-hl, -hw, hl, hw)
-        corner = box(min(sx * hl, sx * (hl - cut_l)), min(sy * hw, sy * (hw - cut_w)),
-                     max(sx * hl, sx * (hl - cut_l)), max(sy * hw, sy * (hw - cut_w)))
-        shape = rect.difference(corner)
-        shape = shapely.normalize(shapely.Polygon(shape.exterior.coords)) if isinstance(shape, Polygon) else rect
-    else:
-        shape = box(-hl, -hw, hl, hw)
-    shape = affinity.rotate(shape, angle_deg, origin=(0, 0))
-    shape = affinity.translate(shape, cx, cy)
-    return shape, hl, hw
-
-
 def _roads(rng: np.random.Generator, size: int, base_angle: float) -> tuple[list[Polygon], list[np.ndarray]]:
     """A few straight or gently bent roads across the scene, aligned with the dominant building angle."""
     n = int(rng.integers(1, 6))
@@ -164,56 +132,7 @@ def _roads(rng: np.random.Generator, size: int, base_angle: float) -> tuple[list
     return polys, colours
 
 
-def _place_buildings(rng: np.random.Generator, size: int, base_angle: float, target_frac: float,
-                     obstacles: list[Polygon]) -> list[_Building]:
-    """Non-overlapping buildings (with a gap) away from roads, until about target_frac of the pixels."""
-    target_area = target_frac * size * size
-    max_side = min(80.0, size / 3.0)  # 40 m
-    frame = box(0, 0, size, size)
-    placed: list[_Building] = []
-    keepout: list[Polygon] = []  # buffered footprints: no building may touch another
-    obstacle_union = shapely.union_all(obstacles) if obstacles else None
-    if obstacle_union is not None:
-        shapely.prepare(obstacle_union)
-    area = 0.0
-    attempts = 0
-    # cluster buildings around a few centres so scenes have neighbourhoods and open land
-    n_centres = int(rng.integers(1, 5))
-    centres = rng.uniform(0, size, (n_centres, 2))
-    spread = rng.uniform(0.15, 0.45, n_centres) * size
-    while area < target_area and attempts < 4000:
-        attempts += 1
-        k = int(rng.integers(n_centres))
-        cx, cy = centres[k] + rng.normal(0, spread[k], 2)
-        if not (0 <= cx < size and 0 <= cy < size):
-            continue
-        angle = base_angle + (90.0 if rng.random() < 0.3 else 0.0) + rng.normal(0, 5.0)
-        if rng.random() < 0.2:
-            angle = rng.uniform(0, 180)
-        shape, hl, hw = _building_shape(rng, float(cx), float(cy), float(angle), max_side)
-        gap = rng.uniform(2.0, 8.0)
-        zone = shape.buffer(gap, join_style="mitre")
-        if keepout and shapely.intersects(zone, np.asarray(keepout, dtype=object)).any():
-            continue
-        if obstacle_union is not None and obstacle_union.intersects(shape.buffer(3.0)):
-            continue
-        clipped = shape.intersection(frame)
-        if not isinstance(clipped, Polygon) or clipped.area < 0.5 * shape.area:
-            continue
-        if area + clipped.area > MAX_BUILDING_FRACTION * size * size:
-            continue  # keep every scene's building pixels at or under 15 %
-        clipped = shapely.normalize(clipped)
-        roof = ("gable", "hip", "flat")[int(rng.choice(3, p=[0.45, 0.2, 0.35]))]
-        colour = ROOF_COLOURS[rng.integers(len(ROOF_COLOURS))] * rng.uniform(0.85, 1.12) \
-            + rng.normal(0, 6, 3)
-        placed.append(_Building(clipped, float(cx), float(cy), math.radians(angle), hl, hw,
-                                colour.astype(np.float32), roof, float(rng.uniform(2.5, 7.0))))
-        keepout.append(shape)
-        area += clipped.area
-    return placed
-
-
-def _trees(rng: np.random.Generator, size: int, buildings: list[_Building]) -> list[tuple[float, float, float]]:
+def _trees(rng: np.random.Generator, size: int, buildings: list[Building]) -> list[tuple[float, float, float]]:
     """Tree crowns (cx, cy, radius): random clumps plus some next to buildings."""
     scale = size / 1024.0
     out: list[tuple[float, float, float]] = []
@@ -258,7 +177,8 @@ def make_scene(rng: np.random.Generator, size: int = 1024, empty: bool | None = 
     """Draw one scene: (rgb uint8 (size, size, 3), building polygons in pixel coordinates).
 
     `empty=True` forces a scene without buildings, `empty=False` one with buildings; None draws it (about
-    one scene in six has none). Building pixels are 3-15 % of a scene that has buildings. The sun angles (degrees) set the shadow direction and length.
+    one scene in six has none). Building pixels are 3-15 % of a scene that has buildings. The sun angles
+    (degrees) set the shadow direction and length.
     """
     rgb, buildings, _ = _make_scene(rng, size, empty, sun_azimuth, sun_elevation)
     return rgb, buildings
@@ -293,10 +213,11 @@ def _make_scene(rng: np.random.Generator, size: int, empty: bool | None, sun_azi
     road_polys, road_cols = _roads(rng, size, base_angle)
 
     # buildings (geometry first: yards and trees are placed around them)
-    buildings: list[_Building] = []
+    buildings: list[Building] = []
+    walls: list[Wall] = []
     if not empty:
         frac = float(rng.uniform(0.045, 0.13))
-        buildings = _place_buildings(rng, size, base_angle, frac, road_polys)
+        buildings, walls = place_buildings(rng, size, base_angle, frac, road_polys)
 
     # hard negatives: yards around buildings, paved lots in roof greys, and small clutter (cars, debris,
     # bare patches) in roof and ground colours; none of them casts a building shadow
@@ -304,7 +225,8 @@ def _make_scene(rng: np.random.Generator, size: int, empty: bool | None, sun_azi
     for b in buildings:
         if rng.random() < 0.45:
             m = rng.uniform(4.0, 14.0)
-            rect = box(-b.half_len - m, -b.half_wid - m, b.half_len + m, b.half_wid + m)
+            mu = 0.0 if b.in_row else m  # the houses of a row have gardens in front and behind
+            rect = box(-b.half_len - mu, -b.half_wid - m, b.half_len + mu, b.half_wid + m)
             yards.append(affinity.translate(affinity.rotate(rect, b.angle, origin=(0, 0), use_radians=True),
                                             b.cx, b.cy))
             yard_cols.append(GROUND_COLOURS[rng.integers(len(GROUND_COLOURS))] * rng.uniform(0.85, 1.15))
@@ -344,13 +266,14 @@ def _make_scene(rng: np.random.Generator, size: int, empty: bool | None, sun_azi
         d = b.height_m * shadow_px_per_m
         moved = affinity.translate(b.poly, shadow_dir[0] * d, shadow_dir[1] * d)
         shadow_geoms.append(moved)
-        # the sweep of every wall along the sun direction (exact for L-shapes, unlike a convex hull)
-        ring = b.poly.exterior.coords
-        for a, c in zip(ring[:-1], ring[1:], strict=True):
-            quad = Polygon([a, c, (c[0] + shadow_dir[0] * d, c[1] + shadow_dir[1] * d),
-                            (a[0] + shadow_dir[0] * d, a[1] + shadow_dir[1] * d)])
-            if quad.area > 1e-6:
-                shadow_geoms.append(quad)
+        # the sweep of every wall along the sun direction (exact for L-shapes, unlike a convex hull; the
+        # courtyard walls shade the courtyard)
+        for ring in (b.poly.exterior.coords, *(r.coords for r in b.poly.interiors)):
+            for a, c in zip(ring[:-1], ring[1:], strict=True):
+                quad = Polygon([a, c, (c[0] + shadow_dir[0] * d, c[1] + shadow_dir[1] * d),
+                                (a[0] + shadow_dir[0] * d, a[1] + shadow_dir[1] * d)])
+                if quad.area > 1e-6:
+                    shadow_geoms.append(quad)
     shadow = _burn(shadow_geoms, size).astype(bool)
     shade = rng.uniform(0.45, 0.6)
     img[shadow] *= np.array([shade, shade * 1.03, shade * 1.12], np.float32)
@@ -373,36 +296,28 @@ def _make_scene(rng: np.random.Generator, size: int, empty: bool | None, sun_azi
         lit = 1.0 - 0.25 * (dx * shadow_dir[0] + dy * shadow_dir[1])  # darker on the shadow side
         img[on] = col[k] * (lit * (1.0 + 0.15 * fine[on] + 0.12 * speckle[on] + 0.08 * tex[on]))[:, None]
 
-    # roofs: per-building colour with a ridge (gable), a soft gradient (hip) or a parapet (flat)
+    # roofs: per-building colour with a ridge (gable), a soft gradient (hip), a parapet (flat) or hipped
+    # wings around a courtyard (ring); a row under one roof is shaded as one
     polys = [b.poly for b in buildings]
     if buildings:
         ids = _burn(polys, size, list(range(1, len(polys) + 1)), "int32")
         on = ids > 0
         k = ids[on] - 1
-        cx = np.array([b.cx for b in buildings], np.float32)[k]
-        cy = np.array([b.cy for b in buildings], np.float32)[k]
-        ang = np.array([b.angle for b in buildings], np.float32)[k]
-        hw = np.array([b.half_wid for b in buildings], np.float32)[k]
-        hl = np.array([b.half_len for b in buildings], np.float32)[k]
-        roof = np.array([("gable", "hip", "flat").index(b.roof) for b in buildings])[k]
         col = np.stack([b.colour for b in buildings])[k]
-        u = (xx[on] - cx) * np.cos(ang) + (yy[on] - cy) * np.sin(ang)
-        v = -(xx[on] - cx) * np.sin(ang) + (yy[on] - cy) * np.cos(ang)
-        # which roof half faces the sun: its normal (perpendicular to the ridge) dotted with the sun side
-        normal_sun = -(-np.sin(ang) * shadow_dir[0] + np.cos(ang) * shadow_dir[1])
-        side = np.sign(v) * np.sign(normal_sun + 1e-6)
-        gable = 1.0 + 0.12 * side + 0.06 * (np.abs(v) / hw) * side
-        gable = np.where(np.abs(v) < 1.0, 1.12, gable)  # ridge line
-        hip = 1.0 + 0.10 * np.clip(v / hw, -1, 1) * np.sign(normal_sun + 1e-6) \
-            + 0.05 * np.clip(u / hl, -1, 1)
-        flat = 1.0 + 0.04 * np.clip(u / hl, -1, 1)
-        factor = np.select([roof == 0, roof == 1], [gable, hip], flat)
+        factor = roof_shading(buildings, k, xx[on], yy[on], shadow_dir)
         img[on] = col * (factor * (1.0 + 0.04 * fine[on] + 0.03 * tex[on]))[:, None]
         # a thin lighter/darker rim on flat roofs (parapets) and at every roof edge (eaves)
         inside = on.copy()
         edge = inside & ~(np.roll(inside, 1, 0) & np.roll(inside, -1, 0) & np.roll(inside, 1, 1)
                           & np.roll(inside, -1, 1))
         img[edge] *= rng.uniform(0.85, 1.1)
+        # some shared walls show as a thin dark gap or light parapet line between the two roofs
+        drawn = [w for w in walls if w.factor != 1.0]
+        if drawn:
+            line_ids = rasterize(((w.line, i + 1) for i, w in enumerate(drawn)), out_shape=(size, size),
+                                 fill=0, all_touched=True, dtype="int32")
+            hit = (line_ids > 0) & on
+            img[hit] *= np.array([w.factor for w in drawn], np.float32)[line_ids[hit] - 1][:, None]
 
     # sensor: a slight blur (MTF), a per-scene gain/haze, and noise
     for c in range(3):
@@ -434,9 +349,15 @@ def scene_geotransform(lon_c: float, lat_c: float, size: int, gsd: float = GSD_M
     return [lon_c - dx * size / 2.0, dx, 0.0, lat_c + dy * size / 2.0, 0.0, -dy]
 
 
-def _wkt(coords: np.ndarray) -> str:
-    """xView2-style WKT with full float precision: POLYGON ((x y, x y, ...))."""
-    return "POLYGON ((" + ", ".join(f"{x!r} {y!r}" for x, y in coords.tolist()) + "))"
+def _rings(poly: Polygon) -> list[np.ndarray]:
+    """The polygon's rings as (n, 2) arrays: the exterior, then its holes."""
+    return [np.asarray(r.coords, dtype=np.float64) for r in (poly.exterior, *poly.interiors)]
+
+
+def _wkt(rings: list[np.ndarray]) -> str:
+    """xView2-style WKT with full float precision: POLYGON ((x y, x y, ...), (hole ...))."""
+    return "POLYGON (" + ", ".join("(" + ", ".join(f"{x!r} {y!r}" for x, y in r.tolist()) + ")"
+                                   for r in rings) + ")"
 
 
 def _apply_gt(gt: list[float], xy: np.ndarray) -> np.ndarray:
@@ -474,10 +395,10 @@ def write_synthetic_dataset(out: str | Path, n_scenes: int, seed: int, size: int
         uids = [str(uuid.UUID(bytes=rng.bytes(16), version=4)) for _ in polys]
         xy_feats, ll_feats = [], []
         for poly, uid in zip(polys, uids, strict=True):
-            ring = np.asarray(poly.exterior.coords, dtype=np.float64)
+            rings = _rings(poly)
             props = {"feature_type": "building", "subtype": "no-damage", "uid": uid}
-            xy_feats.append({"properties": dict(props), "wkt": _wkt(ring)})
-            ll_feats.append({"properties": dict(props), "wkt": _wkt(_apply_gt(gt, ring))})
+            xy_feats.append({"properties": dict(props), "wkt": _wkt(rings)})
+            ll_feats.append({"properties": dict(props), "wkt": _wkt([_apply_gt(gt, r) for r in rings])})
         capture = f"20{int(rng.integers(16, 19))}-{int(rng.integers(1, 13)):02d}-{int(rng.integers(1, 29)):02d}" \
             f"T{int(rng.integers(15, 19)):02d}:{int(rng.integers(0, 60)):02d}:{int(rng.integers(0, 60)):02d}.000Z"
         metadata = {
@@ -542,15 +463,18 @@ def _write_geotiff_variant(root: Path, stem: str, rgb: np.ndarray, polys: list[P
             dst.write(np.moveaxis(rgb, -1, 0))
     features = []
     for poly, uid in zip(polys, uids, strict=True):
-        ring = np.asarray(poly.exterior.coords, dtype=np.float64)
-        e = transform.c + ring[:, 0] * transform.a + ring[:, 1] * transform.b
-        n = transform.f + ring[:, 0] * transform.d + ring[:, 1] * transform.e
-        lon, lat = to_ll.transform(e, n)
-        ll = np.column_stack([lon, lat])
-        if shapely.is_ccw(shapely.LinearRing(ll)) is False:  # RFC 7946: exterior rings counter-clockwise
-            ll = ll[::-1]
+        coords = []
+        for i, ring in enumerate(_rings(poly)):
+            e = transform.c + ring[:, 0] * transform.a + ring[:, 1] * transform.b
+            n = transform.f + ring[:, 0] * transform.d + ring[:, 1] * transform.e
+            lon, lat = to_ll.transform(e, n)
+            ll = np.column_stack([lon, lat])
+            # RFC 7946: exterior rings counter-clockwise, holes clockwise
+            if bool(shapely.is_ccw(shapely.LinearRing(ll))) != (i == 0):
+                ll = ll[::-1]
+            coords.append(ll.tolist())
         features.append({"type": "Feature", "properties": {"uid": uid, "feature_type": "building"},
-                         "geometry": {"type": "Polygon", "coordinates": [ll.tolist()]}})
+                         "geometry": {"type": "Polygon", "coordinates": coords}})
     fc = {"type": "FeatureCollection", "features": features}
     with atomic_path(root / "labels" / f"{stem}.geojson", suffix=".tmp") as tmp:
         tmp.write_text(json.dumps(fc) + "\n")

@@ -50,7 +50,8 @@ def write_fake_tiles(tile_dir: Path, scenes: list[tuple[str, str, np.ndarray, np
                     "valid_width": vw, "minx": minx, "miny": miny, "maxx": maxx, "maxy": maxy, "crs": CRS,
                     "building_frac": float((msk == 1).sum()) / max(1, int((msk != 255).sum())),
                     "nodata_frac": float((msk == 255).mean()),
-                    "building_px": int((msk == 1).sum()), "background_px": int((msk == 0).sum()), "labelled": True,
+                    "building_px": int((msk == 1).sum()), "background_px": int((msk == 0).sum()),
+                    "class_px": f"{int((msk == 0).sum())} {int((msk == 1).sum())}", "labelled": True,
                     "image_path": rel_img.as_posix(), "mask_path": rel_msk.as_posix(),
                 })
     df = pd.DataFrame(rows)

@@ -28,17 +28,24 @@ def _weighted_loss(logits, y, w, cw):
 
 
 def test_class_weights_by_hand():
-    w = class_weights_from_counts(background_px=900, building_px=100)
-    # N / (2 n_c): 1000 / 1800 and 1000 / 200
+    w = class_weights_from_counts([900, 100], "inverse")
+    # N / (K n_c): 1000 / 1800 and 1000 / 200
     assert w.tolist() == pytest.approx([0.5555555, 5.0])
     assert (w * [900, 100]).tolist() == pytest.approx([500, 500])  # each class carries half the loss
     assert (w * [900, 100]).sum() / 1000 == pytest.approx(1.0)  # normalised: mean weight per pixel is 1
     y = np.r_[np.zeros(900, int), np.ones(100, int)]
     assert w == pytest.approx(compute_class_weight("balanced", classes=np.array([0, 1]), y=y))
-    with pytest.raises(StageError, match="both classes"):
-        class_weights_from_counts(10, 0)
-    assert resolve_class_weights([1.0, 3.0], 900, 100, "classifier.class_weights")[0].tolist() == [1.0, 3.0]
-    got, source = resolve_class_weights(None, 900, 100, "classifier.class_weights")
+    # tempered: proportional to the square root of the inverse frequency, same normalisation
+    s = class_weights_from_counts([900, 100], "sqrt")
+    assert s[1] / s[0] == pytest.approx(3.0) and (s * [900, 100]).sum() == pytest.approx(1000)
+    assert class_weights_from_counts([900, 100], "none").tolist() == [1.0, 1.0]
+    # K classes: three here, each carrying a third of the loss under inverse frequency
+    w3 = class_weights_from_counts([800, 150, 50], "inverse")
+    assert (w3 * [800, 150, 50]).tolist() == pytest.approx([1000 / 3] * 3)
+    with pytest.raises(StageError, match="every class is needed"):
+        class_weights_from_counts([10, 0], "inverse")
+    assert resolve_class_weights([1.0, 3.0], [900, 100], "sqrt", "classifier.class_weights")[0].tolist() == [1.0, 3.0]
+    got, source = resolve_class_weights(None, [900, 100], "inverse", "classifier.class_weights")
     assert got == pytest.approx(w) and "inverse frequency" in source
 
 
@@ -66,7 +73,7 @@ def synthetic_run(tmp_path_factory):
     cfg = load_config(None, [
         f"output_root={root / 'out'}", "name=syn", f"data.root={root / 'data'}",
         f"data.geotransforms={root / 'data' / 'truth_transforms.json'}", "cluster.workers=0",
-        "tile.size=64", "tile.stride=64", "tile.split_ratios=[0.5, 0.25, 0.25]",
+        "tile.size=64", "tile.stride=64", "tile.split_ratios=[0.5, 0.25, 0.25]", "tile.target=binary",
         "backbone.weights=random", "features.per_class=24", "features.device=cpu",
         "classifier.hidden=128", "classifier.epochs=8", "classifier.batch_size=64", "classifier.lr=0.001",
         "classifier.step_size=5", "classifier.device=cpu",
@@ -108,10 +115,10 @@ def test_checkpoint_and_artifacts_follow_the_contract(synthetic_run):
     # normaliser travels inside the model
     with np.load(RunPaths.of(cfg).stage("features") / "stats.npz") as z:
         assert np.allclose(ckpt["model"]["mean"].numpy(), z["mean"], rtol=1e-6)
-    # class weights: the train masks' inverse frequencies, recorded everywhere
+    # class weights: the square root of the train masks' inverse frequencies (the default), recorded everywhere
     meta = json.loads((RunPaths.of(cfg).stage("features") / "meta.json").read_text())
     cp = meta["class_pixels"]
-    want = class_weights_from_counts(cp["background"], cp["building"])
+    want = class_weights_from_counts([cp[c] for c in meta["classes"]], "sqrt")
     assert ckpt["class_weights"] == pytest.approx(want.tolist())
     saved = json.loads((out / "metrics.json").read_text())
     assert saved["class_weights"] == pytest.approx(want.tolist()) and "RANDOM" in saved["warning"]
@@ -123,9 +130,10 @@ def test_checkpoint_and_artifacts_follow_the_contract(synthetic_run):
     # the saved model reproduces the recorded validation metrics
     model = mlp_from_checkpoint(load_checkpoint(out / "best.pt", kind="classifier"))
     val = load_features(RunPaths.of(cfg).stage("features"), "val")
+    assert ckpt["classes"] == meta["classes"] == ["background", "building"]
     with torch.no_grad():
-        pred = model(torch.from_numpy(val["X"])).argmax(1).numpy()
-    got = pixel_metrics(*confusion(pred, val["y"], ignore=None, weight=val["w"]))
+        p = torch.softmax(model(torch.from_numpy(val["X"])), 1)[:, 1].numpy()
+    got = pixel_metrics(*confusion(p >= 0.5, val["y"] == 1, ignore=None, weight=val["w"]))
     assert got["building_iou"] == pytest.approx(saved["mlp"]["val"]["building_iou"], rel=1e-5)
     # rerun: complete, skipped
     assert run_stage("train-classifier", cfg)["skipped"] is True

@@ -27,9 +27,10 @@ def random_acts(layers: list[str], batch: int, size: tuple[int, int], dtype=torc
     return acts
 
 
-def random_mlp(c: int, hidden: int, seed: int = 0) -> MLP:
+def random_mlp(c: int, hidden: int, seed: int = 0, classes: int = 2) -> MLP:
     gen = torch.Generator().manual_seed(seed)
-    mlp = MLP(c, hidden, dropout=0.5, mean=torch.rand(c, generator=gen), std=0.3 + torch.rand(c, generator=gen))
+    mlp = MLP(c, hidden, dropout=0.5, mean=torch.rand(c, generator=gen), std=0.3 + torch.rand(c, generator=gen),
+              num_classes=classes)
     with torch.no_grad():  # all layers of the hypercolumn must matter in the comparisons
         for p in mlp.parameters():
             p.copy_(torch.randn(p.shape, generator=gen) / p.shape[-1] ** 0.5)
@@ -122,12 +123,13 @@ def test_factorised_equals_naive_float32_within_1e4():
         assert rel_diff(p.grad, dict(naive.named_parameters())[name].grad) < 1e-4, name
 
 
-@pytest.mark.parametrize("stride", [2, 1])
-def test_conversion_from_mlp_is_exact(stride):
-    """On sampled pixels of the evaluated grid the converted head's logits are the MLP's (float32)."""
+@pytest.mark.parametrize(("stride", "classes"), [(2, 2), (1, 2), (2, 4)])
+def test_conversion_from_mlp_is_exact(stride, classes):
+    """On sampled pixels of the evaluated grid the converted head's logits are the MLP's (float32), for any
+    number of classes (the instance-aware targets have 3 or 4)."""
     layers = resolve_layers("all")
     c = hypercolumn_channels(layers)
-    mlp = random_mlp(c, 128)
+    mlp = random_mlp(c, 128, classes=classes)
     size = (64, 64)
     acts = random_acts(layers, 2, size, dtype=torch.float32, seed=3)
     # reference hypercolumns: the naive upsample + concatenate
@@ -141,8 +143,9 @@ def test_conversion_from_mlp_is_exact(stride):
     i = torch.randint(0, len(rows), (40,), generator=gen)
     j = torch.randint(0, len(cols), (40,), generator=gen)
     with torch.no_grad():
-        expected = mlp(hyper[b, :, rows[i], cols[j]])  # (40, 2)
+        expected = mlp(hyper[b, :, rows[i], cols[j]])  # (40, classes)
     got = grid[b, :, i, j]
+    assert got.shape == expected.shape == (40, classes)
     scale = max(1.0, float(expected.abs().max()))
     assert expected.abs().max() > 0.1  # the comparison is not between near-zeros
     assert float((got - expected).abs().max()) <= 1e-5 * scale

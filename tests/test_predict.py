@@ -200,7 +200,8 @@ def test_tapered_blending_leaves_no_seam_where_an_unblended_mosaic_jumps(tmp_pat
         grid = Grid(300, 64, TILE, window_stride(TILE, 0.25))
         flat, _, _ = predict_block(reader, PositionModel(), Window(0, 0, 300, 64), grid,
                                    weights=np.ones((TILE, TILE)))
-    assert np.abs(np.diff(flat[32].astype(np.float64))).max() > 0.1
+    assert flat.shape == (1, 64, 300)  # one band: the building probability of a two-class model
+    assert np.abs(np.diff(flat[0, 32].astype(np.float64))).max() > 0.1
 
 
 def test_blocked_result_equals_whole_scene_result(tmp_path: Path):
@@ -313,17 +314,17 @@ def test_png_without_labels_gives_pixel_space_output_and_a_warning(tmp_path: Pat
 
 def test_choose_calibration_takes_the_best_polygon_f1_then_ties():
     pixel = [[0.3, 90, 50, 10, 850], [0.5, 80, 20, 20, 880], [0.7, 40, 5, 60, 895]]
-    polygon = [
-        [0.3, 0.0, 8, 12, 2], [0.3, 10.0, 8, 6, 2],
-        [0.5, 0.0, 9, 9, 1], [0.5, 10.0, 9, 1, 1],  # F1 0.9: the best
-        [0.7, 0.0, 5, 2, 5], [0.7, 10.0, 5, 0, 5],
+    polygon = [  # threshold, seed threshold, min area, tp, fp, fn
+        [0.3, None, 0.0, 8, 12, 2], [0.3, None, 10.0, 8, 6, 2],
+        [0.5, None, 0.0, 9, 9, 1], [0.5, None, 10.0, 9, 1, 1],  # F1 0.9: the best
+        [0.7, None, 0.0, 5, 2, 5], [0.7, None, 10.0, 5, 0, 5],
     ]  # fmt: skip
     cal = choose_calibration(pixel, polygon)
-    assert (cal["threshold"], cal["min_area_m2"]) == (0.5, 10.0)
+    assert (cal["threshold"], cal["seed_threshold"], cal["min_area_m2"]) == (0.5, None, 10.0)
     assert cal["best"]["polygon_f1"] == pytest.approx(0.9)
     assert len(cal["grid"]) == 6
     # a tie on polygon F1 goes to the better pixel F1, then to the smaller minimum area
-    tie = [[0.3, 0.0, 9, 1, 1], [0.5, 0.0, 9, 1, 1], [0.5, 10.0, 9, 1, 1]]
+    tie = [[0.3, None, 0.0, 9, 1, 1], [0.5, None, 0.0, 9, 1, 1], [0.5, None, 10.0, 9, 1, 1]]
     assert (choose_calibration(pixel, tie)["threshold"], choose_calibration(pixel, tie)["min_area_m2"]) == (0.5, 0.0)
 
 

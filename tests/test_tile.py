@@ -31,8 +31,9 @@ run_tile = tile_stage.run
 
 
 def make_cfg(tmp_path: Path, root: Path, **sets) -> Config:
+    # the binary target: these tests compare masks with direct rasterisation of the outlines
     overrides = [f"data.root={root}", f"output_root={tmp_path / 'out'}", "cluster.workers=0",
-                 "tile.size=64", "tile.stride=64"]
+                 "tile.size=64", "tile.stride=64", "tile.target=binary"]
     overrides += [f"{k}={v}" for k, v in sets.items()]
     return load_config(None, overrides)
 
@@ -196,7 +197,7 @@ def test_spacenet_rio_masks_and_georeference(tmp_path, shared_dir) -> None:
     root = shared_dir / "data" / "spacenet-rio"
     cfg = load_config(None, [f"data.root={root}", f"output_root={tmp_path / 'out'}", "cluster.workers=0",
                              "data.format=geotiff", "data.label_format=mask", "data.mask_threshold=128",
-                             "tile.size=256", "tile.stride=128"])
+                             "tile.size=256", "tile.stride=128", "tile.target=binary"])
     summary = run_tile(cfg)
     # img58 is entirely black: an empty scene, skipped with a reason; every other chip is tiled
     assert [s["scene_id"] for s in summary["skipped"]] == ["img58"]

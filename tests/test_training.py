@@ -168,7 +168,7 @@ def test_stage_trains_and_writes_checkpoints_curves_and_overlays(project, tmp_pa
     # class weights: inverse frequency of the train patches' pixels (the classifier's [0.6, 3] are not used)
     rows = read_manifest(tmp_path / "outputs" / "t" / "tile")
     rows = rows[rows["split"] == "train"]
-    expected = class_weights_from_counts(rows["background_px"].sum(), rows["building_px"].sum())
+    expected = class_weights_from_counts([rows["background_px"].sum(), rows["building_px"].sum()], "sqrt")
     assert last["meta"]["class_weights"] == pytest.approx(expected.tolist())
 
     # the head learned, the frozen backbone did not move

@@ -250,7 +250,11 @@ def test_pixel_space_without_crs():
 
 
 def test_bench_vectorize_runs():
-    out = bench_vectorize(Config())
+    out = bench_vectorize(Config(), repeats=1)
     assert out["pixels"] == 4096 * 4096
     # all cleaning drops only blobs under the 5 m2 area limit: the polygon counts are close
     assert 0.9 * out["bare_polygons"] <= out["polygons"] <= out["bare_polygons"]
+    # the touching pairs (30% of the blobs) are split by the watershed
+    assert out["watershed_polygons"] >= out["polygons"] + 0.2 * 3000 * 0.3
+    assert 0 < out["regularized_ratio"] < out["watershed_ratio"]
+    assert out["regularized_kept_raw"] < 0.05 * out["watershed_polygons"]

@@ -82,7 +82,7 @@ def make_project(
         "name": name,
         "output_root": str(root / "outputs"),
         "seed": 3,
-        "tile": {"size": patch, "stride": patch},
+        "tile": {"size": patch, "stride": patch, "target": "binary"},  # fake_tiles writes 0/1 masks
         "backbone": {"weights": "random", "layers": LAYERS},
         "segmenter": seg,
         "cluster": {"workers": 0},

@@ -31,6 +31,7 @@ log = logging.getLogger(__name__)
 
 COLUMNS = ["scene", "area_m2", "mean_prob", "max_prob"]
 LAYER = "footprints"  # the GeoPackage layer name
+RAW_LAYER = "footprints_raw"  # the outlines before regularisation, beside them
 GEOJSON_PRECISION = 7  # decimal degrees: 1e-7 deg ~ 1 cm, far below any pixel
 
 
@@ -85,9 +86,10 @@ def write_geojson(gdf: gpd.GeoDataFrame, path: str | Path) -> Path:
     return path
 
 
-def write_gpkg(gdf: gpd.GeoDataFrame, path: str | Path, layer: str = LAYER,
-               crs: Any = None) -> Path:
-    """Write a GeoPackage layer in the layer's CRS (or `crs`; a geographic CRS becomes its UTM zone).
+def write_gpkg(gdf: gpd.GeoDataFrame, path: str | Path, layer: str = LAYER, crs: Any = None,
+               more_layers: dict[str, gpd.GeoDataFrame] | None = None) -> Path:
+    """Write a GeoPackage layer in the layer's CRS (or `crs`; a geographic CRS becomes its UTM zone), and
+    `more_layers` (name -> layer, e.g. the raw outlines beside regularised ones) in the same file and CRS.
 
     An empty layer is written with its schema, so it opens as a valid, empty layer. Atomic.
     """
@@ -98,14 +100,16 @@ def write_gpkg(gdf: gpd.GeoDataFrame, path: str | Path, layer: str = LAYER,
     target = as_crs(crs) if crs is not None else gdf.crs
     if target is not None and target.is_geographic:
         target = utm_crs_for(gdf) if len(gdf) else target
-    if target is not None and gdf.crs is not None and target != gdf.crs:
-        gdf = gdf.to_crs(target)
+    layers = {layer: gdf, **{k: _schema_frame(v) for k, v in (more_layers or {}).items()}}
     with atomic_path(path, suffix=".part.gpkg") as tmp:
-        pyogrio.write_dataframe(gdf, tmp, layer=layer, driver="GPKG",
-                                geometry_type="Polygon" if len(gdf) == 0 else None)
-        # QGIS opens the layer coloured (match status, or probability); before the rename: the file's
-        # size is part of freshness records
-        add_layer_style(tmp, layer)
+        for name, frame in layers.items():
+            if target is not None and frame.crs is not None and target != frame.crs:
+                frame = frame.to_crs(target)
+            pyogrio.write_dataframe(frame, tmp, layer=name, driver="GPKG",
+                                    geometry_type="Polygon" if len(frame) == 0 else None)
+            # QGIS opens the layer coloured (match status, or probability); before the rename: the
+            # file's size is part of freshness records
+            add_layer_style(tmp, name)
     return path
 
 

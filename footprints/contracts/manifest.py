@@ -25,7 +25,9 @@ SCENE_SCHEMA: dict[str, type] = {
     "row_off": int, "col_off": int, "size": int,
     "valid_row_off": int, "valid_col_off": int, "valid_height": int, "valid_width": int,
     "minx": float, "miny": float, "maxx": float, "maxy": float, "crs": str,
-    "building_frac": float, "nodata_frac": float, "building_px": int, "background_px": int, "labelled": bool,
+    "building_frac": float, "nodata_frac": float, "building_px": int, "background_px": int,
+    "class_px": str,  # labelled pixels per class of tile.target, space-separated
+    "labelled": bool,
     "image_path": str, "mask_path": str,
 }  # fmt: skip
 SCENE_COLUMNS = list(SCENE_SCHEMA)
@@ -86,16 +88,42 @@ def split_scene_ids(tile_dir: str | Path, split: str) -> list[str]:
 def split_sources(tile_dir: str | Path, data_cfg: Any, split: str) -> list[Any]:
     """The scenes (`SceneSource`) of one split of the manifest, found again under `data.root`, sorted by id.
 
-    A scene of the manifest that is no longer under `data.root` is reported and left out.
+    A band of a scene (`tile.val_band`) is found through its image and the rows its tile record names. A
+    scene of the manifest that is no longer under `data.root` is reported and left out.
     """
+    import dataclasses
+
     from ..sources import discover_scenes
+    from .freshness import read_record
+    from .paths import RunPaths
 
     ids = split_scene_ids(tile_dir, split)
     if not ids:
         return []
     found = {s.scene_id: s for s in discover_scenes(data_cfg)}
-    missing = [sid for sid in ids if sid not in found]
+    out, missing = [], []
+    for sid in ids:
+        src = found.get(sid)
+        if src is None:  # a band: the image it cuts, and which rows
+            record = read_record(RunPaths(Path(tile_dir).parent).scene_record(sid)) or {}
+            image = Path(str(record.get("image_file", "")))
+            whole = next((s for s in found.values() if s.image.name == image.name), None)
+            if whole is not None and record.get("rows"):
+                src = dataclasses.replace(whole, rows=tuple(record["rows"]))
+        if src is None or src.scene_id != sid:
+            missing.append(sid)
+        else:
+            out.append(src)
     if missing:
         log.warning("%d %s scene(s) of the tile manifest are no longer under %s: %s", len(missing), split,
                     data_cfg.root, ", ".join(sorted(missing)[:5]))
-    return sorted((found[sid] for sid in ids if sid in found), key=lambda s: s.scene_id)
+    return sorted(out, key=lambda s: s.scene_id)
+
+
+def class_pixels(rows: Any) -> list[int]:
+    """Labelled pixels per class summed over manifest rows (a DataFrame of them)."""
+    totals: list[int] = []
+    for text in rows["class_px"]:
+        counts = [int(v) for v in str(text).split()]
+        totals = [a + b for a, b in zip(totals, counts, strict=True)] if totals else counts
+    return totals

@@ -1,8 +1,9 @@
 """The probability raster: what `predict` writes per scene and `evaluate` (and calibration) read.
 
 `<scene>_prob.tif` is a Cloud-Optimised GeoTIFF on the scene's output grid (georeferenced like the scene)
-holding the building probability: uint8 round(255 * p) (default) or IEEE half floats in a Float32 band
-(`prob_dtype: float16`). Invalid pixels (nodata, outside the scene) are flagged in an internal mask band,
+holding in band 1 the building probability and, for models with an interior class, in band 2 the
+watershed seed score (the interior's probability): uint8 round(255 * p) (default) or IEEE half floats in
+Float32 bands (`prob_dtype: float16`). Invalid pixels (nodata, outside the scene) are flagged in an internal mask band,
 so uint8 keeps the full 0-255 range. A pixel is a building when p >= threshold (`threshold_mask`): the
 one rule shared by vectorisation, calibration and evaluation, so they all see the same pixels.
 """
@@ -41,13 +42,14 @@ def read_probability(path: str | Path, window: Window | None = None) -> tuple[np
     return prob, valid
 
 
-def raster_profile(width: int, height: int, transform: Any, crs: Any, prob_dtype: str) -> dict[str, Any]:
+def raster_profile(width: int, height: int, transform: Any, crs: Any, prob_dtype: str,
+                   bands: int = 1) -> dict[str, Any]:
     block = COG_BLOCK if min(width, height) >= COG_BLOCK else 256
     profile: dict[str, Any] = {
         "driver": "GTiff",
         "width": width,
         "height": height,
-        "count": 1,
+        "count": bands,
         "dtype": "uint8" if prob_dtype == "uint8" else "float32",
         "transform": transform,
         "tiled": True,

@@ -39,6 +39,10 @@ from ..hypercolumns import RunningStats, gather_hypercolumns, patch_rng, sample_
 
 log = logging.getLogger(__name__)
 
+# the classifier learns on train and is selected on val; the test split is judged on whole scenes by
+# predict and evaluate, so sampling its pixels would only cost time
+FEATURE_SPLITS = ("train", "val")
+
 
 def _settings(cfg: Config, layers: list[str]) -> dict[str, Any]:
     return {
@@ -58,23 +62,23 @@ def _shard_fingerprint(settings: dict[str, Any], rows: list[dict[str, Any]], sce
 
 
 def _load_batch(
-    chunk: list[dict[str, Any]], tile_dir: Path, per_class: int, seed: int
+    chunk: list[dict[str, Any]], tile_dir: Path, per_class: int, seed: int, k: int
 ) -> tuple[list[np.ndarray], list[tuple[Any, ...]], np.ndarray]:
     """Read the patches of one batch and sample their pixels: (images, samples, class pixel counts)."""
     images, samples = [], []
-    class_px = np.zeros(2, dtype=np.int64)
+    class_px = np.zeros(k, dtype=np.int64)
     for row in chunk:
         try:
             image, mask = load_patch(tile_dir, row)
         except InputError as err:
             log.error("%s", err)
             continue
-        counts = np.array([(mask == 0).sum(), (mask == 1).sum()], dtype=np.int64)
+        counts = np.bincount(mask[mask < k].ravel(), minlength=k).astype(np.int64)
         class_px += counts
-        r, c, lab = sample_pixels(mask, per_class, patch_rng(seed, row["patch_id"]))
+        r, c, lab = sample_pixels(mask, per_class, patch_rng(seed, row["patch_id"]), k)
         if lab.size == 0:  # all nodata: nothing to learn from
             continue
-        drawn = np.bincount(lab, minlength=2)
+        drawn = np.bincount(lab, minlength=k)
         w = (counts / np.maximum(drawn, 1))[lab].astype(np.float32)  # mask pixels each sample stands for
         images.append(image)
         samples.append((str(row["patch_id"]), r, c, lab, w))
@@ -113,22 +117,23 @@ def _process_shard(
     fingerprint: str,
     path: Path,
     bar: tqdm,
+    k: int,
 ) -> dict[str, Any]:
     """Sample, extract and write one shard; returns its header (as `read_shard_header`)."""
     channels = hypercolumn_channels(layers)
     per_class = cfg.features.per_class
     xs, ys, ids, rcs, ws = [], [], [], [], []
-    class_px = np.zeros(2, dtype=np.int64)
+    class_px = np.zeros(k, dtype=np.int64)
     stats = RunningStats(channels)
     bs = max(1, cfg.features.batch_size)
     chunks = [rows[start : start + bs] for start in range(0, len(rows), bs)]
     # read and sample the next batch in a thread (GDAL releases the GIL) while the device works
     with ThreadPoolExecutor(max_workers=1) as pool:
-        pending = pool.submit(_load_batch, chunks[0], tile_dir, per_class, cfg.seed) if chunks else None
+        pending = pool.submit(_load_batch, chunks[0], tile_dir, per_class, cfg.seed, k) if chunks else None
         for i in range(len(chunks)):
             images, samples, counts = pending.result()
             if i + 1 < len(chunks):
-                pending = pool.submit(_load_batch, chunks[i + 1], tile_dir, per_class, cfg.seed)
+                pending = pool.submit(_load_batch, chunks[i + 1], tile_dir, per_class, cfg.seed, k)
             class_px += counts
             bar.update(len(chunks[i]))
             if images:
@@ -169,18 +174,21 @@ def run(cfg: Config, overwrite: bool = False) -> dict[str, Any]:
     manifest = read_manifest(tile_dir)
     layers = resolve_layers(cfg.backbone.layers)
     channels = hypercolumn_channels(layers)
-    settings = _settings(cfg, layers)
+    # the classes the tile stage labelled the patches with (a run tiled before K classes: the two of old)
+    classes = list((read_record(paths.tile_summary) or {}).get("classes") or ["background", "building"])
+    k = len(classes)
+    settings = {**_settings(cfg, layers), "classes": classes}
     shard_size = max(1, cfg.features.shard_patches)
     scene_keys = _scene_keys(paths, manifest)
 
     # the shard plan: each split's patches in manifest order, cut every shard_patches
     plan: list[tuple[str, str, list[dict[str, Any]], str]] = []  # (split, file, rows, fingerprint)
-    for split in SPLITS:
+    for split in FEATURE_SPLITS:
         rows = manifest[manifest["split"] == split].to_dict("records")
-        for k, start in enumerate(range(0, len(rows), shard_size)):
+        for index, start in enumerate(range(0, len(rows), shard_size)):
             part = rows[start : start + shard_size]
             fp = _shard_fingerprint(settings, part, scene_keys)
-            plan.append((split, features_store.shard_name(split, k), part, fp))
+            plan.append((split, features_store.shard_name(split, index), part, fp))
     if not any(split == "train" for split, *_ in plan):
         raise StageError(f"{paths.manifest}: no patch in the train split; nothing to train on")
     run_key = digest({"settings": settings, "shards": [p[3] for p in plan]})
@@ -219,11 +227,12 @@ def run(cfg: Config, overwrite: bool = False) -> dict[str, Any]:
         )
         with tqdm(total=sum(len(t[2]) for t in todo), desc="features", unit="patch") as bar:
             for _split, name, rows, fp in todo:
-                headers[name] = _process_shard(rows, tile_dir, model, layers, cfg, device, fp, out_dir / name, bar)
+                headers[name] = _process_shard(rows, tile_dir, model, layers, cfg, device, fp, out_dir / name, bar,
+                                               k)
     elapsed = time.perf_counter() - t0
 
     stats = RunningStats(channels)
-    class_px = np.zeros(2, dtype=np.int64)
+    class_px = np.zeros(k, dtype=np.int64)
     samples = {s: 0 for s in SPLITS}
     patches = {s: 0 for s in SPLITS}
     shards: dict[str, list[str]] = {s: [] for s in SPLITS}
@@ -245,7 +254,8 @@ def run(cfg: Config, overwrite: bool = False) -> dict[str, Any]:
         "per_class": cfg.features.per_class,
         "seed": cfg.seed,
         "backbone": settings["backbone"],
-        "class_pixels": {"background": int(class_px[0]), "building": int(class_px[1])},
+        "classes": classes,
+        "class_pixels": {c: int(n) for c, n in zip(classes, class_px, strict=True)},
         "n": samples,
         "patches": patches,
         "shards": shards,
@@ -257,8 +267,8 @@ def run(cfg: Config, overwrite: bool = False) -> dict[str, Any]:
         meta["warning"] = "backbone.weights is random: hypercolumns carry no ImageNet knowledge"
     meta = write_record(meta_path, run_key, [out_dir / p[1] for p in plan] + [paths.features_stats], **meta)
     log.info(
-        "features: %s samples (train/val/test %d/%d/%d), train class pixels background %d building %d, %.1f s",
-        sum(samples.values()), samples["train"], samples["val"], samples["test"], class_px[0], class_px[1], elapsed,
+        "features: %s samples (train/val/test %d/%d/%d), train class pixels %s, %.1f s",
+        sum(samples.values()), samples["train"], samples["val"], samples["test"], meta["class_pixels"], elapsed,
     )
     return meta
 

@@ -13,6 +13,7 @@ Threshold and minimum area come from the config, or from a calibration on the va
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import time
@@ -26,7 +27,7 @@ from ..calibration import choose_calibration, scene_counts, sum_counts
 from ..cluster import map_scenes
 from ..config import Config, DataConfig, TileConfig, config_from_dict
 from ..contracts.checkpoints import load_checkpoint
-from ..contracts.footprint_files import LAYER, empty_footprints, write_geojson, write_gpkg
+from ..contracts.footprint_files import LAYER, RAW_LAYER, empty_footprints, write_geojson, write_gpkg
 from ..contracts.freshness import digest, file_digest, is_fresh, read_record, write_record
 from ..contracts.manifest import split_sources
 from ..contracts.paths import RunPaths, ScenePaths
@@ -35,6 +36,7 @@ from ..errors import FootprintsError, InputError, StageError, as_input_error
 from ..geo import gpkg_crs_for_raster
 from ..inference import Model, predict_scene
 from ..sources import SceneSource
+from ..targets import SCHEMES, ClassScheme, scheme_for
 from ..vectorize import polygons_from_probability
 
 log = logging.getLogger(__name__)
@@ -56,12 +58,20 @@ class PredictSettings:
     device: str = "auto"
     hole_area_m2: float = 4.0
     simplify_px: float = 1.0
+    classes: tuple[str, ...] = SCHEMES["binary"].classes  # the model's (its checkpoint meta)
+    watershed: bool = True  # split touching buildings (predict.instances)
+    regularize: bool = True
+
+    @property
+    def scheme(self) -> ClassScheme:
+        return scheme_for(self.classes)
 
     def prob_params(self) -> dict[str, Any]:
         """What a probability raster depends on; a change redoes it even without --overwrite."""
         d = self.data
         return json.loads(json.dumps({
-            "checkpoint": self.fingerprint, "tile_size": self.tile.size, "target_gsd": self.tile.target_gsd,
+            "checkpoint": self.fingerprint, "classes": list(self.classes), "tile_size": self.tile.size,
+            "target_gsd": self.tile.target_gsd,
             "overlap": self.overlap, "tta_flips": self.tta_flips, "prob_dtype": self.prob_dtype,
             "bands": list(d.bands), "stretch_percentiles": list(d.stretch_percentiles), "nodata": d.nodata,
             "geotransforms": d.geotransforms,
@@ -108,7 +118,7 @@ def _ensure_probability(
         reader, model if model is not None else _model_for(settings), sp.prob,
         tile_size=settings.tile.size, overlap=settings.overlap, batch_size=settings.batch_size,
         block_size=settings.block_size, tta_flips=settings.tta_flips, prob_dtype=settings.prob_dtype,
-        device=resolve_device(settings.device),
+        device=resolve_device(settings.device), scheme=settings.scheme,
     )  # fmt: skip
     write_record(sp.record, "", [sp.prob], scene_id=reader.scene_id, prob_key=prob_key, prob=summary)
     return sp.prob, summary, False
@@ -120,28 +130,38 @@ def predict_source(
     out_dir: str,
     threshold: float,
     min_area_m2: float,
+    seed_threshold: float | None = None,
     overwrite: bool = False,
     model: Model | None = None,
 ) -> dict[str, Any]:
-    """One scene: probability COG, then polygons as `<scene>.geojson` (RFC 7946) and `<scene>.gpkg`."""
+    """One scene: probability COG, then polygons as `<scene>.geojson` (RFC 7946) and `<scene>.gpkg`
+    (layer `footprints`, and `footprints_raw` with the outlines before regularisation)."""
     from ..scenes import open_scene
 
     sp = ScenePaths(Path(out_dir), source.scene_id)
-    vector = {"threshold": threshold, "min_area_m2": min_area_m2, "hole_area_m2": settings.hole_area_m2,
-              "simplify_px": settings.simplify_px}
+    vector = {"threshold": threshold, "seed_threshold": seed_threshold, "min_area_m2": min_area_m2,
+              "hole_area_m2": settings.hole_area_m2, "simplify_px": settings.simplify_px,
+              "regularize": settings.regularize}
     key = digest({"prob": settings.prob_key, "vector": vector})
     if not overwrite and is_fresh(sp.record, key):
         return {**(read_record(sp.record) or {}), "skipped": True}
     with open_scene(source, settings.data, settings.tile) as reader:
         prob_path, prob_summary, reused = _ensure_probability(reader, settings, sp.folder, overwrite, model)
         t0 = time.perf_counter()
-        gdf = polygons_from_probability(
+        raw = polygons_from_probability(
             prob_path, threshold=threshold, min_area_m2=min_area_m2, hole_area_m2=settings.hole_area_m2,
             simplify_px=settings.simplify_px, block_size=settings.block_size, scene=source.scene_id,
-            pixel_size_m=reader.gsd_m,
+            pixel_size_m=reader.gsd_m, seed_threshold=seed_threshold,
         )  # fmt: skip
+        if settings.regularize:
+            from ..regularize import regularize_footprints
+
+            gdf = regularize_footprints(raw, pixel_size_m=reader.gsd_m)
+        else:
+            gdf = raw
+        out_crs = gpkg_crs_for_raster(reader.transform, reader.crs, reader.width, reader.height)
         write_geojson(gdf, sp.geojson)
-        write_gpkg(gdf, sp.gpkg, crs=gpkg_crs_for_raster(reader.transform, reader.crs, reader.width, reader.height))
+        write_gpkg(gdf, sp.gpkg, crs=out_crs, more_layers={RAW_LAYER: raw} if settings.regularize else None)
         result = {
             "scene_id": source.scene_id,
             "prob_key": settings.prob_key,
@@ -165,7 +185,7 @@ def _area_km2(reader: Any) -> float | None:
 
 
 # ---------------------------------------------------------------------------------------------------
-# calibration: threshold x minimum area on the validation split
+# calibration: threshold x seed threshold x minimum area on the validation split
 
 
 def calibrate_source(
@@ -173,6 +193,7 @@ def calibrate_source(
     settings: PredictSettings,
     out_dir: str,
     thresholds: Sequence[float],
+    seed_thresholds: Sequence[float | None],
     min_areas: Sequence[float],
     iou_threshold: float = 0.5,
     overwrite: bool = False,
@@ -185,8 +206,8 @@ def calibrate_source(
         if not reader.has_labels:
             raise InputError(source.image, "validation scene without labels: cannot calibrate on it")
         prob_path, _, _ = _ensure_probability(reader, settings, Path(out_dir), overwrite, model)
-        return scene_counts(reader, prob_path, thresholds, min_areas, iou_threshold, settings.hole_area_m2,
-                            settings.simplify_px, settings.block_size)
+        return scene_counts(reader, prob_path, thresholds, seed_thresholds, min_areas, iou_threshold,
+                            settings.hole_area_m2, settings.simplify_px, settings.block_size)
 
 
 def _log_scene_error(source: SceneSource, err: BaseException) -> None:
@@ -209,12 +230,17 @@ def resolve_calibration(
     """
     pcfg = cfg.predict
     paths = RunPaths.of(cfg)
-    if pcfg.threshold is not None and pcfg.min_area_m2 is not None:
-        return {"threshold": pcfg.threshold, "min_area_m2": pcfg.min_area_m2, "source": "config"}
+    if not settings.watershed:
+        seeds: list[float | None] = [None]
+    else:
+        seeds = [pcfg.seed_threshold] if pcfg.seed_threshold is not None else [float(t) for t in pcfg.seed_threshold_grid]
+    if pcfg.threshold is not None and pcfg.min_area_m2 is not None and len(seeds) == 1:
+        return {"threshold": pcfg.threshold, "seed_threshold": seeds[0], "min_area_m2": pcfg.min_area_m2,
+                "source": "config"}
     thresholds = [pcfg.threshold] if pcfg.threshold is not None else [float(t) for t in pcfg.threshold_grid]
     areas = [pcfg.min_area_m2] if pcfg.min_area_m2 is not None else [float(a) for a in pcfg.min_area_grid]
-    key = digest({"prob_params": settings.prob_params(), "threshold_grid": thresholds, "min_area_grid": areas,
-                  "hole_area_m2": settings.hole_area_m2, "simplify_px": settings.simplify_px,
+    key = digest({"prob_params": settings.prob_params(), "threshold_grid": thresholds, "seed_grid": seeds,
+                  "min_area_grid": areas, "hole_area_m2": settings.hole_area_m2, "simplify_px": settings.simplify_px,
                   "iou_threshold": cfg.evaluate.iou_threshold})
     stage_path = paths.calibration
     beside = checkpoint.with_name(checkpoint.stem + ".calibration.json") if checkpoint is not None else None
@@ -242,12 +268,13 @@ def resolve_calibration(
                     "%.1f m2 (set predict.threshold / predict.min_area_m2 to choose)", thresholds[0], areas[0])
         default_t = pcfg.threshold if pcfg.threshold is not None else 0.5
         default_a = pcfg.min_area_m2 if pcfg.min_area_m2 is not None else 0.0
-        return {"threshold": default_t, "min_area_m2": default_a, "source": "default"}
-    log.info("calibration: grid search over %d thresholds x %d minimum areas on %d validation scenes",
-             len(thresholds), len(areas), len(val))
+        default_s = seeds[-1] if seeds[0] is not None else None
+        return {"threshold": default_t, "seed_threshold": default_s, "min_area_m2": default_a, "source": "default"}
+    log.info("calibration: grid search over %d thresholds x %d seed thresholds x %d minimum areas on %d "
+             "validation scenes", len(thresholds), len(seeds), len(areas), len(val))
     func = partial(calibrate_source, settings=settings, out_dir=str(paths.predict / "val"),
-                   thresholds=thresholds, min_areas=areas, iou_threshold=cfg.evaluate.iou_threshold,
-                   overwrite=overwrite, model=model)
+                   thresholds=thresholds, seed_thresholds=seeds, min_areas=areas,
+                   iou_threshold=cfg.evaluate.iou_threshold, overwrite=overwrite, model=model)
     parts = []
     for source, result, err in map_scenes(cfg.cluster, func, val, desc="calibrate"):
         if err is not None:
@@ -267,8 +294,9 @@ def resolve_calibration(
         except OSError as err:  # a read-only checkpoint folder: the stage copy is enough
             log.warning("calibration: cannot write %s (%s)", beside, err.strerror or err)
     b = cal["best"]
-    log.info("calibration: threshold %.2f, min area %.1f m2 -> polygon F1 %.3f, pixel F1 %.3f on %d val scenes",
-             cal["threshold"], cal["min_area_m2"], b["polygon_f1"], b["pixel_f1"], len(parts))
+    log.info("calibration: threshold %.2f, seed threshold %s, min area %.1f m2 -> polygon F1 %.3f, pixel F1 "
+             "%.3f on %d val scenes", cal["threshold"], cal["seed_threshold"], cal["min_area_m2"],
+             b["polygon_f1"], b["pixel_f1"], len(parts))
     return {**cal, "source": str(stage_path)}
 
 
@@ -304,7 +332,9 @@ def build_settings(cfg: Config, checkpoint: Path | None, meta: dict[str, Any], c
     or, when none was given, from the config stored in the checkpoint (band choice, stretch, nodata)."""
     data_cfg = cfg.data
     if cfg.source == "<defaults>" and ckpt_config.get("data"):
-        data_cfg = config_from_dict({"data": ckpt_config["data"]}).data
+        # how the training scenes were read (bands, stretch, nodata), but never their per-scene
+        # georeference: those transforms belong to the training data, not to the scenes predicted now
+        data_cfg = dataclasses.replace(config_from_dict({"data": ckpt_config["data"]}).data, geotransforms=None)
     size = int(meta.get("tile_size") or cfg.tile.size)
     target_gsd = meta["target_gsd"] if "target_gsd" in meta else cfg.tile.target_gsd
     pcfg = cfg.predict
@@ -313,7 +343,8 @@ def build_settings(cfg: Config, checkpoint: Path | None, meta: dict[str, Any], c
         tile=TileConfig(size=size, stride=size, target_gsd=target_gsd), overlap=pcfg.overlap,
         batch_size=pcfg.batch_size, block_size=pcfg.block_size, tta_flips=pcfg.tta_flips,
         prob_dtype=pcfg.prob_dtype, device=pcfg.device, hole_area_m2=pcfg.hole_area_m2,
-        simplify_px=pcfg.simplify_px,
+        simplify_px=pcfg.simplify_px, classes=tuple(meta.get("classes") or SCHEMES["binary"].classes),
+        watershed=pcfg.instances == "watershed", regularize=pcfg.regularize,
     )  # fmt: skip
 
 
@@ -385,7 +416,7 @@ def run(
     sources: list[SceneSource] = []
     bad_inputs = 0
     if inputs:
-        from ..sources import sources_from_paths
+        from ..sources import sources_from_paths, unique_sources
 
         for item in inputs:
             try:
@@ -393,6 +424,7 @@ def run(
             except FootprintsError as err:
                 log.error("%s", err)
                 bad_inputs += 1
+        sources = unique_sources(sources)
         geojson = Path(output) if output else paths.predict / "input" / "footprints.geojson"
         scene_dir = geojson.parent / f"{geojson.stem}_scenes" if output else geojson.parent
     else:
@@ -411,8 +443,10 @@ def run(
     # files given without a config: the run folders under ./outputs belong to some other run
     use_run = not (inputs and cfg.source == "<defaults>")
     cal = resolve_calibration(cfg, settings, ckpt, overwrite=overwrite, model=model, use_run=use_run)
+    seed = cal.get("seed_threshold")
     func = partial(predict_source, settings=settings, out_dir=str(scene_dir), threshold=float(cal["threshold"]),
-                   min_area_m2=float(cal["min_area_m2"]), overwrite=overwrite, model=model)
+                   seed_threshold=None if seed is None else float(seed), min_area_m2=float(cal["min_area_m2"]),
+                   overwrite=overwrite, model=model)
     results, failed = [], bad_inputs
     for source, result, err in map_scenes(cfg.cluster, func, sources, desc="predict"):
         if err is not None:
@@ -439,6 +473,7 @@ def run(
         "skipped": skipped,
         "polygons": n_polygons,
         "threshold": float(cal["threshold"]),
+        "seed_threshold": seed,
         "min_area_m2": float(cal["min_area_m2"]),
         "calibration": cal.get("source"),
         "scene_dir": str(scene_dir),

@@ -16,6 +16,7 @@ inside the scene, in patch pixel coordinates.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import shutil
@@ -40,6 +41,7 @@ from ..contracts.paths import RunPaths
 from ..errors import StageError, as_input_error
 from ..scenes import crs_string, open_scene
 from ..sources import SceneSource, discover_scenes
+from ..targets import SCHEMES
 
 log = logging.getLogger(__name__)
 
@@ -136,6 +138,7 @@ def tiling_params(data_cfg: DataConfig, tile_cfg: TileConfig) -> dict[str, Any]:
         "size": tile_cfg.size, "stride": tile_cfg.stride, "target_gsd": tile_cfg.target_gsd,
         "bands": list(data_cfg.bands), "stretch_percentiles": list(data_cfg.stretch_percentiles),
         "nodata": data_cfg.nodata, "mask_threshold": data_cfg.mask_threshold,
+        "target": tile_cfg.target, "border_m": tile_cfg.border_m, "contact_m": tile_cfg.contact_m,
         "max_residual_px": data_cfg.max_residual_px, "geotransforms": data_cfg.geotransforms,
     }
 
@@ -170,6 +173,7 @@ def tile_scene(source: SceneSource, data_cfg: DataConfig, tile_cfg: TileConfig, 
     shutil.rmtree(patch_dir, ignore_errors=True)  # stale patches of other sizes, leftover .part files
     patch_dir.mkdir(parents=True, exist_ok=True)
     size = tile_cfg.size
+    scheme = SCHEMES[tile_cfg.target]
     rows: list[dict[str, Any]] = []
     with rasterio.Env(), open_scene(source, data_cfg, tile_cfg) as scene:
         crs, crs_text = scene.crs, crs_string(scene.crs)
@@ -178,7 +182,7 @@ def tile_scene(source: SceneSource, data_cfg: DataConfig, tile_cfg: TileConfig, 
         label_file = str(source.label or source.mask or "")
         for win in scene_windows(scene.width, scene.height, size, tile_cfg.stride):
             rgb, valid = scene.read(win)
-            mask = scene.truth_mask(win)
+            mask = scene.target(win, scheme, tile_cfg.border_m, tile_cfg.contact_m)
             if mask is None:
                 mask = np.full(valid.shape, IGNORE, dtype=np.uint8)
             transform = scene.window_transform(win)
@@ -187,8 +191,9 @@ def tile_scene(source: SceneSource, data_cfg: DataConfig, tile_cfg: TileConfig, 
             write_patch(patch_dir / f"{name}.tif", rgb, transform, crs)
             write_patch(patch_dir / f"{name}_mask.tif", mask[None], transform, crs, nodata=IGNORE)
             vr, vc, vh, vw = valid_window(win, scene.width, scene.height)
-            building = int(np.count_nonzero(mask == 1))
-            background = int(np.count_nonzero(mask == 0))
+            class_px = np.bincount(mask[mask != IGNORE].ravel(), minlength=scheme.k)[: scheme.k]
+            building = int(class_px[list(scheme.building)].sum())
+            background = int(class_px.sum()) - building
             minx, miny, maxx, maxy = array_bounds(size, size, transform)
             rows.append({
                 "patch_id": name, "scene_id": sid, "image_file": str(source.image), "label_file": label_file,
@@ -197,7 +202,8 @@ def tile_scene(source: SceneSource, data_cfg: DataConfig, tile_cfg: TileConfig, 
                 "minx": minx, "miny": miny, "maxx": maxx, "maxy": maxy, "crs": crs_text,
                 "building_frac": building / (building + background) if building + background else 0.0,
                 "nodata_frac": 1.0 - float(np.count_nonzero(valid)) / valid.size,
-                "building_px": building, "background_px": background, "labelled": scene.has_labels,
+                "building_px": building, "background_px": background,
+                "class_px": " ".join(str(int(n)) for n in class_px), "labelled": scene.has_labels,
                 "image_path": f"patches/{sid}/{name}.tif", "mask_path": f"patches/{sid}/{name}_mask.tif",
             })
         meta = scene.metadata()
@@ -228,12 +234,35 @@ def _split_for(sources: list[SceneSource], cfg: Config) -> dict[str, str]:
                 raise StageError(f"tile.subset_splits: {src.subset!r} maps to {split!r}, not one of {SPLITS}")
             out[src.scene_id] = split
         return out
-    locations = (s.location_id for s in sources)
+    locations = [s.location_id for s in sources]
+    if tile.split_mode == "kfold" and tile.folds > len(set(locations)):
+        raise StageError(f"tile.folds {tile.folds} is more than the {len(set(locations))} scene location(s) "
+                         f"under {cfg.data.root}: some folds would test nothing; lower tile.folds")
     if tile.split_mode == "kfold":
         by_loc = assign_folds(locations, tile.folds, tile.fold, cfg.seed)
     else:
         by_loc = assign_splits(locations, tile.split_ratios, cfg.seed)
     return {s.scene_id: by_loc[s.location_id] for s in sources}
+
+
+def _with_val_bands(sources: list[SceneSource], cfg: Config) -> tuple[list[SceneSource], dict[str, str]]:
+    """`tile.val_band`: scenes split by location as usual, then every scene that is not test is cut into a
+    training band (its top rows) and a validation band (its bottom `val_band` of the rows). Returns the
+    sources to tile and their splits."""
+    by_scene = _split_for(sources, cfg)
+    f = cfg.tile.val_band
+    out: list[SceneSource] = []
+    splits: dict[str, str] = {}
+    for src in sources:
+        if by_scene[src.scene_id] == "test":
+            out.append(src)
+            splits[src.scene_id] = "test"
+            continue
+        for rows, split in (((0.0, 1.0 - f), "train"), ((1.0 - f, 1.0), "val")):
+            band = dataclasses.replace(src, rows=rows)
+            out.append(band)
+            splits[band.scene_id] = split
+    return out, splits
 
 
 def run(cfg: Config, overwrite: bool = False) -> dict[str, Any]:
@@ -252,6 +281,13 @@ def run(cfg: Config, overwrite: bool = False) -> dict[str, Any]:
         raise StageError(f"{cfg.data.root}: no scenes found (data.images_dir {cfg.data.images_dir!r}, "
                          f"image_glob {cfg.data.image_glob or 'default'!r})")
     log.info("tile: %d scenes under %s -> %s", len(sources), cfg.data.root, tile_dir)
+    masks = [s for s in sources if s.mask is not None]
+    if masks and SCHEMES[cfg.tile.target].needs_instances:
+        log.warning("tile: %d scene(s) have mask labels (e.g. %s), which hold no instances: their targets use "
+                    "connected components, so touching buildings stay merged", len(masks), masks[0].mask)
+    banded: dict[str, str] | None = None
+    if cfg.tile.val_band > 0:
+        sources, banded = _with_val_bands(sources, cfg)
     func = partial(tile_scene, data_cfg=cfg.data, tile_cfg=cfg.tile, tile_dir=str(tile_dir), overwrite=overwrite)
     skipped: list[dict[str, str]] = []
     tiled = resumed = 0
@@ -272,7 +308,7 @@ def run(cfg: Config, overwrite: bool = False) -> dict[str, Any]:
     if not usable:
         raise StageError(f"tile: none of the {len(sources)} scenes could be used "
                          f"(first problem: {skipped[0]['file']}: {skipped[0]['reason']})")
-    splits = _split_for(usable, cfg)
+    splits = {s.scene_id: banded[s.scene_id] for s in usable} if banded is not None else _split_for(usable, cfg)
     # the manifest is up to date when the same scenes, tiled the same way, get the same splits
     key = digest({"scenes": [(s.scene_id, file_digest(paths.scene_record(s.scene_id))) for s in usable],
                   "splits": splits, "skipped": skipped})
@@ -316,6 +352,8 @@ def _summary(cfg: Config, sources: list[SceneSource], usable: list[SceneSource],
         "size": cfg.tile.size,
         "stride": cfg.tile.stride,
         "target_gsd": cfg.tile.target_gsd,
+        "target": cfg.tile.target,
+        "classes": list(SCHEMES[cfg.tile.target].classes),
         "split_mode": cfg.tile.split_mode,
         "seed": cfg.seed,
         "seconds": round(seconds, 3),

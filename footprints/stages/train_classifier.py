@@ -37,18 +37,29 @@ from ..losses import resolve_class_weights, weighted_ce_sums
 from ..metrics import confusion, pixel_metrics
 from ..mlp import MLP
 from ..plots import write_learning_curve
+from ..targets import ClassScheme, scheme_for
 
 log = logging.getLogger(__name__)
 
 BASELINE_MAX_SAMPLES = 200_000  # logistic regression on more rows than this uses a seeded subsample
 
 
+def _building_metrics(p_building: Any, y: Any, w: Any, scheme: ClassScheme) -> tuple[dict, dict]:
+    """(dense-estimate, sampled-pixel) building metrics: a pixel is predicted a building when the
+    probabilities of the building classes sum to 0.5 or more, the rule predict uses."""
+    pred = np.asarray(p_building) >= 0.5
+    truth = np.isin(np.asarray(y), scheme.building)
+    return (pixel_metrics(*confusion(pred, truth, ignore=None, weight=np.asarray(w))),
+            pixel_metrics(*confusion(pred, truth, ignore=None)))
+
+
 def _evaluate(
-    model: torch.nn.Module, X: torch.Tensor, y: torch.Tensor, w: torch.Tensor, cw: torch.Tensor, batch: int
+    model: torch.nn.Module, X: torch.Tensor, y: torch.Tensor, w: torch.Tensor, cw: torch.Tensor, batch: int,
+    scheme: ClassScheme,
 ) -> tuple[float, dict[str, float], dict[str, float]]:
     """(weighted loss, dense-estimate metrics, sampled-pixel metrics) of `model` on (X, y, w)."""
     model.eval()
-    preds, loss_sum, weight_sum = [], 0.0, 0.0
+    probs, loss_sum, weight_sum = [], 0.0, 0.0
     with torch.inference_mode():
         for s in range(0, len(y), batch):
             logits = model(X[s : s + batch])
@@ -56,10 +67,9 @@ def _evaluate(
             ls, ws = weighted_ce_sums(logits, yb, cw, wb)
             loss_sum += float(ls)
             weight_sum += float(ws)
-            preds.append(logits.argmax(1))
-    pred = torch.cat(preds) if preds else torch.zeros(0, dtype=torch.long, device=y.device)
-    dense = pixel_metrics(*confusion(pred, y, ignore=None, weight=w))
-    sampled = pixel_metrics(*confusion(pred, y, ignore=None))
+            probs.append(torch.softmax(logits.float(), 1)[:, list(scheme.building)].sum(1))
+    p_building = torch.cat(probs).cpu().numpy() if probs else np.zeros(0)
+    dense, sampled = _building_metrics(p_building, y.cpu().numpy(), w.cpu().numpy(), scheme)
     return loss_sum / max(weight_sum, 1e-12), dense, sampled
 
 
@@ -83,6 +93,7 @@ def train_mlp(
     mean: np.ndarray,
     std: np.ndarray,
     class_weights: np.ndarray,
+    scheme: ClassScheme,
 ) -> tuple[MLP, dict[str, Any]]:
     """Train the MLP with Adam + StepLR; return the best model (on val building IoU) and its record."""
     c = cfg.classifier
@@ -90,7 +101,7 @@ def train_mlp(
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
     in_channels = train["X"].shape[1]
-    model = MLP(in_channels, hidden=c.hidden, dropout=c.dropout, mean=mean, std=std).to(device)
+    model = MLP(in_channels, hidden=c.hidden, dropout=c.dropout, mean=mean, std=std, num_classes=scheme.k).to(device)
     opt = torch.optim.Adam(model.parameters(), lr=c.lr, weight_decay=c.weight_decay)
     sched = torch.optim.lr_scheduler.StepLR(opt, step_size=max(1, c.step_size), gamma=c.gamma)
     cw = torch.as_tensor(class_weights, dtype=torch.float32, device=device)
@@ -127,7 +138,7 @@ def train_mlp(
             total += float(loss_sum.detach())
             weight += float(weight_sum)
         sched.step()
-        val_loss, dense, sampled = _evaluate(model, Xv, yv, wv, cw, max(c.batch_size, 4096))
+        val_loss, dense, sampled = _evaluate(model, Xv, yv, wv, cw, max(c.batch_size, 4096), scheme)
         row = {
             "epoch": epoch,
             "lr": opt.param_groups[0]["lr"],
@@ -161,7 +172,8 @@ def train_mlp(
 
 
 def train_baseline(
-    cfg: Config, train: dict[str, np.ndarray], val: dict[str, np.ndarray], mean: np.ndarray, std: np.ndarray
+    cfg: Config, train: dict[str, np.ndarray], val: dict[str, np.ndarray], mean: np.ndarray, std: np.ndarray,
+    scheme: ClassScheme,
 ) -> dict[str, Any]:
     """scikit-learn LogisticRegression(class_weight='balanced') on the standardised features."""
     from sklearn.exceptions import ConvergenceWarning
@@ -192,9 +204,9 @@ def train_baseline(
     if iterations >= max_iter:
         log.info("baseline: logistic regression stopped at max_iter=%d before converging", max_iter)
     if len(val["y"]):
-        pred = clf.predict((val["X"] - mean) / scale)
-        out["val"] = pixel_metrics(*confusion(pred, val["y"], ignore=None, weight=val["w"]))
-        out["val_sampled_pixels"] = pixel_metrics(*confusion(pred, val["y"], ignore=None))
+        proba = clf.predict_proba((val["X"] - mean) / scale)
+        p_building = proba[:, np.isin(clf.classes_, scheme.building)].sum(1)
+        out["val"], out["val_sampled_pixels"] = _building_metrics(p_building, val["y"], val["w"], scheme)
     out["seconds"] = round(time.perf_counter() - t0, 2)
     return out
 
@@ -207,7 +219,7 @@ def run(cfg: Config, overwrite: bool = False) -> dict[str, Any]:
     meta = features_store.read_meta(feat_dir)
     c = cfg.classifier
     settings = {k: getattr(c, k) for k in ("hidden", "dropout", "epochs", "batch_size", "lr", "weight_decay",
-                                           "step_size", "gamma", "class_weights", "baseline")}
+                                           "step_size", "gamma", "class_weights", "class_weighting", "baseline")}
     metrics_path, ckpt_path = paths.classifier_metrics, paths.classifier_checkpoint
     key = digest({"features": meta.get("key"), "settings": settings, "seed": cfg.seed})
     if not overwrite and is_fresh(metrics_path, key):
@@ -221,24 +233,23 @@ def run(cfg: Config, overwrite: bool = False) -> dict[str, Any]:
     if len(np.unique(train["y"])) < 2:
         raise StageError(f"{feat_dir}: the training samples hold only one class; cannot train a classifier")
     mean, std = features_store.read_stats(paths.features_stats)
+    scheme = scheme_for(meta.get("classes"))
     px = meta["class_pixels"]
-    class_weights, source = resolve_class_weights(c.class_weights, px["background"], px["building"],
-                                                  "classifier.class_weights")
-    log.info(
-        "train-classifier: class weights background %.4f building %.4f (%s; train mask pixels %s)",
-        class_weights[0], class_weights[1], source, px,
-    )
+    class_weights, source = resolve_class_weights(c.class_weights, [px[n] for n in scheme.classes],
+                                                  c.class_weighting, "classifier.class_weights")
+    log.info("train-classifier: %d classes %s, class weights %s (%s; train mask pixels %s)", scheme.k,
+             list(scheme.classes), [round(float(v), 4) for v in class_weights], source, px)
     random_backbone = meta["backbone"]["weights"] == "random"
     if random_backbone:
         log.warning("train-classifier: features come from a RANDOM backbone; metrics are not ImageNet-comparable")
     log.info("train-classifier: %d train / %d val samples of %d channels", len(train["y"]), len(val["y"]),
              train["X"].shape[1])
 
-    model, record = train_mlp(cfg, train, val, mean, std, class_weights)
+    model, record = train_mlp(cfg, train, val, mean, std, class_weights, scheme)
     mlp_seconds = time.perf_counter() - t0
     baseline = None
     if c.baseline:
-        baseline = train_baseline(cfg, train, val, mean, std)
+        baseline = train_baseline(cfg, train, val, mean, std, scheme)
         write_json(out_dir / "baseline.json", {**baseline, **({"warning": meta.get("warning")} if random_backbone else {})})
 
     selected = record.get("val") or record.get("train")
@@ -248,6 +259,7 @@ def run(cfg: Config, overwrite: bool = False) -> dict[str, Any]:
         "seed": cfg.seed,
         "backbone": meta["backbone"],
         "layers": meta["layers"],
+        "classes": list(scheme.classes),
         "class_weights": class_weights.tolist(),
         "class_weights_source": source,
         "class_pixels": px,
@@ -266,6 +278,7 @@ def run(cfg: Config, overwrite: bool = False) -> dict[str, Any]:
         "dropout": float(c.dropout),
         "layers": list(meta["layers"]),
         "backbone": dict(meta["backbone"]),
+        "classes": list(scheme.classes),
         "class_weights": [float(v) for v in class_weights],
         "epoch": int(record["epoch"]),
         "metrics": _to_python(selected),

@@ -52,7 +52,7 @@ from ..contracts.checkpoints import (
     restore_rng,
     save_checkpoint,
 )
-from ..contracts.manifest import read_manifest
+from ..contracts.manifest import class_pixels, read_manifest
 from ..contracts.patches import IGNORE
 from ..contracts.paths import RunPaths
 from ..device import resolve_device
@@ -60,7 +60,7 @@ from ..distributed import DistInfo, all_sum, barrier, dist_from_env, init_distri
 from ..errors import InputError, Preempted, StageError
 from ..losses import resolve_class_weights, weighted_ce_sums
 from ..plots import write_learning_curve, write_overlay
-from ..segmenter import build_segmenter, segmenter_from_classifier
+from ..segmenter import build_segmenter, building_and_seed, scheme_of, segmenter_from_classifier
 from ..signals import StopSignals
 from ..training_data import GlobalBatchSampler, PatchDataset, derive_seed, epoch_permutation, make_loader
 
@@ -195,6 +195,10 @@ class _Trainer:
                     + "; pass --load_saved_model to continue it or --overwrite to start again"
                 )
             resume = found
+        elif self.best_path.is_file() or (self.out_dir / "history.json").is_file():
+            # an earlier run's results without its last.pt: starting again would silently replace them
+            raise StageError(f"{self.out_dir}: holds the results of an earlier run (best.pt, history.json) but "
+                             f"no last.pt to resume from; pass --overwrite to train again")
         elif load_saved_model:
             log.warning("--load_saved_model: no checkpoint at %s; starting fresh", self.last_path)
 
@@ -208,12 +212,14 @@ class _Trainer:
             (self.out_dir / name).unlink(missing_ok=True)
         shutil.rmtree(self.out_dir / "overlays", ignore_errors=True)
 
-    def _class_weights(self) -> list[float]:
-        if self.scfg.class_weights is not None:
-            return [float(w) for w in self.scfg.class_weights]
-        rows = self.train_set.rows
-        weights, _ = resolve_class_weights(self.scfg.class_weights, rows["background_px"].sum(),
-                                           rows["building_px"].sum(), "segmenter.class_weights")
+    def _class_weights(self, k: int) -> list[float]:
+        """The configured weights, or those of the training patches' class pixels (manifest `class_px`)."""
+        counts = class_pixels(self.train_set.rows)
+        if len(counts) != k:
+            raise StageError(f"{self.paths.manifest}: patches labelled with {len(counts)} classes, the classifier "
+                             f"has {k}: rerun tile and features with the same tile.target")
+        weights, _ = resolve_class_weights(self.scfg.class_weights, counts, self.scfg.class_weighting,
+                                           "segmenter.class_weights")
         return [float(w) for w in weights]
 
     def _build(self, resume: dict[str, Any] | None) -> None:
@@ -226,7 +232,7 @@ class _Trainer:
             torch.manual_seed(derive_seed(self.cfg.seed, "init"))
             model, meta = segmenter_from_classifier(clf, scfg.stride, scfg.train_backbone)
             meta = dict(meta)
-            meta["class_weights"] = self._class_weights()
+            meta["class_weights"] = self._class_weights(int(meta["num_classes"]))
             meta["train_backbone"] = bool(scfg.train_backbone)
             meta.setdefault("target_gsd", self.cfg.tile.target_gsd)
             meta.setdefault("tile_size", self.cfg.tile.size)
@@ -240,6 +246,8 @@ class _Trainer:
             self._log_config_changes(resume.get("config", {}))
         self.meta = meta
         self.class_weight = torch.tensor(meta["class_weights"], dtype=torch.float32, device=self.device)
+        self.scheme = scheme_of(meta)
+        self.building = torch.tensor(self.scheme.building, device=self.device)
 
         model.to(self.device)
         on_cuda = self.device.type == "cuda"
@@ -418,14 +426,17 @@ class _Trainer:
             with self.autocast():
                 logits = self.model(self.to_input(image))
             loss_sum, weight_sum = weighted_ce_sums(logits, target, self.class_weight)
-            pred = logits.argmax(1)
+            # building pixels: the building classes' probabilities sum to 0.5 or more (predict's rule)
+            pred = (building_and_seed(logits, self.scheme)[:, 0] >= 0.5).long()
+            truth = torch.where(target == IGNORE, target, torch.isin(target, self.building).long())
             keep = real_d.bool()
-            tp, fp, fn, tn = confusion(pred[keep], target[keep], ignore=IGNORE) if keep.any() else (0, 0, 0, 0)
+            tp, fp, fn, tn = confusion(pred[keep], truth[keep], ignore=IGNORE) if keep.any() else (0, 0, 0, 0)
             sums += [float(loss_sum), float(weight_sum), tp, fp, fn, tn]
             if self.info.is_main and len(overlays) < self.scfg.overlays:
                 for i in range(image.shape[0]):
                     if real[i] and len(overlays) < self.scfg.overlays:
-                        overlays.append((int(index[i]), image[i].numpy(), mask[i].numpy(), pred[i].cpu().numpy()))
+                        overlays.append((int(index[i]), image[i].numpy(), truth[i].cpu().numpy(),
+                                         pred[i].cpu().numpy()))
         loss_sum, weight_sum, tp, fp, fn, tn = self.all_sum(sums.tolist())
         metrics = pixel_metrics(tp, fp, fn, tn)
         metrics["loss"] = loss_sum / max(weight_sum, 1e-12)
@@ -443,6 +454,24 @@ class _Trainer:
 
     def run(self) -> dict[str, Any]:
         scfg = self.scfg
+        if scfg.epochs == 0:
+            # the exact 1x1-conv conversion of the classifier, without dense training: still a checkpoint
+            # predict can use (and its validation metrics)
+            log.info("segmenter.epochs is 0: best.pt is the exact conversion of the classifier, not trained "
+                     "densely")
+            val = self.validate(0, {"position": 0, "step": 0, "progress": {}})
+            entry = {"epoch": 0, "train_loss": None, "val_loss": val["loss"] if val else None,
+                     "val": {k: v for k, v in val.items() if k != "loss"} if val else None}
+            self.history = [entry]
+            self.best = {"epoch": 0, "score": val["building_iou"] if val else 0.0}
+            if self.info.is_main:
+                state = self.state(0, 0, 0, {})
+                write_json(self.out_dir / "history.json", self.history)
+                write_json(self.out_dir / "metrics.json", {"best_epoch": 0, **entry})
+                self.save(self.best_path, state)
+                self.save(self.last_path, state)
+            self.barrier()
+            return self.summary(status="converted")
         with self.stop:
             for epoch in range(self.start_epoch, scfg.epochs):
                 if self.all_sum([1.0 if self.stop.signame else 0.0])[0] > 0:
