@@ -107,8 +107,11 @@ run_under_slurm() {
   slurm_banner "${args[@]}"
   local launcher=()
   if [ "${SLURM_NTASKS:-1}" -gt 1 ]; then
-    # one process per GPU/task; srun forwards USR1 to the tasks
-    launcher=(srun --kill-on-bad-exit=1 --export=ALL)
+    # one process per GPU/task; srun forwards USR1 to the tasks. When one task ends, the others get 60 s
+    # to end too before srun kills them: preempted ranks all exit 99 after the same checkpoint, but not at
+    # the same instant (--kill-on-bad-exit would kill the slower ones, and the job would end with 143
+    # instead of 99 and not be requeued); a crashed rank still brings the step down within a minute
+    launcher=(srun --wait=60 --export=ALL)
   fi
   local child="" resender="" warned=0
   forward() {

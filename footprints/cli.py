@@ -10,6 +10,7 @@ import argparse
 import json
 import logging
 import sys
+from pathlib import Path
 from typing import Any
 
 from .benchmarks import BENCHMARKS
@@ -107,15 +108,50 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _setup_logging(verbose: bool) -> None:
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        datefmt="%H:%M:%S",
-        stream=sys.stderr,
-    )
+DEBUG_LOG = Path("logs") / "footprints-debug.log"
+
+
+def _setup_logging(verbose: bool) -> Path | None:
+    """Progress at INFO on the terminal; with `-v`, everything (DEBUG, and the traceback of every failure)
+    also goes to `logs/footprints-debug.log`, so the terminal stays free of tracebacks. Returns that path."""
+    fmt = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    root = logging.getLogger()
+    for old in [h for h in root.handlers if getattr(h, "footprints", False)]:  # main() run again (tests)
+        root.removeHandler(old)
+        old.close()
+    console = logging.StreamHandler(sys.stderr)
+    console.footprints = True  # type: ignore[attr-defined]
+    console.setFormatter(_ConsoleFormatter(fmt._fmt, datefmt="%H:%M:%S"))
+    console.setLevel(logging.INFO)
+    root.addHandler(console)
+    root.setLevel(logging.DEBUG if verbose else logging.INFO)
+    debug_log = None
+    if verbose:
+        try:
+            DEBUG_LOG.parent.mkdir(parents=True, exist_ok=True)
+            handler = logging.FileHandler(DEBUG_LOG)
+            handler.footprints = True  # type: ignore[attr-defined]
+            handler.setFormatter(fmt)
+            handler.setLevel(logging.DEBUG)
+            root.addHandler(handler)
+            debug_log = DEBUG_LOG
+        except OSError as err:
+            log.warning("cannot write the debug log %s (%s)", DEBUG_LOG, err.strerror or err)
     for noisy in ("rasterio", "fiona", "pyogrio", "distributed", "matplotlib", "PIL", "urllib3", "asyncio"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    return debug_log
+
+
+class _ConsoleFormatter(logging.Formatter):
+    """The terminal's format: the message without its traceback (that goes to the debug log with -v)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        saved = record.exc_info, record.exc_text, record.stack_info
+        record.exc_info = record.exc_text = record.stack_info = None
+        try:
+            return super().format(record)
+        finally:
+            record.exc_info, record.exc_text, record.stack_info = saved
 
 
 def _dispatch(args: argparse.Namespace, stage_options: dict[str, Any]) -> dict[str, Any] | None:
@@ -150,7 +186,7 @@ def _dispatch(args: argparse.Namespace, stage_options: dict[str, Any]) -> dict[s
 def main(argv: list[str] | None = None, **stage_options: Any) -> int:
     """The command line; `stage_options` are passed to the stage run (e.g. `hooks=` of train-segmenter)."""
     args = build_parser().parse_args(argv)
-    _setup_logging(args.verbose)
+    debug_log = _setup_logging(args.verbose)
     try:
         _dispatch(args, stage_options)
     except Preempted as err:
@@ -166,6 +202,11 @@ def main(argv: list[str] | None = None, **stage_options: Any) -> int:
     except KeyboardInterrupt:
         print("footprints: interrupted", file=sys.stderr)
         return 130
+    except Exception as err:  # a bug: one line here, the traceback in the debug log
+        log.debug("unexpected failure", exc_info=True)
+        where = f"traceback in {debug_log}" if debug_log else "run with -v for the traceback in " + str(DEBUG_LOG)
+        print(f"footprints: error: internal error {type(err).__name__}: {err} ({where})", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -135,6 +135,7 @@ def map_scenes(
                     result, error = func(item), None
                 except Exception as err:  # noqa: BLE001 - reported per scene by the caller
                     result, error = None, err
+                    log.debug("%s failed", item, exc_info=True)
                 bar.update()
                 yield item, result, error
             return
@@ -192,6 +193,7 @@ def _gather_as_completed(
                 result, error = None, outcome
             elif isinstance(outcome, _Failed):
                 result, error = None, outcome.error
+                log.debug("%s failed:\n%s", item, outcome.trace)
             else:
                 result, error = outcome, None
             future.release()
@@ -200,11 +202,13 @@ def _gather_as_completed(
 
 
 class _Failed:
-    """A task's exception, returned instead of raised (see `_gather_as_completed`)."""
+    """A task's exception, returned instead of raised (see `_gather_as_completed`), with its traceback as
+    text (logged at debug level: `-v` shows it)."""
 
-    def __init__(self, error: BaseException):
+    def __init__(self, error: BaseException, trace: str):
         import pickle
 
+        self.trace = trace
         try:
             pickle.dumps(error)
             self.error = error
@@ -216,7 +220,9 @@ def _capture(func: Callable[[T], Any], item: T) -> Any:
     try:
         return func(item)
     except Exception as err:  # noqa: BLE001 - reported per scene by the caller
-        return _Failed(err)
+        import traceback
+
+        return _Failed(err, traceback.format_exc())
 
 
 _POLL_S = 0.05

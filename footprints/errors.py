@@ -55,12 +55,17 @@ def describe_failure(err: BaseException, path: str | Path | None = None) -> str:
     import errno
 
     where = getattr(err, "filename", None) or path
-    if (isinstance(err, OSError) and err.errno == errno.ENOSPC) or disk_full(where):
+    code = err.errno if isinstance(err, OSError) else None
+    if code == errno.ENOSPC:
         return f"no space left on device{f' (writing {where})' if where else ''}"
-    if isinstance(err, PermissionError):
-        return f"permission denied (cannot write {err.filename or where})"
+    if code in (errno.EACCES, errno.EPERM):
+        return f"permission denied (cannot write {where})"
+    if code == errno.EROFS:
+        return f"read-only file system (cannot write {where})"
     if isinstance(err, OSError) and err.strerror:
-        return f"{err.strerror}{f' ({err.filename})' if err.filename else ''}"
+        return f"{err.strerror}{f' ({where})' if where else ''}"
+    if disk_full(where):  # libraries that lose the errno (GDAL: 'TIFFAppendToStrip: Seek error')
+        return f"no space left on device{f' (writing {where})' if where else ''}"
     return f"{type(err).__name__}: {one_line(err)}"
 
 

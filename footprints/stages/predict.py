@@ -23,6 +23,9 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
+from ..atomic import remove_stale_temporaries
 from ..calibration import choose_calibration, scene_counts, sum_counts
 from ..cluster import map_scenes
 from ..config import Config, DataConfig, TileConfig, config_from_dict
@@ -32,7 +35,7 @@ from ..contracts.freshness import digest, file_digest, is_fresh, read_record, wr
 from ..contracts.manifest import split_sources
 from ..contracts.paths import RunPaths, ScenePaths
 from ..device import resolve_device
-from ..errors import FootprintsError, InputError, StageError, as_input_error
+from ..errors import FootprintsError, InputError, StageError, as_input_error, disk_full
 from ..geo import gpkg_crs_for_raster
 from ..inference import Model, predict_scene
 from ..sources import SceneSource
@@ -210,7 +213,9 @@ def calibrate_source(
                             settings.hole_area_m2, settings.simplify_px, settings.block_size)
 
 
-def _log_scene_error(source: SceneSource, err: BaseException) -> None:
+def _log_scene_error(source: SceneSource, err: BaseException, out_dir: Path | None = None) -> None:
+    if not isinstance(err, FootprintsError) and out_dir is not None and disk_full(out_dir):
+        err = InputError(out_dir, "no space left on device")
     log.error("%s", err if isinstance(err, FootprintsError) else as_input_error(err, source.image))
 
 
@@ -366,9 +371,12 @@ def merge_outputs(results: Sequence[dict[str, Any]], geojson_path: Path, gpkg_pa
         log.warning("merged footprints leave out %d scene(s) in pixel coordinates (%s); their own files remain",
                     len(pixel), ", ".join(r["scene_id"] for r in pixel[:5]))
     chosen = geo or pixel
-    frames = [pyogrio.read_dataframe(r["geojson"]) for r in chosen]
-    frames = [f for f in frames if len(f)]
     crs = 4326 if geo else None
+    # a pixel-space GeoJSON reads back as lon/lat (GeoJSON's default CRS): its coordinates are pixels
+    frames = [pyogrio.read_dataframe(r["geojson"]) for r in chosen]
+    frames = [f if crs is not None else gpd.GeoDataFrame(f.drop(columns=f.geometry.name),
+                                                         geometry=np.asarray(f.geometry.values), crs=None)
+              for f in frames if len(f)]
     merged = (gpd.GeoDataFrame(pd.concat(frames, ignore_index=True), geometry="geometry", crs=crs) if frames
               else empty_footprints(crs))
     write_geojson(merged, geojson_path)
@@ -439,6 +447,8 @@ def run(
         raise StageError(f"predict: no scenes in {where}")
     log.info("predict: %d scene(s), tile %d px, overlap %.0f%%, block %d px -> %s", len(sources),
              settings.tile.size, 100 * settings.overlap, settings.block_size, scene_dir)
+    if inputs and remove_stale_temporaries(scene_dir):  # a run's own folder is cleaned by the runner
+        log.info("predict: removed temporary files of an interrupted run from %s", scene_dir)
 
     # files given without a config: the run folders under ./outputs belong to some other run
     use_run = not (inputs and cfg.source == "<defaults>")
@@ -450,7 +460,7 @@ def run(
     results, failed = [], bad_inputs
     for source, result, err in map_scenes(cfg.cluster, func, sources, desc="predict"):
         if err is not None:
-            _log_scene_error(source, err)
+            _log_scene_error(source, err, scene_dir)
             failed += 1
         else:
             results.append(result)
