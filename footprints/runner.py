@@ -140,7 +140,8 @@ def run_cv(cfg: Config, overwrite: bool = False) -> dict[str, Any]:
         results.append(run_all(fold_config(cfg, k), overwrite=overwrite)[P.EVALUATE])
     pooled = pool_folds(results)
     folds = [{"fold": k, "name": r["name"], "scenes": sorted(r["per_scene"]), "threshold": r["threshold"],
-              "min_area_m2": r["min_area_m2"], "overall": r["overall"]} for k, r in enumerate(results)]
+              "seed_threshold": r.get("seed_threshold"), "min_area_m2": r["min_area_m2"], "overall": r["overall"]}
+             for k, r in enumerate(results)]
     out_dir = P.RunPaths.of(cfg).cv
     summary = {"name": cfg.name, "folds": cfg.tile.folds, "seed": cfg.seed, "scenes": pooled["scenes"],
                "pooled": pooled["pooled"], "per_fold": folds,
@@ -157,15 +158,21 @@ def run_cv(cfg: Config, overwrite: bool = False) -> dict[str, Any]:
 
 
 def _cv_report(s: dict[str, Any]) -> str:
+    def f(x: Any) -> str:
+        return "-" if x is None else f"{x:g}" if isinstance(x, float) else str(x)
+
     lines = [f"# Cross-validation: {s['name']}", "",
              f"{s['folds']} folds over {s['scenes']} scenes (seed {s['seed']}); counts pooled over every test scene.",
-             "", "| fold | test scenes | pixel IoU | pixel F1 | polygon F1 | threshold | min area m2 |",
-             "|---|---|---|---|---|---|---|"]
-    for f in s["per_fold"]:
-        o = f["overall"]
-        lines.append(f"| {f['fold']} | {', '.join(f['scenes'])} | {o['pixel']['building_iou']:.3f} | "
-                     f"{o['pixel']['f1']:.3f} | {o['polygon']['f1']:.3f} | {f['threshold']} | {f['min_area_m2']} |")
+             "", "| fold | test scenes | pixel IoU | pixel F1 | polygon F1 | merges | splits | threshold | seed threshold "
+             "| min area m2 |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for fold in s["per_fold"]:
+        o = fold["overall"]
+        lines.append(f"| {fold['fold']} | {', '.join(fold['scenes'])} | {o['pixel']['building_iou']:.3f} | "
+                     f"{o['pixel']['f1']:.3f} | {o['polygon']['f1']:.3f} | {f(o['polygon'].get('merges'))} | "
+                     f"{f(o['polygon'].get('splits'))} | {f(fold['threshold'])} | {f(fold.get('seed_threshold'))} | "
+                     f"{f(fold['min_area_m2'])} |")
     p = s["pooled"]
     lines.append(f"| **pooled** | {s['scenes']} | **{p['pixel']['building_iou']:.3f}** | {p['pixel']['f1']:.3f} | "
-                 f"**{p['polygon']['f1']:.3f}** | | |")
+                 f"**{p['polygon']['f1']:.3f}** | {f(p['polygon'].get('merges'))} | {f(p['polygon'].get('splits'))} "
+                 "| | | |")
     return "\n".join(lines) + "\n"

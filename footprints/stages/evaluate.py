@@ -91,6 +91,7 @@ def evaluate_scene(source: Any, cfg: Config, pred_dir: str, out_dir: str, overla
     return {
         "scene_id": source.scene_id,
         "threshold": threshold,
+        "seed_threshold": vector.get("seed_threshold"),
         "min_area_m2": vector.get("min_area_m2"),
         "pixel": pixel_metrics(tp, fp, fn, tn),
         "polygon": {**polygon_scores(match.tp, match.fp, match.fn), "n_truth": len(truth), "n_pred": len(pred),
@@ -253,6 +254,7 @@ def run(cfg: Config, overwrite: bool = False) -> dict[str, Any]:
         "name": cfg.name,
         "split": split,
         "threshold": first["threshold"],
+        "seed_threshold": first.get("seed_threshold"),
         "threshold_source": predicted.get("calibration") or "config",
         "min_area_m2": first["min_area_m2"],
         "iou_threshold": cfg.evaluate.iou_threshold,
