@@ -26,14 +26,15 @@
 # signal (--signal=B:USR1@180) and forward it; the trainer checkpoints and exits with code 99, and
 # this script requeues the job, which then resumes by itself (--load_saved_model is added). Several
 # tasks (--ntasks=N, one per GPU) are started with srun, which forwards the signal to every rank.
-set -uo pipefail
-
 if [ -n "${SLURM_JOB_ID:-}" ]; then
-  # with a short --time the pre-timeout warning can come at once: remember it until the trainer runs
-  # (an untrapped USR1 would kill this shell)
-  EARLY_USR1=0
-  trap 'EARLY_USR1=1' USR1
+  # first thing: with a short --time the pre-timeout warning can come at once, before the trainer has a
+  # handler for it (an untrapped USR1 kills this shell, and python until it installs its handler): record it
+  # in a file that the trainer checks at every step as well as its signal flag (footprints/signals.py)
+  FOOTPRINTS_STOP_FILE="${TMPDIR:-/tmp}/footprints-stop-${SLURM_JOB_ID}-${SLURM_RESTART_COUNT:-0}-$$"
+  trap ': > "$FOOTPRINTS_STOP_FILE"' USR1
+  export FOOTPRINTS_STOP_FILE
 fi
+set -uo pipefail
 
 if [ -n "${SLURM_JOB_ID:-}" ] && [ -n "${SLURM_SUBMIT_DIR:-}" ]; then
   # a batch job runs from the submit directory (relative --config paths and logs/ are the user's), and
@@ -113,36 +114,28 @@ run_under_slurm() {
     # instead of 99 and not be requeued); a crashed rank still brings the step down within a minute
     launcher=(srun --wait=60 --export=ALL)
   fi
-  local child="" resender="" warned=0
+  local child=""
   forward() {
-    log "got SIG$1, forwarding to the trainer (pid $child)"
+    log "got SIG$1, forwarding to the trainer (pid ${child:-not started yet})"
+    # a warning the trainer cannot receive yet (no handler installed) still reaches it through the file
+    [ "$1" = USR1 ] && : > "$FOOTPRINTS_STOP_FILE"
     [ -n "$child" ] && kill -"$1" "$child" 2>/dev/null
-    if [ "$1" = USR1 ] && [ "$warned" = 0 ] && [ -n "$child" ]; then
-      warned=1
-      # a warning that comes before the trainer has installed its handler is ignored by it (see below):
-      # repeat it every few seconds until the trainer exits (its handler only sets a flag)
-      ( while sleep 3 && kill -0 "$child" 2>/dev/null; do kill -USR1 "$child" 2>/dev/null; done ) &
-      resender=$!
-    fi
   }
   trap 'forward USR1' USR1
   trap 'forward TERM' TERM
+  [ -e "$FOOTPRINTS_STOP_FILE" ] && log "the time-limit warning came before the trainer started"
   # python starts with USR1 ignored (kept across exec) so that an early warning cannot kill it before the
   # trainer installs its handler, which replaces the ignore; commands without one carry on
   # shellcheck disable=SC2016 # $@ belongs to the inner shell
   "${launcher[@]}" bash -c 'trap "" USR1; exec "$@"' footprints "$PY" -m footprints.cli "${args[@]}" &
   child=$!
-  if [ "${EARLY_USR1:-0}" = 1 ]; then
-    log "the time-limit warning came before the trainer started"
-    forward USR1
-  fi
   local rc=0
   # every trapped signal makes `wait` return early; wait again until the child is gone
   while :; do
     wait "$child"; rc=$?
     kill -0 "$child" 2>/dev/null || break
   done
-  [ -n "$resender" ] && kill "$resender" 2>/dev/null
+  rm -f "$FOOTPRINTS_STOP_FILE"
   log "footprints exited with $rc"
   if [ "$rc" = 99 ]; then
     if requeue_allowed; then
