@@ -106,7 +106,10 @@ class VGG16Features(nn.Module):
         x = self.normalize(rgb)
         if "input" in wanted:
             out["input"] = x
-        stop = max((self.conv_index[n] for n in wanted if n != "input"), default=-1)
+        stop = -1  # the deepest conv wanted (a plain loop: `max(generator, default=)` breaks torch.compile's graph)
+        for name in layers:
+            if name != "input":
+                stop = max(stop, self.conv_index[name])
         by_relu = {i + 1: n for n, i in self.conv_index.items()}
         for i, module in enumerate(self.features):
             if i > stop + 1:

@@ -68,6 +68,8 @@ class TileConfig:
     subset_splits: dict[str, str] = field(
         default_factory=lambda: {"train": "train", "tier3": "train", "hold": "val", "test": "test"}
     )
+    # also write the patch store (contiguous uint8 arrays per scene, read by training and features)
+    patch_store: bool = True
 
 
 @dataclass
@@ -85,6 +87,7 @@ class FeaturesConfig:
     batch_size: int = 8  # patches per backbone batch
     shard_patches: int = 256  # patches per output shard
     device: str = "auto"  # auto | cpu | cuda
+    prefetch: int = 2  # batches read and sampled ahead by the reader thread while the device works
 
 
 @dataclass
@@ -125,6 +128,7 @@ class SegmenterConfig:
     overlays: int = 3  # validation overlays written per epoch
     device: str = "auto"
     max_steps_per_epoch: int = 0  # 0 = a full pass; >0 caps an epoch (benchmarks, smoke runs)
+    compile: bool = False  # torch.compile the segmenter (the head has no graph break)
 
 
 @dataclass
@@ -148,6 +152,12 @@ class PredictConfig:
     simplify_px: float = 1.0
     prob_dtype: Literal["uint8", "float16"] = "uint8"
     device: str = "auto"
+    amp: bool = True  # bf16 (else fp16) autocast on CUDA; ignored on CPU
+    compile: bool = False  # torch.compile the segmenter for inference
+    # `footprints bench predict`: side of the synthetic scene, and of the top-left part of it the real
+    # network runs on (end to end and model alone; 0 = the whole scene); the null-model pass covers it all
+    bench_scene_px: int = 8192
+    bench_model_px: int = 0
 
 
 @dataclass
@@ -302,6 +312,7 @@ RANGES: dict[str, tuple[float | None, float | None]] = {
     "tile.fold": (0, None), "tile.split_ratios": (0, None), "tile.val_band": (0, 0.9),
     "tile.border_m": (OPEN, 20), "tile.contact_m": (OPEN, 50),
     "features.per_class": (1, None), "features.batch_size": (1, None), "features.shard_patches": (1, None),
+    "features.prefetch": (1, 64),
     "classifier.hidden": (1, None), "classifier.dropout": (0, 0.99), "classifier.epochs": (1, None),
     "classifier.batch_size": (1, None), "classifier.lr": (OPEN, 1), "classifier.weight_decay": (0, None),
     "classifier.step_size": (1, None), "classifier.gamma": (OPEN, 1), "classifier.class_weights": (OPEN, None),
@@ -314,6 +325,7 @@ RANGES: dict[str, tuple[float | None, float | None]] = {
     "predict.threshold": (OPEN, 1), "predict.min_area_m2": (0, None), "predict.threshold_grid": (OPEN, 1),
     "predict.min_area_grid": (0, None), "predict.seed_threshold": (OPEN, 1),
     "predict.seed_threshold_grid": (OPEN, 1), "predict.hole_area_m2": (0, None), "predict.simplify_px": (0, 10),
+    "predict.bench_scene_px": (256, 65536), "predict.bench_model_px": (0, 65536),
     "evaluate.iou_threshold": (OPEN, 1), "evaluate.overlays": (0, 1000),
     "cluster.workers": (0, 1024), "cluster.threads_per_worker": (1, 1024), "cluster.slurm.cores": (1, None),
     "cluster.slurm.processes": (1, None), "cluster.slurm.jobs": (1, None), "cluster.slurm.adaptive_min": (0, None),

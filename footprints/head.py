@@ -14,7 +14,12 @@ bilinear weights of exactly the source pixels `F.interpolate(size=patch, mode="b
 align_corners=False)` would use, and projected in one GEMM; coarser layers (conv4_x at 32x32, conv5_x
 at 16x16) are projected at their own resolution, one GEMM per resolution, and only those 1024-channel
 sums are sampled. conv2 and conv3 then run on the grid. The feature normaliser (x - mean) / std is
-folded into conv1's weights and bias. `NaiveHead` is the straightforward reference (the seed's head);
+folded into conv1's weights and bias at every forward (`folded_conv1`), not into its parameters: conv1
+keeps the MLP's fc1 in standardised units, so that dense training takes steps of the size the MLP's
+training took. Folded parameters diverge: Adam moves every weight by about lr, which in standardised
+units is lr x std, and hypercolumn channel stds on real imagery range from 1e-5 to ~370 (measured on
+Joplin with the shared weights: dense loss 0.30 -> 6.7 in one epoch at lr 1e-4 folded; 0.30 -> 0.28 in
+two epochs standardised). `NaiveHead` is the straightforward reference (the seed's head);
 tests prove both give the same numbers and gradients.
 
 Layout, for speed on CPU: everything after the backbone is channels last, a (positions, channels)
@@ -33,6 +38,11 @@ head's cost is conv1 on the full 128x128 output of its first stride-2 conv over 
 hypercolumn (~1,100 GFLOP forward + weight gradient).
 
 `footprints bench head` (`footprints.benchmarks.head`) measures both on one input.
+
+Compilable: the per-axis interpolation matrices are looked up in `_tap_cache` by (axis size, source
+pixels, device, dtype), built outside any traced path (`prepare`, or on first use by a function dynamo
+does not trace), and every size is plain integer arithmetic (`grid_len`): `torch.compile` traces the
+forward and backward with no graph break and no data-dependent branch.
 """
 
 from __future__ import annotations
@@ -55,8 +65,10 @@ __all__ = [
     "DenseHead",
     "NaiveHead",
     "evaluated_positions",
+    "grid_len",
     "sample_bilinear",
     "upsample_grid",
+    "upsample_taps",
 ]
 
 
@@ -77,11 +89,18 @@ def evaluated_positions(size: int, stride: int) -> torch.Tensor:
 _Taps = slice | torch.Tensor
 
 
-def _axis_taps(out_positions: torch.Tensor, n_in: int, n_out: int, ref: torch.Tensor) -> _Taps:
+def _axis_taps(out_positions: torch.Tensor, n_in: int, n_out: int, device: torch.device,
+               dtype: torch.dtype) -> _Taps:
     """`_axis_resampler` for sampling one axis at `out_positions` of its bilinear upsampling from n_in
-    to n_out pixels, its matrix on `ref`'s device and dtype."""
+    to n_out pixels, its matrix on `device` in `dtype`."""
     r = _axis_resampler(*bilinear_source(out_positions, n_in, n_out), n_in)
-    return r if isinstance(r, slice) else r.to(device=ref.device, dtype=ref.dtype)
+    return r if isinstance(r, slice) else r.to(device=device, dtype=dtype)
+
+
+def grid_len(size: int, stride: int) -> int:
+    """len(evaluated_positions(size, stride)), in integer arithmetic (no tensor: nothing to trace)."""
+    n1 = (size - 1) // stride + 1
+    return (n1 - 1) // stride + 1
 
 
 def _sample_axis(x: torch.Tensor, dim: int, taps: _Taps) -> torch.Tensor:
@@ -155,22 +174,31 @@ def sample_bilinear(
     return _resample(f, ry, cx)
 
 
-def upsample_grid(logits: torch.Tensor, size: tuple[int, int], step: int) -> torch.Tensor:
+def upsample_taps(n_in: int, n_out: int, step: int) -> slice | torch.Tensor:
+    """The resampler of one axis of `upsample_grid` (float64 matrix or slice): node k at pixel k*step,
+    held beyond the last node."""
+    src = (torch.arange(n_out, dtype=torch.float64) / step).clamp(max=n_in - 1)
+    i0 = src.floor().long()
+    return _axis_resampler(i0, (i0 + 1).clamp(max=n_in - 1), src - i0.to(torch.float64), n_in)
+
+
+def upsample_grid(logits: torch.Tensor, size: tuple[int, int], step: int,
+                  taps: tuple[slice | torch.Tensor, slice | torch.Tensor] | None = None) -> torch.Tensor:
     """Bilinear upsampling of values on the evaluated grid (node k at pixel k*step) to `size` pixels.
 
     The seed used `F.interpolate(size=...)`, which places node k at pixel k*step + (step-1)/2: every
     prediction shifted by 1.5 px for s=2. Here node k sits on the pixel it was computed from, so the
     output at an evaluated pixel is exactly the head's value there; beyond the last node the value is
     held (edge clamp). step=1 is the identity.
+
+    `taps`: the two axes' resamplers already built (`upsample_taps`, on the logits' device and dtype), so that
+    a traced caller builds nothing.
     """
     if step == 1 and tuple(logits.shape[-2:]) == tuple(size):
         return logits
-    axes = []
-    for n_in, n_out in ((logits.shape[-2], size[0]), (logits.shape[-1], size[1])):
-        src = (torch.arange(n_out, dtype=torch.float64) / step).clamp(max=n_in - 1)
-        i0 = src.floor().long()
-        axes.append(_axis_resampler(i0, (i0 + 1).clamp(max=n_in - 1), src - i0.to(torch.float64), n_in))
-    return _resample(logits, axes[0], axes[1])
+    if taps is None:
+        taps = (upsample_taps(logits.shape[-2], size[0], step), upsample_taps(logits.shape[-1], size[1], step))
+    return _resample(logits, taps[0], taps[1])
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -180,7 +208,10 @@ def upsample_grid(logits: torch.Tensor, size: tuple[int, int], step: int) -> tor
 class DenseHead(nn.Module):
     """The factorised head: hypercolumn layers -> hidden -> hidden -> classes on the evaluated grid.
 
-    Parameters are three 1x1 `nn.Conv2d` (`conv1` holds the MLP's fc1 with the normaliser folded in).
+    Parameters are three 1x1 `nn.Conv2d` (`conv1` holds the MLP's fc1, applied to standardised inputs) and
+    the normaliser's `mean` and `std` buffers, folded into conv1 at each forward (`folded_conv1`).
+    Checkpoints written before the buffers existed had the normaliser folded into conv1: they load with
+    mean 0 and std 1, which is the same function.
     `forward(acts, size)` takes the backbone activations (each at its own resolution) of a patch of
     `size` pixels and returns logits on the evaluated grid, (B, classes, n_rows, n_cols).
     """
@@ -202,6 +233,8 @@ class DenseHead(nn.Module):
         self.stride = stride
         self.dropout_p = dropout
         self.num_classes = num_classes
+        self.register_buffer("mean", torch.zeros(self.in_channels))
+        self.register_buffer("std", torch.ones(self.in_channels))
         self.conv1 = nn.Conv2d(self.in_channels, hidden, 1)
         self.conv2 = nn.Conv2d(hidden, hidden, 1)
         self.conv3 = nn.Conv2d(hidden, num_classes, 1)
@@ -210,20 +243,33 @@ class DenseHead(nn.Module):
         for name in self.layers:
             offsets.append(offsets[-1] + LAYER_CHANNELS[name])
         self._slices = {name: slice(offsets[k], offsets[k + 1]) for k, name in enumerate(self.layers)}
-        self._tap_cache: dict[tuple, _Taps] = {}  # sampling taps per (axis geometry, device, dtype)
+        # sampling taps per (axis size, source pixels, device, dtype): built once, outside any traced path
+        self._tap_cache: dict[tuple, _Taps] = {}
 
     @property
     def grid_step(self) -> int:
         """Pixels between evaluated grid nodes (s*s)."""
         return self.stride * self.stride
 
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        # checkpoints of before the normaliser buffers: conv1 has it folded in, i.e. mean 0 and std 1
+        for name, value in (("mean", self.mean), ("std", self.std)):
+            state_dict.setdefault(prefix + name, torch.zeros_like(value) if name == "mean" else torch.ones_like(value))
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+
+    def folded_conv1(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """conv1 with the normaliser folded in, as a (hidden, C) matrix and a bias:
+        W1 ((x - m) / s) + b1 = (W1 / s) x + (b1 - (W1 / s) m). Differentiable: gradients reach conv1."""
+        w1 = self.conv1.weight.view(self.hidden, self.in_channels) / self.std.to(self.conv1.weight.dtype)
+        b1 = self.conv1.bias - w1 @ self.mean.to(w1.dtype)
+        return w1, b1
+
     @classmethod
     def from_mlp(cls, mlp: MLP, layers: Sequence[str], stride: int = 2) -> DenseHead:
-        """Exact conversion: conv weights = fc weights; (x - mean) / std folded into conv1. The head
-        is in the MLP's mode (train/eval).
-
-        W1 ((x - m) / s) + b1 = (W1 / s) x + (b1 - (W1 / s) m), computed in float64.
-        """
+        """Exact conversion: conv weights = fc weights, the normaliser's mean and std copied into the
+        head's buffers (folded at forward time). The head is in the MLP's mode (train/eval)."""
         layers = resolve_layers(list(layers))
         if hypercolumn_channels(layers) != mlp.in_channels:
             raise ValueError(
@@ -232,26 +278,44 @@ class DenseHead(nn.Module):
             )
         head = cls(layers, mlp.hidden, stride, mlp.dropout_p, mlp.fc3.out_features)
         with torch.no_grad():
-            w1 = mlp.fc1.weight.double() / mlp.std.double()[None, :]
-            b1 = mlp.fc1.bias.double() - w1 @ mlp.mean.double()
-            head.conv1.weight.copy_(w1[:, :, None, None])
-            head.conv1.bias.copy_(b1)
+            head.mean.copy_(mlp.mean)
+            head.std.copy_(mlp.std)
+            head.conv1.weight.copy_(mlp.fc1.weight[:, :, None, None])
+            head.conv1.bias.copy_(mlp.fc1.bias)
             head.conv2.weight.copy_(mlp.fc2.weight[:, :, None, None])
             head.conv2.bias.copy_(mlp.fc2.bias)
             head.conv3.weight.copy_(mlp.fc3.weight[:, :, None, None])
             head.conv3.bias.copy_(mlp.fc3.bias)
         return head.train(mlp.training)
 
-    def _taps(self, positions: torch.Tensor, n_in: int, n_out: int, ref: torch.Tensor) -> _Taps:
-        """Cached `_axis_taps` for one axis, on `ref`'s device and dtype (built once per geometry)."""
-        key = (tuple(positions.tolist()), n_in, n_out, ref.device, ref.dtype)
-        taps = self._tap_cache.get(key)
+    def _taps(self, axis_size: int, n_in: int, ref: torch.Tensor) -> _Taps:
+        """The taps sampling one axis of a layer of `n_in` pixels at the evaluated positions of a patch axis of
+        `axis_size` pixels, on `ref`'s device and dtype: a dictionary lookup once built (by `prepare` or the
+        first call), so `torch.compile` traces no index maths and no data-dependent branch."""
+        taps = self._tap_cache.get((axis_size, n_in, ref.device, ref.dtype))
         if taps is None:
-            taps = _axis_taps(positions, n_in, n_out, ref)
-            if len(self._tap_cache) > 64:  # many patch sizes (prediction on odd scenes): stay bounded
-                self._tap_cache.clear()
-            self._tap_cache[key] = taps
+            taps = self._build_taps(axis_size, n_in, ref.device, ref.dtype)
         return taps
+
+    @torch.compiler.disable
+    def _build_taps(self, axis_size: int, n_in: int, device: torch.device, dtype: torch.dtype) -> _Taps:
+        positions = evaluated_positions(axis_size, self.stride)
+        taps = _axis_taps(positions, n_in, axis_size, device, dtype)
+        if len(self._tap_cache) > 64:  # many patch sizes (prediction on odd scenes): stay bounded
+            self._tap_cache.clear()
+        self._tap_cache[(axis_size, n_in, device, dtype)] = taps
+        return taps
+
+    def prepare(self, size: tuple[int, int], resolutions: Sequence[tuple[int, int]], device: torch.device | str,
+                dtypes: Sequence[torch.dtype] = (torch.float32,)) -> None:
+        """Build the taps for patches of `size` whose layers come at `resolutions` (h, w), for each dtype the
+        activations may have (float32; the autocast dtype on CUDA): a compiled forward then only looks them up."""
+        device = torch.device(device)
+        for dtype in dtypes:
+            ref = torch.empty(0, device=device, dtype=dtype)
+            for h, w in resolutions:
+                self._taps(size[0], h, ref)
+                self._taps(size[1], w, ref)
 
     def _columns(self, w1: torch.Tensor, names: Sequence[str]) -> torch.Tensor:
         """The columns of W1 (hidden, C) reading `names`: a strided view when they are contiguous."""
@@ -269,10 +333,8 @@ class DenseHead(nn.Module):
         (conv4_x, conv5_x) on their channels-last concatenation, and only those sums (hidden
         channels) are sampled.
         """
-        rows = evaluated_positions(size[0], self.stride)
-        cols = evaluated_positions(size[1], self.stride)
-        n_r, n_c = len(rows), len(cols)
-        w1 = self.conv1.weight.view(self.hidden, self.in_channels)
+        n_r, n_c = grid_len(size[0], self.stride), grid_len(size[1], self.stride)
+        w1, b1 = self.folded_conv1()
         groups: dict[tuple[int, int], list[str]] = {}  # resolution -> layers at it, in channel order
         for name in self.layers:
             f = acts[name]
@@ -282,8 +344,8 @@ class DenseHead(nn.Module):
         coarse: list[torch.Tensor] = []
         for (h, w), names in groups.items():
             ref = acts[names[0]]
-            ry = self._taps(rows, h, size[0], ref)
-            cx = self._taps(cols, w, size[1], ref)
+            ry = self._taps(size[0], h, ref)
+            cx = self._taps(size[1], w, ref)
             if h * w >= n_r * n_c:
                 # sample each layer (NCHW) to the grid; the concatenation below makes it channels last
                 dense_names.extend(names)
@@ -297,11 +359,11 @@ class DenseHead(nn.Module):
         z: torch.Tensor
         if dense_parts:
             x = dense_parts[0] if len(dense_parts) == 1 else torch.cat(dense_parts, dim=3)
-            z = torch.addmm(self.conv1.bias, x.reshape(-1, x.shape[-1]), self._columns(w1, dense_names).t())
+            z = torch.addmm(b1, x.reshape(-1, x.shape[-1]), self._columns(w1, dense_names).t())
             for part in coarse:  # in place: addmm's output is saved by nobody
                 z.add_(part.reshape(z.shape))
         else:
-            z = coarse[0].reshape(-1, self.hidden) + self.conv1.bias
+            z = coarse[0].reshape(-1, self.hidden) + b1
             for part in coarse[1:]:
                 z.add_(part.reshape(z.shape))
         return z
@@ -314,8 +376,7 @@ class DenseHead(nn.Module):
         `nn.Conv2d` parameters. ReLUs are in place: their inputs are saved by no other op.
         """
         batch = next(iter(acts.values())).shape[0]
-        n_r = len(evaluated_positions(size[0], self.stride))
-        n_c = len(evaluated_positions(size[1], self.stride))
+        n_r, n_c = grid_len(size[0], self.stride), grid_len(size[1], self.stride)
         h = self.dropout(torch.relu_(self.first_layer(acts, size)))
         w2 = self.conv2.weight.view(self.hidden, self.hidden)
         h = self.dropout(torch.relu_(torch.addmm(self.conv2.bias, h, w2.t())))
@@ -360,10 +421,10 @@ class NaiveHead(nn.Module):
 
     @classmethod
     def from_dense(cls, dense: DenseHead) -> NaiveHead:
-        """Same parameter values and mode as `dense` (normaliser already folded: mean 0, std 1)."""
+        """Same parameter values, normaliser and mode as `dense`."""
         head = cls(dense.layers, dense.hidden, dense.stride, dense.dropout_p, dense.num_classes)
         head = head.to(dense.conv1.weight.dtype)  # before copying, or float64 values are rounded
-        head.load_state_dict({**dense.state_dict(), "mean": head.mean, "std": head.std})
+        head.load_state_dict(dense.state_dict())
         return head.train(dense.training)
 
     def hypercolumns(self, acts: Mapping[str, torch.Tensor], size: tuple[int, int]) -> torch.Tensor:

@@ -59,16 +59,21 @@ def gather_hypercolumns(
     each is read at the position it would have after `F.interpolate(..., size=size, mode="bilinear",
     align_corners=False)`, by blending its four neighbours, and the layers are concatenated in `layers`
     order. The result is on the activations' device, in their dtype.
+
+    The four neighbours of an image's samples are read with one `index_select` per image: rows of its
+    (h * w, C) view for channels-last activations (a pixel's channels are contiguous: a few cache lines per
+    sample, the layout the features stage runs the backbone in), else columns of its (C, h * w) view. An
+    advanced index `act[b, :, y, x]` on NCHW activations misses the cache once per channel and was most of
+    the features stage's time beside the backbone.
     """
     out_h, out_w = (size, size) if isinstance(size, int) else size
     first = activations[layers[0]]
     device = first.device
     rows_t = torch.as_tensor(rows, device=device).long()
     cols_t = torch.as_tensor(cols, device=device).long()
-    if batch is None:
-        batch_t = torch.zeros_like(rows_t)
-    else:
-        batch_t = torch.as_tensor(batch, device=device).long()
+    n = int(rows_t.numel())
+    b_host = np.zeros(n, dtype=np.int64) if batch is None else np.asarray(torch.as_tensor(batch).cpu(), np.int64)
+    groups = [(int(b), torch.as_tensor(np.flatnonzero(b_host == b), device=device)) for b in np.unique(b_host)]
     cache: dict[tuple[int, int], tuple[torch.Tensor, ...]] = {}
     parts = []
     for name in layers:
@@ -79,12 +84,28 @@ def gather_hypercolumns(
         if (h, w) not in cache:
             y0, y1, fy = bilinear_source(rows_t, h, out_h)
             x0, x1, fx = bilinear_source(cols_t, w, out_w)
-            cache[(h, w)] = (y0, y1, x0, x1, fy.unsqueeze(1), fx.unsqueeze(1))
-        y0, y1, x0, x1, fy, fx = cache[(h, w)]
-        # advanced indexing act[b, :, y, x] gives (n, C_l)
-        top = act[batch_t, :, y0, x0] * (1 - fx).to(act.dtype) + act[batch_t, :, y0, x1] * fx.to(act.dtype)
-        bottom = act[batch_t, :, y1, x0] * (1 - fx).to(act.dtype) + act[batch_t, :, y1, x1] * fx.to(act.dtype)
-        parts.append(top * (1 - fy).to(act.dtype) + bottom * fy.to(act.dtype))
+            corners = torch.stack([y0 * w + x0, y0 * w + x1, y1 * w + x0, y1 * w + x1])  # (4, n)
+            cache[(h, w)] = (corners, fy, fx)
+        corners, fy, fx = cache[(h, w)]
+        nhwc = act.shape[1] > 1 and act.is_contiguous(memory_format=torch.channels_last)
+        if nhwc:  # a pixel's channels are contiguous: one row per corner
+            flat = act.permute(0, 2, 3, 1).reshape(act.shape[0], h * w, act.shape[1])
+        else:
+            flat = act.reshape(act.shape[0], act.shape[1], h * w)
+        out = act.new_empty((n, act.shape[1]))
+        for b, sel in groups:
+            m = int(sel.numel())
+            fxs, fys = fx[sel], fy[sel]
+            if nhwc:
+                v = flat[b].index_select(0, corners[:, sel].reshape(-1)).view(4, m, -1)  # (4, m, C)
+                fxs, fys = fxs[:, None], fys[:, None]
+            else:
+                v = flat[b].index_select(1, corners[:, sel].reshape(-1)).view(-1, 4, m).transpose(0, 1)  # (4, C, m)
+            top = v[0] * (1 - fxs).to(act.dtype) + v[1] * fxs.to(act.dtype)
+            bottom = v[2] * (1 - fxs).to(act.dtype) + v[3] * fxs.to(act.dtype)
+            res = top * (1 - fys).to(act.dtype) + bottom * fys.to(act.dtype)
+            out[sel] = res if nhwc else res.t()
+        parts.append(out)
     return torch.cat(parts, dim=1)
 
 

@@ -6,6 +6,12 @@ gives a model ready for prediction. `model(rgb)` takes RGB floats in 0..255, (B,
 logits (B, 2, H, W) at the input size. H and W that are not multiples of 16 (VGG's four poolings) are
 padded inside with 0 (the tiles' nodata value) at the bottom/right and the output cropped back, so
 predictions near such an edge see black padding, as edge tiles do in training.
+
+Compilable: `model.prepare(size, device)` builds every interpolation matrix a forward at that input size
+needs (the head's sampling taps, the logits' upsampling) outside any traced path; a forward then only
+looks them up, so `torch.compile(model)` traces `Segmenter.forward` without a graph break in the head or
+the upsampling (a size not prepared is built on first use, by a function dynamo does not trace).
+`compile_segmenter` prepares and compiles (the `segmenter.compile` / `predict.compile` options).
 """
 
 from __future__ import annotations
@@ -19,10 +25,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .backbone import VGG16Features, hypercolumn_channels, load_backbone, resolve_layers
+from .backbone import LAYER_SCALE, VGG16Features, hypercolumn_channels, load_backbone, resolve_layers
 from .contracts.checkpoints import REQUIRED, load_checkpoint
 from .errors import InputError
-from .head import DenseHead, upsample_grid
+from .head import DenseHead, grid_len, upsample_grid, upsample_taps
 from .mlp import mlp_from_checkpoint
 from .targets import SCHEMES, ClassScheme, scheme_for
 
@@ -53,6 +59,8 @@ class Segmenter(nn.Module):
         self.backbone.requires_grad_(self.train_backbone)
         if not self.train_backbone:
             self.backbone.eval()
+        # upsampling taps of the logits per (grid and output sizes, device, dtype); see `prepare`
+        self._up_cache: dict[tuple, tuple[Any, Any]] = {}
 
     def train(self, mode: bool = True) -> Segmenter:
         """Like nn.Module.train, but a frozen backbone stays in eval mode."""
@@ -81,13 +89,47 @@ class Segmenter(nn.Module):
         size = (int(rgb.shape[-2]), int(rgb.shape[-1]))
         return self.head(self.features(rgb), size)
 
+    def _up_taps(self, grid: tuple[int, int], size: tuple[int, int], ref: torch.Tensor) -> tuple[Any, Any]:
+        taps = self._up_cache.get((grid, size, ref.device, ref.dtype))
+        if taps is None:
+            taps = self._build_up_taps(grid, size, ref.device, ref.dtype)
+        return taps
+
+    @torch.compiler.disable
+    def _build_up_taps(self, grid: tuple[int, int], size: tuple[int, int], device: torch.device,
+                       dtype: torch.dtype) -> tuple[Any, Any]:
+        step = self.head.grid_step
+        taps = tuple(t if isinstance(t, slice) else t.to(device=device, dtype=dtype)
+                     for t in (upsample_taps(grid[0], size[0], step), upsample_taps(grid[1], size[1], step)))
+        if len(self._up_cache) > 64:
+            self._up_cache.clear()
+        self._up_cache[(grid, size, device, dtype)] = taps
+        return taps
+
+    def prepare(self, size: tuple[int, int], device: torch.device | str | None = None,
+                dtypes: Any = None) -> Segmenter:
+        """Build the interpolation matrices of inputs of `size` (H, W) on `device` (default: the model's) for
+        float32 and, on CUDA, the autocast dtypes, so that no forward (compiled or not) builds any."""
+        device = torch.device(device) if device is not None else next(self.parameters()).device
+        if dtypes is None:
+            dtypes = [torch.float32] + ([torch.bfloat16, torch.float16] if device.type == "cuda" else [])
+        h, w = size[0] + (-size[0] % PAD_MULTIPLE), size[1] + (-size[1] % PAD_MULTIPLE)
+        resolutions = sorted({(h // LAYER_SCALE[n], w // LAYER_SCALE[n]) for n in self.layers})
+        self.head.prepare((h, w), resolutions, device, dtypes)
+        grid = (grid_len(h, self.head.stride), grid_len(w, self.head.stride))
+        for dtype in dtypes:
+            self._up_taps(grid, (h, w), torch.empty(0, device=device, dtype=dtype))
+        return self
+
     def forward(self, rgb: torch.Tensor) -> torch.Tensor:
         if rgb.dim() != 4 or rgb.shape[1] != 3:
             raise ValueError(f"Segmenter expects (B, 3, H, W) RGB in 0..255, got shape {tuple(rgb.shape)}")
         h, w = int(rgb.shape[-2]), int(rgb.shape[-1])
         ph, pw = -h % PAD_MULTIPLE, -w % PAD_MULTIPLE
         x = F.pad(rgb, (0, pw, 0, ph)) if ph or pw else rgb
-        logits = upsample_grid(self.grid_logits(x), (h + ph, w + pw), self.head.grid_step)
+        g = self.grid_logits(x)
+        size = (h + ph, w + pw)
+        logits = upsample_grid(g, size, self.head.grid_step, self._up_taps((g.shape[-2], g.shape[-1]), size, g))
         return logits[..., :h, :w] if ph or pw else logits
 
 
@@ -172,6 +214,13 @@ def load_segmenter(path: str | Path, device: str | torch.device = "cpu") -> tupl
     return model.to(device).eval(), meta
 
 
+def compile_segmenter(model: Segmenter, size: tuple[int, int], device: torch.device | str | None = None) -> Any:
+    """`torch.compile(model)` after preparing its interpolation matrices for inputs of `size`: the compiled
+    forward traces no index maths (`Segmenter.prepare`)."""
+    model.prepare(size, device)
+    return torch.compile(model)
+
+
 def scheme_of(meta: Mapping[str, Any]) -> ClassScheme:
     """The class scheme of a segmenter checkpoint's meta (checkpoints of before K classes: binary)."""
     return scheme_for(meta.get("classes"))
@@ -180,9 +229,16 @@ def scheme_of(meta: Mapping[str, Any]) -> ClassScheme:
 def building_and_seed(logits: torch.Tensor, scheme: ClassScheme) -> torch.Tensor:
     """(B, bands, H, W) probabilities from logits (B, K, H, W): band 0 the building probability (the sum of
     the building classes), band 1 the watershed seed score (the interior's probability) when the scheme
-    has more classes than background and building."""
+    has more classes than background and building. One softmax, then each band written in place (no
+    gathered copies, no concatenation: this runs on every window of every scene)."""
     p = torch.softmax(logits.float(), dim=1)
-    building = p[:, list(scheme.building)].sum(1, keepdim=True)
-    if scheme.seed == scheme.building:
-        return building
-    return torch.cat([building, p[:, list(scheme.seed)].sum(1, keepdim=True)], dim=1)
+    bands = 1 if scheme.seed == scheme.building else 2
+    out = p.new_empty((p.shape[0], bands, *p.shape[2:]))
+    for band, classes in enumerate((scheme.building, scheme.seed)[:bands]):
+        if len(classes) == 1:
+            out[:, band].copy_(p[:, classes[0]])
+        else:
+            torch.add(p[:, classes[0]], p[:, classes[1]], out=out[:, band])
+            for k in classes[2:]:
+                out[:, band].add_(p[:, k])
+    return out

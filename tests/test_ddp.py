@@ -12,6 +12,7 @@ import socket
 import subprocess
 
 import pytest
+from store_fixtures import add_patch_store
 from train_fixtures import REPO, copy_inputs, load, make_project, run_cli, train_command
 
 pytestmark = pytest.mark.slow
@@ -51,9 +52,11 @@ def _launch_ranks(config, args, hooks=None, world=2):
 
 def test_two_rank_ddp_matches_one_process_and_stops_together(tmp_path):
     config = make_project(tmp_path, name="single", dropout=0.0)
+    add_patch_store(tmp_path / "outputs" / "single" / "tile")  # both runs read the patch store
     copy_inputs(tmp_path, "single", "ddp")
     single = run_cli(config)
     assert single.returncode == 0, single.stderr[-3000:]
+    assert "decoded from GeoTIFF" not in single.stderr
 
     ddp = ("--set", "name=ddp", "--set", "segmenter.checkpoint_every=1")
     # only rank 1 gets SIGUSR1 (after its step 2); both ranks must stop after the same step, exit 99

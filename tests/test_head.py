@@ -192,7 +192,7 @@ def test_frozen_activations_float64_and_cached_geometry():
     naive = NaiveHead.from_dense(dense).double().eval()
     assert {k: tuple(v.shape) for k, v in dense.state_dict().items()} == {
         "conv1.weight": (16, 4227, 1, 1), "conv1.bias": (16,), "conv2.weight": (16, 16, 1, 1),
-        "conv2.bias": (16,), "conv3.weight": (2, 16, 1, 1), "conv3.bias": (2,)}
+        "conv2.bias": (16,), "conv3.weight": (2, 16, 1, 1), "conv3.bias": (2,), "mean": (4227,), "std": (4227,)}
     for size in [(64, 64), (48, 80), (64, 64)]:
         acts = random_acts(layers, 2, size, seed=size[1])
         for p in (*dense.parameters(), *naive.parameters()):
@@ -205,3 +205,41 @@ def test_frozen_activations_float64_and_cached_geometry():
         (out_n * w).sum().backward()
         for name, p in dense.named_parameters():
             assert rel_diff(p.grad, dict(naive.named_parameters())[name].grad) < 1e-10, (size, name)
+
+
+def test_conv1_trains_in_the_mlps_units_and_folded_checkpoints_still_load():
+    """conv1 holds fc1 in standardised units, so a dense training step is the MLP's step: the gradient that
+    reaches conv1 equals the one fc1 gets from the same pixels (were the normaliser folded into conv1,
+    Adam's ~lr steps would be lr x std in the MLP's units; real hypercolumn stds reach ~370 and training
+    diverged). A head saved with the normaliser folded into conv1 (no mean/std) is the same function."""
+    layers = ["input", "conv1_1"]
+    c = hypercolumn_channels(layers)
+    mlp = random_mlp(c, 16, classes=3)
+    with torch.no_grad():  # channel scales as far apart as real hypercolumns
+        mlp.std.copy_(torch.logspace(-3, 2.5, c))
+        mlp.mean.copy_(torch.linspace(-50, 50, c))
+    mlp.eval()
+    size = (32, 32)
+    acts = {n: a * 100 for n, a in random_acts(layers, 2, size, dtype=torch.float32, seed=7).items()}
+    head = DenseHead.from_mlp(mlp, layers, 2).eval()
+    assert torch.equal(head.conv1.weight[:, :, 0, 0], mlp.fc1.weight)
+
+    hyper = NaiveHead(layers, 8, 2).hypercolumns(acts, size)
+    rows, cols = evaluated_positions(size[0], 2), evaluated_positions(size[1], 2)
+    pixels = hyper[:, :, rows][:, :, :, cols].permute(0, 2, 3, 1).reshape(-1, c)  # the grid pixels, in grid order
+    weight = torch.randn(pixels.shape[0], 3, generator=torch.Generator().manual_seed(0))
+    (mlp(pixels) * weight).sum().backward()
+    logits = head(acts, size).permute(0, 2, 3, 1).reshape(-1, 3)
+    (logits * weight).sum().backward()
+    assert rel_diff(head.conv1.weight.grad[:, :, 0, 0], mlp.fc1.weight.grad) < 1e-4
+    assert rel_diff(head.conv1.bias.grad, mlp.fc1.bias.grad) < 1e-4
+
+    folded = {k: v for k, v in head.state_dict().items() if k not in ("mean", "std")}
+    w1 = mlp.fc1.weight.double() / mlp.std.double()[None, :]
+    folded["conv1.weight"] = w1[:, :, None, None].float()
+    folded["conv1.bias"] = (mlp.fc1.bias.double() - w1 @ mlp.mean.double()).float()
+    old = DenseHead(layers, 16, 2, num_classes=3).eval()
+    old.load_state_dict(folded)
+    assert torch.equal(old.std, torch.ones(c)) and torch.equal(old.mean, torch.zeros(c))
+    with torch.no_grad():
+        assert rel_diff(old(acts, size), head(acts, size)) < 1e-4

@@ -51,6 +51,9 @@ def test_gather_equals_naive_full_hypercolumn(size):
     # the 3-d (single image) form gives the same columns
     one = gather_hypercolumns({k: v[1] for k, v in acts.items()}, ALL, r[b == 1], c[b == 1], size)
     assert torch.allclose(one, want[b == 1], atol=1e-5, rtol=0)
+    # channels-last activations (how the features stage runs the backbone): the very same numbers
+    nhwc = {k: v.contiguous(memory_format=torch.channels_last) for k, v in acts.items()}
+    assert torch.equal(gather_hypercolumns(nhwc, ALL, r, c, size, batch=b), got)
 
 
 def test_sample_pixels_respects_ignore_and_counts():
@@ -197,3 +200,48 @@ def test_features_settings_change_recomputes_and_meta(tiles):
     saved = json.loads((RunPaths.of(cfg).stage("features") / "meta.json").read_text())
     assert saved["per_class"] == 2 and saved["layers"] == ["conv1_2", "conv2_2", "conv3_3", "conv4_3", "conv5_3"]
 
+
+
+def test_features_read_the_patch_store_alike_and_never_send_nodata_patches_to_the_backbone(tiles, monkeypatch):
+    """The same shards from the patch store as from the GeoTIFFs, and an all-nodata patch is read and counted
+    but never goes through the backbone."""
+    from store_fixtures import add_patch_store
+
+    from footprints.stages import features as features_stage
+
+    cfg = tiles
+    tile_dir = RunPaths.of(cfg).stage("tile")
+    extract_features(cfg)
+    out = RunPaths.of(cfg).stage("features")
+    from_tiffs = {p.name: dict(np.load(p)) for p in out.glob("*_0*.npz")}
+    add_patch_store(tile_dir)
+    # blank one train patch in the store (nodata image, ignore mask) and count what the backbone sees
+    from footprints.contracts.manifest import read_manifest
+    from footprints.contracts.patches import store_dir
+
+    rows = read_manifest(tile_dir)
+    victim = rows[rows.split == "train"].iloc[0]
+    masks = np.load(store_dir(tile_dir, victim.scene_id) / "masks.npy", mmap_mode="r+")
+    masks[0] = 255
+    masks.flush()
+    del masks
+    seen: list[int] = []
+    real = features_stage._extract_batch
+
+    def counting(images, *args, **kwargs):
+        seen.append(images.shape[0])
+        return real(images, *args, **kwargs)
+
+    monkeypatch.setattr(features_stage, "_extract_batch", counting)
+    meta = extract_features(cfg, overwrite=True)
+    n_feature_patches = int(rows.split.isin(["train", "val"]).sum())
+    assert sum(seen) == n_feature_patches - 1  # the blanked patch never reached the backbone
+    assert meta["patches"]["train"] == int((rows.split == "train").sum())  # but it was read and counted
+    from_store = {p.name: dict(np.load(p)) for p in out.glob("*_0*.npz")}
+    assert from_store.keys() == from_tiffs.keys()
+    for name, arrays in from_tiffs.items():
+        keep = from_store[name]["patch_id"] != victim.patch_id
+        was = arrays["patch_id"] != victim.patch_id
+        for key in ("X", "y", "rc", "w", "patch_id"):
+            assert np.array_equal(from_store[name][key], arrays[key][was]), (name, key)
+        assert keep.all()

@@ -455,16 +455,18 @@ def _peak_bytes(size: int, path: Path) -> tuple[int, dict]:
 
     tracemalloc.start()
     try:
+        # blocks of 576 px, a multiple of the window stride (96): every interior block reads the same halo,
+        # so the two scenes below differ in area only, not in the largest halo a block reads
         out = predict_scene(SyntheticReader(size), RedModel(), path, tile_size=128, overlap=0.25, batch_size=16,
-                            block_size=512)
+                            block_size=576)
         return tracemalloc.get_traced_memory()[1], out
     finally:
         tracemalloc.stop()
 
 
 def test_memory_is_bounded_by_the_block_not_the_scene(tmp_path: Path):
-    small, _ = _peak_bytes(1024, tmp_path / "small.tif")
-    size = 2560
+    small, _ = _peak_bytes(1152, tmp_path / "small.tif")
+    size = 2880
     peak, out = _peak_bytes(size, tmp_path / "big.tif")
     # 6.25 times the pixels, the same peak (numpy/torch allocations: block + halo buffers, one batch)
     assert peak < 1.3 * small, (peak, small)
@@ -476,3 +478,85 @@ def test_memory_is_bounded_by_the_block_not_the_scene(tmp_path: Path):
     rc = np.arange(size - 96, size)
     want = ((rc[:, None] * 7 + rc[None, :] * 3) % 251).astype(np.uint8)
     assert np.abs(corner.astype(int) - want).max() <= 1  # pointwise model: blending returns the value
+
+
+# ---------------------------------------------------------------------------------------------------
+# nodata is skipped, progress is reported
+
+
+class CountingModel(nn.Module):
+    """RedModel that counts the windows it sees."""
+
+    def __init__(self):
+        super().__init__()
+        self.windows = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.windows += x.shape[0]
+        return _logits(x[:, 0] / 255.0)
+
+
+def test_windows_and_blocks_without_a_valid_pixel_are_never_run(tmp_path: Path):
+    rgb = np.zeros((3, 700, 900), np.uint8)  # nodata (0) everywhere but one small patch of ground
+    rgb[:, 300:340, 610:660] = _texture(40, 50, seed=5)
+    scene = _write_tif(tmp_path / "s.tif", rgb, UTM, "EPSG:32631")
+    outs = {}
+    for block in (4096, 128):
+        model = CountingModel()
+        with _reader(scene) as reader:
+            out = predict_scene(reader, model, tmp_path / f"b{block}.tif", tile_size=TILE, overlap=0.25,
+                                block_size=block, prob_dtype="float16")
+        outs[block] = read_probability(tmp_path / f"b{block}.tif")
+        grid = Grid(900, 700, TILE, window_stride(TILE, 0.25))
+        touching = sum(1 for r in grid.rows for c in grid.cols if r < 340 and r + TILE > 300 and c < 660
+                       and c + TILE > 610)
+        assert model.windows == out["windows"] == touching  # only the windows that see the valid patch
+        assert out["skipped_windows"] == grid.n_windows - touching and out["valid_px"] == 40 * 50
+        if block == 128:
+            assert out["empty_blocks"] > 30  # most blocks read, none of their windows run
+    prob, valid = outs[4096]
+    assert valid.sum() == 40 * 50 and valid[300:340, 610:660].all()
+    assert np.all(prob[~valid] == 0)  # invalid pixels: probability 0, masked
+    np.testing.assert_array_equal(outs[128][0], prob)
+    np.testing.assert_array_equal(outs[128][1], valid)
+
+
+def test_progress_is_logged_for_scenes_of_several_blocks_when_stderr_is_no_terminal(tmp_path, caplog,
+                                                                                      monkeypatch):
+    import footprints.inference as inference
+
+    monkeypatch.setattr(inference, "PROGRESS_LOG_S", 0.0)
+    with caplog.at_level(logging.INFO, logger="footprints.inference"):
+        predict_scene(SyntheticReader(512), RedModel(), tmp_path / "p.tif", tile_size=TILE, block_size=128)
+    lines = [r.getMessage() for r in caplog.records if r.name == "footprints.inference"]
+    assert any("of 121 windows" in m and "skipped as nodata" in m for m in lines), lines
+    assert lines[-1].startswith("big: 121 windows run, 0 skipped")
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="footprints.inference"):  # one block: nothing to report
+        predict_scene(SyntheticReader(200), RedModel(), tmp_path / "q.tif", tile_size=TILE, block_size=512)
+    assert not [r for r in caplog.records if r.name == "footprints.inference"]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device here")
+def test_cuda_autocast_pipeline_blocked_equals_whole_scene(tmp_path: Path):
+    from footprints.backbone import hypercolumn_channels, resolve_layers
+    from footprints.segmenter import build_segmenter
+
+    layers = resolve_layers("pool")
+    meta = {"layers": layers, "in_channels": hypercolumn_channels(layers), "hidden": 16, "stride": 2,
+            "backbone": {"weights": "random", "normalization": "torchvision"}}
+    torch.manual_seed(0)
+    model = build_segmenter(meta).cuda().eval()
+    rgb = _texture(300, 260, seed=3)
+    rgb[:, :40, :60] = 0
+    scene = _write_tif(tmp_path / "s.tif", rgb, UTM, "EPSG:32631")
+    outs = {}
+    for block in (4096, 96):
+        with _reader(scene) as reader:
+            out = predict_scene(reader, model, tmp_path / f"b{block}.tif", tile_size=TILE, overlap=0.25,
+                                batch_size=4, block_size=block, prob_dtype="float16", device="cuda")
+        assert out["autocast"] in ("bfloat16", "float16")
+        outs[block] = read_probability(tmp_path / f"b{block}.tif")
+    # the same windows in other batches: autocast kernels may round differently per batch; blending is exact
+    assert np.abs(outs[96][0] - outs[4096][0]).max() <= 2e-2
+    np.testing.assert_array_equal(outs[96][1], outs[4096][1])

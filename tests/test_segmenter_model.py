@@ -184,3 +184,57 @@ def test_save_and_load_segmenter(weights_file, tmp_path):
         load_segmenter(tmp_path / "classifier.pt")
     with pytest.raises(InputError, match="not found"):
         load_segmenter(tmp_path / "missing.pt")
+
+
+# ------------------------------------------------------------------------------------------ compilable
+
+
+def test_prepared_forward_traces_without_a_graph_break_in_the_head_or_the_upsampling():
+    """`Segmenter.prepare` builds every interpolation matrix outside the traced path: dynamo then traces
+    the backbone, the head and the upsampling of the logits in one graph (train and eval), at a size that
+    needs padding too."""
+    import torch._dynamo
+
+    torch.manual_seed(0)
+    model = Segmenter("pool", hidden=16, stride=2).eval()
+    breaks = []
+    for shape, train in (((2, 3, 64, 64), False), ((1, 3, 50, 70), False), ((2, 3, 64, 64), True)):
+        torch._dynamo.reset()
+        model.train(train).prepare(shape[-2:])
+        explained = torch._dynamo.explain(model)(torch.rand(*shape) * 255)
+        breaks += [str(r.user_stack[-1].filename) if r.user_stack else "?" for r in explained.break_reasons]
+    assert not breaks, breaks  # nothing in backbone.py, segmenter.py or head.py breaks the graph
+
+
+def test_prepared_unprepared_and_compiled_forwards_agree():
+    torch.manual_seed(0)
+    model = Segmenter("pool", hidden=16, stride=2).eval()
+    x = torch.rand(2, 3, 50, 70) * 255
+    with torch.no_grad():
+        fresh = model(x)  # builds its matrices on first use
+        model._up_cache.clear()
+        model.head._tap_cache.clear()
+        model.prepare((50, 70))
+        n_taps = len(model.head._tap_cache)
+        assert n_taps and model._up_cache
+        assert torch.equal(model(x), fresh)
+        assert len(model.head._tap_cache) == n_taps  # the forward built nothing
+        torch._dynamo.reset()
+        compiled = torch.compile(model, backend="eager")  # dynamo's trace, no code generation
+        assert torch.equal(compiled(x), fresh)
+
+
+@pytest.mark.parametrize("scheme_name", ["binary", "border", "contact"])
+def test_building_and_seed_sums_the_scheme_classes(scheme_name):
+    from footprints.segmenter import building_and_seed
+    from footprints.targets import SCHEMES
+
+    scheme = SCHEMES[scheme_name]
+    logits = torch.randn(3, scheme.k, 9, 7)
+    p = torch.softmax(logits, 1)
+    want = [p[:, list(scheme.building)].sum(1)]
+    if scheme.seed != scheme.building:
+        want.append(p[:, list(scheme.seed)].sum(1))
+    got = building_and_seed(logits, scheme)
+    assert got.shape == (3, len(want), 9, 7)
+    torch.testing.assert_close(got, torch.stack(want, 1), rtol=0, atol=1e-7)

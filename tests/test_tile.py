@@ -524,3 +524,44 @@ def test_xview2_target_gsd_keeps_georeference(tmp_path, xview2_data) -> None:
         _, mask = load_patch(tile_dir, row)
         assert set(np.unique(mask)) <= {0, 1}
     assert df.building_px.sum() > 0
+
+
+# --------------------------------------------------------------------------------------------------
+# the patch store
+
+
+def test_patch_store_holds_the_patches_and_is_covered_by_the_scene_record(tmp_path, xview2_data) -> None:
+    from footprints.contracts.freshness import read_record
+    from footprints.contracts.patches import PatchStore, store_is_intact, store_paths
+
+    root = xview2_data / "geotiff"
+    sets = {"data.format": "geotiff", "data.label_format": "vector", "tile.target": "border"}
+    cfg = make_cfg(tmp_path, root, **sets)
+    run_tile(cfg)
+    tile_dir = RunPaths.of(cfg).stage("tile")
+    df = read_manifest(tile_dir)
+    store = PatchStore(tile_dir, df)
+    assert store.stored_fraction == 1.0
+    order = np.random.default_rng(0).permutation(len(df))
+    images, masks = store.read(order)
+    assert images.shape == (len(df), 3, 64, 64) and masks.shape == (len(df), 64, 64)
+    for k, i in enumerate(order):
+        image, mask = load_patch(tile_dir, df.iloc[i])
+        assert np.array_equal(images[k], image) and np.array_equal(masks[k], mask)
+    sid = df.scene_id.iloc[0]
+    record = read_record(RunPaths.of(cfg).scene_record(sid))
+    assert all(f"../store/{sid}/{p.name}" in record["files"] for p in store_paths(tile_dir, sid))
+    assert not list(tile_dir.rglob("*.part"))
+
+    # a run tiled without the store (or before it existed) gets it on the next run, without re-tiling:
+    # its records keep their keys, so nothing downstream (features, models) becomes stale
+    run_tile(make_cfg(tmp_path, root, **sets, **{"tile.patch_store": "false"}), overwrite=True)
+    assert not (tile_dir / "store").exists() or not any((tile_dir / "store").iterdir())
+    keys = {s: read_record(RunPaths.of(cfg).scene_record(s))["key"] for s in df.scene_id.unique()}
+    stamp = {p: p.stat().st_mtime_ns for p in tile_dir.glob("patches/*/*.tif")}
+    again = run_tile(cfg)
+    assert again["scenes_already_done"] == 6 and again["scenes_tiled_now"] == 0
+    assert {s: read_record(RunPaths.of(cfg).scene_record(s))["key"] for s in keys} == keys
+    assert {p: p.stat().st_mtime_ns for p in tile_dir.glob("patches/*/*.tif")} == stamp
+    assert all(store_is_intact(tile_dir, s) for s in keys)
+    assert np.array_equal(PatchStore(tile_dir, df).read(order)[1], masks)

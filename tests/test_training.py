@@ -25,7 +25,13 @@ from footprints.errors import InputError, Preempted, StageError
 from footprints.losses import class_weights_from_counts, weighted_ce_sums
 from footprints.runner import run_stage
 from footprints.stages import train_segmenter as train_stage
-from footprints.training_data import GlobalBatchSampler, apply_augment, augment_code, epoch_permutation
+from footprints.training_data import (
+    GlobalBatchSampler,
+    apply_augment,
+    augment_batch,
+    augment_code,
+    epoch_permutation,
+)
 
 
 def run(cfg, **options):
@@ -182,7 +188,9 @@ def test_stage_trains_and_writes_checkpoints_curves_and_overlays(project, tmp_pa
     assert backbone_keys and head_keys
     assert all(torch.equal(last["model"][k], load(out / "best.pt")["model"][k]) for k in backbone_keys)
     assert any(not torch.equal(last["model"][k], init_state[k]) for k in head_keys)
-    assert set(last["optimizer"]["state"]) == set(range(len(head_keys)))  # only trainable params optimised
+    head_params = [n for n, p in initial.named_parameters() if n.startswith("head.")]  # not its mean/std buffers
+    assert set(last["optimizer"]["state"]) == set(range(len(head_params)))  # only trainable params optimised
+    assert torch.equal(last["model"]["head.std"], init_state["head.std"])  # the normaliser is not trained
 
 
 def test_rerun_skips_overwrite_retrains_and_more_epochs_continue(project, tmp_path, caplog):
@@ -255,20 +263,92 @@ def test_missing_inputs_are_clear_stage_errors(tmp_path):
         run(cfg)
 
 
-def test_signal_during_start_up_checkpoints_the_initial_state_and_resume_is_exact(tmp_path):
+def test_signal_during_start_up_checkpoints_the_initial_state_and_resume_is_exact(tmp_path, monkeypatch):
     from footprints.signals import StopSignals
 
     config = make_project(tmp_path)
     cfg = load_config(config, ["segmenter.epochs=1", "segmenter.max_steps_per_epoch=2"])
     stop = StopSignals()
-    stop.signame = "SIGUSR1"  # as if SLURM's warning came while torch was importing
+    # as if SLURM's warning came while python was starting: run.sh records it in the stop file
+    stop_file = tmp_path / "stop-warning"
+    monkeypatch.setenv(StopSignals.STOP_FILE_ENV, str(stop_file))
+    assert stop.signame is None
+    stop_file.touch()
+    assert stop.signame == "SIGUSR1"
     with pytest.raises(Preempted, match="epoch 1/1, step 0"):
         train_stage.run(cfg, stop=stop)
     last = tmp_path / "outputs" / "t" / "train-segmenter" / "last.pt"
     assert (load(last)["epoch"], load(last)["global_step"]) == (0, 0)
+    stop_file.unlink()
     run(cfg, load_saved_model=True)
     resumed = load(last)["model"]
 
     run(cfg, overwrite=True)
     fresh = load(last)["model"]
     assert all(torch.equal(resumed[k], fresh[k]) for k in fresh)
+
+
+# ------------------------------------------------------------------------------------------ the data path
+
+
+@pytest.mark.parametrize("shape", [(16, 16), (12, 20)], ids=["square", "non-square"])
+@pytest.mark.parametrize("host", [True, False], ids=["numpy-copies", "torch-copies"])
+def test_batch_augmentation_on_the_device_equals_apply_augment(shape, host):
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (8, 3, *shape), dtype=np.uint8)
+    masks = rng.integers(0, 3, (8, *shape), dtype=np.uint8)
+    codes = list(range(8))
+    x, m = augment_batch(torch.from_numpy(images), torch.from_numpy(masks), codes, torch.float32, torch.int64,
+                         host=host)
+    assert x.dtype == torch.float32 and m.dtype == torch.int64
+    for i, code in enumerate(codes):
+        want_i, want_m = apply_augment(images[i], masks[i], code)
+        assert np.array_equal(x[i].numpy(), want_i.astype(np.float32))
+        assert np.array_equal(m[i].numpy(), want_m.astype(np.int64))
+    same = augment_batch(torch.from_numpy(images), torch.from_numpy(masks), [])  # no augmentation: a copy
+    assert torch.equal(same[0], torch.from_numpy(images)) and torch.equal(same[1], torch.from_numpy(masks))
+
+
+def test_patch_store_and_geotiff_patches_give_the_same_batches(tmp_path):
+    from store_fixtures import add_patch_store
+
+    from footprints.contracts.patches import store_is_intact, store_paths
+    from footprints.training_data import PatchDataset, make_loader, to_device
+
+    make_project(tmp_path)
+    tile_dir = tmp_path / "outputs" / "t" / "tile"
+    rows = read_manifest(tile_dir)
+    geotiff = PatchDataset(tile_dir, rows, augment=True, seed=3)
+    assert geotiff.store.stored_fraction == 0.0  # a hand-made tile output: no store, GeoTIFFs are read
+    scenes = add_patch_store(tile_dir)
+    stored = PatchDataset(tile_dir, rows, augment=True, seed=3)
+    assert stored.store.stored_fraction == 1.0
+    order = epoch_permutation(len(rows), 3, 1)
+    sampler = GlobalBatchSampler(order, 4, 0, len(rows), 1, DistInfo())
+    loaders = [make_loader(ds, sampler, torch.device("cpu"), 0) for ds in (geotiff, stored)]
+    for epoch in (1, 2):  # one loader for every epoch: the sampler is reset
+        sampler.reset(epoch_permutation(len(rows), 3, epoch), 0, len(rows), epoch)
+        batches = [[to_device(b, torch.device("cpu"), True) for b in loader] for loader in loaders]
+        assert len(batches[0]) == len(batches[1]) == len(sampler) == 3
+        for a, b in zip(*batches, strict=True):
+            for ta, tb in zip(a, b, strict=True):
+                assert torch.equal(ta, tb)
+    # a truncated shard is seen (the scene record lists its size): that scene falls back to its GeoTIFFs
+    images = store_paths(tile_dir, scenes[0])[0]
+    images.write_bytes(images.read_bytes()[:-10])
+    assert not store_is_intact(tile_dir, scenes[0]) and store_is_intact(tile_dir, scenes[1])
+    partial = PatchDataset(tile_dir, rows, augment=False, seed=3)
+    assert 0 < partial.store.stored_fraction < 1
+    n = len(rows)
+    keys = [(i, 0, i, 1) for i in range(n)]
+    assert all(torch.equal(a, b) for a, b in zip(partial[keys][:2], geotiff[keys][:2], strict=True))
+
+
+def test_augmentation_codes_are_drawn_per_epoch_chunk_and_cached():
+    from footprints.training_data import AUGMENT_CHUNK
+
+    a = [augment_code(5, 2, p) for p in range(AUGMENT_CHUNK - 3, AUGMENT_CHUNK + 3)]
+    assert a == [augment_code(5, 2, p) for p in range(AUGMENT_CHUNK - 3, AUGMENT_CHUNK + 3)]
+    assert all(0 <= c < 8 for c in a)
+    counts = np.bincount([augment_code(1, 0, p) for p in range(8000)], minlength=8)
+    assert counts.min() > 800  # uniform over the 8 transforms

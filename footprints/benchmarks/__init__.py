@@ -16,6 +16,8 @@ BENCHMARKS: dict[str, str] = {
     "head": "footprints.benchmarks.head:bench_head",
     "vectorize": "footprints.benchmarks.vectorize:bench_vectorize",
     "predict": "footprints.benchmarks.predict:bench_predict",
+    "loader": "footprints.benchmarks.loader:bench_loader",
+    "features": "footprints.benchmarks.features:bench_features",
 }
 
 

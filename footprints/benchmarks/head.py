@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import statistics
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -52,6 +54,23 @@ def bench_head(cfg: Any) -> dict[str, Any]:
     return compare_heads(batch=4, size=256, hidden=1024, layers="all", stride=stride, device=device)
 
 
+@contextlib.contextmanager
+def full_float32() -> Iterator[None]:
+    """Matrix products in full float32 (TF32 off in cuBLAS and cuDNN, `highest` matmul precision), restored
+    after: the equality check then means the same on a CPU and on a GPU (TF32 keeps 10 mantissa bits,
+    which alone gave max_rel_diff ~1e-3 on an H200)."""
+    saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32,
+             torch.get_float32_matmul_precision())
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    torch.set_float32_matmul_precision("highest")
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved[:2]
+        torch.set_float32_matmul_precision(saved[2])
+
+
 def compare_heads(
     batch: int,
     size: int,
@@ -83,8 +102,15 @@ def compare_heads(
     float32 rounding of 0, so their ReLU goes different ways in the two float32 computations (4 against a
     float64 reference in one check, enough for 5e-4), and each flip moves one term of a conv2
     weight-gradient sum. In float64 the gradients agree to 1e-10 (tests/test_head.py).
+
+    Everything runs in full float32 (`full_float32`: no TF32 on a GPU).
     """
-    device = torch.device(device)
+    with full_float32():
+        return _compare_heads(batch, size, hidden, layers, stride, torch.device(device), fast_reps, naive_reps)
+
+
+def _compare_heads(batch: int, size: int, hidden: int, layers: Any, stride: int, device: torch.device,
+                   fast_reps: int, naive_reps: int) -> dict[str, Any]:
     names = resolve_layers(layers)
     gen = torch.Generator().manual_seed(0)
     c = hypercolumn_channels(names)
@@ -180,6 +206,7 @@ def compare_heads(
         "stride": stride,
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "torch_threads": torch.get_num_threads(),
+        "tf32": False,
     }
     log.info("head: %.1fx faster, %.1fx less peak memory, max relative difference %.2e (gradients %.2e)",
              result["speedup"], result["memory_ratio"], max_rel_diff, grad_diff)

@@ -4,9 +4,14 @@ Layout under `outputs/<name>/tile/` (`footprints.contracts`):
 
 - `patches/<scene>/<scene>_r<row:05d>_c<col:05d>.tif` (3-band uint8) and `..._mask.tif` (0 background,
   1 building, 255 ignore = nodata or padding), each with the patch's own transform and the scene's CRS.
+- `store/<scene>/{images,masks,patch_ids}.npy`: the same patches as contiguous uint8 arrays (the patch
+  store of `footprints.contracts.patches`, what training and features read), unless `tile.patch_store` is
+  false. A scene tiled before the store existed gets its shard from its GeoTIFFs on the next run, without
+  re-tiling (its record keeps its key, so nothing downstream is invalidated).
 - `scenes/<scene>.csv` (its manifest rows) and `scenes/<scene>.json` (scene metadata and its freshness
-  record, written last: a rerun skips a scene whose record matches the tiling parameters and whose files
-  are intact, and an interrupted run resumes after the last finished scene).
+  record, written last and covering the patches and the store: a rerun skips a scene whose record matches
+  the tiling parameters and whose files are intact, and an interrupted run resumes after the last finished
+  scene).
 - `manifest.csv` (every row plus `split`) and `summary.json`.
 
 Windows cover the whole scene: offsets 0, stride, 2*stride, ... until a window reaches the far edge;
@@ -16,9 +21,12 @@ inside the scene, in patch pixel coordinates.
 
 from __future__ import annotations
 
+import contextlib
+import csv
 import dataclasses
 import logging
 import math
+import os
 import shutil
 import time
 from collections.abc import Iterable
@@ -36,7 +44,15 @@ from ..cluster import map_scenes
 from ..config import Config, DataConfig, TileConfig
 from ..contracts.freshness import digest, file_digest, is_fresh, read_record, unmark, write_record
 from ..contracts.manifest import SCENE_COLUMNS, SPLITS, assemble_manifest, write_rows
-from ..contracts.patches import IGNORE, patch_name, write_patch
+from ..contracts.patches import (
+    IGNORE,
+    StoreWriter,
+    build_store,
+    patch_name,
+    store_dir,
+    store_paths,
+    write_patch,
+)
 from ..contracts.paths import RunPaths
 from ..errors import StageError, as_input_error
 from ..scenes import crs_string, open_scene
@@ -167,20 +183,28 @@ def tile_scene(source: SceneSource, data_cfg: DataConfig, tile_cfg: TileConfig, 
     key = digest(params)
     record = paths.scene_record(sid)
     if not overwrite and is_fresh(record, key):
+        if tile_cfg.patch_store:
+            _add_store(paths, sid, key)
         return SceneResult(sid, "done", -1)
     unmark(record)  # first: a crash below leaves the scene "not done"
     patch_dir = paths.patch_dir(sid)
     shutil.rmtree(patch_dir, ignore_errors=True)  # stale patches of other sizes, leftover .part files
+    shutil.rmtree(store_dir(paths.tile, sid), ignore_errors=True)
     patch_dir.mkdir(parents=True, exist_ok=True)
     size = tile_cfg.size
     scheme = SCHEMES[tile_cfg.target]
     rows: list[dict[str, Any]] = []
-    with rasterio.Env(), open_scene(source, data_cfg, tile_cfg) as scene:
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(rasterio.Env())
+        scene = stack.enter_context(open_scene(source, data_cfg, tile_cfg))
+        windows = scene_windows(scene.width, scene.height, size, tile_cfg.stride)
+        store = (stack.enter_context(StoreWriter(store_dir(paths.tile, sid), len(windows), size))
+                 if tile_cfg.patch_store and windows else None)
         crs, crs_text = scene.crs, crs_string(scene.crs)
         if not scene.has_labels:
             log.warning("%s: no labels: every mask pixel is 255 (ignore)", source.image)
         label_file = str(source.label or source.mask or "")
-        for win in scene_windows(scene.width, scene.height, size, tile_cfg.stride):
+        for i, win in enumerate(windows):
             rgb, valid = scene.read(win)
             mask = scene.target(win, scheme, tile_cfg.border_m, tile_cfg.contact_m)
             if mask is None:
@@ -190,6 +214,8 @@ def tile_scene(source: SceneSource, data_cfg: DataConfig, tile_cfg: TileConfig, 
             name = patch_name(sid, r, c)
             write_patch(patch_dir / f"{name}.tif", rgb, transform, crs)
             write_patch(patch_dir / f"{name}_mask.tif", mask[None], transform, crs, nodata=IGNORE)
+            if store is not None:
+                store.put(i, name, rgb, mask)
             vr, vc, vh, vw = valid_window(win, scene.width, scene.height)
             class_px = np.bincount(mask[mask != IGNORE].ravel(), minlength=scheme.k)[: scheme.k]
             building = int(class_px[list(scheme.building)].sum())
@@ -207,11 +233,33 @@ def tile_scene(source: SceneSource, data_cfg: DataConfig, tile_cfg: TileConfig, 
                 "image_path": f"patches/{sid}/{name}.tif", "mask_path": f"patches/{sid}/{name}_mask.tif",
             })
         meta = scene.metadata()
+        store_files = store.finish() if store is not None else []
     rows_path = paths.scene_rows(sid)
     write_rows(rows_path, rows, SCENE_COLUMNS)
-    files = [rows_path] + [paths.tile / r[k] for r in rows for k in ("image_path", "mask_path")]
+    files = [rows_path] + [paths.tile / r[k] for r in rows for k in ("image_path", "mask_path")] + store_files
     write_record(record, key, files, **meta, params=params, patches=len(rows), location_id=source.location_id)
     return SceneResult(sid, "tiled", len(rows), time.perf_counter() - t0)
+
+
+def _add_store(paths: RunPaths, sid: str, key: str) -> None:
+    """Give a fresh scene tiled before the patch store existed its shard (from its GeoTIFFs), and list the
+    shard in its record under the same key: nothing downstream (features, models) becomes stale."""
+    record = read_record(paths.scene_record(sid)) or {}
+    listed = dict(record.get("files") or {})
+    folder = paths.scene_record(sid).parent
+    wanted = [os.path.relpath(p, folder) for p in store_paths(paths.tile, sid)]
+    if all(name in listed for name in wanted):
+        return
+    with open(paths.scene_rows(sid), newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    if not rows:
+        return
+    t0 = time.perf_counter()
+    store_files = build_store(paths.tile, sid, rows)
+    extra = {k: v for k, v in record.items() if k not in ("key", "files")}
+    write_record(paths.scene_record(sid), key, [folder / name for name in listed] + store_files, **extra)
+    log.info("tile: %s: patch store written from its %d GeoTIFF patches (%.1f s)", sid, len(rows),
+             time.perf_counter() - t0)
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -6,6 +6,10 @@ What makes a resume exact (same final weights as an uninterrupted run, on CPU wi
 
 - The patch order and each sample's augmentation are functions of (seed, epoch, position)
   (`footprints.training_data`), so the sampler's state is just a position in the epoch's permutation.
+  The loader only reads (whole batches from the memory-mapped patch store, in persistent workers with
+  pinned memory on CUDA); the augmentation codes travel with the batch and are applied on the device to
+  the whole batch, with the same result as per sample: what a step sees depends on neither the workers
+  nor the device.
 - The global torch generator (dropout) is reseeded at every step from `(seed, epoch, step, rank)`, so no
   earlier consumer of random numbers (validation, data-loader start-up, a restart) can shift a mask.
   The generators' states are still captured in each checkpoint and restored on resume.
@@ -62,7 +66,15 @@ from ..losses import resolve_class_weights, weighted_ce_sums
 from ..plots import write_learning_curve, write_overlay
 from ..segmenter import build_segmenter, building_and_seed, scheme_of, segmenter_from_classifier
 from ..signals import StopSignals
-from ..training_data import GlobalBatchSampler, PatchDataset, derive_seed, epoch_permutation, make_loader
+from ..training_data import (
+    GlobalBatchSampler,
+    HostBuffers,
+    PatchDataset,
+    derive_seed,
+    epoch_permutation,
+    make_loader,
+    to_device,
+)
 
 log = logging.getLogger(__name__)
 
@@ -164,6 +176,18 @@ class _Trainer:
         self.val_set = PatchDataset(tile_dir, val_rows, False, self.cfg.seed)
         if len(val_rows) == 0:
             log.warning("no validation patches: best.pt is chosen on the training loss instead of val IoU")
+        stored = self.train_set.store.stored_fraction
+        if stored < 1.0:
+            log.warning("%.0f%% of the training patches have no patch store (tiled before it existed): they are "
+                        "decoded from GeoTIFF, slower; rerun `footprints tile` to add it", 100 * (1 - stored))
+        # one loader per split for the whole run (persistent workers on CUDA); the samplers are reset per epoch
+        self.train_sampler = GlobalBatchSampler([], self.scfg.batch_size, 0, 0, 0, self.info)
+        self.val_sampler = GlobalBatchSampler(np.arange(len(self.val_set)), self.scfg.batch_size, 0,
+                                              len(self.val_set), -1, self.info)
+        self.train_loader = make_loader(self.train_set, self.train_sampler, self.device, self.scfg.num_workers)
+        self.val_loader = make_loader(self.val_set, self.val_sampler, self.device, self.scfg.num_workers)
+        # the batch tensors of each loop, reused step to step on the CPU (a step is done with them first)
+        self.train_buffers, self.val_buffers = HostBuffers(), HostBuffers()
 
         if self.info.is_main:
             # temporary files of checkpoint writes cut short by a SIGKILL
@@ -296,11 +320,15 @@ class _Trainer:
             f", AMP {str(self.amp_dtype).removeprefix('torch.')}" if self.amp_dtype else "",
         )  # fmt: skip
 
+        size = int(meta.get("tile_size") or self.cfg.tile.size)
+        model.prepare((size, size), self.device)  # interpolation matrices, outside any traced path
         if self.info.enabled:
             from torch.nn.parallel import DistributedDataParallel
 
             model = DistributedDataParallel(model, device_ids=[self.device.index] if on_cuda else None)
         self.model = model
+        # what runs the batches: the model, or its torch.compile'd wrapper (same parameters, same state dict)
+        self.net = torch.compile(model) if scfg.compile else model
 
     def _log_config_changes(self, old: dict[str, Any]) -> None:
         old_seg = old.get("segmenter", {})
@@ -322,12 +350,6 @@ class _Trainer:
         if self.amp_dtype is None:
             return contextlib.nullcontext()
         return torch.autocast(device_type="cuda", dtype=self.amp_dtype)
-
-    def to_input(self, image: torch.Tensor) -> torch.Tensor:
-        x = image.to(self.device, non_blocking=True).float()
-        if self.device.type == "cuda" and self.scfg.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        return x
 
     def epoch_length(self) -> int:
         n = len(self.train_set)
@@ -353,22 +375,22 @@ class _Trainer:
         step = self.start_step if resuming else 0
         progress = dict(self.start_progress) if resuming and self.start_progress else {"loss_sum": 0.0, "weight_sum": 0.0}
         order = epoch_permutation(len(self.train_set), self.cfg.seed, epoch)
-        sampler = GlobalBatchSampler(order, scfg.batch_size, position, stop_at, epoch, self.info)
-        loader = make_loader(self.train_set, sampler, self.device, scfg.num_workers)
+        sampler = self.train_sampler.reset(order, position, stop_at, epoch)
         self.model.train()
         from tqdm import tqdm
 
         bar = tqdm(
-            loader, total=len(sampler), desc=f"epoch {epoch + 1}/{scfg.epochs}", unit="step",
+            self.train_loader, total=len(sampler), desc=f"epoch {epoch + 1}/{scfg.epochs}", unit="step",
             disable=not self.info.is_main, leave=False, mininterval=1.0 if sys.stderr.isatty() else 30.0,
         )  # fmt: skip
-        for image, mask, _index, real in bar:
+        for batch in bar:
             # dropout masks depend on (seed, epoch, step, rank) only: exact on resume whatever ran before
             torch.manual_seed(derive_seed(self.cfg.seed, "step", epoch, step, self.info.rank))
-            x = self.to_input(image)
-            target = _masked_target(mask.to(self.device, non_blocking=True).long(), real.to(self.device))
+            x, mask, _index, real, _ = to_device(batch, self.device, self.train_set.augment, scfg.channels_last,
+                                                 self.train_buffers)
+            target = _masked_target(mask, real)
             with self.autocast():
-                logits = self.model(x)
+                logits = self.net(x)
             loss_sum, weight_sum = weighted_ce_sums(logits, target, self.class_weight)
             flag = 1.0 if self.stop.signame else 0.0
             g_loss, g_weight, g_flag = self.all_sum([loss_sum.detach(), weight_sum.detach(), flag])
@@ -411,20 +433,19 @@ class _Trainer:
         if len(self.val_set) == 0:
             return None
         self.model.eval()
-        order = np.arange(len(self.val_set))
-        sampler = GlobalBatchSampler(order, self.scfg.batch_size, 0, len(order), -1, self.info)
-        loader = make_loader(self.val_set, sampler, self.device, self.scfg.num_workers)
         sums = np.zeros(6)  # loss_sum, weight_sum, tp, fp, fn, tn
         overlays: list[tuple[int, np.ndarray, np.ndarray, np.ndarray]] = []
-        for image, mask, index, real in loader:
+        for batch in self.val_loader:
             self.hooks.at_validation(self.global_step)
             stop = self.all_sum([1.0 if self.stop.signame else 0.0])[0]
             if stop > 0:
                 self.preempt(epoch, done["position"], done["step"], done["progress"])
-            real_d = real.to(self.device)
-            target = _masked_target(mask.to(self.device).long(), real_d)
+            x, mask, index, real_d, image = to_device(batch, self.device, False, self.scfg.channels_last,
+                                                      self.val_buffers)
+            real = batch[3]
+            target = _masked_target(mask, real_d)
             with self.autocast():
-                logits = self.model(self.to_input(image))
+                logits = self.net(x)
             loss_sum, weight_sum = weighted_ce_sums(logits, target, self.class_weight)
             # building pixels: the building classes' probabilities sum to 0.5 or more (predict's rule)
             pred = (building_and_seed(logits, self.scheme)[:, 0] >= 0.5).long()
