@@ -6,7 +6,9 @@ use any stage or module; nothing imports them but the CLI.
 
 from __future__ import annotations
 
+import copy
 import importlib
+from pathlib import Path
 from typing import Any
 
 from ..errors import FootprintsError
@@ -28,3 +30,25 @@ def run_benchmark(name: str, cfg: Any) -> dict[str, Any]:
     module, func = BENCHMARKS[name].split(":")
     result = getattr(importlib.import_module(module), func)(cfg)
     return {"bench": name, **{k: v for k, v in result.items() if k != "bench"}}
+
+
+def tiled_synthetic(cfg: Any, root: Path, n_scenes: int, stride: int, split_ratios: list[float] | None = None
+                    ) -> tuple[Any, Path]:
+    """`n_scenes` synthetic 1024 px GeoTIFF scenes (vector labels) under `root`, tiled into 256 px patches at
+    `stride` with the patch store, in process: (the run's config, its tile folder). Random backbone weights."""
+    from ..config import DataConfig
+    from ..contracts.paths import RunPaths
+    from ..stages.tile import run as run_tile
+    from ..synth import write_synthetic_dataset
+
+    write_synthetic_dataset(root / "data", n_scenes=n_scenes, seed=cfg.seed, size=1024, geotiff=True)
+    bcfg = copy.deepcopy(cfg)
+    bcfg.name, bcfg.output_root = "bench", str(root / "out")
+    bcfg.data = DataConfig(root=str(root / "data" / "geotiff"), format="geotiff", label_format="vector")
+    bcfg.cluster.workers, bcfg.cluster.kind = 0, "local"
+    bcfg.tile.size, bcfg.tile.stride, bcfg.tile.patch_store = 256, stride, True
+    if split_ratios is not None:
+        bcfg.tile.split_ratios = split_ratios
+    bcfg.backbone.weights = "random"
+    run_tile(bcfg)
+    return bcfg, RunPaths.of(bcfg).tile

@@ -22,15 +22,13 @@ import numpy as np
 import torch
 
 from ..backbone import load_backbone, resolve_layers
-from ..config import Config, DataConfig
+from ..config import Config
 from ..contracts.manifest import read_manifest
 from ..contracts.patches import PatchStore
-from ..contracts.paths import RunPaths
 from ..device import resolve_device
 from ..stages.features import FEATURE_SPLITS
 from ..stages.features import run as run_features
-from ..stages.tile import run as run_tile
-from ..synth import write_synthetic_dataset
+from . import tiled_synthetic
 
 log = logging.getLogger(__name__)
 
@@ -42,16 +40,7 @@ def bench_features(cfg: Config) -> dict[str, Any]:
     stage / bare - 1; `overhead_of_bests` compares the best of each."""
     device = resolve_device(cfg.features.device, key="features.device")
     with tempfile.TemporaryDirectory(prefix="bench_features_") as tmp:
-        root = Path(tmp)
-        write_synthetic_dataset(root / "data", n_scenes=3, seed=cfg.seed, size=1024, geotiff=True)
-        bcfg = copy.deepcopy(cfg)
-        bcfg.name, bcfg.output_root = "bench", str(root / "out")
-        bcfg.data = DataConfig(root=str(root / "data" / "geotiff"), format="geotiff", label_format="vector")
-        bcfg.cluster.workers, bcfg.cluster.kind = 0, "local"
-        bcfg.tile.size, bcfg.tile.stride, bcfg.tile.split_ratios = 256, 256, [0.67, 0.33, 0.0]
-        bcfg.backbone.weights = "random"
-        run_tile(bcfg)
-        tile_dir = RunPaths.of(bcfg).tile
+        bcfg, tile_dir = tiled_synthetic(cfg, Path(tmp), 3, 256, [0.67, 0.33, 0.0])
         rows = read_manifest(tile_dir)
         rows = rows[rows["split"].isin(FEATURE_SPLITS)]
         store = PatchStore(tile_dir, rows)

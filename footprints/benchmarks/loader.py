@@ -9,7 +9,6 @@ is timed in the same run, for comparison.
 
 from __future__ import annotations
 
-import copy
 import logging
 import os
 import tempfile
@@ -19,13 +18,10 @@ from typing import Any
 
 import torch
 
-from ..config import Config, DataConfig
+from ..config import Config
 from ..contracts.manifest import read_manifest
-from ..contracts.paths import RunPaths
 from ..device import resolve_device
 from ..distributed import DistInfo
-from ..stages.tile import run as run_tile
-from ..synth import write_synthetic_dataset
 from ..training_data import (
     GlobalBatchSampler,
     HostBuffers,
@@ -34,6 +30,7 @@ from ..training_data import (
     make_loader,
     to_device,
 )
+from . import tiled_synthetic
 
 log = logging.getLogger(__name__)
 
@@ -70,15 +67,7 @@ def bench_loader(cfg: Config) -> dict[str, Any]:
     the median of the others. Then 2 passes over the GeoTIFF patches for comparison."""
     device = resolve_device(cfg.segmenter.device, key="segmenter.device")
     with tempfile.TemporaryDirectory(prefix="bench_loader_") as tmp:
-        root = Path(tmp)
-        write_synthetic_dataset(root / "data", n_scenes=4, seed=cfg.seed, size=1024, geotiff=True)
-        bcfg = copy.deepcopy(cfg)
-        bcfg.name, bcfg.output_root = "bench", str(root / "out")
-        bcfg.data = DataConfig(root=str(root / "data" / "geotiff"), format="geotiff", label_format="vector")
-        bcfg.cluster.workers, bcfg.cluster.kind = 0, "local"
-        bcfg.tile.size, bcfg.tile.stride, bcfg.tile.patch_store = 256, 128, True
-        run_tile(bcfg)
-        tile_dir = RunPaths.of(bcfg).tile
+        bcfg, tile_dir = tiled_synthetic(cfg, Path(tmp), 4, 128)
         rows = read_manifest(tile_dir)
         dataset = PatchDataset(tile_dir, rows, augment=True, seed=cfg.seed)
         assert dataset.store.stored_fraction == 1.0
