@@ -356,6 +356,25 @@ def predict_block(
 # the pipeline
 
 
+class InlineExecutor:
+    """The `ThreadPoolExecutor` interface, running each task at once in the caller's thread: for CPU runs,
+    where a helper thread competes with torch's own threads for the cores."""
+
+    def submit(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Future:
+        future: Future = Future()
+        try:
+            future.set_result(fn(*args, **kwargs))
+        except BaseException as err:  # noqa: BLE001 - delivered by result(), as a pool would
+            future.set_exception(err)
+        return future
+
+    def __enter__(self) -> InlineExecutor:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        return None
+
+
 class _Progress:
     """Windows done in one scene: a bar on a terminal, a log line every 30 s otherwise (batch jobs)."""
 

@@ -161,13 +161,16 @@ def test_stage_trains_and_writes_checkpoints_curves_and_overlays(project, tmp_pa
     assert last["epoch"] == 2 and last["step"] == 0 and last["global_step"] == 6
     assert set(last["rng"]) == {"python", "numpy", "torch", "cuda"}
     history = json.loads((out / "history.json").read_text())
-    assert [h["epoch"] for h in history] == [1, 2] and last["history"] == history
+    # entry 0 is the converted classifier before any training: an epoch must beat it to become best.pt
+    assert [h["epoch"] for h in history] == [0, 1, 2] and last["history"] == history
+    assert history[0]["train_loss"] is None and np.isfinite(history[0]["val_loss"])
     ious = [h["val"]["building_iou"] for h in history]
-    assert best["epoch"] == 1 + int(np.argmax(ious)) == result["best_epoch"]
+    assert best["epoch"] == int(np.argmax(ious)) == result["best_epoch"]
     assert result["best_val_building_iou"] == max(ious)
-    assert history[1]["lr"] == pytest.approx(history[0]["lr"] * 0.5)  # StepLR, step_size 1, gamma 0.5
-    assert all(np.isfinite(h["train_loss"]) and np.isfinite(h["val_loss"]) for h in history)
+    assert history[2]["lr"] == pytest.approx(history[1]["lr"] * 0.5)  # StepLR, step_size 1, gamma 0.5
+    assert all(np.isfinite(h["train_loss"]) and np.isfinite(h["val_loss"]) for h in history[1:])
     assert (out / "learning_curve.png").stat().st_size > 1000
+    assert len(list((out / "overlays").glob("epoch000_*.png"))) == 2
     assert len(list((out / "overlays").glob("epoch001_*.png"))) == 2
     assert len(list((out / "overlays").glob("epoch002_*.png"))) == 2
 
@@ -214,12 +217,12 @@ def test_rerun_skips_overwrite_retrains_and_more_epochs_continue(project, tmp_pa
     result = run(more, load_saved_model=True)
     cont = load(out / "last.pt")
     assert result["epochs"] == 3 and cont["epoch"] == 3 and cont["global_step"] == 3
-    assert cont["history"][:2] == first["history"]
+    assert cont["history"][:3] == first["history"]
 
     (out / "overlays" / "stale.png").write_bytes(b"x")
     run(cfg, overwrite=True)
     again = load(out / "last.pt")
-    assert again["epoch"] == 2 and len(again["history"]) == 2
+    assert again["epoch"] == 2 and [h["epoch"] for h in again["history"]] == [0, 1, 2]
     assert not (out / "overlays" / "stale.png").exists()
     for key, value in first["model"].items():
         assert torch.equal(value, again["model"][key])  # a fresh run from the same seed is the same run

@@ -40,7 +40,7 @@ from ..contracts.paths import RunPaths
 from ..device import resolve_device
 from ..errors import InputError, StageError
 from ..hypercolumns import RunningStats, gather_hypercolumns, patch_rng, sample_pixels
-from ..inference import host_threads
+from ..inference import InlineExecutor, host_threads
 
 log = logging.getLogger(__name__)
 
@@ -166,7 +166,11 @@ def _process_shard(
         ws.append(np.concatenate([s[4] for s in samples]))
 
     depth = max(1, cfg.features.prefetch)
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="features-read") as pool:
+    # on CPU the backbone's threads already use every core, and a reader thread woken between them stalls
+    # their parallel regions more than its (memory-mapped, cheap) reads save: read in line there
+    reader = (ThreadPoolExecutor(max_workers=1, thread_name_prefix="features-read") if device.type == "cuda"
+              else InlineExecutor())
+    with reader as pool:
         pending = deque(pool.submit(_load_batch, store, c, per_class, cfg.seed, k, pin) for c in chunks[:depth])
         queued: tuple[torch.Tensor, list[tuple[Any, ...]]] | None = None
         for i in range(len(chunks)):
