@@ -24,6 +24,9 @@ batches under bf16/fp16 autocast on CUDA (`amp`), blends them on the device in f
 in the same order for every block layout: blocked == whole scene) and hands the block's probabilities to a
 writer thread (encoding, GeoTIFF writing), which the next block's inference does not wait for. Progress:
 a bar over windows on a terminal, a log line every 30 s otherwise, for scenes of more than a few blocks.
+
+Long: one job, whole-scene inference; the window grid, the blending, the block cache and the pipeline share
+their geometry and state, and split into modules they would only pass it back and forth.
 """
 
 from __future__ import annotations
