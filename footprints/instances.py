@@ -34,7 +34,10 @@ from __future__ import annotations
 
 import itertools
 import logging
+import os
+from collections import deque
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy as np
 import rasterio.features
@@ -182,55 +185,92 @@ class _Components:
         return len(self.first)
 
 
-class _Instances:
-    """Pass 2 state: the output pieces and the running group counter."""
+def _window_instances(raw: np.ndarray, valid: np.ndarray | None, seed: np.ndarray, win: Window,
+                      firsts: np.ndarray, boxes: np.ndarray, thr: float, seed_thr: float
+                      ) -> tuple[dict[str, np.ndarray], int]:
+    """Label the components whose first pixels (flat, in window coordinates) are `firsts` and bounding boxes
+    `boxes` (rows: r0, r1, c0, c1 in window coordinates); each lies entirely inside the window. Returns the
+    pieces and the number of split components; `group` counts from 0 here (the caller offsets it). Pure: it
+    runs on a worker thread (the watershed releases the GIL)."""
+    fg = _region(raw, valid, thr)
+    lab, n = ndimage.label(fg, structure=FOUR)
+    own = lab.ravel()[firsts]
+    seeds = (seed >= seed_thr) & fg
+    sl_lab, ns = ndimage.label(seeds, structure=FOUR)
+    n_seeds = np.zeros(n + 1, np.int64)
+    if ns:
+        n_seeds = np.bincount(lab.ravel()[_first_pixels(sl_lab, ns, seeds)], minlength=n + 1)
+    single = own[n_seeds[own] <= 1]
+    multi = own[n_seeds[own] >= 2]
+    rs, re, cs, ce = boxes[:, 0].min(), boxes[:, 1].max(), boxes[:, 2].min(), boxes[:, 3].max()
+    box_of = dict(zip(own.tolist(), boxes.tolist(), strict=True))
+    lut = np.zeros(n + 1, np.int32)
+    lut[single] = np.arange(1, len(single) + 1, dtype=np.int32)
+    inst = lut[lab[rs:re, cs:ce]]
+    group = [np.full(len(single), -1, np.int64)]
+    nxt = len(single) + 1
+    if len(multi):
+        from skimage.segmentation import watershed
 
-    def __init__(self, seed_thr_raw: Callable[[np.dtype], float]):
-        self.seed_thr = seed_thr_raw
+        for g, k in enumerate(multi):
+            r0, r1, c0, c1 = box_of[int(k)]
+            sl = (slice(r0, r1), slice(c0, c1))
+            comp = lab[sl] == k
+            # the component alone on its own bounding box: the same input whatever window it came from
+            markers = np.where(comp, sl_lab[sl], 0)
+            score = np.where(comp, -seed[sl].astype(np.float64), 0.0)
+            ws = watershed(score, markers, mask=comp, connectivity=1)
+            ids, inv = np.unique(ws[comp], return_inverse=True)
+            sub = inst[sl[0].start - rs:sl[0].stop - rs, sl[1].start - cs:sl[1].stop - cs]
+            sub[comp] = (nxt + inv).astype(np.int32)
+            nxt += len(ids)
+            group.append(np.full(len(ids), g, np.int64))
+    p = label_pieces(inst, nxt - 1, inst > 0, raw[rs:re, cs:ce], win.col_off + cs, win.row_off + rs)
+    p["group"] = np.concatenate(group)
+    return p, len(multi)
+
+
+class _Instances:
+    """Pass 2: windows labelled on `workers` threads, in flight at most 2 per worker, gathered in submission
+    order; the group ids are offset by a running counter in that order, so the result is the same for any
+    number of workers. Reads stay on the calling thread (a dataset handle is not shared between threads)."""
+
+    def __init__(self, seed_threshold: float, workers: int):
+        self.seed_threshold = seed_threshold
         self.pieces: list[dict[str, np.ndarray]] = []
         self.groups = 0
+        self.pool = ThreadPoolExecutor(workers, thread_name_prefix="instances") if workers > 1 else None
+        self.limit = 2 * workers
+        self.pending: deque[Future] = deque()
 
     def window(self, raw: np.ndarray, valid: np.ndarray | None, seed: np.ndarray, win: Window,
                firsts: np.ndarray, boxes: np.ndarray, thr: float) -> None:
-        """Label the components whose first pixels (flat, in window coordinates) are `firsts` and bounding
-        boxes `boxes` (rows: r0, r1, c0, c1 in window coordinates); each lies entirely inside the window."""
-        fg = _region(raw, valid, thr)
-        lab, n = ndimage.label(fg, structure=FOUR)
-        own = lab.ravel()[firsts]
-        seeds = (seed >= self.seed_thr(seed.dtype)) & fg
-        sl_lab, ns = ndimage.label(seeds, structure=FOUR)
-        n_seeds = np.zeros(n + 1, np.int64)
-        if ns:
-            n_seeds = np.bincount(lab.ravel()[_first_pixels(sl_lab, ns, seeds)], minlength=n + 1)
-        single = own[n_seeds[own] <= 1]
-        multi = own[n_seeds[own] >= 2]
-        rs, re, cs, ce = boxes[:, 0].min(), boxes[:, 1].max(), boxes[:, 2].min(), boxes[:, 3].max()
-        box_of = dict(zip(own.tolist(), boxes.tolist(), strict=True))
-        lut = np.zeros(n + 1, np.int32)
-        lut[single] = np.arange(1, len(single) + 1, dtype=np.int32)
-        inst = lut[lab[rs:re, cs:ce]]
-        group = [np.full(len(single), -1, np.int64)]
-        nxt = len(single) + 1
-        if len(multi):
-            from skimage.segmentation import watershed
+        args = (raw, valid, seed, win, firsts, boxes, thr, threshold_raw(seed.dtype, self.seed_threshold))
+        if self.pool is None:
+            self._add(*_window_instances(*args))
+            return
+        self.pending.append(self.pool.submit(_window_instances, *args))
+        while len(self.pending) >= self.limit:
+            self._add(*self.pending.popleft().result())
 
-            for k in multi:
-                r0, r1, c0, c1 = box_of[int(k)]
-                sl = (slice(r0, r1), slice(c0, c1))
-                comp = lab[sl] == k
-                # the component alone on its own bounding box: the same input whatever window it came from
-                markers = np.where(comp, sl_lab[sl], 0)
-                score = np.where(comp, -seed[sl].astype(np.float64), 0.0)
-                ws = watershed(score, markers, mask=comp, connectivity=1)
-                ids, inv = np.unique(ws[comp], return_inverse=True)
-                sub = inst[sl[0].start - rs:sl[0].stop - rs, sl[1].start - cs:sl[1].stop - cs]
-                sub[comp] = (nxt + inv).astype(np.int32)
-                nxt += len(ids)
-                group.append(np.full(len(ids), self.groups, np.int64))
-                self.groups += 1
-        p = label_pieces(inst, nxt - 1, inst > 0, raw[rs:re, cs:ce], win.col_off + cs, win.row_off + rs)
-        p["group"] = np.concatenate(group)
+    def _add(self, p: dict[str, np.ndarray], n_groups: int) -> None:
+        p["group"] = np.where(p["group"] >= 0, p["group"] + self.groups, -1)
+        self.groups += n_groups
         self.pieces.append(p)
+
+    def finish(self) -> list[dict[str, np.ndarray]]:
+        while self.pending:
+            self._add(*self.pending.popleft().result())
+        return self.pieces
+
+    def __enter__(self) -> _Instances:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for f in self.pending:  # an error on the way: nothing more to wait for
+            f.cancel()
+        if self.pool is not None:
+            self.pool.shutdown(wait=True)
 
 
 def _expand(win: Window, halo: int, height: int, width: int) -> Window:
@@ -245,60 +285,62 @@ def _concat(parts: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
 
 def instance_pieces(read: InstanceReader, height: int, width: int, threshold: float, seed_threshold: float,
                     block_size: int = 2048, halo_px: int = 256, max_component_px: int = MAX_COMPONENT_PX,
-                    scene: str = "") -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+                    scene: str = "", workers: int | None = None) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
     """Building instances of a raster, in scene pixel coordinates (see the module docstring).
 
     Returns (instances, oversized pieces): `instances` has `geom, sum, count, max, group` per building
     (`group` = -1 for a component that is one building, else an id shared by the buildings split out of one
     component: their polygons share walls); the oversized pieces (`geom, sum, count, max, edge`) are parts
     of components over the cap, to be dissolved like block pieces. Sums and maxima are of the stored
-    values of band 1 (the building probability), over each building's pixels.
+    values of band 1 (the building probability), over each building's pixels. `workers`: threads labelling
+    the windows of pass 2 (default: up to 4, one per core); the result does not depend on it.
     """
     if halo_px < 0 or max_component_px <= 0:
         raise ValueError("halo_px must be >= 0 and max_component_px > 0")
     comps = _Components(read, height, width, block_size, threshold)
     thr = comps.thr
-    out = _Instances(lambda dt: threshold_raw(dt, seed_threshold))
     if not len(comps):
         return {}, {}
-    bs = max(1, int(block_size))
-    n_bc = -(-width // bs)
-    first_r, first_c = comps.first // width, comps.first % width
-    owner = (first_r // bs) * n_bc + first_c // bs
-    area = (comps.r1 - comps.r0) * (comps.c1 - comps.c0)
-    over = area > max_component_px
-    order = np.argsort(owner, kind="stable")
-    bounds = np.searchsorted(owner[order], np.arange(len(comps.blocks) + 1))
-    over_ids = np.flatnonzero(over)
-    if len(over_ids):
-        log.warning("%s: %d region component(s) over %d px are not split into buildings (largest %d px)",
-                    scene or "scene", len(over_ids), max_component_px, int(area[over_ids].max()))
-    fallback: list[dict[str, np.ndarray]] = []
-    for b, win in enumerate(comps.blocks):
-        mine = order[bounds[b]:bounds[b + 1]]
-        mine = mine[~over[mine]]
-        if len(mine):
-            ww = _expand(win, halo_px, height, width)
-            inside = ((comps.r0[mine] >= ww.row_off) & (comps.r1[mine] <= ww.row_off + ww.height)
-                      & (comps.c0[mine] >= ww.col_off) & (comps.c1[mine] <= ww.col_off + ww.width))
-            here = mine[inside]
-            if len(here):
-                raw, valid, seed = read(ww, True)
-                firsts = (first_r[here] - ww.row_off) * ww.width + first_c[here] - ww.col_off
-                out.window(raw, valid, seed, ww, firsts, comps.boxes(here, ww), thr)
-            for g in mine[~inside]:  # larger than the halo: its own bounding box, read alone
-                bw = Window(int(comps.c0[g]), int(comps.r0[g]), int(comps.c1[g] - comps.c0[g]),
-                            int(comps.r1[g] - comps.r0[g]))
-                raw, valid, seed = read(bw, True)
-                first = np.array([(first_r[g] - bw.row_off) * bw.width + first_c[g] - bw.col_off])
-                out.window(raw, valid, seed, bw, first, comps.boxes(np.array([g]), bw), thr)
+    with _Instances(seed_threshold, min(4, os.cpu_count() or 1) if workers is None else max(1, workers)) as out:
+        bs = max(1, int(block_size))
+        n_bc = -(-width // bs)
+        first_r, first_c = comps.first // width, comps.first % width
+        owner = (first_r // bs) * n_bc + first_c // bs
+        area = (comps.r1 - comps.r0) * (comps.c1 - comps.c0)
+        over = area > max_component_px
+        order = np.argsort(owner, kind="stable")
+        bounds = np.searchsorted(owner[order], np.arange(len(comps.blocks) + 1))
+        over_ids = np.flatnonzero(over)
         if len(over_ids):
-            hit = over_ids[(comps.r0[over_ids] < win.row_off + win.height) & (comps.r1[over_ids] > win.row_off)
-                           & (comps.c0[over_ids] < win.col_off + win.width) & (comps.c1[over_ids] > win.col_off)]
-            pieces = _oversized_pieces(read, win, comps, b, over, thr) if len(hit) else {}
-            if pieces:
-                fallback.append(pieces)
-    return _concat(out.pieces), _concat(fallback)
+            log.warning("%s: %d region component(s) over %d px are not split into buildings (largest %d px)",
+                        scene or "scene", len(over_ids), max_component_px, int(area[over_ids].max()))
+        fallback: list[dict[str, np.ndarray]] = []
+        for b, win in enumerate(comps.blocks):
+            mine = order[bounds[b]:bounds[b + 1]]
+            mine = mine[~over[mine]]
+            if len(mine):
+                ww = _expand(win, halo_px, height, width)
+                inside = ((comps.r0[mine] >= ww.row_off) & (comps.r1[mine] <= ww.row_off + ww.height)
+                          & (comps.c0[mine] >= ww.col_off) & (comps.c1[mine] <= ww.col_off + ww.width))
+                here = mine[inside]
+                if len(here):
+                    raw, valid, seed = read(ww, True)
+                    firsts = (first_r[here] - ww.row_off) * ww.width + first_c[here] - ww.col_off
+                    out.window(raw, valid, seed, ww, firsts, comps.boxes(here, ww), thr)
+                for g in mine[~inside]:  # larger than the halo: its own bounding box, read alone
+                    bw = Window(int(comps.c0[g]), int(comps.r0[g]), int(comps.c1[g] - comps.c0[g]),
+                                int(comps.r1[g] - comps.r0[g]))
+                    raw, valid, seed = read(bw, True)
+                    first = np.array([(first_r[g] - bw.row_off) * bw.width + first_c[g] - bw.col_off])
+                    out.window(raw, valid, seed, bw, first, comps.boxes(np.array([g]), bw), thr)
+            if len(over_ids):
+                hit = over_ids[(comps.r0[over_ids] < win.row_off + win.height) & (comps.r1[over_ids] > win.row_off)
+                               & (comps.c0[over_ids] < win.col_off + win.width) & (comps.c1[over_ids] > win.col_off)]
+                pieces = _oversized_pieces(read, win, comps, b, over, thr) if len(hit) else {}
+                if pieces:
+                    fallback.append(pieces)
+        instances = out.finish()
+    return _concat(instances), _concat(fallback)
 
 
 def _oversized_pieces(read: InstanceReader, win: Window, comps: _Components, b: int, over: np.ndarray,
