@@ -44,6 +44,8 @@ def read_probability(path: str | Path, window: Window | None = None) -> tuple[np
 
 def raster_profile(width: int, height: int, transform: Any, crs: Any, prob_dtype: str,
                    bands: int = 1) -> dict[str, Any]:
+    """The tiled GeoTIFF predict writes block by block before `to_cog` copies it: a temporary, so deflate at
+    its fastest level (the COG is compressed properly)."""
     block = COG_BLOCK if min(width, height) >= COG_BLOCK else 256
     profile: dict[str, Any] = {
         "driver": "GTiff",
@@ -56,6 +58,7 @@ def raster_profile(width: int, height: int, transform: Any, crs: Any, prob_dtype
         "blockxsize": block,
         "blockysize": block,
         "compress": "deflate",
+        "zlevel": 1,
         "BIGTIFF": "IF_SAFER",
     }
     if crs is not None:
@@ -66,10 +69,12 @@ def raster_profile(width: int, height: int, transform: Any, crs: Any, prob_dtype
 
 
 def to_cog(src_path: Path, dst_path: Path, prob_dtype: str) -> None:
-    """Copy a tiled GeoTIFF to a Cloud-Optimised GeoTIFF (overviews averaged, mask band kept)."""
+    """Copy a tiled GeoTIFF to a Cloud-Optimised GeoTIFF (overviews averaged, mask band kept), compressing on
+    every core (GDAL's NUM_THREADS: predict has finished the scene's inference when this runs)."""
     opts: dict[str, Any] = {
         "driver": "COG",
         "compress": "DEFLATE",
+        "num_threads": "ALL_CPUS",
         "blocksize": COG_BLOCK,
         "overview_resampling": "average",
         "BIGTIFF": "IF_SAFER",
