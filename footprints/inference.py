@@ -359,25 +359,6 @@ def predict_block(
 # the pipeline
 
 
-class InlineExecutor:
-    """The `ThreadPoolExecutor` interface, running each task at once in the caller's thread: for CPU runs,
-    where a helper thread competes with torch's own threads for the cores."""
-
-    def submit(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Future:
-        future: Future = Future()
-        try:
-            future.set_result(fn(*args, **kwargs))
-        except BaseException as err:  # noqa: BLE001 - delivered by result(), as a pool would
-            future.set_exception(err)
-        return future
-
-    def __enter__(self) -> InlineExecutor:
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        return None
-
-
 class _Progress:
     """Windows done in one scene: a bar on a terminal, a log line every 30 s otherwise (batch jobs)."""
 
@@ -407,9 +388,16 @@ class _Progress:
             self.bar.close()
 
 
-def _pipeline(items: list[Any], produce: Callable[[Any], Any], depth: int) -> Iterator[Any]:
-    """`produce(item)` for each item, in order, in one background thread, `depth` items ahead."""
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="predict-read") as pool:
+def prefetched(items: list[Any], produce: Callable[[Any], Any], depth: int, threaded: bool = True,
+               name: str = "read-ahead") -> Iterator[Any]:
+    """`produce(item)` for each item, in order, in one background thread, `depth` items ahead of the one
+    consumed (`threaded=False`: in line, one at a time, for CPU runs where a helper thread would compete with
+    torch's own threads for the cores). Close the generator (`contextlib.closing`) to stop early."""
+    if not threaded:
+        for item in items:
+            yield produce(item)
+        return
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix=name) as pool:
         pending: deque[Future] = deque()
         it = iter(items)
         try:
@@ -489,7 +477,8 @@ def predict_scene(
                         writer = stack.enter_context(ThreadPoolExecutor(1, thread_name_prefix="predict-write"))
                         writes: deque[Future] = deque()
                         halos = stack.enter_context(contextlib.closing(
-                            _pipeline(blocks, lambda b: _read_halo(reader, b, grid, pin=on_cuda), READ_AHEAD)))
+                            prefetched(blocks, lambda b: _read_halo(reader, b, grid, pin=on_cuda), READ_AHEAD,
+                                       name="predict-read")))
                         for halo in halos:
                             prob, valid, n = _infer_block(
                                 halo, model, grid, weights, batch_size=batch_size, tta_flips=tta_flips,

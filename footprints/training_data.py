@@ -60,11 +60,17 @@ def augment_code(seed: int, epoch: int, position: int) -> int:
     return int(_augment_chunk(int(seed), int(epoch), int(position) // AUGMENT_CHUNK)[int(position) % AUGMENT_CHUNK])
 
 
+def _quarter_turns(code: int, square: bool) -> int:
+    """The quarter turns of dihedral transform `code` (the mirror is `code >= 4`)."""
+    k = code % 4
+    if not square and k % 2:
+        k = 2  # a quarter turn would change the shape of a non-square patch; a half turn keeps it
+    return k
+
+
 def apply_augment_view(image: np.ndarray, mask: np.ndarray, code: int) -> tuple[np.ndarray, np.ndarray]:
     """`apply_augment` as views (no copy)."""
-    k = code % 4
-    if image.shape[-1] != image.shape[-2] and k % 2:
-        k = 2  # a quarter turn would change the shape of a non-square patch; a half turn keeps it
+    k = _quarter_turns(code, image.shape[-1] == image.shape[-2])
     if k:
         image = np.rot90(image, k, axes=(-2, -1))
         mask = np.rot90(mask, k, axes=(-2, -1))
@@ -112,9 +118,7 @@ class PatchDataset(torch.utils.data.Dataset):
 
 def _dihedral(t: torch.Tensor, code: int, square: bool) -> torch.Tensor:
     """A view of `t` (..., H, W) under the dihedral transform `code`, as `apply_augment` defines it."""
-    k = code % 4
-    if not square and k % 2:
-        k = 2  # as apply_augment: a quarter turn would change a non-square patch's shape
+    k = _quarter_turns(code, square)
     if k:
         t = torch.rot90(t, k, (-2, -1))
     return t.flip(-1) if code >= 4 else t

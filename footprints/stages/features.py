@@ -5,8 +5,8 @@ are drawn without replacement from the patch mask (never an ignore/nodata pixel;
 buildings still gives background samples), seeded by the run seed and the patch id so that any shard can
 be recomputed alone. Patches go through the frozen backbone in batches on the device, and only the
 sampled pixels' columns are gathered (`footprints.hypercolumns`). Patches are read from the patch store
-(`footprints.contracts.patches`; GeoTIFFs for scenes tiled without one) and sampled by a reader thread
-ahead of the device (pinned memory, non-blocking copies on CUDA); a patch with no valid labelled pixel is
+(`footprints.contracts.patches`; GeoTIFFs for scenes tiled without one) and sampled, on CUDA by a reader
+thread ahead of the device (pinned memory, non-blocking copies), on the CPU in line; a patch with no valid labelled pixel is
 never sent to the backbone. Each sample carries `w`, the number of
 mask pixels it stands for (the class's pixel count in its patch divided by the samples drawn of it:
 weighting by `w` turns sampled-pixel counts into unbiased estimates of dense counts).
@@ -19,10 +19,9 @@ patch ids) matches are kept, others are recomputed, so an interrupted run resume
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
-from collections import deque
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +39,7 @@ from ..contracts.paths import RunPaths
 from ..device import resolve_device
 from ..errors import InputError, StageError
 from ..hypercolumns import RunningStats, gather_hypercolumns, patch_rng, sample_pixels
-from ..inference import InlineExecutor, host_threads
+from ..inference import host_threads, prefetched
 
 log = logging.getLogger(__name__)
 
@@ -137,8 +136,9 @@ def _process_shard(
 ) -> dict[str, Any]:
     """Sample, extract and write one shard; returns its header (as `read_shard_header`).
 
-    A reader thread reads (from the patch store: a memory-mapped gather) and samples the next
-    `features.prefetch` batches while the device runs the current one; the host collects a batch's
+    On CUDA a reader thread reads (from the patch store: a memory-mapped gather) and samples the next
+    `features.prefetch` batches while the device runs the current one (on the CPU: in line, `prefetched`);
+    the host collects a batch's
     hypercolumns only after the next batch is queued on the device.
     """
     channels = hypercolumn_channels(layers)
@@ -165,20 +165,15 @@ def _process_shard(
         rcs.append(np.concatenate([np.stack([s[1], s[2]], axis=1) for s in samples]).astype(np.int32))
         ws.append(np.concatenate([s[4] for s in samples]))
 
-    depth = max(1, cfg.features.prefetch)
     # on CPU the backbone's threads already use every core, and a reader thread woken between them stalls
     # their parallel regions more than its (memory-mapped, cheap) reads save: read in line there
-    reader = (ThreadPoolExecutor(max_workers=1, thread_name_prefix="features-read") if device.type == "cuda"
-              else InlineExecutor())
-    with reader as pool:
-        pending = deque(pool.submit(_load_batch, store, c, per_class, cfg.seed, k, pin) for c in chunks[:depth])
+    batches = prefetched(chunks, lambda c: _load_batch(store, c, per_class, cfg.seed, k, pin),
+                         max(1, cfg.features.prefetch), threaded=device.type == "cuda", name="features-read")
+    with contextlib.closing(batches):
         queued: tuple[torch.Tensor, list[tuple[Any, ...]]] | None = None
-        for i in range(len(chunks)):
-            images, samples, counts = pending.popleft().result()
-            if i + depth < len(chunks):
-                pending.append(pool.submit(_load_batch, store, chunks[i + depth], per_class, cfg.seed, k, pin))
+        for chunk, (images, samples, counts) in zip(chunks, batches, strict=True):
             class_px += counts
-            bar.update(len(chunks[i]))
+            bar.update(len(chunk))
             if images is not None:
                 feats = _extract_batch(images, samples, model, layers, device)
                 if queued is not None:
