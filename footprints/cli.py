@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -210,5 +211,28 @@ def main(argv: list[str] | None = None, **stage_options: Any) -> int:
     return 0
 
 
+def exit_process(code: int) -> None:
+    """End the command with `code`. A rank of a data-parallel job ends without the interpreter's
+    finalization, where the destructors of torch's process-group objects can block on ranks that have
+    already exited; its outputs are closed and on disk by then, the logs are flushed here."""
+    if "torch.distributed" in sys.modules and _one_of_several_ranks():
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
+
+
+def _one_of_several_ranks() -> bool:
+    from .distributed import dist_from_env
+
+    return dist_from_env().enabled
+
+
+def entry() -> None:
+    """The installed `footprints` script."""
+    exit_process(main())
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

@@ -129,9 +129,33 @@ def barrier(info: DistInfo) -> None:
         dist.barrier()
 
 
-def shutdown(info: DistInfo) -> None:
-    if info.enabled:
-        import torch.distributed as dist
+TEARDOWN_S = 20.0  # and the watchdog at 45 s: both before srun's --wait=60 kills the step (run.sh)
 
-        if dist.is_initialized():
-            dist.destroy_process_group()
+
+def shutdown(info: DistInfo, completed: bool, timeout_s: float = TEARDOWN_S) -> None:
+    """Leave the process group. After a `completed` run the ranks first meet at a barrier, so that none tears
+    down while another still communicates. The teardown itself waits at most `timeout_s`: destroying a healthy
+    gloo group can block (seen once in CI: the last rank still alive 60 s after the other had exited, when srun
+    killed the step and a finished job failed); the run's work is on disk by then, so it is logged and the
+    process goes on to exit. A watchdog dumps every thread's stack and exits 1 should even that wait block."""
+    if not info.enabled:
+        return
+    import faulthandler
+    import threading
+
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        return
+    if completed:
+        dist.barrier()
+    faulthandler.dump_traceback_later(2 * timeout_s + 5, exit=True)
+    try:
+        teardown = threading.Thread(target=dist.destroy_process_group, name="process-group-teardown", daemon=True)
+        teardown.start()
+        teardown.join(timeout_s)
+        if teardown.is_alive():
+            log.warning("rank %d: leaving the process group did not finish in %.0f s; exiting without it",
+                        info.rank, timeout_s)
+    finally:
+        faulthandler.cancel_dump_traceback_later()

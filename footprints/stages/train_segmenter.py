@@ -623,12 +623,15 @@ def run(cfg: Config, overwrite: bool = False, load_saved_model: bool = False, st
         torch.backends.cudnn.benchmark = True
     if info.enabled:
         init_distributed(info, device)
+    completed = False
     try:
         with stop:
             trainer = _Trainer(cfg, info, device, stop, hooks)
             done = trainer.setup(overwrite, load_saved_model)
-            return done if done is not None else trainer.run()
+            result = done if done is not None else trainer.run()
+            completed = True
+            return result
     finally:
         _set_deterministic(was_deterministic, warn_only=was_warn_only)
         pkg_log.setLevel(old_level)
-        shutdown(info)
+        shutdown(info, completed)
