@@ -44,7 +44,7 @@ log = logging.getLogger(__name__)
 # scenes up to this many pixels (output grid) are read once and served from memory: PNGs are not
 # tiled, so windowed reads would decode the file from the top again and again
 IN_MEMORY_MAX_PX = 40_000_000
-# long side of the decimated read used for statistics (stretch, emptiness) of larger scenes
+# long side of the decimated read used for the stretch (and emptiness) of larger non-8-bit scenes
 _STATS_SIDE = 1024
 
 
@@ -181,10 +181,17 @@ class SceneReader:
             raw, valid = self._read_raw(0, self.height, 0, self.width)
             self._stretch = self._stretch_limits(raw, valid)
             self._rgb, self._valid = self._to_uint8(raw, valid), valid
+            empty = not valid.any()
+        elif ds.dtypes[self._bands[0] - 1] == "uint8":
+            # 8-bit: no stretch to estimate, only emptiness: strips until the first valid pixel (one strip
+            # for most scenes, where a decimated read decodes every block of the file)
+            self._stretch = None
+            empty = not self._any_valid_pixel()
         else:
             raw, valid = self._read_raw_decimated()
             self._stretch = self._stretch_limits(raw, valid)
-        if not valid.any():
+            empty = not valid.any()
+        if empty:
             raise InputError(img, f"empty scene: every pixel is nodata (value {self._nodata:g})")
         if isinstance(self.labels, PolygonLabels) and src.rows is None:  # a band may hold no building
             self.labels.check_inside(self.width, self.height, img)
@@ -308,6 +315,10 @@ class SceneReader:
         if np.issubdtype(values.dtype, np.floating):
             valid &= ~np.isnan(values).any(axis=0)
         return valid
+
+    def _any_valid_pixel(self, strip_rows: int = 512) -> bool:
+        return any(self._read_raw(r0, min(r0 + strip_rows, self.height), 0, self.width)[1].any()
+                   for r0 in range(0, self.height, strip_rows))
 
     def _read_raw_decimated(self) -> tuple[np.ndarray, np.ndarray]:
         ds = self._ds

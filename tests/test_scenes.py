@@ -132,6 +132,26 @@ def test_uint16_single_band_stretch_and_nodata(tmp_path) -> None:
     assert valid[:4].all() and not valid[4, 0] and valid[4, 1:].all() and valid.sum() == 64 * 64 - 1
 
 
+def test_emptiness_of_a_large_8bit_scene_is_exact(tmp_path, monkeypatch) -> None:
+    """A scene too large for memory, 8-bit: no decimated read (it would decode every block), strips until the
+    first valid pixel instead; a scene valid in its last row only is not empty, an all-nodata one is."""
+    import footprints.scenes as scenes_mod
+
+    monkeypatch.setattr(scenes_mod, "IN_MEMORY_MAX_PX", 0)
+    monkeypatch.setattr(scenes_mod.SceneReader, "_read_raw_decimated", lambda self: pytest.fail("decimated read"))
+    data = np.zeros((3, 1100, 64), np.uint8)  # three strips of 512 rows
+    empty = _write_tif(tmp_path / "empty.tif", data)
+    data[1, -1, 7] = 5
+    last_row = _write_tif(tmp_path / "last_row.tif", data)
+    cfg = DataConfig(format="geotiff")
+    with open_scene(SceneSource(last_row), cfg) as scene:
+        assert scene._rgb is None and scene._stretch is None
+        _, valid = scene.read(Window(0, 1099, 64, 1))
+        assert valid.sum() == 1 and valid[0, 7]
+    with pytest.raises(InputError, match="empty scene: every pixel is nodata"):
+        open_scene(SceneSource(empty), cfg)
+
+
 def test_band_selection_and_errors(tmp_path) -> None:
     data = np.stack([np.full((16, 16), v, np.uint8) for v in (10, 20, 30, 40)])
     path = _write_tif(tmp_path / "rgbn.tif", data)
