@@ -56,7 +56,8 @@ def describe_failure(err: BaseException, path: str | Path | None = None) -> str:
 
     where = getattr(err, "filename", None) or path
     code = err.errno if isinstance(err, OSError) else None
-    if code == errno.ENOSPC:
+    # libraries that lose the errno report a full disk otherwise (GDAL: 'TIFFAppendToStrip: Seek error')
+    if code == errno.ENOSPC or (code is None and disk_full(where)):
         return f"no space left on device{f' (writing {where})' if where else ''}"
     if code in (errno.EACCES, errno.EPERM):
         return f"permission denied (cannot write {where})"
@@ -64,8 +65,6 @@ def describe_failure(err: BaseException, path: str | Path | None = None) -> str:
         return f"read-only file system (cannot write {where})"
     if isinstance(err, OSError) and err.strerror:
         return f"{err.strerror}{f' ({where})' if where else ''}"
-    if disk_full(where):  # libraries that lose the errno (GDAL: 'TIFFAppendToStrip: Seek error')
-        return f"no space left on device{f' (writing {where})' if where else ''}"
     return f"{type(err).__name__}: {one_line(err)}"
 
 

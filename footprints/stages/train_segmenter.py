@@ -130,6 +130,14 @@ class _Trainer:
     def barrier(self) -> None:
         barrier(self.info)
 
+    def _stop_flag(self) -> float:
+        """1.0 when this rank was asked to stop (a signal, or the stop file run.sh writes), for a sum over ranks."""
+        return 1.0 if self.stop.signame else 0.0
+
+    def any_rank_stopping(self) -> bool:
+        """Whether any rank was asked to stop; a collective: every rank calls it at the same point."""
+        return self.all_sum([self._stop_flag()])[0] > 0
+
     # ----- state
     def state(self, epoch: int, position: int, step: int, progress: dict[str, float]) -> dict[str, Any]:
         return {
@@ -392,8 +400,8 @@ class _Trainer:
             with self.autocast():
                 logits = self.net(x)
             loss_sum, weight_sum = weighted_ce_sums(logits, target, self.class_weight)
-            flag = 1.0 if self.stop.signame else 0.0
-            g_loss, g_weight, g_flag = self.all_sum([loss_sum.detach(), weight_sum.detach(), flag])
+            # the stop flags travel with the step's loss sums: one collective per step
+            g_loss, g_weight, g_flag = self.all_sum([loss_sum.detach(), weight_sum.detach(), self._stop_flag()])
             if self.scaler is None and not math.isfinite(g_loss):  # (fp16's scaler skips such steps itself)
                 raise StageError(
                     f"train-segmenter: the loss became {g_loss} at epoch {epoch + 1}, step {step + 1}; "
@@ -438,8 +446,7 @@ class _Trainer:
         overlays: list[tuple[int, np.ndarray, np.ndarray, np.ndarray]] = []
         for batch in self.val_loader:
             self.hooks.at_validation(self.global_step)
-            stop = self.all_sum([1.0 if self.stop.signame else 0.0])[0]
-            if stop > 0:
+            if self.any_rank_stopping():
                 self.preempt(epoch, done["position"], done["step"], done["progress"])
             x, mask, index, real_d, image = to_device(batch, self.device, False, self.scfg.channels_last,
                                                       self.val_buffers)
@@ -511,7 +518,7 @@ class _Trainer:
                     log.info("epoch 0 (the converted classifier): val building IoU %.4f (F1 %.4f)",
                              val["building_iou"], val["f1"])
             for epoch in range(self.start_epoch, scfg.epochs):
-                if self.all_sum([1.0 if self.stop.signame else 0.0])[0] > 0:
+                if self.any_rank_stopping():
                     # the signal came before a step started (e.g. while loading): save where we stand
                     first = epoch == self.start_epoch
                     self.preempt(epoch, self.start_position if first else 0, self.start_step if first else 0,
@@ -560,8 +567,7 @@ class _Trainer:
                     self.save(self.last_path, state)
                 self.barrier()
                 # a signal during the epoch's end: last.pt above is already the state to resume from
-                stop = self.all_sum([1.0 if self.stop.signame else 0.0])[0] > 0
-                if stop and epoch + 1 < scfg.epochs:
+                if self.any_rank_stopping() and epoch + 1 < scfg.epochs:
                     self.preempt(epoch + 1, 0, 0, {}, write=False)
         return self.summary(status="trained")
 
