@@ -50,6 +50,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -74,6 +75,18 @@ __all__ = [
 
 # ----------------------------------------------------------------------------------------------------
 # geometry
+
+
+TAP_CACHE_SIZE = 64
+
+
+def remember(cache: dict, key: tuple, value: Any) -> Any:
+    """Store `value` in a cache of resampling taps and return it. Emptied when full: prediction on scenes of
+    many odd sizes meets many shapes, and a handful are in use at any time."""
+    if len(cache) >= TAP_CACHE_SIZE:
+        cache.clear()
+    cache[key] = value
+    return value
 
 
 def evaluated_positions(size: int, stride: int) -> torch.Tensor:
@@ -301,10 +314,7 @@ class DenseHead(nn.Module):
     def _build_taps(self, axis_size: int, n_in: int, device: torch.device, dtype: torch.dtype) -> _Taps:
         positions = evaluated_positions(axis_size, self.stride)
         taps = _axis_taps(positions, n_in, axis_size, device, dtype)
-        if len(self._tap_cache) > 64:  # many patch sizes (prediction on odd scenes): stay bounded
-            self._tap_cache.clear()
-        self._tap_cache[(axis_size, n_in, device, dtype)] = taps
-        return taps
+        return remember(self._tap_cache, (axis_size, n_in, device, dtype), taps)
 
     def prepare(self, size: tuple[int, int], resolutions: Sequence[tuple[int, int]], device: torch.device | str,
                 dtypes: Sequence[torch.dtype] = (torch.float32,)) -> None:

@@ -28,7 +28,7 @@ from torch import nn
 from .backbone import LAYER_SCALE, VGG16Features, hypercolumn_channels, load_backbone, resolve_layers
 from .contracts.checkpoints import REQUIRED, load_checkpoint
 from .errors import InputError
-from .head import DenseHead, grid_len, upsample_grid, upsample_taps
+from .head import DenseHead, grid_len, remember, upsample_grid, upsample_taps
 from .mlp import mlp_from_checkpoint
 from .targets import SCHEMES, ClassScheme, scheme_for
 
@@ -101,10 +101,7 @@ class Segmenter(nn.Module):
         step = self.head.grid_step
         taps = tuple(t if isinstance(t, slice) else t.to(device=device, dtype=dtype)
                      for t in (upsample_taps(grid[0], size[0], step), upsample_taps(grid[1], size[1], step)))
-        if len(self._up_cache) > 64:
-            self._up_cache.clear()
-        self._up_cache[(grid, size, device, dtype)] = taps
-        return taps
+        return remember(self._up_cache, (grid, size, device, dtype), taps)
 
     def prepare(self, size: tuple[int, int], device: torch.device | str | None = None,
                 dtypes: Any = None) -> Segmenter:
