@@ -70,6 +70,7 @@ def test_two_rank_ddp_matches_one_process_and_stops_together(tmp_path):
 
     outs = _launch_ranks(config, (*ddp, "--load_saved_model"))
     assert [rc for rc, _ in outs] == [0, 0], outs[0][1][-3000:] + outs[1][1][-3000:]
+    assert "epoch 2/2: train loss" in outs[0][1]  # the log is flushed before a rank's os._exit
 
     a = load(tmp_path / "outputs" / "single" / "train-segmenter" / "last.pt")
     b = load(out / "last.pt")
