@@ -51,7 +51,7 @@ from rasterio.errors import NotGeoreferencedWarning
 from rasterio.windows import Window
 
 from .atomic import atomic_path
-from .blocks import iter_blocks
+from .blocks import iter_blocks, prefetched
 from .contracts.probability import encode_probability, raster_profile, to_cog
 from .segmenter import building_and_seed
 from .targets import SCHEMES, ClassScheme
@@ -386,30 +386,6 @@ class _Progress:
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
-
-
-def prefetched(items: list[Any], produce: Callable[[Any], Any], depth: int, threaded: bool = True,
-               name: str = "read-ahead") -> Iterator[Any]:
-    """`produce(item)` for each item, in order, in one background thread, `depth` items ahead of the one
-    consumed (`threaded=False`: in line, one at a time, for CPU runs where a helper thread would compete with
-    torch's own threads for the cores). Close the generator (`contextlib.closing`) to stop early."""
-    if not threaded:
-        for item in items:
-            yield produce(item)
-        return
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix=name) as pool:
-        pending: deque[Future] = deque()
-        it = iter(items)
-        try:
-            for item in it:
-                pending.append(pool.submit(produce, item))
-                if len(pending) > depth:
-                    yield pending.popleft().result()
-            while pending:
-                yield pending.popleft().result()
-        finally:
-            for f in pending:
-                f.cancel()
 
 
 def _to_host(t: torch.Tensor) -> torch.Tensor:

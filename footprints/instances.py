@@ -32,6 +32,7 @@ work is a whole component:
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import os
@@ -48,7 +49,7 @@ from scipy import ndimage
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
-from .blocks import iter_blocks
+from .blocks import iter_blocks, prefetched
 from .contracts.probability import threshold_raw
 
 log = logging.getLogger(__name__)
@@ -129,34 +130,36 @@ class _Components:
         r0, r1, c0, c1, first, ea, eb = [], [], [], [], [], [], []
         bottoms: dict[int, np.ndarray] = {}  # block column offset -> bottom row node ids of the block above
         right = np.empty(0, dtype=np.int64)
-        for b, win in enumerate(self.blocks):
-            raw, valid, _ = read(win, False)
-            if self.thr is None:
-                self.thr = threshold_raw(raw.dtype, threshold)
-            fg = _region(raw, valid, self.thr)
-            lab, n = ndimage.label(fg, structure=FOUR)
-            base = int(self.offset[b])
-            self.offset[b + 1] = base + n
-            if n:
-                sl = ndimage.find_objects(lab)
-                r0.append(np.fromiter((s[0].start for s in sl), np.int64, n) + win.row_off)
-                r1.append(np.fromiter((s[0].stop for s in sl), np.int64, n) + win.row_off)
-                c0.append(np.fromiter((s[1].start for s in sl), np.int64, n) + win.col_off)
-                c1.append(np.fromiter((s[1].stop for s in sl), np.int64, n) + win.col_off)
-                f = _first_pixels(lab, n, fg)
-                first.append((f // win.width + win.row_off) * width + f % win.width + win.col_off)
-            top, left = _nodes(lab[0, :], base), _nodes(lab[:, 0], base)
-            # 4-connectivity across a border: the same column (rows above/below) or the same row (left/right)
-            if win.row_off > 0:
-                above = bottoms[win.col_off]
-                both = (above >= 0) & (top >= 0)
-                ea.append(above[both])
-                eb.append(top[both])
-            if win.col_off > 0:
-                both = (right >= 0) & (left >= 0)
-                ea.append(right[both])
-                eb.append(left[both])
-            bottoms[win.col_off], right = _nodes(lab[-1, :], base), _nodes(lab[:, -1], base)
+        # the next block is read (decoded, the GIL released) while this one is labelled: one block ahead
+        ahead = prefetched(self.blocks, lambda w: read(w, False), 1, name="components-read")
+        with contextlib.closing(ahead) as reads:
+            for b, (win, (raw, valid, _)) in enumerate(zip(self.blocks, reads, strict=True)):
+                if self.thr is None:
+                    self.thr = threshold_raw(raw.dtype, threshold)
+                fg = _region(raw, valid, self.thr)
+                lab, n = ndimage.label(fg, structure=FOUR)
+                base = int(self.offset[b])
+                self.offset[b + 1] = base + n
+                if n:
+                    sl = ndimage.find_objects(lab)
+                    r0.append(np.fromiter((s[0].start for s in sl), np.int64, n) + win.row_off)
+                    r1.append(np.fromiter((s[0].stop for s in sl), np.int64, n) + win.row_off)
+                    c0.append(np.fromiter((s[1].start for s in sl), np.int64, n) + win.col_off)
+                    c1.append(np.fromiter((s[1].stop for s in sl), np.int64, n) + win.col_off)
+                    f = _first_pixels(lab, n, fg)
+                    first.append((f // win.width + win.row_off) * width + f % win.width + win.col_off)
+                top, left = _nodes(lab[0, :], base), _nodes(lab[:, 0], base)
+                # 4-connectivity across a border: the same column (rows above/below) or the same row (left/right)
+                if win.row_off > 0:
+                    above = bottoms[win.col_off]
+                    both = (above >= 0) & (top >= 0)
+                    ea.append(above[both])
+                    eb.append(top[both])
+                if win.col_off > 0:
+                    both = (right >= 0) & (left >= 0)
+                    ea.append(right[both])
+                    eb.append(left[both])
+                bottoms[win.col_off], right = _nodes(lab[-1, :], base), _nodes(lab[:, -1], base)
         if self.thr is None:
             self.thr = threshold_raw(np.dtype(np.float32), threshold)
         total = int(self.offset[-1])

@@ -30,6 +30,7 @@ import torch
 from tqdm import tqdm
 
 from ..backbone import LAYER_CHANNELS, hypercolumn_channels, load_backbone, resolve_layers
+from ..blocks import prefetched
 from ..config import Config
 from ..contracts import features_store
 from ..contracts.freshness import digest, is_fresh, read_record, unmark, write_record
@@ -39,7 +40,7 @@ from ..contracts.paths import RunPaths
 from ..device import resolve_device
 from ..errors import InputError, StageError
 from ..hypercolumns import RunningStats, gather_hypercolumns, patch_rng, sample_pixels
-from ..inference import host_threads, prefetched
+from ..inference import host_threads
 
 log = logging.getLogger(__name__)
 
