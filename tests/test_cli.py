@@ -71,3 +71,18 @@ def test_run_sh_forwards_commands_to_the_cli(tmp_path: Path) -> None:
     )
     assert proc.returncode == 0, proc.stderr
     assert "--overwrite" in proc.stdout and "--config" in proc.stdout
+
+
+def test_bench_predict_reports_its_three_rates_from_one_run(capsys: pytest.CaptureFixture[str]) -> None:
+    """A small `bench predict` (512 px scene, the network on 256 px of it): the last line is JSON with the
+    three rates, each the better of two passes, and the ratio made of them (no speed is asserted)."""
+    import json
+
+    assert main(["bench", "predict", "--set", "predict.bench_scene_px=512", "--set",
+                 "predict.bench_model_px=256"]) == 0  # fmt: skip
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["bench"] == "predict" and result["scene_px"] == [512, 512] and result["model_px"] == [256, 256]
+    assert len(result["io_seconds"]) == 2 and len(result["model_only_seconds"]) == 2
+    assert result["km2_per_hour"] > 0 and result["model_only_km2_per_hour"] > 0 and result["io_polygons"] > 0
+    ratio = result["io_km2_per_hour"] / result["model_only_km2_per_hour"]
+    assert result["io_over_model_only"] == pytest.approx(ratio, abs=0.06)

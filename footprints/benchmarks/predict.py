@@ -4,7 +4,8 @@
   `tile.target`): reading, inference, blending, the probability COG, and vectorising (`predict.instances`:
   the seeded watershed for K-class models). Regularisation (a per-polygon post-process) is not included.
 - `model_only_km2_per_hour`: the network alone (forward + sync, same autocast and batch) on the same windows,
-  already on the device: what the pipeline could reach if everything around the model were free.
+  already on the device: what the pipeline could reach if everything around the model were free. Like the I/O
+  rate, the better of two passes (one before and one after the end-to-end run).
 - `io_km2_per_hour`: the same pipeline with a null model (fixed logits, no computation): reading, window
   copies, probabilities, blending, writing the COG and vectorising alone, over the whole scene.
 
@@ -196,13 +197,18 @@ def bench_predict(cfg: Config) -> dict[str, Any]:
         log.info("bench predict: null model %.1f s (%.0f km2/h)", io_runs[0]["seconds"], io_runs[0]["km2_per_hour"])
         with open_scene(SceneSource(scene_path), data_cfg, tile_cfg) as reader:
             region = _Crop(reader, model_px) if model_px < size else reader
-            alone = _model_only(region, model, cfg, device)
-            log.info("bench predict: model alone %.1f s on %d windows (%.1f km2/h)", alone["seconds"],
-                     alone["windows"], alone["km2_per_hour"])
+            alone_runs = [_model_only(region, model, cfg, device)]
+            log.info("bench predict: model alone %.1f s on %d windows (%.1f km2/h)", alone_runs[0]["seconds"],
+                     alone_runs[0]["windows"], alone_runs[0]["km2_per_hour"])
             e2e = _end_to_end(region, model, Path(tmp) / "prob.tif", cfg, scheme, device)
             log.info("bench predict: end to end %.1f s (%.1f km2/h)", e2e["seconds"], e2e["km2_per_hour"])
-        io_runs.append(io())  # again after the model: the better of two, on a shared machine
+            alone_runs.append(_model_only(region, model, cfg, device))
+            log.info("bench predict: model alone again %.1f s (%.1f km2/h)", alone_runs[1]["seconds"],
+                     alone_runs[1]["km2_per_hour"])
+        io_runs.append(io())  # again after the model
+    # the better of two for both rates: on a shared machine a run is only ever slowed down by others
     best_io = max(io_runs, key=lambda r: r["km2_per_hour"])
+    alone = max(alone_runs, key=lambda r: r["km2_per_hour"])
     autocast = amp_dtype(device, pcfg.amp)
     result = {
         "bench": "predict",
@@ -220,7 +226,7 @@ def bench_predict(cfg: Config) -> dict[str, Any]:
         "windows": e2e["windows"],
         "seconds": round(e2e["seconds"], 2),
         "vectorise_s": round(e2e["vectorise_s"], 2),
-        "model_only_seconds": round(alone["seconds"], 2),
+        "model_only_seconds": [round(r["seconds"], 2) for r in alone_runs],
         "io_seconds": [round(r["seconds"], 2) for r in io_runs],
         "io_vectorise_s": round(best_io["vectorise_s"], 2),
         "io_polygons": best_io["polygons"],
