@@ -355,3 +355,16 @@ def test_augmentation_codes_are_drawn_per_epoch_chunk_and_cached():
     assert all(0 <= c < 8 for c in a)
     counts = np.bincount([augment_code(1, 0, p) for p in range(8000)], minlength=8)
     assert counts.min() > 800  # uniform over the 8 transforms
+
+
+def test_dense_training_with_other_class_weights_than_the_classifier_warns(tmp_path, caplog):
+    """The classifier was fit with weights [0.6, 3.0]; dense training with `none` changes the objective from its
+    first step (a warning), with the classifier's own weights it does not."""
+    project = make_project(tmp_path, segmenter={"epochs": 1, "max_steps_per_epoch": 1})
+    with caplog.at_level(logging.WARNING, logger="footprints"):
+        run(load_config(project, ["segmenter.class_weighting=none"]), overwrite=True)
+    assert "differ from the classifier's [0.6, 3.0]" in caplog.text and "now none" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="footprints"):
+        run(load_config(project, ["segmenter.class_weights=[1.2,6.0]"]), overwrite=True)  # the same ratio
+    assert "differ from the classifier's" not in caplog.text
