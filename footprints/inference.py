@@ -226,14 +226,6 @@ def predict_tensor(model: Model, x: torch.Tensor, tta_flips: bool = False, schem
     return p
 
 
-@torch.inference_mode()
-def predict_batch(model: Model, rgb: np.ndarray, device: torch.device, tta_flips: bool = False,
-                  scheme: ClassScheme = BINARY, autocast: torch.dtype | None = None) -> np.ndarray:
-    """`predict_tensor` of uint8 rgb (B, 3, H, W) on the host, as float32 numpy (B, bands, H, W)."""
-    x = torch.from_numpy(np.ascontiguousarray(rgb)).to(device)
-    return predict_tensor(model, x, tta_flips, scheme, autocast).cpu().numpy().astype(np.float32, copy=False)
-
-
 @dataclass
 class _Halo:
     """What the reader thread hands over for one block: the halo's pixels and which windows to run."""
@@ -246,7 +238,11 @@ class _Halo:
     rgb: torch.Tensor  # uint8 (3, hh, hw), pinned on CUDA
     valid: torch.Tensor  # bool (hh, hw)
     runs: dict[tuple[int, int], bool]  # window origin -> has a valid pixel (is run)
-    empty: bool  # none of the block's own pixels is valid
+    valid_px: int  # valid pixels of the block itself (0: nothing of it is run)
+
+    @property
+    def empty(self) -> bool:
+        return self.valid_px == 0
 
 
 def _read_halo(reader: Any, block: Window, grid: Grid, pin: bool = False) -> _Halo:
@@ -261,13 +257,13 @@ def _read_halo(reader: Any, block: Window, grid: Grid, pin: bool = False) -> _Ha
     if rgb.shape != (3, hh, hw):
         raise ValueError(f"reader returned {rgb.shape} for a {hh}x{hw} window")
     br, bc = r0 - hr0, c0 - hc0
-    empty = not valid[br : br + int(block.height), bc : bc + int(block.width)].any()
+    valid_px = int(np.count_nonzero(valid[br : br + int(block.height), bc : bc + int(block.width)]))
     runs = {(int(r), int(c)): bool(valid[r - hr0 : r - hr0 + t, c - hc0 : c - hc0 + t].any())
             for r in rows for c in cols}
     rgb_t, valid_t = torch.from_numpy(np.ascontiguousarray(rgb)), torch.from_numpy(np.ascontiguousarray(valid))
     if pin:
         rgb_t, valid_t = rgb_t.pin_memory(), valid_t.pin_memory()
-    return _Halo(block, hr0, hc0, rows, cols, rgb_t, valid_t, runs, empty)
+    return _Halo(block, hr0, hc0, rows, cols, rgb_t, valid_t, runs, valid_px)
 
 
 @torch.inference_mode()
@@ -465,9 +461,7 @@ def predict_scene(
                             bar.update(n, sum(not halo.runs[o] for o in new))
                             n_windows += n
                             empty_blocks += int(halo.empty)
-                            br, bc = int(halo.block.row_off) - halo.r0, int(halo.block.col_off) - halo.c0
-                            valid_px += int(np.count_nonzero(halo.valid.numpy()[br : br + int(halo.block.height),
-                                                                                 bc : bc + int(halo.block.width)]))
+                            valid_px += halo.valid_px
                             done = None
                             if on_cuda:  # to pinned host memory without blocking; the writer waits for it
                                 prob = _to_host(prob)
