@@ -233,15 +233,16 @@ def make_loader(dataset: PatchDataset, sampler: GlobalBatchSampler, device: torc
     )
 
 
-def to_device(batch: Sequence[torch.Tensor], device: torch.device, augment: bool,
-              channels_last: bool = False, buffers: HostBuffers | None = None) -> tuple[torch.Tensor, ...]:
+def to_device(batch: Sequence[torch.Tensor], device: torch.device, channels_last: bool = False,
+              buffers: HostBuffers | None = None) -> tuple[torch.Tensor, ...]:
     """A loader batch on the device, ready for the model: (x float32 (B, 3, H, W) in 0..255, mask int64
     (B, H, W), row indices, real, images uint8 as read). The copies are non-blocking (pinned memory on
-    CUDA); the augmentation runs there, on the whole batch, fused with the conversions. With `buffers`
-    (one per loop), x and mask on the CPU are reused tensors, valid until the next call."""
+    CUDA); the augmentation the batch's codes say (all 0 for a dataset without augmentation) runs there,
+    on the whole batch, fused with the conversions. With `buffers` (one per loop), x and mask on the CPU
+    are reused tensors, valid until the next call."""
     images, masks, index, real, codes = batch
     images_d = images.to(device, non_blocking=True)
     masks_d = masks.to(device, non_blocking=True)
-    x, target = augment_batch(images_d, masks_d, codes.tolist() if augment else [], torch.float32, torch.int64,
+    x, target = augment_batch(images_d, masks_d, codes.tolist(), torch.float32, torch.int64,
                               channels_last=channels_last and device.type == "cuda", buffers=buffers)
     return x, target, index, real.to(device, non_blocking=True), images

@@ -331,7 +331,7 @@ def test_patch_store_and_geotiff_patches_give_the_same_batches(tmp_path):
     loaders = [make_loader(ds, sampler, torch.device("cpu"), 0) for ds in (geotiff, stored)]
     for epoch in (1, 2):  # one loader for every epoch: the sampler is reset
         sampler.reset(epoch_permutation(len(rows), 3, epoch), 0, len(rows), epoch)
-        batches = [[to_device(b, torch.device("cpu"), True) for b in loader] for loader in loaders]
+        batches = [[to_device(b, torch.device("cpu")) for b in loader] for loader in loaders]
         assert len(batches[0]) == len(batches[1]) == len(sampler) == 3
         for a, b in zip(*batches, strict=True):
             for ta, tb in zip(a, b, strict=True):

@@ -30,14 +30,9 @@ from ..training_data import (
     make_loader,
     to_device,
 )
-from . import tiled_synthetic
+from . import sync, tiled_synthetic
 
 log = logging.getLogger(__name__)
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def _epochs(dataset: PatchDataset, cfg: Config, device: torch.device, epochs: int) -> list[float]:
@@ -50,12 +45,12 @@ def _epochs(dataset: PatchDataset, cfg: Config, device: torch.device, epochs: in
     for epoch in range(epochs):
         sampler.reset(epoch_permutation(len(dataset), cfg.seed, epoch), 0, len(dataset), epoch)
         n = 0
-        _sync(device)
+        sync(device)
         t0 = time.perf_counter()
         for b in loader:
-            x, mask, _, real, _ = to_device(b, device, True, cfg.segmenter.channels_last, buffers)
+            x, mask, _, real, _ = to_device(b, device, cfg.segmenter.channels_last, buffers)
             n += int(real.sum())
-        _sync(device)
+        sync(device)
         rates.append(n / (time.perf_counter() - t0))
     return rates
 

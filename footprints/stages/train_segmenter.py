@@ -62,6 +62,7 @@ from ..contracts.paths import RunPaths
 from ..device import resolve_device
 from ..distributed import DistInfo, all_sum, barrier, dist_from_env, init_distributed, shutdown
 from ..errors import InputError, Preempted, StageError
+from ..inference import amp_dtype
 from ..losses import resolve_class_weights, weighted_ce_sums
 from ..plots import write_learning_curve, write_overlay
 from ..segmenter import build_segmenter, building_and_seed, scheme_of, segmenter_from_classifier
@@ -306,10 +307,9 @@ class _Trainer:
             raise StageError("the segmenter has no trainable parameters")
         self.optimizer = torch.optim.Adam(params, lr=scfg.lr, weight_decay=scfg.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.StepLR(self.optimizer, step_size=scfg.step_size, gamma=scfg.gamma)
-        if on_cuda and scfg.amp:
-            self.amp_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-            if self.amp_dtype == torch.float16:
-                self.scaler = torch.amp.GradScaler("cuda")
+        self.amp_dtype = amp_dtype(self.device, scfg.amp)  # predict's rule: bf16 where the GPU has it, else fp16
+        if self.amp_dtype == torch.float16:
+            self.scaler = torch.amp.GradScaler("cuda")
 
         self.start_epoch, self.start_position, self.start_step = 0, 0, 0
         self.start_progress: dict[str, float] = {}
@@ -410,7 +410,7 @@ class _Trainer:
         for batch in bar:
             # dropout masks depend on (seed, epoch, step, rank) only: exact on resume whatever ran before
             torch.manual_seed(derive_seed(self.cfg.seed, "step", epoch, step, self.info.rank))
-            x, mask, _index, real, _ = to_device(batch, self.device, self.train_set.augment, scfg.channels_last,
+            x, mask, _index, real, _ = to_device(batch, self.device, scfg.channels_last,
                                                  self.train_buffers)
             target = _masked_target(mask, real)
             with self.autocast():
@@ -464,7 +464,7 @@ class _Trainer:
             self.hooks.at_validation(self.global_step)
             if self.any_rank_stopping():
                 self.preempt(epoch, done["position"], done["step"], done["progress"])
-            x, mask, index, real_d, image = to_device(batch, self.device, False, self.scfg.channels_last,
+            x, mask, index, real_d, image = to_device(batch, self.device, self.scfg.channels_last,
                                                       self.val_buffers)
             real = batch[3]
             target = _masked_target(mask, real_d)
