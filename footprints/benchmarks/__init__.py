@@ -23,6 +23,14 @@ BENCHMARKS: dict[str, str] = {
 }
 
 
+def sync(device: Any) -> None:
+    """Wait for the device's queued work (CUDA kernels run asynchronously): before and after a timed span."""
+    import torch
+
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def run_benchmark(name: str, cfg: Any) -> dict[str, Any]:
     """Run benchmark `name`; returns the dict the CLI prints as the last line of output."""
     if name not in BENCHMARKS:

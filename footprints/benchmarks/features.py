@@ -28,7 +28,7 @@ from ..contracts.patches import PatchStore
 from ..device import resolve_device
 from ..stages.features import FEATURE_SPLITS
 from ..stages.features import run as run_features
-from . import tiled_synthetic
+from . import sync, tiled_synthetic
 
 log = logging.getLogger(__name__)
 
@@ -60,8 +60,7 @@ def bench_features(cfg: Config) -> dict[str, Any]:
                 for i in range(0, len(sent), bs):
                     x = torch.from_numpy(sent[i : i + bs]).to(device).float().contiguous(memory_format=fmt)
                     net(x, layers)
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
+            sync(device)
             return time.perf_counter() - t0
 
         def stage() -> float:

@@ -16,6 +16,7 @@ from torch import nn
 from ..backbone import LAYER_CHANNELS, LAYER_SCALE, hypercolumn_channels, resolve_layers
 from ..head import DenseHead, NaiveHead, evaluated_positions
 from ..mlp import MLP
+from . import sync
 
 log = logging.getLogger(__name__)
 
@@ -135,24 +136,20 @@ def _compare_heads(batch: int, size: int, hidden: int, layers: Any, stride: int,
         (out * weight).sum().backward()
         return out.detach()
 
-    def sync() -> None:
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-
     def timed(head: nn.Module) -> tuple[float, torch.Tensor]:
-        sync()
+        sync(device)
         t0 = time.perf_counter()
         out = step(head)
-        sync()
+        sync(device)
         return time.perf_counter() - t0, out
 
     def peak(head: nn.Module) -> int:
         if device.type == "cuda":
-            torch.cuda.synchronize()
+            sync(device)
             torch.cuda.reset_peak_memory_stats(device)
             base = torch.cuda.memory_allocated(device)
             step(head)
-            torch.cuda.synchronize()
+            sync(device)
             return torch.cuda.max_memory_allocated(device) - base
         for p in head.parameters():  # freed before the trace starts (its frees of older blocks are not seen)
             p.grad = None

@@ -41,6 +41,7 @@ from ..segmenter import build_segmenter, compile_segmenter
 from ..sources import SceneSource
 from ..targets import SCHEMES, ClassScheme
 from ..vectorize import polygons_from_probability
+from . import sync
 
 log = logging.getLogger(__name__)
 GSD, TILE = 0.5, 256
@@ -147,18 +148,17 @@ def _model_only(reader: Any, model: torch.nn.Module, cfg: Config, device: torch.
     origins = [(int(r), int(c)) for r in rows for c in cols]
     autocast = amp_dtype(device, cfg.predict.amp)
     bs = cfg.predict.batch_size
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     with torch.inference_mode():
         warm = torch.stack([scene[:, r : r + TILE, c : c + TILE] for r, c in origins[:bs]]).float()
         with torch.autocast(device.type, dtype=autocast, enabled=autocast is not None):
             model(warm)
-        sync()
+        sync(device)
         t0 = time.perf_counter()
         for i in range(0, len(origins), bs):
             x = torch.stack([scene[:, r : r + TILE, c : c + TILE] for r, c in origins[i : i + bs]]).float()
             with torch.autocast(device.type, dtype=autocast, enabled=autocast is not None):
                 model(x)
-        sync()
+        sync(device)
         seconds = time.perf_counter() - t0
     km2 = reader.width * reader.height * GSD * GSD / 1e6
     return {"seconds": seconds, "windows": len(origins), "km2_per_hour": km2 / (seconds / 3600.0)}
