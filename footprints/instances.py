@@ -236,7 +236,8 @@ def _window_instances(raw: np.ndarray, valid: np.ndarray | None, seed: np.ndarra
 class _Instances:
     """Pass 2: windows labelled on `workers` threads, in flight at most 2 per worker, gathered in submission
     order; the group ids are offset by a running counter in that order, so the result is the same for any
-    number of workers. Reads stay on the calling thread (a dataset handle is not shared between threads)."""
+    number of workers. The workers never read: a dataset handle must not be read from two threads at once
+    (pass 1's one-block read-ahead has ended before pass 2 reads)."""
 
     def __init__(self, seed_threshold: float, workers: int):
         self.seed_threshold = seed_threshold
