@@ -30,9 +30,8 @@ def prefetched(items: list[Any], produce: Callable[[Any], Any], depth: int, thre
         return
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix=name) as pool:
         pending: deque[Future] = deque()
-        it = iter(items)
         try:
-            for item in it:
+            for item in items:
                 pending.append(pool.submit(produce, item))
                 if len(pending) > depth:
                     yield pending.popleft().result()

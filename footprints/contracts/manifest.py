@@ -43,14 +43,19 @@ def write_rows(path: Path, rows: Iterable[dict[str, Any]], columns: Sequence[str
         writer.writerows(rows)
 
 
+def read_rows(path: Path) -> list[dict[str, Any]]:
+    """The rows `write_rows` wrote (values as strings)."""
+    with open(path, newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
 def assemble_manifest(tile_dir: Path, scene_ids: Sequence[str], splits: dict[str, str]) -> list[dict[str, Any]]:
     """Concatenate the per-scene CSVs (in the given order), add `split`, write `manifest.csv` atomically."""
     rows: list[dict[str, Any]] = []
     for sid in scene_ids:
-        with open(Path(tile_dir) / "scenes" / f"{sid}.csv", newline="") as fh:
-            for row in csv.DictReader(fh):
-                row["split"] = splits[sid]
-                rows.append(row)
+        for row in read_rows(Path(tile_dir) / "scenes" / f"{sid}.csv"):
+            row["split"] = splits[sid]
+            rows.append(row)
     write_rows(Path(tile_dir) / "manifest.csv", rows, MANIFEST_COLUMNS)
     return rows
 

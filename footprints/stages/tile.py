@@ -22,7 +22,6 @@ inside the scene, in patch pixel coordinates.
 from __future__ import annotations
 
 import contextlib
-import csv
 import dataclasses
 import logging
 import math
@@ -43,7 +42,7 @@ from rasterio.windows import Window
 from ..cluster import map_scenes
 from ..config import Config, DataConfig, TileConfig
 from ..contracts.freshness import digest, file_digest, is_fresh, read_record, unmark, write_record
-from ..contracts.manifest import SCENE_COLUMNS, SPLITS, assemble_manifest, write_rows
+from ..contracts.manifest import SCENE_COLUMNS, SPLITS, assemble_manifest, read_rows, write_rows
 from ..contracts.patches import (
     IGNORE,
     StoreWriter,
@@ -250,8 +249,7 @@ def _add_store(paths: RunPaths, sid: str, key: str) -> None:
     wanted = [os.path.relpath(p, folder) for p in store_paths(paths.tile, sid)]
     if all(name in listed for name in wanted):
         return
-    with open(paths.scene_rows(sid), newline="") as fh:
-        rows = list(csv.DictReader(fh))
+    rows = read_rows(paths.scene_rows(sid))
     if not rows:
         return
     t0 = time.perf_counter()
