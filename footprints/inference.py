@@ -38,7 +38,7 @@ import sys
 import time
 import warnings
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -77,22 +77,6 @@ def amp_dtype(device: torch.device | str, amp: bool = True) -> torch.dtype | Non
     if not amp or device.type != "cuda":
         return None
     return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-
-
-@contextlib.contextmanager
-def host_threads(device: torch.device, n: int = 1) -> Iterator[None]:
-    """torch's intra-op threads limited to `n` while the CPU does small, memory-bound tensor work (window
-    copies, probabilities, blending) beside the reader and writer threads: on a busy host a parallel region
-    per 256 px window costs more than it saves. A no-op for CUDA tensors."""
-    if device.type != "cpu":
-        yield
-        return
-    before = torch.get_num_threads()
-    torch.set_num_threads(min(n, before))
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -208,16 +192,14 @@ def predict_tensor(model: Model, x: torch.Tensor, tta_flips: bool = False, schem
                    autocast: torch.dtype | None = None) -> torch.Tensor:
     """Probability bands (B, bands, H, W) float32 of rgb (B, 3, H, W) (uint8 or float in 0..255) on the
     model's device: the building probability and, for schemes with an interior class, the seed score
-    (`building_and_seed`); flips averaged when asked. The network runs under `autocast` (a dtype) when set;
-    on the CPU the probabilities are computed with one torch thread (`host_threads`)."""
+    (`building_and_seed`); flips averaged when asked. The network runs under `autocast` (a dtype) when set."""
     x = x.float()
     ctx = torch.autocast(x.device.type, dtype=autocast) if autocast is not None else contextlib.nullcontext()
 
     def prob(t: torch.Tensor) -> torch.Tensor:
         with ctx:
             logits = model(t)
-        with host_threads(t.device):
-            return building_and_seed(logits, scheme)
+        return building_and_seed(logits, scheme)
 
     p = prob(x)
     if tta_flips:
@@ -292,32 +274,31 @@ def _infer_block(halo: _Halo, model: Model, grid: Grid, weights: torch.Tensor, *
     bands = bands_of(scheme)
     for start in range(0, len(todo), max(1, batch_size)):
         chunk = todo[start : start + batch_size]
-        with host_threads(device):  # the windows, converted to float in the same copy
-            x = torch.empty((len(chunk), 3, t, t), dtype=torch.float32, device=device)
-            for i, (r, c) in enumerate(chunk):
-                x[i].copy_(rgb[:, r - halo.r0 : r - halo.r0 + t, c - halo.c0 : c - halo.c0 + t])
+        # the windows, converted to float in the same copy
+        x = torch.empty((len(chunk), 3, t, t), dtype=torch.float32, device=device)
+        for i, (r, c) in enumerate(chunk):
+            x[i].copy_(rgb[:, r - halo.r0 : r - halo.r0 + t, c - halo.c0 : c - halo.c0 + t])
         probs.update(zip(chunk, predict_tensor(model, x, tta_flips, scheme, autocast), strict=True))
     hh, hw = halo.rgb.shape[-2:]
-    with host_threads(device):
-        acc = torch.zeros((bands, hh, hw), dtype=torch.float32, device=device)
-        wsum = torch.zeros((hh, hw), dtype=torch.float32, device=device)
-        tmp = torch.empty((bands, t, t), dtype=torch.float32, device=device)
-        for o in origins:  # accumulate in global order, whether computed now or earlier
-            if not halo.runs[o]:
-                continue  # no valid pixel: it could only blend into pixels that are invalid anyway
-            p = probs[o] if o in probs else cache.take(o)  # type: ignore[union-attr]
-            if cache is not None and o in probs:
-                cache.offer(o, p)
-            r, c = o[0] - halo.r0, o[1] - halo.c0
-            acc[:, r : r + t, c : c + t] += torch.mul(weights, p, out=tmp)  # w * p, then the sum: as whole
-            wsum[r : r + t, c : c + t] += weights
-        if cache is not None:
-            cache.block_done()
-        # keep the block's own pixels; every valid pixel lies in a window that ran, so wsum > 0 there
-        acc = acc[:, br : br + bh, bc : bc + bw]
-        wsum = wsum[br : br + bh, bc : bc + bw]
-        ok = valid[br : br + bh, bc : bc + bw]
-        prob = acc.div_(wsum.clamp_(min=1e-12)).clamp_(0.0, 1.0).mul_(ok)
+    acc = torch.zeros((bands, hh, hw), dtype=torch.float32, device=device)
+    wsum = torch.zeros((hh, hw), dtype=torch.float32, device=device)
+    tmp = torch.empty((bands, t, t), dtype=torch.float32, device=device)
+    for o in origins:  # accumulate in global order, whether computed now or earlier
+        if not halo.runs[o]:
+            continue  # no valid pixel: it could only blend into pixels that are invalid anyway
+        p = probs[o] if o in probs else cache.take(o)  # type: ignore[union-attr]
+        if cache is not None and o in probs:
+            cache.offer(o, p)
+        r, c = o[0] - halo.r0, o[1] - halo.c0
+        acc[:, r : r + t, c : c + t] += torch.mul(weights, p, out=tmp)  # w * p, then the sum: as whole
+        wsum[r : r + t, c : c + t] += weights
+    if cache is not None:
+        cache.block_done()
+    # keep the block's own pixels; every valid pixel lies in a window that ran, so wsum > 0 there
+    acc = acc[:, br : br + bh, bc : bc + bw]
+    wsum = wsum[br : br + bh, bc : bc + bw]
+    ok = valid[br : br + bh, bc : bc + bw]
+    prob = acc.div_(wsum.clamp_(min=1e-12)).clamp_(0.0, 1.0).mul_(ok)
     return prob, ok, len(todo)
 
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -40,13 +41,27 @@ from ..contracts.paths import RunPaths
 from ..device import resolve_device
 from ..errors import InputError, StageError
 from ..hypercolumns import RunningStats, gather_hypercolumns, patch_rng, sample_pixels
-from ..inference import host_threads
 
 log = logging.getLogger(__name__)
 
 # the classifier learns on train and is selected on val; the test split is judged on whole scenes by
 # predict and evaluate, so sampling its pixels would only cost time
 FEATURE_SPLITS = ("train", "val")
+
+
+@contextlib.contextmanager
+def host_threads(device: torch.device, n: int = 1) -> Iterator[None]:
+    """torch's intra-op threads limited to `n` on the CPU (a no-op for CUDA): for a few hundred small
+    gathers, one thread beats a parallel region each."""
+    if device.type != "cpu":
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(min(n, before))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def _settings(cfg: Config, layers: list[str]) -> dict[str, Any]:
@@ -118,7 +133,7 @@ def _extract_batch(
     b_all = np.concatenate([np.full(len(s[1]), i) for i, s in enumerate(samples)])
     with torch.inference_mode():
         acts = model(x, layers)
-        with host_threads(device):  # a few hundred small gathers: one thread beats a parallel region each
+        with host_threads(device):
             feats = gather_hypercolumns(acts, layers, r_all, c_all, (height, width), batch=b_all)
     return feats.float()
 
