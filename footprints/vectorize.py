@@ -173,6 +173,8 @@ def _fill_holes(geoms: np.ndarray, min_hole_area: float) -> np.ndarray:
 
 def _polygonal_parts(geoms: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Split (Multi)Polygons and collections into Polygons; returns (parts, index of their source)."""
+    if (shapely.get_type_id(geoms) == 3).all():  # the usual case: get_parts would only clone every polygon
+        return geoms, np.arange(len(geoms))
     parts, idx = shapely.get_parts(geoms, return_index=True)
     nested = shapely.get_type_id(parts) == 7  # a GeometryCollection may hold a MultiPolygon
     if nested.any():
