@@ -228,6 +228,35 @@ def test_rerun_skips_overwrite_retrains_and_more_epochs_continue(project, tmp_pa
         assert torch.equal(value, again["model"][key])  # a fresh run from the same seed is the same run
 
 
+def test_a_retrained_classifier_or_another_stride_makes_the_segmenter_again(project, tmp_path, caplog):
+    """A finished segmenter converted from another classifier (or with another head stride) is stale like
+    any stage output whose inputs changed: the stage trains again instead of saying 'nothing to do'."""
+    from footprints.contracts.freshness import file_digest
+
+    caplog.set_level(logging.INFO, logger="footprints")
+    out = tmp_path / "outputs" / "t"
+    cfg = load_config(project, ["segmenter.epochs=0"])
+    run(cfg)
+    clf = out / "train-classifier" / "best.pt"
+    assert load(out / "train-segmenter" / "best.pt")["meta"]["classifier_digest"] == file_digest(clf)
+    assert run(cfg)["status"] == "complete"
+
+    retrained = load(clf)
+    retrained["model"] = {k: v + 0.01 for k, v in retrained["model"].items()}
+    torch.save(retrained, clf)
+    caplog.clear()
+    assert run(cfg, load_saved_model=True)["status"] != "complete"
+    assert "converted from another classifier" in caplog.text and "cannot continue it" in caplog.text
+    best = load(out / "train-segmenter" / "best.pt")
+    assert best["meta"]["classifier_digest"] == file_digest(clf)
+    assert torch.equal(best["model"]["head.conv3.bias"], retrained["model"]["fc3.bias"])  # the new classifier's
+
+    caplog.clear()
+    assert run(load_config(project, ["segmenter.epochs=0", "segmenter.stride=1"]))["status"] != "complete"
+    assert "segmenter.stride = 2, the config says 1" in caplog.text
+    assert load(out / "train-segmenter" / "best.pt")["meta"]["stride"] == 1
+
+
 def test_load_saved_model_without_checkpoint_starts_fresh(project, tmp_path, caplog):
     cfg = load_config(project, ["segmenter.epochs=1", "segmenter.max_steps_per_epoch=1",
                                 "segmenter.class_weights=[1.0, 2.5]"])  # fmt: skip

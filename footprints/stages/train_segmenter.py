@@ -56,6 +56,7 @@ from ..contracts.checkpoints import (
     restore_rng,
     save_checkpoint,
 )
+from ..contracts.freshness import file_digest
 from ..contracts.manifest import class_pixels, read_manifest
 from ..contracts.patches import IGNORE
 from ..contracts.paths import RunPaths
@@ -203,14 +204,18 @@ class _Trainer:
             for stale in self.out_dir.glob(".*.pt.part"):
                 stale.unlink(missing_ok=True)
         resume: dict[str, Any] | None = None
-        if overwrite:
-            if load_saved_model:
+        found = None if overwrite or not self.last_path.is_file() else load_checkpoint(self.last_path, kind="training")
+        stale = self._stale_because(found["meta"]) if found is not None else ""
+        if stale:  # like any stage's output whose inputs changed: made again (resuming it would mix models)
+            log.warning("%s: %s; training again from the current classifier%s", self.last_path, stale,
+                        " (--load_saved_model cannot continue it)" if load_saved_model else "")
+        if overwrite or stale:
+            if overwrite and load_saved_model:
                 log.info("--overwrite: starting fresh (--load_saved_model is ignored)")
             if self.info.is_main:
                 self._clear_outputs()
             self.barrier()
-        elif self.last_path.is_file():
-            found = load_checkpoint(self.last_path, kind="training")
+        elif found is not None:
             done = int(found["epoch"]) >= self.scfg.epochs
             if done:
                 log.info(
@@ -237,6 +242,19 @@ class _Trainer:
 
         self._build(resume)
         return None
+
+    def _stale_because(self, meta: dict[str, Any]) -> str:
+        """Why a checkpoint's model is not the one this config makes ("" when it is): another classifier
+        (its file digest, recorded at the conversion; checkpoints from before it are taken as they are), or
+        another head stride or backbone training."""
+        clf = self.paths.classifier_checkpoint
+        recorded = meta.get("classifier_digest")
+        if recorded is not None and clf.is_file() and recorded != file_digest(clf):
+            return f"converted from another classifier than {clf}"
+        for key, now in (("stride", self.scfg.stride), ("train_backbone", self.scfg.train_backbone)):
+            if key in meta and meta[key] != now:
+                return f"trained with segmenter.{key} = {meta[key]}, the config says {now}"
+        return ""
 
     def _clear_outputs(self) -> None:
         import shutil
@@ -279,6 +297,7 @@ class _Trainer:
             torch.manual_seed(derive_seed(self.cfg.seed, "init"))
             model, meta = segmenter_from_classifier(clf, scfg.stride, scfg.train_backbone)
             meta = dict(meta)
+            meta["classifier_digest"] = file_digest(clf)
             clf_weights = meta["class_weights"]
             meta["class_weights"] = self._class_weights(int(meta["num_classes"]))
             self._warn_if_objective_changes(clf_weights, meta["class_weights"])
