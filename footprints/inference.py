@@ -394,6 +394,7 @@ def predict_scene(
     scheme: ClassScheme = BINARY,
     amp: bool = True,
     progress: bool = True,
+    alongside: Callable[[Path], Any] | None = None,
 ) -> dict[str, Any]:
     """Predict a whole scene into a probability COG at `out_path` (written atomically).
 
@@ -402,6 +403,10 @@ def predict_scene(
     thread only. `model` is any callable from rgb float (B, 3, H, W) in 0..255 to logits (B, K, H, W) of the
     classes of `scheme`, on `device`; `amp`: bf16/fp16 autocast on CUDA. Band 1 is the building probability,
     band 2 (schemes with an interior class) the watershed seed score. Returns a small summary.
+
+    `alongside(path)` (e.g. vectorising) runs on the finished probabilities while the COG is written from
+    them on another thread (GDAL releases the GIL): `path` is the tiled intermediate, the same values, mask,
+    transform and CRS as the COG, valid during the call only. Its return value is `summary["alongside"]`.
     """
     out_path = Path(out_path)
     device = torch.device(device)
@@ -454,7 +459,16 @@ def predict_scene(
                                 writes.popleft().result()
                         while writes:
                             writes.popleft().result()
-                    to_cog(blocks_tmp, final_tmp, prob_dtype)
+                    if alongside is None:
+                        to_cog(blocks_tmp, final_tmp, prob_dtype)
+                    else:
+                        with ThreadPoolExecutor(1, thread_name_prefix="predict-cog") as cog_writer:
+                            cog = cog_writer.submit(to_cog, blocks_tmp, final_tmp, prob_dtype)
+                            try:
+                                beside = alongside(blocks_tmp)
+                            finally:
+                                cog.exception()  # the COG thread is done with the intermediate either way
+                        cog.result()
             finally:
                 bar.close()
                 blocks_tmp.unlink(missing_ok=True)
@@ -464,7 +478,7 @@ def predict_scene(
     if bar.enabled:
         log.info("%s: %d windows run, %d skipped as nodata (%d empty blocks), %.1f s", name, n_windows, skipped,
                  empty_blocks, seconds)
-    return {
+    summary = {
         "prob": str(out_path),
         "width": width,
         "height": height,
@@ -476,3 +490,6 @@ def predict_scene(
         "seconds": seconds,
         "autocast": str(autocast).removeprefix("torch.") if autocast is not None else None,
     }
+    if alongside is not None:
+        summary["alongside"] = beside
+    return summary

@@ -222,6 +222,35 @@ def test_blocked_result_equals_whole_scene_result(tmp_path: Path):
         np.testing.assert_array_equal(outs[block][1], valid)
 
 
+def test_work_alongside_the_cog_sees_what_the_cog_holds(tmp_path: Path):
+    """`alongside` (predict vectorises there while the COG is written) reads the same probabilities, mask,
+    transform and CRS as the finished COG; its result comes back, and nothing temporary is left."""
+    from footprints.vectorize import polygons_from_probability
+
+    rgb = _texture(300, 260, seed=5)
+    rgb[:, :40, :50] = 0  # a nodata corner: the mask must come through too
+    scene = _write_tif(tmp_path / "s.tif", rgb, UTM, "EPSG:32631")
+    seen = {}
+
+    def alongside(path: Path):
+        with rasterio.open(path) as src:
+            seen.update(values=src.read(), mask=src.read_masks(1), transform=src.transform, crs=src.crs)
+        return polygons_from_probability(path, threshold=0.5)
+
+    with _reader(scene) as reader:
+        out = predict_scene(reader, ContextModel(), tmp_path / "p.tif", tile_size=TILE, block_size=128,
+                            alongside=alongside)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["p.tif", "s.tif"]
+    with rasterio.open(tmp_path / "p.tif") as src:
+        np.testing.assert_array_equal(seen["values"], src.read())
+        np.testing.assert_array_equal(seen["mask"], src.read_masks(1))
+        assert seen["transform"] == src.transform and seen["crs"] == src.crs
+    assert not seen["mask"][:40, :50].any() and seen["mask"][40:].all()
+    from_cog = polygons_from_probability(tmp_path / "p.tif", threshold=0.5)
+    assert len(from_cog) > 0 and len(out["alongside"]) == len(from_cog)
+    assert shapely.equals(from_cog.geometry.union_all(), out["alongside"].geometry.union_all())
+
+
 def test_probability_raster_is_a_cog_on_the_scene_grid(tmp_path: Path):
     scene = _write_tif(tmp_path / "s.tif", _texture(600, 1100), UTM, "EPSG:32631")
     with _reader(scene) as reader:

@@ -17,7 +17,7 @@ import dataclasses
 import json
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -100,9 +100,11 @@ def _model_for(settings: PredictSettings) -> Model:
 
 
 def _ensure_probability(
-    reader: Any, settings: PredictSettings, folder: Path, overwrite: bool, model: Model | None
-) -> tuple[Path, dict[str, Any], bool]:
-    """The scene's probability COG, reused when its record says it was made with the same parameters.
+    reader: Any, settings: PredictSettings, folder: Path, overwrite: bool, model: Model | None,
+    alongside: Callable[[Path], Any] | None = None,
+) -> tuple[Path, dict[str, Any], bool, Any]:
+    """The scene's probability COG, reused when its record says it was made with the same parameters;
+    (path, summary, reused, what `alongside` returned when a new COG was made with it, else None).
 
     Leaves the scene's record covering the probability only: polygons written after it are then marked
     by the caller's new record, never by an old one.
@@ -113,7 +115,7 @@ def _ensure_probability(
     if not overwrite and record is not None and is_fresh(sp.record, prob_key, "prob_key", [sp.prob.name]):
         summary = record.get("prob") or {}
         write_record(sp.record, "", [sp.prob], scene_id=reader.scene_id, prob_key=prob_key, prob=summary)
-        return sp.prob, summary, True
+        return sp.prob, summary, True, None
     sp.record.unlink(missing_ok=True)
     if reader.crs is None:
         log.warning("%s: no georeference: probabilities and polygons are in pixel coordinates", reader.scene_id)
@@ -121,10 +123,11 @@ def _ensure_probability(
         reader, model if model is not None else _model_for(settings), sp.prob,
         tile_size=settings.tile.size, overlap=settings.overlap, batch_size=settings.batch_size,
         block_size=settings.block_size, tta_flips=settings.tta_flips, prob_dtype=settings.prob_dtype,
-        device=resolve_device(settings.device), scheme=settings.scheme,
+        device=resolve_device(settings.device), scheme=settings.scheme, alongside=alongside,
     )  # fmt: skip
+    beside = summary.pop("alongside", None)
     write_record(sp.record, "", [sp.prob], scene_id=reader.scene_id, prob_key=prob_key, prob=summary)
-    return sp.prob, summary, False
+    return sp.prob, summary, False, beside
 
 
 def predict_source(
@@ -149,13 +152,25 @@ def predict_source(
     if not overwrite and is_fresh(sp.record, key):
         return {**(read_record(sp.record) or {}), "skipped": True}
     with open_scene(source, settings.data, settings.tile) as reader:
-        prob_path, prob_summary, reused = _ensure_probability(reader, settings, sp.folder, overwrite, model)
+        vector_s = 0.0
+
+        def vectorise(prob: Path) -> Any:
+            nonlocal vector_s
+            t = time.perf_counter()
+            polys = polygons_from_probability(
+                prob, threshold=threshold, min_area_m2=min_area_m2, hole_area_m2=settings.hole_area_m2,
+                simplify_px=settings.simplify_px, block_size=settings.block_size, scene=source.scene_id,
+                pixel_size_m=reader.gsd_m, seed_threshold=seed_threshold,
+            )  # fmt: skip
+            vector_s = time.perf_counter() - t
+            return polys
+
+        # a new probability raster is vectorised while its COG is written; a reused one, from the COG
+        prob_path, prob_summary, reused, raw = _ensure_probability(reader, settings, sp.folder, overwrite, model,
+                                                                   vectorise)
+        if raw is None:
+            raw = vectorise(prob_path)
         t0 = time.perf_counter()
-        raw = polygons_from_probability(
-            prob_path, threshold=threshold, min_area_m2=min_area_m2, hole_area_m2=settings.hole_area_m2,
-            simplify_px=settings.simplify_px, block_size=settings.block_size, scene=source.scene_id,
-            pixel_size_m=reader.gsd_m, seed_threshold=seed_threshold,
-        )  # fmt: skip
         if settings.regularize:
             from ..regularize import regularize_footprints
 
@@ -173,7 +188,7 @@ def predict_source(
             "polygons": len(gdf),
             "crs": "" if reader.crs is None else reader.crs.to_string(),
             "area_km2": _area_km2(reader),
-            "vector_seconds": time.perf_counter() - t0,
+            "vector_seconds": vector_s + time.perf_counter() - t0,
             "geojson": str(sp.geojson),
             "gpkg": str(sp.gpkg),
             "prob_reused": reused,
@@ -208,7 +223,7 @@ def calibrate_source(
     with open_scene(source, settings.data, settings.tile) as reader:
         if not reader.has_labels:
             raise InputError(source.image, "validation scene without labels: cannot calibrate on it")
-        prob_path, _, _ = _ensure_probability(reader, settings, Path(out_dir), overwrite, model)
+        prob_path, *_ = _ensure_probability(reader, settings, Path(out_dir), overwrite, model)
         return scene_counts(reader, prob_path, thresholds, seed_thresholds, min_areas, iou_threshold,
                             settings.hole_area_m2, settings.simplify_px, settings.block_size)
 
