@@ -22,7 +22,9 @@ Pipeline (`predict_scene`): a reader thread reads the next blocks' halos (GDAL r
 pinned memory on CUDA; this thread copies them to the device without blocking, runs the windows in
 batches under bf16/fp16 autocast on CUDA (`amp`), blends them on the device in float32 (the same operations
 in the same order for every block layout: blocked == whole scene) and hands the block's probabilities to a
-writer thread (encoding, GeoTIFF writing), which the next block's inference does not wait for. Progress:
+writer thread (encoding, GeoTIFF writing), which the next block's inference does not wait for; the
+COG copy then runs on a thread of its own while the caller's `alongside` work (predict's vectorising) reads
+the finished intermediate. Progress:
 a bar over windows on a terminal, a log line every 30 s otherwise, for scenes of more than a few blocks.
 
 Long: one job, whole-scene inference; the window grid, the blending, the block cache and the pipeline share
