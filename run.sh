@@ -181,7 +181,11 @@ from footprints.contracts.paths import RunPaths
 
 args = sys.argv[2:]
 sets = [args[i + 1] for i, a in enumerate(args[:-1]) if a == "--set"]
-f1 = json.loads(RunPaths.of(load_config(sys.argv[1], sets)).metrics.read_text())["overall"]["polygon"]["f1"]
+metrics = RunPaths.of(load_config(sys.argv[1], sets)).metrics
+try:
+    f1 = json.loads(metrics.read_text())["overall"]["polygon"]["f1"]
+except (OSError, ValueError, KeyError, TypeError) as err:
+    sys.exit(f"demo target: no polygon F1 to compare in {metrics} ({type(err).__name__})")
 verdict = "met" if f1 >= 0.50 else "NOT met (README, 'Accuracy on real scenes', 'Demo', says what limits it)"
 print(f"demo target: polygon F1@0.5 >= 0.50 on the test scenes: {f1:.3f}, {verdict}")
 PY
