@@ -464,12 +464,10 @@ def predict_scene(
                     if alongside is None:
                         to_cog(blocks_tmp, final_tmp, prob_dtype)
                     else:
+                        # leaving the pool waits for the COG, also when `alongside` raises
                         with ThreadPoolExecutor(1, thread_name_prefix="predict-cog") as cog_writer:
                             cog = cog_writer.submit(to_cog, blocks_tmp, final_tmp, prob_dtype)
-                            try:
-                                beside = alongside(blocks_tmp)
-                            finally:
-                                cog.exception()  # the COG thread is done with the intermediate either way
+                            beside = alongside(blocks_tmp)
                         cog.result()
             finally:
                 bar.close()
