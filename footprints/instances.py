@@ -20,9 +20,9 @@ work is a whole component:
   in raster order (a few numbers per component; no label image outlives its block).
 - Pass 2 handles every component once, in the block whose core holds its first pixel: from one read of
   the union of the bounding boxes of the block's components that lie inside its window (core + `halo_px`
-  on every side), else from a read of its own bounding box. The watershed runs on the component's bounding box with everything
-  outside the component masked, so its input, hence its result, is the same whatever window it was read
-  in: the result equals a single-block run for any block size.
+  on every side), else from a read of its own bounding box. The watershed runs on the component's
+  bounding box with everything outside the component masked, so its input, hence its result, is the same
+  whatever window it was read in: the result equals a single-block run for any block size.
 - The cap: a component whose bounding box holds more than `max_component_px` pixels is not split (one
   warning per scene): every block gives its pieces of it, dissolved afterwards exactly like the pieces of
   the connected-component path. Whether a component is over the cap depends only on the component, so the
@@ -328,13 +328,13 @@ def instance_pieces(read: InstanceReader, height: int, width: int, threshold: fl
                           & (comps.c0[mine] >= ww.col_off) & (comps.c1[mine] <= ww.col_off + ww.width))
                 here = mine[inside]
                 if len(here):
-                    # only as far as those components reach (a component has only background around it,
-                    # so a tighter window labels it alike): less to read and label than block + halo
+                    # read only as far as those components reach (a component has only background around
+                    # it, so a tighter window labels it alike): less to read and label than block + halo
                     r0, c0 = int(comps.r0[here].min()), int(comps.c0[here].min())
-                    ww = Window(c0, r0, int(comps.c1[here].max()) - c0, int(comps.r1[here].max()) - r0)
-                    raw, valid, seed = read(ww, True)
-                    firsts = (first_r[here] - ww.row_off) * ww.width + first_c[here] - ww.col_off
-                    out.window(raw, valid, seed, ww, firsts, comps.boxes(here, ww), thr)
+                    reach = Window(c0, r0, int(comps.c1[here].max()) - c0, int(comps.r1[here].max()) - r0)
+                    raw, valid, seed = read(reach, True)
+                    firsts = (first_r[here] - reach.row_off) * reach.width + first_c[here] - reach.col_off
+                    out.window(raw, valid, seed, reach, firsts, comps.boxes(here, reach), thr)
                 for g in mine[~inside]:  # larger than the halo: its own bounding box, read alone
                     bw = Window(int(comps.c0[g]), int(comps.r0[g]), int(comps.c1[g] - comps.c0[g]),
                                 int(comps.r1[g] - comps.r0[g]))
