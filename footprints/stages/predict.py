@@ -168,7 +168,7 @@ def predict_source(
         # a new probability raster is vectorised while its COG is written; a reused one, from the COG
         prob_path, prob_summary, reused, raw = _ensure_probability(reader, settings, sp.folder, overwrite, model,
                                                                    vectorise)
-        if raw is None:
+        if reused:
             raw = vectorise(prob_path)
         t0 = time.perf_counter()
         if settings.regularize:

@@ -34,6 +34,7 @@ checkpoints); its parts share that state and would only pass it around if split.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import math
 import os
@@ -243,14 +244,19 @@ class _Trainer:
         self._build(resume)
         return None
 
+    @functools.cached_property
+    def classifier_digest(self) -> str | None:
+        """The classifier checkpoint's file digest (None when there is none), read once per run."""
+        clf = self.paths.classifier_checkpoint
+        return file_digest(clf) if clf.is_file() else None
+
     def _stale_because(self, meta: dict[str, Any]) -> str:
         """Why a checkpoint's model is not the one this config makes ("" when it is): another classifier
         (its file digest, recorded at the conversion; checkpoints from before it are taken as they are), or
         another head stride or backbone training."""
-        clf = self.paths.classifier_checkpoint
         recorded = meta.get("classifier_digest")
-        if recorded is not None and clf.is_file() and recorded != file_digest(clf):
-            return f"converted from another classifier than {clf}"
+        if recorded is not None and self.classifier_digest is not None and recorded != self.classifier_digest:
+            return f"converted from another classifier than {self.paths.classifier_checkpoint}"
         for key, now in (("stride", self.scfg.stride), ("train_backbone", self.scfg.train_backbone)):
             if key in meta and meta[key] != now:
                 return f"trained with segmenter.{key} = {meta[key]}, the config says {now}"
@@ -297,7 +303,7 @@ class _Trainer:
             torch.manual_seed(derive_seed(self.cfg.seed, "init"))
             model, meta = segmenter_from_classifier(clf, scfg.stride, scfg.train_backbone)
             meta = dict(meta)
-            meta["classifier_digest"] = file_digest(clf)
+            meta["classifier_digest"] = self.classifier_digest
             clf_weights = meta["class_weights"]
             meta["class_weights"] = self._class_weights(int(meta["num_classes"]))
             self._warn_if_objective_changes(clf_weights, meta["class_weights"])
