@@ -176,12 +176,12 @@ case "$CMD" in
 import json
 import sys
 
+from footprints.cli import build_parser
 from footprints.config import load_config
 from footprints.contracts.paths import RunPaths
 
-args = sys.argv[2:]
-sets = [args[i + 1] for i, a in enumerate(args[:-1]) if a == "--set"]
-metrics = RunPaths.of(load_config(sys.argv[1], sets)).metrics
+args = build_parser().parse_args(["all", "--config", *sys.argv[1:]])  # what `all` above was given
+metrics = RunPaths.of(load_config(args.config, args.overrides)).metrics
 try:
     f1 = json.loads(metrics.read_text())["overall"]["polygon"]["f1"]
 except (OSError, ValueError, KeyError, TypeError) as err:
