@@ -85,8 +85,26 @@ def choose_calibration(pixel: Sequence[Sequence[float]], polygon: Sequence[Seque
         "min_area_m2": best["min_area_m2"],
         "criterion": "polygon F1 at IoU >= 0.5 (ties: pixel F1, then the smaller minimum area)",
         "best": best,
+        "at_grid_edge": grid_edges(best, table),
         "grid": table,
     }
+
+
+def grid_edges(best: dict[str, Any], table: Sequence[dict[str, Any]]) -> dict[str, list[float]]:
+    """{key: its grid values} for each key whose chosen value is the highest of 3 or more in the grid, or the
+    lowest unless that is 0 (no minimum area is a floor), and beats the next value inward on polygon F1 (a
+    tie says nothing): the best point may lie outside the grid.
+    """
+    edges = {}
+    for key in ("threshold", "seed_threshold", "min_area_m2"):
+        values = sorted({r[key] for r in table if r[key] is not None})
+        chosen = best[key]
+        if len(values) < 3 or chosen is None or chosen not in (values[0], values[-1]) or chosen == 0:
+            continue
+        inward = values[1] if chosen == values[0] else values[-2]
+        if best["polygon_f1"] > max(r["polygon_f1"] for r in table if r[key] == inward):
+            edges[key] = values
+    return edges
 
 
 def sum_counts(parts: Sequence[dict[str, Any]]) -> tuple[list[list[float]], list[list[float]]]:

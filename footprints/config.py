@@ -142,7 +142,7 @@ class PredictConfig:
     threshold: float | None = None  # None = chosen on the validation split
     min_area_m2: float | None = None  # None = chosen on the validation split
     threshold_grid: list[float] = field(default_factory=lambda: [0.3, 0.4, 0.5, 0.6, 0.7])
-    min_area_grid: list[float] = field(default_factory=lambda: [0.0, 5.0, 10.0, 20.0, 40.0])
+    min_area_grid: list[float] = field(default_factory=lambda: [0.0, 10.0, 20.0, 40.0, 60.0, 80.0, 120.0, 160.0])
     # one polygon per building: a seeded watershed splits touching buildings ("components": no split)
     instances: Literal["watershed", "components"] = "watershed"
     seed_threshold: float | None = None  # None = chosen on the validation split

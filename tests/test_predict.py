@@ -355,6 +355,21 @@ def test_choose_calibration_takes_the_best_polygon_f1_then_ties():
     # a tie on polygon F1 goes to the better pixel F1, then to the smaller minimum area
     tie = [[0.3, None, 0.0, 9, 1, 1], [0.5, None, 0.0, 9, 1, 1], [0.5, None, 10.0, 9, 1, 1]]
     assert (choose_calibration(pixel, tie)["threshold"], choose_calibration(pixel, tie)["min_area_m2"]) == (0.5, 0.0)
+    assert cal["at_grid_edge"] == {}  # 0.5 lies inside; two areas are too few to call 10 an edge
+
+
+def test_choose_calibration_says_when_the_choice_is_at_the_edge_of_its_grid():
+    pixel = [[0.3, 90, 50, 10, 850], [0.5, 80, 20, 20, 880], [0.7, 40, 5, 60, 895]]
+    polygon = [[t, s, a, 5, 5, 5] for t in (0.3, 0.5, 0.7) for s in (None, 0.5, 0.7, 0.9) for a in (0.0, 10.0, 40.0)]
+    best = polygon.index([0.3, 0.9, 40.0, 5, 5, 5])
+    polygon[best] = [0.3, 0.9, 40.0, 9, 1, 1]
+    cal = choose_calibration(pixel, polygon)
+    # the lowest threshold, the highest seed threshold and the largest minimum area: each may be beaten outside
+    assert cal["at_grid_edge"] == {"threshold": [0.3, 0.5, 0.7], "seed_threshold": [0.5, 0.7, 0.9],
+                                   "min_area_m2": [0.0, 10.0, 40.0]}
+    polygon[best] = [0.3, 0.9, 40.0, 5, 5, 5]
+    polygon[polygon.index([0.5, 0.7, 0.0, 5, 5, 5])] = [0.5, 0.7, 0.0, 9, 1, 1]
+    assert choose_calibration(pixel, polygon)["at_grid_edge"] == {}  # no minimum area is a floor, not an edge
 
 
 def _calibration_dataset(tmp_path: Path) -> Config:
@@ -376,7 +391,7 @@ def _calibration_dataset(tmp_path: Path) -> Config:
         (root / "labels").mkdir(exist_ok=True)
         gpd.GeoDataFrame(geometry=polys, crs="EPSG:32631").to_file(root / "labels" / f"{sid}.geojson",
                                                                     driver="GeoJSON")
-    cfg = _cfg(tmp_path, threshold_grid=[0.5, 0.7], min_area_grid=[0.0, 5.0], hole_area_m2=0.0)
+    cfg = _cfg(tmp_path, threshold_grid=[0.5, 0.7], min_area_grid=[0.0, 1.0, 5.0], hole_area_m2=0.0)
     cfg.data = DataConfig(root=str(root), format="geotiff", label_format="vector")
     tile_dir = RunPaths.of(cfg).stage("tile")
     tile_dir.mkdir(parents=True)
@@ -386,12 +401,16 @@ def _calibration_dataset(tmp_path: Path) -> Config:
     return cfg
 
 
-def test_calibration_grid_search_on_val_picks_the_crafted_best_and_is_used(tmp_path: Path):
+def test_calibration_grid_search_on_val_picks_the_crafted_best_and_is_used(tmp_path: Path, caplog):
     cfg = _calibration_dataset(tmp_path)
-    out = run_predict(cfg, model=RedModel(), meta={"tile_size": TILE})
+    with caplog.at_level(logging.WARNING, logger="footprints"):
+        out = run_predict(cfg, model=RedModel(), meta={"tile_size": TILE})
     cal = json.loads((RunPaths.of(cfg).stage("predict") / "calibration.json").read_text())
     # 0.5 finds the 4 buildings (p 0.55), 5 m2 drops the 2.25 m2 blobs; 0.7 would keep only blobs
     assert (cal["threshold"], cal["min_area_m2"]) == (0.5, 5.0)
+    # 5 m2 is the largest of the grid's three areas: the user is told to widen it
+    assert cal["at_grid_edge"] == {"min_area_m2": [0.0, 1.0, 5.0]}
+    assert "min_area_m2 5.0 is at the edge of predict.min_area_grid [0.0, 1.0, 5.0]" in caplog.text
     assert cal["best"]["polygon_f1"] == 1.0 and cal["scenes"] == ["val1"]
     by_point = {(r["threshold"], r["min_area_m2"]): r for r in cal["grid"]}
     assert by_point[(0.5, 0.0)]["polygon_fp"] == 6 and by_point[(0.7, 5.0)]["polygon_tp"] == 0

@@ -317,6 +317,10 @@ def resolve_calibration(
     log.info("calibration: threshold %.2f, seed threshold %s, min area %.1f m2 -> polygon F1 %.3f, pixel F1 "
              "%.3f on %d val scenes", cal["threshold"], cal["seed_threshold"], cal["min_area_m2"],
              b["polygon_f1"], b["pixel_f1"], len(parts))
+    grid_key = {"threshold": "threshold_grid", "seed_threshold": "seed_threshold_grid", "min_area_m2": "min_area_grid"}
+    for key, values in cal["at_grid_edge"].items():
+        log.warning("calibration: %s %s is at the edge of predict.%s %s: a wider grid may fit the validation "
+                    "scenes better", key, cal[key], grid_key[key], values)
     return {**cal, "source": str(stage_path)}
 
 
