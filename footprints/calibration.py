@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from .config import GRID_KEYS
 from .matching import match_polygons
 from .scoring import metric_crs, pixel_counts, truth_polygons
 from .vectorize import polygons_from_probability
@@ -96,7 +97,7 @@ def grid_edges(best: dict[str, Any], table: Sequence[dict[str, Any]]) -> dict[st
     tie says nothing): the best point may lie outside the grid.
     """
     edges = {}
-    for key in ("threshold", "seed_threshold", "min_area_m2"):
+    for key in GRID_KEYS:
         values = sorted({r[key] for r in table if r[key] is not None})
         chosen = best[key]
         if len(values) < 3 or chosen is None or chosen not in (values[0], values[-1]) or chosen == 0:

@@ -131,6 +131,10 @@ class SegmenterConfig:
     compile: bool = False  # torch.compile the segmenter (the head has no graph break)
 
 
+# the grid (predict.<value>) that calibration searches for each setting it chooses (predict.<key>)
+GRID_KEYS = {"threshold": "threshold_grid", "seed_threshold": "seed_threshold_grid", "min_area_m2": "min_area_grid"}
+
+
 @dataclass
 class PredictConfig:
     checkpoint: str = ""  # "" = outputs/<name>/train-segmenter/best.pt

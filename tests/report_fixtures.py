@@ -267,7 +267,8 @@ def make_run(root: Path, seed: int = 0) -> FakeRun:
         for a in (0.0, 10.0)
     ]
     (run / "predict" / "calibration.json").write_text(
-        json.dumps({"threshold": 0.7, "min_area_m2": 0.0, "best": grid[4], "grid": grid})
+        json.dumps({"threshold": 0.7, "min_area_m2": 0.0, "seed_threshold": 0.5, "best": grid[4],
+                    "at_grid_edge": {"threshold": [0.3, 0.5, 0.7]}, "grid": grid})
     )
     for stage in ("train-classifier", "train-segmenter"):
         Image.fromarray(np.full((120, 200, 3), 200, dtype=np.uint8)).save(run / stage / "learning_curve.png")

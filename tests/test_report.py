@@ -37,6 +37,7 @@ from footprints.report import (
     run_report,
     write_report,
 )
+from footprints.report.charts import f1_by_area_and_threshold
 from footprints.report.html import _json_for_script
 
 PAYLOAD_RE = re.compile(r'<script type="application/json" id="report-data">(.*?)</script>', re.S)
@@ -131,7 +132,18 @@ def test_run_report_lands_in_the_run_folder_and_counts_every_footprint(fake_run:
     assert ">splits<" in text and ">merges<" in text
     # learning curves and the calibration grid as images
     assert text.count('<figure><img alt="') == 3
-    assert "Threshold 0.7, minimum area 0 m²" in text
+    assert "Threshold 0.7, minimum area 0 m², seed threshold 0.5" in text
+    assert "At the edge of its grid: threshold 0.7 of predict.threshold_grid [0.3, 0.5, 0.7]. A wider grid" in text
+
+
+def test_the_calibration_chart_shows_each_cell_at_its_best_seed_threshold() -> None:
+    grid = [{"threshold": t, "seed_threshold": s, "min_area_m2": a, "polygon_f1": f}
+            for t, s, a, f in [(0.5, 0.5, 0.0, 0.6), (0.5, 0.9, 0.0, 0.2), (0.7, 0.5, 0.0, 0.1),
+                               (0.7, 0.9, 0.0, 0.3), (0.5, 0.9, 20.0, 0.4)]]
+    ts, areas, f1 = f1_by_area_and_threshold(grid)
+    assert (ts, areas) == ([0.5, 0.7], [0.0, 20.0])
+    # the later, worse seed threshold does not overwrite the better one; a cell the grid lacks stays empty
+    assert f1[0].tolist() == [0.6, 0.3] and f1[1, 0] == 0.4 and np.isnan(f1[1, 1])
 
 
 def test_overlays_are_placed_on_the_rasters_extent(fake_run: FakeRun, run_html) -> None:

@@ -5,9 +5,11 @@ from __future__ import annotations
 import base64
 import io
 import logging
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +33,20 @@ def image_data_uri(path: str | Path, max_width: int = 900) -> str | None:
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
 
 
+def f1_by_area_and_threshold(
+    grid: Sequence[Mapping[str, Any]],
+) -> tuple[list[float], list[float], np.ndarray]:
+    """(thresholds, minimum areas, polygon F1 (area x threshold)) of a calibration grid, each cell the best
+    over the seed thresholds (so the chosen cell shows the chosen point's F1); NaN where the grid has none."""
+    ts = sorted({float(r["threshold"]) for r in grid})
+    areas = sorted({float(r["min_area_m2"]) for r in grid})
+    f1 = np.full((len(areas), len(ts)), np.nan)
+    for r in grid:
+        i, j = areas.index(float(r["min_area_m2"])), ts.index(float(r["threshold"]))
+        f1[i, j] = np.fmax(f1[i, j], float(r["polygon_f1"]))
+    return ts, areas, f1
+
+
 def calibration_chart(cal: Mapping[str, Any]) -> str | None:
     """Heatmap of polygon F1 over (threshold x minimum area) from `choose_calibration`'s grid, the chosen
     cell outlined, as a PNG data URI; None when the calibration has no grid (given in the config)."""
@@ -41,13 +57,8 @@ def calibration_chart(cal: Mapping[str, Any]) -> str | None:
 
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
-    import numpy as np
 
-    ts = sorted({float(r["threshold"]) for r in grid})
-    areas = sorted({float(r["min_area_m2"]) for r in grid})
-    f1 = np.full((len(areas), len(ts)), np.nan)
-    for r in grid:
-        f1[areas.index(float(r["min_area_m2"])), ts.index(float(r["threshold"]))] = float(r["polygon_f1"])
+    ts, areas, f1 = f1_by_area_and_threshold(grid)
     fig, ax = plt.subplots(figsize=(1.4 + 0.9 * len(ts), 1.2 + 0.5 * len(areas)), dpi=100)
     try:
         im = ax.imshow(
@@ -78,7 +89,7 @@ def calibration_chart(cal: Mapping[str, Any]) -> str | None:
         ax.set_yticks(range(len(areas)), [f"{a:g}" for a in areas])
         ax.set_xlabel("probability threshold")
         ax.set_ylabel("minimum area (m²)")
-        ax.set_title("validation polygon F1 (chosen: red)", fontsize=9)
+        ax.set_title("validation polygon F1, best seed threshold (chosen: red)", fontsize=9)
         fig.colorbar(im, ax=ax, fraction=0.05)
         fig.tight_layout()
         buf = io.BytesIO()

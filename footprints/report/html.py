@@ -30,6 +30,7 @@ from affine import Affine
 from rasterio.crs import CRS
 
 from ..atomic import write_text
+from ..config import GRID_KEYS
 from . import rasters
 from .pins import ASSETS
 from .pins import VERSION as LEAFLET_VERSION
@@ -637,9 +638,24 @@ def _render_html(
             if "polygon_f1" in best and "pixel_f1" in best
             else ""
         )
+        seed = calibration.get("seed_threshold")
+        edges = calibration.get("at_grid_edge") or {}
         cal_text = (
             f"<p>Threshold {float(calibration['threshold']):g}, minimum area "
-            f"{float(calibration.get('min_area_m2') or 0):g} m²{extra}.</p>"
+            f"{float(calibration.get('min_area_m2') or 0):g} m²"
+            + (f", seed threshold {float(seed):g}" if seed is not None else "")
+            + f"{extra}.</p>"
+            + (
+                "<p>At the edge of its grid: "
+                + "; ".join(
+                    f"{e(k)} {float(calibration[k]):g} of predict.{GRID_KEYS[k]} "
+                    f"[{', '.join(f'{v:g}' for v in vals)}]"
+                    for k, vals in edges.items()
+                )
+                + ". A wider grid may do better on validation.</p>"
+                if edges
+                else ""
+            )
         )
     figures = "".join(
         f'<figure><img alt="{e(c, quote=True)}" src="{u}"><figcaption>{e(c)}</figcaption></figure>'

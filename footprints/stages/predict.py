@@ -28,7 +28,7 @@ import numpy as np
 from ..atomic import remove_stale_temporaries
 from ..calibration import choose_calibration, scene_counts, sum_counts
 from ..cluster import map_scenes
-from ..config import Config, DataConfig, TileConfig, config_from_dict
+from ..config import GRID_KEYS, Config, DataConfig, TileConfig, config_from_dict
 from ..contracts.checkpoints import load_checkpoint
 from ..contracts.footprint_files import LAYER, RAW_LAYER, empty_footprints, write_geojson, write_gpkg
 from ..contracts.freshness import digest, file_digest, is_fresh, read_record, write_record
@@ -317,10 +317,9 @@ def resolve_calibration(
     log.info("calibration: threshold %.2f, seed threshold %s, min area %.1f m2 -> polygon F1 %.3f, pixel F1 "
              "%.3f on %d val scenes", cal["threshold"], cal["seed_threshold"], cal["min_area_m2"],
              b["polygon_f1"], b["pixel_f1"], len(parts))
-    grid_key = {"threshold": "threshold_grid", "seed_threshold": "seed_threshold_grid", "min_area_m2": "min_area_grid"}
     for key, values in cal["at_grid_edge"].items():
         log.warning("calibration: %s %s is at the edge of predict.%s %s: a wider grid may fit the validation "
-                    "scenes better", key, cal[key], grid_key[key], values)
+                    "scenes better", key, cal[key], GRID_KEYS[key], values)
     return {**cal, "source": str(stage_path)}
 
 
