@@ -639,23 +639,19 @@ def _render_html(
             else ""
         )
         seed = calibration.get("seed_threshold")
-        edges = calibration.get("at_grid_edge") or {}
+        seed_text = f", seed threshold {float(seed):g}" if seed is not None else ""
+        edges = [
+            f"{e(k)} {float(calibration[k]):g} of predict.{GRID_KEYS[k]} [{', '.join(f'{v:g}' for v in values)}]"
+            for k, values in (calibration.get("at_grid_edge") or {}).items()
+        ]
+        edge_text = (
+            f"<p>At the edge of its grid: {'; '.join(edges)}. A wider grid may do better on validation.</p>"
+            if edges
+            else ""
+        )
         cal_text = (
             f"<p>Threshold {float(calibration['threshold']):g}, minimum area "
-            f"{float(calibration.get('min_area_m2') or 0):g} m²"
-            + (f", seed threshold {float(seed):g}" if seed is not None else "")
-            + f"{extra}.</p>"
-            + (
-                "<p>At the edge of its grid: "
-                + "; ".join(
-                    f"{e(k)} {float(calibration[k]):g} of predict.{GRID_KEYS[k]} "
-                    f"[{', '.join(f'{v:g}' for v in vals)}]"
-                    for k, vals in edges.items()
-                )
-                + ". A wider grid may do better on validation.</p>"
-                if edges
-                else ""
-            )
+            f"{float(calibration.get('min_area_m2') or 0):g} m²{seed_text}{extra}.</p>{edge_text}"
         )
     figures = "".join(
         f'<figure><img alt="{e(c, quote=True)}" src="{u}"><figcaption>{e(c)}</figcaption></figure>'
