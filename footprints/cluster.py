@@ -49,6 +49,9 @@ def dask_client(cfg: ClusterConfig) -> Iterator[Any]:
         cluster = _slurm_cluster(cfg)
     try:
         with Client(cluster) as client:
+            from .dask_logging import QuietHeartbeatPlugin
+
+            client.register_plugin(QuietHeartbeatPlugin())
             if cfg.kind == "slurm":
                 s = cfg.slurm
                 adaptive = s.adaptive_min is not None or s.adaptive_max is not None
