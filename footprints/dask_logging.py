@@ -7,7 +7,7 @@ installs `HeartbeatFilter` on every worker, present and future: it drops that re
 closing, and otherwise turns it into a one-line warning, since a heartbeat lost mid-run is worth knowing
 about but its traceback says nothing the user can act on.
 
-Imported only when a dask cluster starts (importing distributed costs a second).
+Imported only when a dask cluster starts, like distributed itself.
 """
 
 from __future__ import annotations

@@ -7,10 +7,14 @@ atomically, by the workers (the client only sees small summaries).
 from __future__ import annotations
 
 import functools
+import io
+import logging
 import os
 import subprocess
+import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import dask
 import numpy as np
@@ -101,12 +105,20 @@ def test_lost_worker_costs_only_its_scene(tmp_path: Path) -> None:
             assert (tmp_path / f"{item}.npy").is_file()
 
 
-def _emit_heartbeat_failure() -> str:
-    """In a worker: log dask's heartbeat failure as distributed does (ERROR + traceback); return what shows."""
-    import io
-    import logging
+def _heartbeat_failure(logger_name: str = "distributed.worker") -> logging.LogRecord:
+    """The record distributed logs when a heartbeat fails: ERROR, with the exception's traceback."""
+    from footprints.dask_logging import HEARTBEAT_FAILURE
 
-    from footprints.dask_logging import HEARTBEAT_FAILURE, installed_on_this_worker
+    try:
+        raise OSError("Stream is closed")
+    except OSError:
+        return logging.getLogger(logger_name).makeRecord(
+            logger_name, logging.ERROR, __file__, 1, HEARTBEAT_FAILURE + ".", (), sys.exc_info())
+
+
+def _emit_heartbeat_failure() -> tuple[bool, str]:
+    """In a worker: log the heartbeat failure through distributed's logger; (filter installed, what shows)."""
+    from footprints.dask_logging import installed_on_this_worker
 
     logger = logging.getLogger("distributed.worker")
     stream = io.StringIO()
@@ -114,43 +126,27 @@ def _emit_heartbeat_failure() -> str:
     handler.setFormatter(logging.Formatter("%(levelname)s %(message)s"))
     logger.addHandler(handler)
     try:
-        try:
-            raise OSError("Stream is closed")
-        except OSError:
-            logger.exception(HEARTBEAT_FAILURE + ".")
+        logger.handle(_heartbeat_failure())
     finally:
         logger.removeHandler(handler)
-    return f"{installed_on_this_worker()}|{stream.getvalue()}"
+    return installed_on_this_worker(), stream.getvalue()
 
 
 def test_workers_log_a_lost_heartbeat_as_one_line_and_not_while_closing() -> None:
     """dask's shutdown race (a heartbeat in flight as the cluster closes) once ended a good CI run with a
     traceback on stderr; every worker gets a filter: one warning line while running, nothing while closing."""
-    import logging
-    from types import SimpleNamespace
-
     from footprints.cluster import dask_client
-    from footprints.dask_logging import HEARTBEAT_FAILURE, HeartbeatFilter
+    from footprints.dask_logging import HeartbeatFilter
 
     with dask_client(ClusterConfig(kind="local", workers=2)) as client:
         shown = client.run(_emit_heartbeat_failure)
     assert len(shown) == 2
-    for text in shown.values():
-        installed, _, out = text.partition("|")
-        assert installed == "True"
-        assert out.strip() == "WARNING dask worker: lost a heartbeat to the scheduler (Stream is closed)"
-
-    def record() -> logging.LogRecord:
-        try:
-            raise OSError("Stream is closed")
-        except OSError:
-            import sys
-
-            return logging.LogRecord("distributed.worker", logging.ERROR, __file__, 1, HEARTBEAT_FAILURE + ".",
-                                     (), sys.exc_info())
+    for installed, text in shown.values():
+        assert installed
+        assert text.strip() == "WARNING dask worker: lost a heartbeat to the scheduler (Stream is closed)"
 
     closing = HeartbeatFilter(SimpleNamespace(status=SimpleNamespace(name="closing")))
-    assert not closing.filter(record())
+    assert not closing.filter(_heartbeat_failure())
     other = logging.LogRecord("distributed.worker", logging.ERROR, __file__, 1, "Compute Failed", (), None)
     assert closing.filter(other) and other.levelno == logging.ERROR
 
