@@ -19,6 +19,8 @@ from distributed.diagnostics.plugin import WorkerPlugin
 
 HEARTBEAT_FAILURE = "Failed to communicate with scheduler during heartbeat"
 _WORKER_LOGGER = "distributed.worker"
+# not distributed.worker.WORKER_ANY_RUNNING: it counts closing_gracefully (retirement, which is how a closing
+# cluster stops its workers) as running, the very state whose heartbeat failure is dropped here
 _RUNNING = ("running", "paused")
 
 

@@ -105,15 +105,15 @@ def test_lost_worker_costs_only_its_scene(tmp_path: Path) -> None:
             assert (tmp_path / f"{item}.npy").is_file()
 
 
-def _heartbeat_failure(logger_name: str = "distributed.worker") -> logging.LogRecord:
+def _heartbeat_failure() -> logging.LogRecord:
     """The record distributed logs when a heartbeat fails: ERROR, with the exception's traceback."""
     from footprints.dask_logging import HEARTBEAT_FAILURE
 
     try:
         raise OSError("Stream is closed")
     except OSError:
-        return logging.getLogger(logger_name).makeRecord(
-            logger_name, logging.ERROR, __file__, 1, HEARTBEAT_FAILURE + ".", (), sys.exc_info())
+        return logging.getLogger("distributed.worker").makeRecord(
+            "distributed.worker", logging.ERROR, __file__, 1, HEARTBEAT_FAILURE + ".", (), sys.exc_info())
 
 
 def _emit_heartbeat_failure() -> tuple[bool, str]:
