@@ -145,12 +145,13 @@ class PredictConfig:
     tta_flips: bool = False
     threshold: float | None = None  # None = chosen on the validation split
     min_area_m2: float | None = None  # None = chosen on the validation split
-    threshold_grid: list[float] = field(default_factory=lambda: [0.3, 0.4, 0.5, 0.6, 0.7])
+    # both real datasets chose at the lower edges of narrower grids (README: Joplin, Rio)
+    threshold_grid: list[float] = field(default_factory=lambda: [0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8])
     min_area_grid: list[float] = field(default_factory=lambda: [0.0, 10.0, 20.0, 40.0, 60.0, 80.0, 120.0, 160.0])
     # one polygon per building: a seeded watershed splits touching buildings ("components": no split)
     instances: Literal["watershed", "components"] = "watershed"
     seed_threshold: float | None = None  # None = chosen on the validation split
-    seed_threshold_grid: list[float] = field(default_factory=lambda: [0.5, 0.7, 0.9])
+    seed_threshold_grid: list[float] = field(default_factory=lambda: [0.3, 0.5, 0.7, 0.9])
     regularize: bool = True  # right angles and aligned walls (buildingregulariser); raw outlines kept
     hole_area_m2: float = 4.0
     simplify_px: float = 1.0
