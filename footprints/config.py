@@ -70,6 +70,9 @@ class TileConfig:
     )
     # also write the patch store (contiguous uint8 arrays per scene, read by training and features)
     patch_store: bool = True
+    # also write two GeoTIFFs per patch (image and mask, for GIS users); nothing that trains or predicts
+    # reads them when the patch store is on. Off for xView2: ~300,000 small files on a shared file system
+    patch_geotiffs: bool = True
 
 
 @dataclass
@@ -105,6 +108,9 @@ class ClassifierConfig:
     class_weighting: Literal["inverse", "sqrt", "none"] = "sqrt"
     baseline: bool = True  # scikit-learn logistic regression beside the MLP
     device: str = "auto"
+    # samples held in memory at once while training (shuffle buffer, filled from feature shards read in a
+    # seeded order): bounds the stage's memory whatever the number of samples (4,227 float32 = 16.9 KB each)
+    shuffle_buffer: int = 65536
 
 
 @dataclass
@@ -145,6 +151,8 @@ class PredictConfig:
     tta_flips: bool = False
     threshold: float | None = None  # None = chosen on the validation split
     min_area_m2: float | None = None  # None = chosen on the validation split
+    # at most this many validation scenes (a seeded sample) are predicted and vectorised for calibration
+    calibration_scenes: int = 32
     # below 0.3 (and seed_threshold_grid below 0.5): on both real datasets validation chose 0.3 and 0.5 at the
     # lower edges of grids that stopped there (README, Joplin)
     threshold_grid: list[float] = field(default_factory=lambda: [0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8])
@@ -322,6 +330,7 @@ RANGES: dict[str, tuple[float | None, float | None]] = {
     "classifier.hidden": (1, None), "classifier.dropout": (0, 0.99), "classifier.epochs": (1, None),
     "classifier.batch_size": (1, None), "classifier.lr": (OPEN, 1), "classifier.weight_decay": (0, None),
     "classifier.step_size": (1, None), "classifier.gamma": (OPEN, 1), "classifier.class_weights": (OPEN, None),
+    "classifier.shuffle_buffer": (1, None),
     "segmenter.epochs": (0, None), "segmenter.batch_size": (1, None), "segmenter.lr": (OPEN, 1),
     "segmenter.weight_decay": (0, None), "segmenter.step_size": (1, None), "segmenter.gamma": (OPEN, 1),
     "segmenter.stride": (1, 2), "segmenter.class_weights": (OPEN, None), "segmenter.num_workers": (0, 256),
@@ -329,6 +338,7 @@ RANGES: dict[str, tuple[float | None, float | None]] = {
     "segmenter.max_steps_per_epoch": (0, None),
     "predict.overlap": (0, 0.95), "predict.batch_size": (1, None), "predict.block_size": (64, None),
     "predict.threshold": (OPEN, 1), "predict.min_area_m2": (0, None), "predict.threshold_grid": (OPEN, 1),
+    "predict.calibration_scenes": (1, None),
     "predict.min_area_grid": (0, None), "predict.seed_threshold": (OPEN, 1),
     "predict.seed_threshold_grid": (OPEN, 1), "predict.hole_area_m2": (0, None), "predict.simplify_px": (0, 10),
     "predict.bench_scene_px": (256, 65536), "predict.bench_model_px": (0, 65536),
@@ -376,6 +386,9 @@ def _check(cfg: Config) -> None:
     if cfg.tile.split_mode == "kfold" and not (cfg.tile.folds >= min_folds and 0 <= cfg.tile.fold < cfg.tile.folds):
         raise ConfigError(f"{src}: tile.fold: needs tile.folds >= {min_folds} and 0 <= fold < folds, got "
                           f"fold {cfg.tile.fold} of {cfg.tile.folds}")
+    if not (cfg.tile.patch_store or cfg.tile.patch_geotiffs):
+        raise ConfigError(f"{src}: tile.patch_store and tile.patch_geotiffs are both false: the patches would "
+                          "be written nowhere (keep the patch store on)")
     if not 0 <= cfg.tile.val_band < 1:
         raise ConfigError(f"{src}: tile.val_band: must be in [0, 1), got {cfg.tile.val_band}")
     if cfg.segmenter.stride not in (1, 2):
