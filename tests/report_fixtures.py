@@ -294,3 +294,41 @@ def make_pixel_predictions(root: Path, seed: int = 1) -> tuple[Path, dict[str, P
     out = root / "out.geojson"
     write_geojson(out, feats)
     return out, {"C": img}, len(feats)
+
+
+def make_many_scenes(root: Path, n: int, unreadable: set[str] | None = None) -> dict[str, dict]:
+    """A run folder `root/outputs/many` with `n` tiny evaluated scenes (no rasters): per scene a marker, a
+    one-footprint GeoJSON, its matches layer and its metrics (FP and FN vary). The files of the scenes in
+    `unreadable` are not JSON at all, so that a report that opens them says so. Returns the per-scene
+    metrics."""
+    run = root / "outputs" / "many"
+    for d in ("predict", "evaluate/matches"):
+        (run / d).mkdir(parents=True, exist_ok=True)
+    per_scene = {}
+    for i in range(n):
+        sid = f"scene_{i:04d}"
+        lon, lat = 10.0 + 0.01 * i, 45.0
+        ring = [[lon, lat], [lon + 1e-4, lat], [lon + 1e-4, lat + 1e-4], [lon, lat + 1e-4], [lon, lat]]
+        feature = {"type": "Feature", "properties": {"scene": sid, "area_m2": 90.0, "mean_prob": 0.8, "max_prob": 0.9},
+                   "geometry": {"type": "Polygon", "coordinates": [ring]}}
+        match = {**feature, "properties": {**feature["properties"], "kind": "pred", "status": "FP"}}
+        geojson, matches = run / "predict" / f"{sid}.geojson", run / "evaluate" / "matches" / f"{sid}.geojson"
+        if sid in (unreadable or set()):
+            geojson.write_text("not json")
+            matches.write_text("not json")
+        else:
+            write_geojson(geojson, [feature])
+            write_geojson(matches, [match])
+        (run / "predict" / f"{sid}.json").write_text(json.dumps({"scene_id": sid, "polygons": 1}))
+        fp, fn = (7 * i) % 23, i % 5
+        per_scene[sid] = {
+            "pixel": {"building_iou": 0.5, "f1": 0.6},
+            "polygon": {"tp": 0, "fp": fp, "fn": fn, "n_truth": fn, "n_pred": fp, "precision": 0.0,
+                        "recall": 0.0, "f1": 0.0},
+            "matches": str(matches),
+        }
+    overall = {"pixel": {"building_iou": 0.5, "f1": 0.6},
+               "polygon": {k: sum(s["polygon"][k] for s in per_scene.values()) for k in ("tp", "fp", "fn")}}
+    (run / "evaluate" / "metrics.json").write_text(json.dumps(
+        {"name": "many", "split": "test", "threshold": 0.5, "overall": overall, "per_scene": per_scene}))
+    return per_scene

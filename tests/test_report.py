@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import logging
 import re
 import shutil
 import sqlite3
@@ -23,7 +24,7 @@ import pyogrio
 import pytest
 import rasterio
 from rasterio.warp import transform_bounds
-from report_fixtures import QUADRANTS, FakeRun, make_pixel_predictions, make_run
+from report_fixtures import QUADRANTS, FakeRun, make_many_scenes, make_pixel_predictions, make_run
 
 from footprints.report import (
     ReportScene,
@@ -226,6 +227,78 @@ def test_matches_that_disagree_with_the_footprints_do_not_change_the_count(
     assert out["footprints"] == len(data["scenes"][0]["footprints"]) == fake_run.footprints["A"]
     assert not data["scenes"][0]["has_matches"]
     assert any("disagree" in n for n in data["scenes"][0]["notes"])
+
+
+def test_a_run_of_many_scenes_shows_a_bounded_number_and_says_how_many(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from footprints.report.selection import MAX_SCENES
+
+    n = 200
+    ids = [f"scene_{i:04d}" for i in range(n)]
+    # the most polygon errors (FP + FN, as make_many_scenes sets them) first, ties by scene id
+    ranked = sorted(range(n), key=lambda i: (-((7 * i) % 23 + i % 5), ids[i]))
+    shown = sorted(ids[i] for i in ranked[:MAX_SCENES])
+    # the other scenes' files are not even JSON: a report that opened one would say so
+    make_many_scenes(tmp_path, n, unreadable=set(ids) - set(shown))
+    with caplog.at_level(logging.WARNING, logger="footprints"):
+        summary = report_for_run(tmp_path / "outputs" / "many")
+    text = Path(summary["path"]).read_text()
+    data = payload(text)
+    assert MAX_SCENES == 50 and summary["scenes"] == 50 and summary["scenes_total"] == n
+    assert [s["id"] for s in data["scenes"]] == shown
+    assert re.findall(r'data-scene="([^"]+)"', text) == shown  # the table's rows: the shown scenes
+    m = re.search(r'<p id="scene-count" data-total="(\d+)" data-shown="(\d+)">(.*?)</p>', text)
+    assert m and (m.group(1), m.group(2)) == ("200", "50")
+    assert "The run has 200 scenes; this page shows 50 of them (those with the most polygon errors" in m.group(3)
+    assert "in 50 scenes (of 200)" in text
+    assert data["n_footprints"] == summary["footprints"] == 50
+    assert all(s["has_matches"] and not s["notes"] for s in data["scenes"])  # each from its own matches file
+    assert "cannot read" not in caplog.text
+    # the metrics row of every scene, with every scene's footprints (predict's markers count them)
+    assert '<tr class="overall"><th scope="row">all 200 scenes</th><td>200</td>' in text
+
+    # write_report given every scene bounds them too
+    folder = tmp_path / "outputs" / "many" / "predict"
+    every = [ReportScene(sid, footprints=folder / f"{sid}.geojson", metrics=m) for sid, m in
+             json.loads((tmp_path / "outputs" / "many" / "evaluate" / "metrics.json").read_text())["per_scene"].items()]
+    direct = write_report(tmp_path / "direct.html", every, max_scenes=10)
+    assert (direct["scenes"], direct["scenes_total"]) == (10, n)
+    assert [s["id"] for s in payload((tmp_path / "direct.html").read_text())["scenes"]] == sorted(
+        ids[i] for i in ranked[:10])
+
+    # without metrics (predict --input outputs): a fixed sample, by a hash of the scene id
+    out = report_for_predictions(tmp_path / "none.geojson", scene_dir=tmp_path / "outputs" / "many" / "predict",
+                                 out_html=tmp_path / "pred.html", max_scenes=20)
+    sample = sorted(sorted(ids, key=lambda s: hashlib.sha256(s.encode()).hexdigest())[:20])
+    assert [s["id"] for s in payload((tmp_path / "pred.html").read_text())["scenes"]] == sample
+    assert out["scenes"] == 20 and out["scenes_total"] == n
+    assert "this page shows 20 of them (a fixed sample" in (tmp_path / "pred.html").read_text()
+
+
+def test_merged_layers_are_read_a_feature_at_a_time(
+    tmp_path: Path, fake_run: FakeRun, run_html, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from footprints.report import vectors
+
+    merged = fake_run.run_dir / "evaluate" / "matches.geojson"
+    whole = json.loads(merged.read_text())["features"]
+    for chunk in (7, 64, 1 << 20):
+        assert list(vectors.iter_features(merged, chunk)) == whole
+    gdal = tmp_path / "gdal.geojson"  # GDAL's layout: header members, then one feature a line
+    pyogrio.write_dataframe(pyogrio.read_dataframe(merged), gdal, driver="GeoJSON")
+    assert list(vectors.iter_features(gdal, 16)) == json.loads(gdal.read_text())["features"]
+    (tmp_path / "cut.geojson").write_text(merged.read_text()[:-40])
+    with pytest.raises(ValueError):
+        list(vectors.iter_features(tmp_path / "cut.geojson", 16))
+    # the report of the run with every file streamed: the same vectors on the page
+    monkeypatch.setattr(vectors, "STREAM_ABOVE", 0)
+    monkeypatch.setattr(vectors, "_CHUNK", 64)
+    streamed = payload(Path(report_for_run(fake_run.run_dir, tmp_path / "s.html")["path"]).read_text())
+    before = payload(run_html[0].read_text())
+    assert [(s["id"], s["footprints"], s["truth"]) for s in streamed["scenes"]] == [
+        (s["id"], s["footprints"], s["truth"]) for s in before["scenes"]
+    ]
 
 
 def test_pixel_space_scenes_get_their_own_map(pixel_report) -> None:

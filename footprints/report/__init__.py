@@ -4,6 +4,7 @@
 - `report_for_run(run_dir)`: `outputs/<name>/report/index.html` from a run folder.
 - `report_for_predictions(out.geojson, images=...)`: `out_report.html` beside `predict --input` outputs.
 - `write_report(out_html, [ReportScene, ...], ...)`: the same from explicit inputs.
+- A page shows at most `MAX_SCENES` scenes of a large run (`selection.py`) and says how many it has.
 - `add_layer_style(gpkg, layer, kind)`: the GeoPackage `layer_styles` row QGIS applies on opening.
 """
 
@@ -19,9 +20,11 @@ from .gather import (
     run_report,
 )
 from .html import MAX_BYTES, MAX_SIDE, ReportScene, write_report
+from .selection import MAX_SCENES
 
 __all__ = [
     "MAX_BYTES",
+    "MAX_SCENES",
     "MAX_SIDE",
     "ReportScene",
     "StyleError",

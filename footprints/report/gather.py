@@ -4,12 +4,15 @@
 curves); `report_for_predictions` reads what `footprints predict --input ... --output out.geojson` wrote
 (`out.geojson` and `out_scenes/`). Both only read: a missing piece (no evaluation yet, no learning curve) is
 left out of the page, never an error.
+
+A run of thousands of scenes costs a few small records per scene (predict's markers, evaluate's metrics):
+the page's scenes are chosen from those (`selection.py`), and only they have their files opened.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +21,7 @@ from affine import Affine
 from ..contracts.freshness import read_record
 from ..contracts.paths import RunPaths, ScenePaths
 from .html import MAX_BYTES, MAX_SIDE, ReportScene, write_report
+from .selection import MAX_SCENES, choose_scenes
 
 log = logging.getLogger(__name__)
 
@@ -25,13 +29,20 @@ log = logging.getLogger(__name__)
 def predicted_scene_ids(folder: Path) -> list[str]:
     """Scenes predict finished in `folder`: its markers (`<scene>.json` with a `scene_id`) and, for older
     runs, its `<scene>_prob.tif` files."""
-    ids = set()
+    return sorted(predicted_scenes(folder))
+
+
+def predicted_scenes(folder: Path) -> dict[str, int | None]:
+    """`predicted_scene_ids` -> the number of polygons its marker records (None where it does not)."""
+    found: dict[str, int | None] = {}
     for marker in folder.glob("*.json"):
         meta = read_record(marker)
         if meta and meta.get("scene_id") == marker.stem:
-            ids.add(marker.stem)
-    ids.update(p.name[: -len("_prob.tif")] for p in folder.glob("*_prob.tif"))
-    return sorted(ids)
+            n = meta.get("polygons")
+            found[marker.stem] = int(n) if isinstance(n, (int, float)) else None
+    for p in folder.glob("*_prob.tif"):
+        found.setdefault(p.name[: -len("_prob.tif")], None)
+    return found
 
 
 def _resolve(path_text: str, bases: Sequence[Path]) -> Path | None:
@@ -45,16 +56,39 @@ def _resolve(path_text: str, bases: Sequence[Path]) -> Path | None:
     return None
 
 
-def _splits(run: RunPaths) -> dict[str, str]:
-    """scene id -> split of the run's tile manifest ({} before tiling)."""
-    from ..contracts.manifest import read_manifest
-    from ..errors import StageError
+def _splits(run: RunPaths, scene_ids: Collection[str]) -> dict[str, str]:
+    """scene id -> split of the run's tile manifest, for `scene_ids` ({} before tiling): read a row at a
+    time (the manifest has a row per patch), keeping only those scenes."""
+    import csv
 
+    wanted = set(scene_ids)
+    out: dict[str, str] = {}
     try:
-        df = read_manifest(run.tile)
-    except StageError:
+        with (run.tile / "manifest.csv").open(newline="", encoding="utf-8") as fh:
+            for row in csv.DictReader(fh):
+                sid = row.get("scene_id")
+                if sid in wanted and row.get("split"):
+                    out.setdefault(sid, row["split"])
+    except (OSError, ValueError, csv.Error):
         return {}
-    return dict(zip(df["scene_id"], df["split"], strict=True))
+    return out
+
+
+def _total(counts: Mapping[str, int | None], ids: Sequence[str]) -> int | None:
+    """The run's number of footprints from predict's markers (None unless every scene's is known)."""
+    values = [counts.get(sid) for sid in ids]
+    return sum(v for v in values if v is not None) if ids and all(v is not None for v in values) else None
+
+
+def _matches_of(run: RunPaths, entry: Mapping[str, Any] | None, bases: Sequence[Path]) -> Path | None:
+    """An evaluated scene's own matches layer (evaluate/matches/<scene>.geojson, as its metrics record it),
+    else the merged `evaluate/matches.geojson` (older runs); None for a scene that was not evaluated."""
+    if not entry:
+        return None
+    own = _resolve(str(entry["matches"]), bases) if entry.get("matches") else None
+    if own is not None and own.is_file():
+        return own
+    return run.matches if run.matches.is_file() else None
 
 
 def scene_image_georef(meta: Mapping[str, Any]) -> tuple[Affine | None, str | None]:
@@ -79,25 +113,24 @@ def report_for_run(
     max_bytes: int = MAX_BYTES,
     max_side: int = MAX_SIDE,
     image_format: str | None = None,
+    max_scenes: int = MAX_SCENES,
 ) -> dict[str, Any]:
     """Write the report of a run folder (`outputs/<name>/`) to `<run>/report/index.html` (or `out_html`).
 
-    Shows the scenes predict finished (`predict/`), with their imagery (found through
-    `tile/scenes/<id>.json`), probability raster, footprints, and, once evaluated, `evaluate/metrics.json`
-    and `evaluate/matches.geojson`; the learning curves and `predict/calibration.json` as charts.
+    Shows the scenes predict finished (`predict/`; at most `max_scenes`, see `selection.py`), with their
+    imagery (found through `tile/scenes/<id>.json`), probability raster, footprints, and, once evaluated,
+    `evaluate/metrics.json` and the scenes' match layers; the learning curves and
+    `predict/calibration.json` as charts.
     """
     run = RunPaths(Path(run_dir))
     out = Path(out_html) if out_html else run.report
     pred_dir = run.predict
     metrics = read_record(run.metrics) or {}
     per_scene: Mapping[str, Any] = metrics.get("per_scene") or {}
-    ids = (
-        sorted(set(predicted_scene_ids(pred_dir)) | set(per_scene))
-        if pred_dir.is_dir()
-        else sorted(per_scene)
-    )
-    splits = _splits(run)
-    matches = run.matches
+    counts = predicted_scenes(pred_dir) if pred_dir.is_dir() else {}
+    all_ids = sorted(set(counts) | set(per_scene))
+    ids = choose_scenes(((sid, per_scene.get(sid)) for sid in all_ids), max_scenes)
+    splits = _splits(run, ids)
     merged = pred_dir / "footprints.geojson"
     # recorded paths are relative to where the pipeline ran: usually the checkout holding outputs/
     bases = [Path.cwd(), run.root.parent.parent, run.root.parent, run.root]
@@ -114,7 +147,7 @@ def report_for_run(
             image=image,
             image_transform=transform,
             image_crs=crs,
-            matches=matches if matches.is_file() else None,
+            matches=_matches_of(run, per_scene.get(sid), bases),
             metrics=per_scene.get(sid),
             split=splits.get(sid),
         )
@@ -146,6 +179,9 @@ def report_for_run(
         max_bytes=max_bytes,
         max_side=max_side,
         image_format=image_format,
+        max_scenes=max_scenes,
+        total_scenes=len(all_ids),
+        total_footprints=_total(counts, all_ids),
     )
 
 
@@ -165,6 +201,7 @@ def report_for_predictions(
     max_bytes: int = MAX_BYTES,
     max_side: int = MAX_SIDE,
     image_format: str | None = None,
+    max_scenes: int = MAX_SCENES,
 ) -> dict[str, Any]:
     """Write the report of `predict --input` outputs: `out.geojson` and its per-scene folder
     (`out_scenes/`, or `scene_dir`); `images` maps scene ids to their image files (predict knows them; an
@@ -177,7 +214,9 @@ def report_for_predictions(
         folder = g.parent
     out = Path(out_html) if out_html else predictions_report_path(g)
     images = {str(k): Path(v) for k, v in (images or {}).items()}
-    ids = sorted(set(predicted_scene_ids(folder)) | set(images)) if folder.is_dir() else sorted(images)
+    counts = predicted_scenes(folder) if folder.is_dir() else {}
+    all_ids = sorted(set(counts) | set(images))
+    ids = choose_scenes(((sid, None) for sid in all_ids), max_scenes)
     scenes = []
     for sid in ids:
         sp = ScenePaths(folder, sid)
@@ -203,6 +242,9 @@ def report_for_predictions(
         max_bytes=max_bytes,
         max_side=max_side,
         image_format=image_format,
+        max_scenes=max_scenes,
+        total_scenes=len(all_ids),
+        total_footprints=_total(counts, all_ids),
     )
 
 

@@ -7,7 +7,8 @@ mailed, archived with the run, or opened on a field laptop without a network.
 
 The size is bounded (`max_bytes`, 20 MB by default): vectors and charts are kept whole, and the rasters
 share what is left, each scene's longest side shrinking from `max_side` until the page fits. What was
-downsampled, and to what, is said in the page.
+downsampled, and to what, is said in the page. A run of many scenes shows at most `max_scenes` of them
+(`selection.py`: the most polygon errors first), and says so: memory, time and size follow the scenes shown.
 
 Long: the page is one document; its payload (scenes, layers, metrics), the size bound that shares bytes
 between them, and the HTML around them change together.
@@ -34,6 +35,8 @@ from ..config import GRID_KEYS
 from . import rasters
 from .pins import ASSETS
 from .pins import VERSION as LEAFLET_VERSION
+from .selection import MAX_SCENES, choose_scenes, describe
+from .vectors import FeatureStore, bbox, slim_feature
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +46,6 @@ MIN_SIDE = 64
 CANVAS_ABOVE = 20_000  # more footprints than this are drawn on a canvas (SVG slows down)
 # the page may load nothing: only its own inline code and data: images (a fetch would be refused and logged)
 CSP = "default-src 'none'; img-src data: blob:; style-src 'unsafe-inline'; script-src 'unsafe-inline'"
-KEEP_PROPS = ("scene", "area_m2", "mean_prob", "max_prob", "status", "iou", "kind")
 COORD_DECIMALS = 7  # degrees: ~1 cm (the GeoJSON outputs' own precision)
 PIXEL_DECIMALS = 3
 
@@ -71,78 +73,6 @@ class ReportScene:
     metrics: Mapping[str, Any] | None = None
     split: str | None = None
     notes: list[str] = field(default_factory=list)
-
-
-# ---------------------------------------------------------------------------------------------- vectors
-class _GeoJSONCache:
-    """Each GeoJSON file is parsed once, however many scenes it holds."""
-
-    def __init__(self) -> None:
-        self._files: dict[Path, list[dict[str, Any]]] = {}
-
-    def features(self, path: Path | None, scene_id: str) -> list[dict[str, Any]] | None:
-        if path is None:
-            return None
-        path = Path(path)
-        if path not in self._files:
-            try:
-                doc = json.loads(path.read_text())
-            except (OSError, ValueError) as err:
-                log.warning("report: cannot read %s (%s)", path, err)
-                self._files[path] = []
-                return None
-            self._files[path] = list(doc.get("features") or []) if isinstance(doc, dict) else []
-        return [
-            f
-            for f in self._files[path]
-            if (f.get("properties") or {}).get("scene", scene_id) in (scene_id, None)
-        ]
-
-
-def _round_coords(coords: Any, nd: int) -> Any:
-    if isinstance(coords, (int, float)):
-        return round(float(coords), nd)
-    return [_round_coords(c, nd) for c in coords]
-
-
-def slim_feature(feature: Mapping[str, Any], decimals: int) -> dict[str, Any] | None:
-    """The feature with only the properties the page shows and rounded coordinates (None if no geometry)."""
-    geom = feature.get("geometry")
-    if not geom or geom.get("type") not in ("Polygon", "MultiPolygon"):
-        return None
-    props = feature.get("properties") or {}
-    keep = {}
-    for k in KEEP_PROPS:
-        v = props.get(k)
-        if v is None:
-            continue
-        if isinstance(v, float):
-            if not math.isfinite(v):
-                continue
-            v = round(v, 4)
-        keep[k] = v
-    return {
-        "type": "Feature",
-        "properties": keep,
-        "geometry": {"type": geom["type"], "coordinates": _round_coords(geom["coordinates"], decimals)},
-    }
-
-
-def _bbox(features: Sequence[Mapping[str, Any]]) -> tuple[float, float, float, float] | None:
-    xs: list[float] = []
-    ys: list[float] = []
-
-    def walk(c: Any) -> None:
-        if c and isinstance(c[0], (int, float)):
-            xs.append(float(c[0]))
-            ys.append(float(c[1]))
-        else:
-            for item in c:
-                walk(item)
-
-    for f in features:
-        walk(f["geometry"]["coordinates"])
-    return (min(xs), min(ys), max(xs), max(ys)) if xs else None
 
 
 # ---------------------------------------------------------------------------------------------- rasters
@@ -298,7 +228,7 @@ class _Prepared:
     has_matches: bool
 
 
-def _prepare(scene: ReportScene, cache: _GeoJSONCache) -> _Prepared:
+def _prepare(scene: ReportScene, cache: FeatureStore) -> _Prepared:
     grid = _raster_grid(scene.prob)
     if grid is not None:
         geo = grid.crs is not None
@@ -375,7 +305,7 @@ def _scene_payload(p: _Prepared, r: _SceneRasters, dx: float) -> dict[str, Any]:
             ys = sorted(-y if frame["flip"] else y for y in (y0, y1))
             bounds = [[ys[0], x0 + dx], [ys[1], x1 + dx]]
     if bounds is None:
-        bb = _bbox(p.pred + p.truth)
+        bb = bbox(p.pred + p.truth)
         if bb is not None:
             x0, y0, x1, y1 = bb
             if not p.geo:
@@ -412,7 +342,7 @@ def _scene_payload(p: _Prepared, r: _SceneRasters, dx: float) -> dict[str, Any]:
 def _pixel_width(p: _Prepared) -> float:
     if p.grid is not None and p.grid.prob_size is not None and p.grid.prob_transform is not None:
         return abs(p.grid.prob_transform.a) * p.grid.prob_size[0]
-    bb = _bbox(p.pred + p.truth)
+    bb = bbox(p.pred + p.truth)
     return (bb[2] - bb[0]) if bb else 0.0
 
 
@@ -428,20 +358,36 @@ def write_report(
     max_bytes: int = MAX_BYTES,
     max_side: int = MAX_SIDE,
     image_format: str | None = None,
+    max_scenes: int = MAX_SCENES,
+    total_scenes: int | None = None,
+    total_footprints: int | None = None,
 ) -> dict[str, Any]:
-    """Write the report to `out_html` (atomically) and return a summary: path, bytes, footprints, scenes,
-    the longest raster side used, and whether the size bound held.
+    """Write the report to `out_html` (atomically) and return a summary: path, bytes, footprints, scenes
+    (shown, and `scenes_total`), the longest raster side used, and whether the size bound held.
 
     `overall`: evaluate's overall metrics (`pixel`, `polygon`); `learning_curves`: caption -> PNG;
     `calibration`: predict's calibration dict (threshold, min_area_m2, grid); `info`: extra key/values
     listed in the header (run name, split, threshold ...). `image_format`: "webp" (default where Pillow
-    has it: about a tenth of PNG for photographs, alpha kept) or "png".
+    has it: about a tenth of PNG for photographs, alpha kept) or "png". More than `max_scenes` scenes: the
+    page shows `max_scenes` of them (`selection.choose_scenes`). `total_scenes`/`total_footprints`: the
+    run's, when `scenes` is already a selection (the page says both).
     """
     t0 = time.perf_counter()
     out_html = Path(out_html)
     fmt = image_format or ("webp" if rasters.webp_available() else "png")
-    cache = _GeoJSONCache()
+    n_total = max(total_scenes or 0, len(scenes))
+    if len(scenes) > max_scenes:
+        keep = set(choose_scenes(((s.scene_id, s.metrics) for s in scenes), max_scenes))
+        scenes = [s for s in scenes if s.scene_id in keep]
+    wanted: dict[Path, set[str]] = {}
+    for s in scenes:
+        for path in (s.footprints, s.matches):
+            if path is not None:
+                wanted.setdefault(Path(path), set()).add(s.scene_id)
+    cache = FeatureStore(wanted)
     prepared = [_prepare(s, cache) for s in scenes]
+    del cache  # the slimmed features stay in `prepared`
+    totals = (n_total, total_footprints, describe(n_total, len(prepared), any(s.metrics for s in scenes)))
     n_footprints = sum(len(p.pred) for p in prepared)
     n_truth_fn = sum(1 for p in prepared for f in p.truth if f["properties"].get("status") == "FN")
     any_matches = any(p.has_matches for p in prepared)
@@ -495,6 +441,7 @@ def write_report(
             n_truth_fn,
             any_matches,
             size_note,
+            totals,
         )
 
     empty = [_SceneRasters() for _ in prepared]
@@ -542,6 +489,7 @@ def write_report(
         "within_bound": within,
         "footprints": n_footprints,
         "scenes": len(prepared),
+        "scenes_total": n_total,
         "max_side_used": max(sides) if sides else None,
         "min_side_used": min(sides) if sides else None,
         "image_format": fmt,
@@ -591,8 +539,10 @@ def _render_html(
     n_truth_fn: int,
     any_matches: bool,
     size_note: str,
+    totals: tuple[int, int | None, str],
 ) -> str:
     e = html.escape
+    n_scenes, all_footprints, scenes_note = totals
     n_geo = sum(p.geo for p in prepared)
     n_pix = len(prepared) - n_geo
     polys = [(p.scene.metrics or {}).get("polygon") or {} for p in prepared]
@@ -617,7 +567,8 @@ def _render_html(
     head = "".join(f'<th scope="col">{e(c)}</th>' for c in cols)
     rows = []
     if overall:
-        rows.append(_metrics_row("all scenes", overall, n_footprints, cols, ' class="overall"'))
+        every = all_footprints if all_footprints is not None else n_footprints if n_scenes == len(prepared) else None
+        rows.append(_metrics_row(f"all {n_scenes} scenes", overall, every, cols, ' class="overall"'))
     for p in prepared:
         s = p.scene
         notes = f'<div class="note">{e("; ".join(s.notes))}</div>' if s.notes else ""
@@ -682,7 +633,8 @@ def _render_html(
         )
     generated = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     plural = "s" if len(prepared) != 1 else ""
-    count_text = (f"in {len(prepared)} scene{plural}{fn_text}: {e(colouring)}. Click a footprint for its "
+    of = f" (of {n_scenes})" if n_scenes > len(prepared) else ""
+    count_text = (f"in {len(prepared)} scene{plural}{of}{fn_text}: {e(colouring)}. Click a footprint for its "
                   "area, probability and scene; click a scene row to zoom to it.")
     return f"""<!DOCTYPE html>
 <html lang="en">
@@ -700,6 +652,7 @@ def _render_html(
 <h1>{e(title)}</h1>
 <p id="footprint-count" data-count="{n_footprints}"><strong>{n_footprints} footprints</strong>
 {count_text}</p>
+<p id="scene-count" data-total="{n_scenes}" data-shown="{len(prepared)}">{e(scenes_note)}</p>
 <dl class="info">{info_items}<div><dt>generated</dt><dd>{generated}</dd></div></dl>
 </header>
 <main>

@@ -29,7 +29,13 @@ from rasterio.windows import Window
 from ..atomic import write_text
 from ..cluster import map_scenes
 from ..config import Config
-from ..contracts.footprint_files import empty_footprints, read_footprints, write_geojson, write_gpkg
+from ..contracts.footprint_files import (
+    SceneLayer,
+    empty_footprints,
+    merge_scene_layers,
+    read_footprints,
+    write_geojson,
+)
 from ..contracts.freshness import digest, file_digest, is_fresh, read_record, unmark, write_record
 from ..contracts.manifest import split_sources
 from ..contracts.paths import RunPaths, ScenePaths
@@ -98,6 +104,7 @@ def evaluate_scene(source: Any, cfg: Config, pred_dir: str, out_dir: str, overla
                     "mean_matched_iou": float(np.mean([m[2] for m in match.pairs])) if match.pairs else None,
                     **split_merge_counts(pred, truth)},
         "matches": str(matches_path),
+        "crs": "" if crs is None else crs.to_string(),  # "": pixel space (the merged layers leave it out)
         "overlay": str(overlay_path) if overlay_path else None,
     }
 
@@ -275,19 +282,17 @@ def run(cfg: Config, overwrite: bool = False) -> dict[str, Any]:
 
 
 def _merge_matches(per_scene: dict[str, Any], paths: RunPaths) -> None:
-    """`evaluate/matches.geojson` (RFC 7946) and `matches.gpkg` (styled by status for QGIS): every scene's."""
-    import geopandas as gpd
+    """`evaluate/matches.geojson` (RFC 7946) and `matches.gpkg` (styled by status for QGIS): every scene's,
+    streamed a scene at a time from `evaluate/matches/<scene>.geojson` (`merge_scene_layers`, the rules of
+    predict's merged layers: the GeoPackage in the UTM zone of the layer's centre)."""
     import pandas as pd
-    import pyogrio
 
-    frames = [pyogrio.read_dataframe(s["matches"]) for s in per_scene.values()]
-    frames = [f for f in frames if len(f)]
-    crs = next((f.crs for f in frames if f.crs is not None), None)
-    layer = (gpd.GeoDataFrame(pd.concat(frames, ignore_index=True), geometry="geometry", crs=crs) if frames
-             else empty_footprints(4326).assign(kind=pd.Series(dtype=object), status=pd.Series(dtype=object),
-                                               iou=pd.Series(dtype="float64")))
-    write_geojson(layer, paths.matches)
-    write_gpkg(layer, paths.matches.with_suffix(".gpkg"), layer="matches")
+    schema = empty_footprints(4326).assign(kind=pd.Series(dtype=object), status=pd.Series(dtype=object),
+                                           iou=pd.Series(dtype="float64"))
+    # results without "crs" (older runs) were all merged as lon/lat
+    scenes = [SceneLayer(sid, Path(s["matches"]), georeferenced=bool(s.get("crs", True)))
+              for sid, s in per_scene.items()]
+    merge_scene_layers(scenes, paths.matches, paths.matches.with_suffix(".gpkg"), layer="matches", schema=schema)
 
 
 def _html_report(paths: RunPaths) -> None:

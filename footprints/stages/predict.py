@@ -30,7 +30,7 @@ from ..calibration import choose_calibration, scene_counts, sum_counts
 from ..cluster import map_scenes
 from ..config import GRID_KEYS, Config, DataConfig, TileConfig, config_from_dict
 from ..contracts.checkpoints import load_checkpoint
-from ..contracts.footprint_files import LAYER, RAW_LAYER, empty_footprints, write_geojson, write_gpkg
+from ..contracts.footprint_files import RAW_LAYER, merge_outputs, write_geojson, write_gpkg
 from ..contracts.freshness import digest, file_digest, is_fresh, read_record, write_record
 from ..contracts.manifest import split_sources
 from ..contracts.paths import RunPaths, ScenePaths
@@ -369,46 +369,6 @@ def build_settings(cfg: Config, checkpoint: Path | None, meta: dict[str, Any], c
         simplify_px=pcfg.simplify_px, classes=tuple(meta.get("classes") or SCHEMES["binary"].classes),
         watershed=pcfg.instances == "watershed", regularize=pcfg.regularize,
     )  # fmt: skip
-
-
-def merge_outputs(results: Sequence[dict[str, Any]], geojson_path: Path, gpkg_path: Path) -> int:
-    """Merged GeoJSON (RFC 7946) and GeoPackage of all scenes; returns the number of polygons.
-
-    The GeoPackage keeps the scenes' CRS when they share one, else the UTM zone of the merged layer's
-    centre (`area_m2` stays the per-scene value measured in each scene's own UTM/projected CRS).
-    Pixel-space scenes are merged only when every scene is in pixel space.
-    """
-    import geopandas as gpd
-    import pandas as pd
-    import pyogrio
-
-    results = sorted(results, key=lambda r: r["scene_id"])
-    geo = [r for r in results if r.get("crs")]
-    pixel = [r for r in results if not r.get("crs")]
-    if geo and pixel:
-        log.warning("merged footprints leave out %d scene(s) in pixel coordinates (%s); their own files remain",
-                    len(pixel), ", ".join(r["scene_id"] for r in pixel[:5]))
-    chosen = geo or pixel
-    crs = 4326 if geo else None
-    # a pixel-space GeoJSON reads back as lon/lat (GeoJSON's default CRS): its coordinates are pixels
-    frames = [pyogrio.read_dataframe(r["geojson"]) for r in chosen]
-    frames = [f if crs is not None else gpd.GeoDataFrame(f.drop(columns=f.geometry.name),
-                                                         geometry=np.asarray(f.geometry.values), crs=None)
-              for f in frames if len(f)]
-    merged = (gpd.GeoDataFrame(pd.concat(frames, ignore_index=True), geometry="geometry", crs=crs) if frames
-              else empty_footprints(crs))
-    write_geojson(merged, geojson_path)
-    gpkg_frames = [pyogrio.read_dataframe(r["gpkg"], layer=LAYER) for r in chosen]
-    crss = {f.crs.to_string() if f.crs is not None else "" for f in gpkg_frames}
-    if len(crss) == 1:
-        nonempty = [f for f in gpkg_frames if len(f)]
-        one = gpkg_frames[0].crs
-        layer = (gpd.GeoDataFrame(pd.concat(nonempty, ignore_index=True), geometry="geometry", crs=one)
-                 if nonempty else empty_footprints(one))
-        write_gpkg(layer, gpkg_path, crs=one)
-    else:
-        write_gpkg(merged, gpkg_path)
-    return len(merged)
 
 
 def run(
