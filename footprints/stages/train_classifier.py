@@ -38,38 +38,57 @@ from ..metrics import confusion, pixel_metrics
 from ..mlp import MLP
 from ..plots import write_learning_curve
 from ..targets import ClassScheme, scheme_for
+from ..training_data import derive_seed
 
 log = logging.getLogger(__name__)
 
-BASELINE_MAX_SAMPLES = 200_000  # logistic regression on more rows than this uses a seeded subsample
+# logistic regression on more rows than this uses a seeded subsample: 40,000 x 4,227 channels is 0.7 GB in
+# float32, 1.4 GB once scikit-learn's lbfgs has its float64 copy
+BASELINE_MAX_SAMPLES = 40_000
 
 
-def _building_metrics(p_building: Any, y: Any, w: Any, scheme: ClassScheme) -> tuple[dict, dict]:
-    """(dense-estimate, sampled-pixel) building metrics: a pixel is predicted a building when the
-    probabilities of the building classes sum to 0.5 or more, the rule predict uses."""
-    pred = np.asarray(p_building) >= 0.5
-    truth = np.isin(np.asarray(y), scheme.building)
-    return (pixel_metrics(*confusion(pred, truth, ignore=None, weight=np.asarray(w))),
-            pixel_metrics(*confusion(pred, truth, ignore=None)))
+class _Confusions:
+    """Building confusion counts accumulated piece by piece: weighted by `w` (the dense-mask estimate) and
+    over the sampled pixels as they are. A pixel is predicted a building when the probabilities of the
+    building classes sum to 0.5 or more, the rule predict uses."""
+
+    def __init__(self, scheme: ClassScheme):
+        self.scheme = scheme
+        self.dense = np.zeros(4)
+        self.sampled = np.zeros(4)
+
+    def add(self, p_building: Any, y: Any, w: Any) -> None:
+        pred = np.asarray(p_building) >= 0.5
+        truth = np.isin(np.asarray(y), self.scheme.building)
+        self.dense += confusion(pred, truth, ignore=None, weight=np.asarray(w))
+        self.sampled += confusion(pred, truth, ignore=None)
+
+    def metrics(self) -> tuple[dict, dict]:
+        """(dense-estimate, sampled-pixel) building metrics."""
+        return pixel_metrics(*self.dense), pixel_metrics(*self.sampled)
 
 
 def _evaluate(
-    model: torch.nn.Module, X: torch.Tensor, y: torch.Tensor, w: torch.Tensor, cw: torch.Tensor, batch: int,
-    scheme: ClassScheme,
+    model: torch.nn.Module, data: features_store.SplitReader, cw: torch.Tensor, batch: int, scheme: ClassScheme,
+    device: torch.device,
 ) -> tuple[float, dict[str, float], dict[str, float]]:
-    """(weighted loss, dense-estimate metrics, sampled-pixel metrics) of `model` on (X, y, w)."""
+    """(weighted loss, dense-estimate metrics, sampled-pixel metrics) of `model` on a split, piece by piece."""
     model.eval()
-    probs, loss_sum, weight_sum = [], 0.0, 0.0
+    counts = _Confusions(scheme)
+    loss_sum, weight_sum = 0.0, 0.0
     with torch.inference_mode():
-        for s in range(0, len(y), batch):
-            logits = model(X[s : s + batch])
-            yb, wb = y[s : s + batch], w[s : s + batch]
-            ls, ws = weighted_ce_sums(logits, yb, cw, wb)
-            loss_sum += float(ls)
-            weight_sum += float(ws)
-            probs.append(torch.softmax(logits.float(), 1)[:, list(scheme.building)].sum(1))
-    p_building = torch.cat(probs).cpu().numpy() if probs else np.zeros(0)
-    dense, sampled = _building_metrics(p_building, y.cpu().numpy(), w.cpu().numpy(), scheme)
+        for chunk in data.chunks():
+            piece = data.read(chunk)
+            X, y, w = (torch.from_numpy(piece[k]).to(device) for k in ("X", "y", "w"))
+            for s in range(0, len(y), batch):
+                logits = model(X[s : s + batch])
+                yb, wb = y[s : s + batch], w[s : s + batch]
+                ls, ws = weighted_ce_sums(logits, yb, cw, wb)
+                loss_sum += float(ls)
+                weight_sum += float(ws)
+                p = torch.softmax(logits.float(), 1)[:, list(scheme.building)].sum(1)
+                counts.add(p.cpu().numpy(), yb.cpu().numpy(), wb.cpu().numpy())
+    dense, sampled = counts.metrics()
     return loss_sum / max(weight_sum, 1e-12), dense, sampled
 
 
@@ -88,57 +107,58 @@ def _to_python(obj: Any) -> Any:
 
 def train_mlp(
     cfg: Config,
-    train: dict[str, np.ndarray],
-    val: dict[str, np.ndarray],
+    train: features_store.SplitReader,
+    val: features_store.SplitReader,
     mean: np.ndarray,
     std: np.ndarray,
     class_weights: np.ndarray,
     scheme: ClassScheme,
 ) -> tuple[MLP, dict[str, Any]]:
-    """Train the MLP with Adam + StepLR; return the best model (on val building IoU) and its record."""
+    """Train the MLP with Adam + StepLR; return the best model (on val building IoU) and its record.
+
+    Each epoch streams the training shards through a shuffle buffer of `classifier.shuffle_buffer` samples
+    (pieces of shards in a seeded random order, shuffled within each fill; a split that fits in the buffer
+    gets a full shuffle, as when the whole matrix was in memory): memory is bounded by the buffer, not by
+    the number of samples, and only a buffer's fill at a time goes to the device. The same seed gives the
+    same model.
+    """
     c = cfg.classifier
     device = resolve_device(c.device, key="classifier.device")
     torch.manual_seed(cfg.seed)
-    gen = torch.Generator().manual_seed(cfg.seed)
-    in_channels = train["X"].shape[1]
-    model = MLP(in_channels, hidden=c.hidden, dropout=c.dropout, mean=mean, std=std, num_classes=scheme.k).to(device)
+    model = MLP(train.channels, hidden=c.hidden, dropout=c.dropout, mean=mean, std=std, num_classes=scheme.k).to(device)
     opt = torch.optim.Adam(model.parameters(), lr=c.lr, weight_decay=c.weight_decay)
     sched = torch.optim.lr_scheduler.StepLR(opt, step_size=max(1, c.step_size), gamma=c.gamma)
     cw = torch.as_tensor(class_weights, dtype=torch.float32, device=device)
 
-    def tensors(d: dict[str, np.ndarray]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        return (
-            torch.as_tensor(d["X"], dtype=torch.float32, device=device),
-            torch.as_tensor(d["y"], dtype=torch.long, device=device),
-            torch.as_tensor(d["w"], dtype=torch.float32, device=device),
-        )
-
-    Xt, yt, wt = tensors(train)
-    has_val = len(val["y"]) > 0
-    Xv, yv, wv = tensors(val) if has_val else (Xt, yt, wt)
+    has_val = val.n > 0
     select_on = "val" if has_val else "train"
     if not has_val:
         log.warning("train-classifier: no validation samples; selecting the epoch on TRAINING building IoU")
+    eval_batch = max(c.batch_size, 4096)
 
+    gen = torch.Generator().manual_seed(cfg.seed)  # the order within each fill
     history: list[dict[str, Any]] = []
     best: dict[str, Any] = {"iou": -1.0}
-    n = len(yt)
     for epoch in range(1, c.epochs + 1):
         model.train()
-        order = torch.randperm(n, generator=gen).to(device)
+        pieces = np.random.default_rng(derive_seed(cfg.seed, "classifier", epoch))  # the order of the pieces
         total, weight = 0.0, 0.0
-        for s in range(0, n, c.batch_size):
-            idx = order[s : s + c.batch_size]
-            logits = model(Xt[idx])
-            loss_sum, weight_sum = weighted_ce_sums(logits, yt[idx], cw, wt[idx])
-            loss = loss_sum / weight_sum.clamp_min(1e-12)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            total += float(loss_sum.detach())
-            weight += float(weight_sum)
+        for fill in train.buffers(pieces, c.shuffle_buffer):
+            Xt, yt, wt = (torch.from_numpy(fill[k]).to(device) for k in ("X", "y", "w"))
+            order = torch.randperm(len(yt), generator=gen).to(device)
+            for s in range(0, len(order), c.batch_size):
+                idx = order[s : s + c.batch_size]
+                logits = model(Xt[idx])
+                loss_sum, weight_sum = weighted_ce_sums(logits, yt[idx], cw, wt[idx])
+                loss = loss_sum / weight_sum.clamp_min(1e-12)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                total += float(loss_sum.detach())
+                weight += float(weight_sum)
+            del Xt, yt, wt, order
         sched.step()
-        val_loss, dense, sampled = _evaluate(model, Xv, yv, wv, cw, max(c.batch_size, 4096), scheme)
+        val_loss, dense, sampled = _evaluate(model, val if has_val else train, cw, eval_batch, scheme, device)
         row = {
             "epoch": epoch,
             "lr": opt.param_groups[0]["lr"],
@@ -167,32 +187,58 @@ def train_mlp(
         f"{select_on}_loss": best["loss"],
         "history": history,
         "device": str(device),
+        "shuffle_buffer": int(c.shuffle_buffer),
     }
     return model.cpu(), record
 
 
+def _subsample(data: features_store.SplitReader, n: int, seed: int) -> dict[str, np.ndarray]:
+    """A seeded sample of at most `n` samples of a split (all of them when it has fewer), read piece by
+    piece: only the sample is ever in memory."""
+    keep = np.sort(np.random.default_rng(seed).choice(data.n, n, replace=False)) if data.n > n else None
+    parts = []
+    first = 0
+    for chunk in data.chunks():
+        rows = chunk[2] - chunk[1]
+        if keep is None:
+            parts.append(data.read(chunk))
+        else:
+            sel = keep[(keep >= first) & (keep < first + rows)] - first
+            if len(sel):
+                piece = data.read(chunk)
+                parts.append({k: piece[k][sel] for k in ("X", "y", "w")})
+        first += rows
+    if not parts:
+        return {"X": np.zeros((0, data.channels), np.float32), "y": np.zeros(0, np.int64), "w": np.zeros(0, np.float32)}
+    return {k: np.concatenate([p[k] for p in parts]) for k in ("X", "y", "w")}
+
+
 def train_baseline(
-    cfg: Config, train: dict[str, np.ndarray], val: dict[str, np.ndarray], mean: np.ndarray, std: np.ndarray,
-    scheme: ClassScheme,
+    cfg: Config, train: features_store.SplitReader, val: features_store.SplitReader, mean: np.ndarray,
+    std: np.ndarray, scheme: ClassScheme,
 ) -> dict[str, Any]:
-    """scikit-learn LogisticRegression(class_weight='balanced') on the standardised features."""
+    """scikit-learn LogisticRegression(class_weight='balanced') on the standardised features of a seeded
+    sample of at most BASELINE_MAX_SAMPLES training samples; scored on every validation sample, piece by piece."""
     from sklearn.exceptions import ConvergenceWarning
     from sklearn.linear_model import LogisticRegression
 
     t0 = time.perf_counter()
-    scale = np.where(std > 1e-6, std, 1.0)
-    X, y = train["X"], train["y"]
-    if len(y) > BASELINE_MAX_SAMPLES:
-        keep = np.random.default_rng(cfg.seed).choice(len(y), BASELINE_MAX_SAMPLES, replace=False)
-        X, y = X[keep], y[keep]
-        log.info("baseline: fitting on a seeded subsample of %d training samples", BASELINE_MAX_SAMPLES)
+    scale = np.where(std > 1e-6, std, 1.0).astype(np.float32)
+    mean32 = mean.astype(np.float32)
+    sample = _subsample(train, BASELINE_MAX_SAMPLES, cfg.seed)
+    X, y = sample["X"], sample["y"]
+    if train.n > BASELINE_MAX_SAMPLES:
+        log.info("baseline: fitting on a seeded subsample of %d of %d training samples", len(y), train.n)
     if len(np.unique(y)) < 2:
         raise StageError("baseline: the training samples hold only one class")
+    X -= mean32
+    X /= scale
     max_iter = 300
     clf = LogisticRegression(class_weight="balanced", max_iter=max_iter, random_state=cfg.seed)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)  # reported below as "converged"
-        clf.fit((X - mean) / scale, y)
+        clf.fit(X, y)
+    del X, sample
     iterations = int(np.max(clf.n_iter_))
     out: dict[str, Any] = {
         "model": f"sklearn LogisticRegression(class_weight='balanced', max_iter={max_iter}) on standardised features",
@@ -203,13 +249,16 @@ def train_baseline(
     }
     if iterations >= max_iter:
         log.info("baseline: logistic regression stopped at max_iter=%d before converging", max_iter)
-    if len(val["y"]):
-        proba = clf.predict_proba((val["X"] - mean) / scale)
-        p_building = proba[:, np.isin(clf.classes_, scheme.building)].sum(1)
-        out["val"], out["val_sampled_pixels"] = _building_metrics(p_building, val["y"], val["w"], scheme)
+    if val.n:
+        counts = _Confusions(scheme)
+        building = np.isin(clf.classes_, scheme.building)
+        for chunk in val.chunks():
+            piece = val.read(chunk)
+            proba = clf.predict_proba((piece["X"] - mean32) / scale)
+            counts.add(proba[:, building].sum(1), piece["y"], piece["w"])
+        out["val"], out["val_sampled_pixels"] = counts.metrics()
     out["seconds"] = round(time.perf_counter() - t0, 2)
     return out
-
 
 
 def run(cfg: Config, overwrite: bool = False) -> dict[str, Any]:
@@ -219,7 +268,8 @@ def run(cfg: Config, overwrite: bool = False) -> dict[str, Any]:
     meta = features_store.read_meta(feat_dir)
     c = cfg.classifier
     settings = {k: getattr(c, k) for k in ("hidden", "dropout", "epochs", "batch_size", "lr", "weight_decay",
-                                           "step_size", "gamma", "class_weights", "class_weighting", "baseline")}
+                                           "step_size", "gamma", "class_weights", "class_weighting", "baseline",
+                                           "shuffle_buffer")}
     metrics_path, ckpt_path = paths.classifier_metrics, paths.classifier_checkpoint
     key = digest({"features": meta.get("key"), "settings": settings, "seed": cfg.seed})
     if not overwrite and is_fresh(metrics_path, key):
@@ -228,13 +278,13 @@ def run(cfg: Config, overwrite: bool = False) -> dict[str, Any]:
     unmark(metrics_path)
 
     t0 = time.perf_counter()
-    train = features_store.load_features(feat_dir, "train")
-    val = features_store.load_features(feat_dir, "val")
-    if len(np.unique(train["y"])) < 2:
-        raise StageError(f"{feat_dir}: the training samples hold only one class; cannot train a classifier")
+    train = features_store.SplitReader(feat_dir, "train")
+    val = features_store.SplitReader(feat_dir, "val")
     mean, std = features_store.read_stats(paths.features_stats)
     scheme = scheme_for(meta.get("classes"))
     px = meta["class_pixels"]
+    if sum(int(px[n]) > 0 for n in scheme.classes) < 2 or train.n == 0:
+        raise StageError(f"{feat_dir}: the training samples hold only one class; cannot train a classifier")
     class_weights, source = resolve_class_weights(c.class_weights, [px[n] for n in scheme.classes],
                                                   c.class_weighting, "classifier.class_weights")
     log.info("train-classifier: %d classes %s, class weights %s (%s; train mask pixels %s)", scheme.k,
@@ -242,8 +292,8 @@ def run(cfg: Config, overwrite: bool = False) -> dict[str, Any]:
     random_backbone = meta["backbone"]["weights"] == "random"
     if random_backbone:
         log.warning("train-classifier: features come from a RANDOM backbone; metrics are not ImageNet-comparable")
-    log.info("train-classifier: %d train / %d val samples of %d channels", len(train["y"]), len(val["y"]),
-             train["X"].shape[1])
+    log.info("train-classifier: %d train / %d val samples of %d channels (%.2f GB), a shuffle buffer of %d "
+             "samples", train.n, val.n, train.channels, train.n * train.channels * 4 / 1e9, c.shuffle_buffer)
 
     model, record = train_mlp(cfg, train, val, mean, std, class_weights, scheme)
     mlp_seconds = time.perf_counter() - t0
@@ -263,7 +313,7 @@ def run(cfg: Config, overwrite: bool = False) -> dict[str, Any]:
         "class_weights": class_weights.tolist(),
         "class_weights_source": source,
         "class_pixels": px,
-        "samples": {"train": int(len(train["y"])), "val": int(len(val["y"]))},
+        "samples": {"train": int(train.n), "val": int(val.n)},
         "mlp": {k: v for k, v in record.items() if k != "history"},
         "baseline": baseline,
         "history": record["history"],
