@@ -28,6 +28,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import re
 import time
 import uuid
 from pathlib import Path
@@ -366,76 +367,112 @@ def _apply_gt(gt: list[float], xy: np.ndarray) -> np.ndarray:
 
 
 # ---------------------------------------------------------------------------------------------- write
-def write_synthetic_dataset(out: str | Path, n_scenes: int, seed: int, size: int = 1024,
-                            geotiff: bool = True) -> dict[str, Any]:
-    """Write `n_scenes` synthetic xView2 scenes (and their GeoTIFF variant) under `out`; return a summary."""
-    from PIL import Image
+XVIEW2_SUBSETS = ("train", "tier3", "hold", "test")  # the official xView2 subset folders
 
+
+def write_synthetic_dataset(out: str | Path, n_scenes: int, seed: int, size: int = 1024,
+                            geotiff: bool = True, subsets: dict[str, int] | None = None) -> dict[str, Any]:
+    """Write `n_scenes` synthetic xView2 scenes (and their GeoTIFF variant) under `out`; return a summary.
+
+    Without `subsets`: `<out>/{images,labels}`, `<out>/geotiff/{images,labels}`. With `subsets` ({folder:
+    scene count}, e.g. {"train": 4, "tier3": 2, "hold": 2, "test": 2}, counts summing to `n_scenes`): the
+    official xView2 layout `<out>/<subset>/{images,labels}` (and `<out>/geotiff/<subset>/{images,labels}`),
+    scene ids numbered on across the subsets in the given order, so that every id is unique. Scene i is the
+    same scene in both layouts; `truth_transforms.json` at `<out>` covers every scene.
+    """
     out = Path(out)
-    (out / "images").mkdir(parents=True, exist_ok=True)
-    (out / "labels").mkdir(parents=True, exist_ok=True)
+    if subsets is not None:
+        bad = [name for name in subsets if not re.fullmatch(r"[A-Za-z0-9_-]+", name) or name == "geotiff"]
+        if bad or any(int(n) < 0 for n in subsets.values()):
+            raise ValueError(f"subsets: folder names of letters, digits, - and _ (not 'geotiff') with counts "
+                             f">= 0 expected, got {subsets}")
+        if sum(subsets.values()) != n_scenes:
+            raise ValueError(f"subsets {subsets} hold {sum(subsets.values())} scenes, not n_scenes {n_scenes}")
+        folders = [name for name, n in subsets.items() for _ in range(int(n))]
+    else:
+        folders = [""] * n_scenes
+    for folder in [""] if subsets is None else list(subsets):
+        (out / folder / "images").mkdir(parents=True, exist_ok=True)
+        (out / folder / "labels").mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     truth: dict[str, list[float]] = {}
     fractions: list[float] = []
     names: list[str] = []
-    for i in range(n_scenes):
-        rng = np.random.default_rng([seed, i])
-        disaster, lat0, lon0, dtype = PLACES[int(rng.integers(len(PLACES)))]
-        # within a few km of the event
-        m_lon, m_lat = metres_per_degree(lat0)
-        lon_c = lon0 + rng.uniform(-3000, 3000) / m_lon
-        lat_c = lat0 + rng.uniform(-3000, 3000) / m_lat
-        rgb, polys, sun = _make_scene(rng, size, None, None, None)
-        stem = f"{disaster}_{i + 1:08d}_pre_disaster"
-        img_name = stem + ".png"
-        gt = scene_geotransform(lon_c, lat_c, size)
+    for i, folder in enumerate(folders):
+        img_name, gt, fraction = _write_scene(out / folder, out / "geotiff" / folder if geotiff else None,
+                                              seed, i, size)
         truth[img_name] = gt
-        mask_px = sum(p.area for p in polys)
-        fractions.append(float(mask_px / (size * size)))
-        uids = [str(uuid.UUID(bytes=rng.bytes(16), version=4)) for _ in polys]
-        xy_feats, ll_feats = [], []
-        for poly, uid in zip(polys, uids, strict=True):
-            rings = _rings(poly)
-            props = {"feature_type": "building", "subtype": "no-damage", "uid": uid}
-            xy_feats.append({"properties": dict(props), "wkt": _wkt(rings)})
-            ll_feats.append({"properties": dict(props), "wkt": _wkt([_apply_gt(gt, r) for r in rings])})
-        capture = f"20{int(rng.integers(16, 19))}-{int(rng.integers(1, 13)):02d}-{int(rng.integers(1, 29)):02d}" \
-            f"T{int(rng.integers(15, 19)):02d}:{int(rng.integers(0, 60)):02d}:{int(rng.integers(0, 60)):02d}.000Z"
-        metadata = {
-            "sensor": SENSORS[int(rng.integers(len(SENSORS)))],
-            "provider_asset_type": "synthetic",
-            "gsd": GSD_M,
-            "capture_date": capture,
-            "off_nadir_angle": round(float(rng.uniform(5.0, 30.0)), 6),
-            "pan_resolution": GSD_M,
-            "sun_azimuth": round(sun["sun_azimuth"], 6),
-            "sun_elevation": round(sun["sun_elevation"], 6),
-            "target_azimuth": round(float(rng.uniform(0.0, 360.0)), 6),
-            "disaster": disaster,
-            "disaster_type": dtype,
-            "catalog_id": rng.bytes(8).hex().upper(),
-            "original_width": size,
-            "original_height": size,
-            "width": size,
-            "height": size,
-            "id": str(uuid.UUID(bytes=rng.bytes(16), version=4)),
-            "img_name": img_name,
-        }
-        label = {"features": {"lng_lat": ll_feats, "xy": xy_feats}, "metadata": metadata}
-        with atomic_path(out / "images" / img_name) as tmp:
-            Image.fromarray(rgb).save(tmp, format="PNG", compress_level=1)
-        write_json(out / "labels" / f"{stem}.json", label)
-        if geotiff:
-            _write_geotiff_variant(out / "geotiff", stem, rgb, polys, uids, lon_c, lat_c)
+        fractions.append(fraction)
         names.append(img_name)
-        log.debug("scene %s: %d buildings, %.1f%% building pixels", img_name, len(polys), 100 * fractions[-1])
     write_json(out / "truth_transforms.json", truth)
     seconds = time.perf_counter() - t0
     empty = sum(1 for f in fractions if f == 0.0)
     log.info("synth: %d scenes (%d without buildings) of %dx%d px in %s (%.2f s)", n_scenes, empty, size, size,
              out, seconds)
-    return {"scenes": n_scenes, "out": str(out), "images": names, "building_fraction": fractions,
-            "empty_scenes": empty, "geotiff": geotiff, "seconds": round(seconds, 3)}
+    summary: dict[str, Any] = {"scenes": n_scenes, "out": str(out), "images": names,
+                               "building_fraction": fractions, "empty_scenes": empty, "geotiff": geotiff,
+                               "seconds": round(seconds, 3)}
+    if subsets is not None:
+        summary["subsets"] = {name: [n for n, f in zip(names, folders, strict=True) if f == name]
+                              for name in subsets}
+    return summary
+
+
+def _write_scene(folder: Path, geotiff_root: Path | None, seed: int, i: int,
+                 size: int) -> tuple[str, list[float], float]:
+    """Scene `i` of `seed`: `<folder>/images/<stem>.png`, `<folder>/labels/<stem>.json` and (unless
+    `geotiff_root` is None) its GeoTIFF variant there; returns (image name, geotransform, building fraction)."""
+    from PIL import Image
+
+    rng = np.random.default_rng([seed, i])
+    disaster, lat0, lon0, dtype = PLACES[int(rng.integers(len(PLACES)))]
+    # within a few km of the event
+    m_lon, m_lat = metres_per_degree(lat0)
+    lon_c = lon0 + rng.uniform(-3000, 3000) / m_lon
+    lat_c = lat0 + rng.uniform(-3000, 3000) / m_lat
+    rgb, polys, sun = _make_scene(rng, size, None, None, None)
+    stem = f"{disaster}_{i + 1:08d}_pre_disaster"
+    img_name = stem + ".png"
+    gt = scene_geotransform(lon_c, lat_c, size)
+    mask_px = sum(p.area for p in polys)
+    fraction = float(mask_px / (size * size))
+    uids = [str(uuid.UUID(bytes=rng.bytes(16), version=4)) for _ in polys]
+    xy_feats, ll_feats = [], []
+    for poly, uid in zip(polys, uids, strict=True):
+        rings = _rings(poly)
+        props = {"feature_type": "building", "subtype": "no-damage", "uid": uid}
+        xy_feats.append({"properties": dict(props), "wkt": _wkt(rings)})
+        ll_feats.append({"properties": dict(props), "wkt": _wkt([_apply_gt(gt, r) for r in rings])})
+    capture = f"20{int(rng.integers(16, 19))}-{int(rng.integers(1, 13)):02d}-{int(rng.integers(1, 29)):02d}" \
+        f"T{int(rng.integers(15, 19)):02d}:{int(rng.integers(0, 60)):02d}:{int(rng.integers(0, 60)):02d}.000Z"
+    metadata = {
+        "sensor": SENSORS[int(rng.integers(len(SENSORS)))],
+        "provider_asset_type": "synthetic",
+        "gsd": GSD_M,
+        "capture_date": capture,
+        "off_nadir_angle": round(float(rng.uniform(5.0, 30.0)), 6),
+        "pan_resolution": GSD_M,
+        "sun_azimuth": round(sun["sun_azimuth"], 6),
+        "sun_elevation": round(sun["sun_elevation"], 6),
+        "target_azimuth": round(float(rng.uniform(0.0, 360.0)), 6),
+        "disaster": disaster,
+        "disaster_type": dtype,
+        "catalog_id": rng.bytes(8).hex().upper(),
+        "original_width": size,
+        "original_height": size,
+        "width": size,
+        "height": size,
+        "id": str(uuid.UUID(bytes=rng.bytes(16), version=4)),
+        "img_name": img_name,
+    }
+    label = {"features": {"lng_lat": ll_feats, "xy": xy_feats}, "metadata": metadata}
+    with atomic_path(folder / "images" / img_name) as tmp:
+        Image.fromarray(rgb).save(tmp, format="PNG", compress_level=1)
+    write_json(folder / "labels" / f"{stem}.json", label)
+    if geotiff_root is not None:
+        _write_geotiff_variant(geotiff_root, stem, rgb, polys, uids, lon_c, lat_c)
+    log.debug("scene %s: %d buildings, %.1f%% building pixels", img_name, len(polys), 100 * fraction)
+    return img_name, gt, fraction
 
 
 def _write_geotiff_variant(root: Path, stem: str, rgb: np.ndarray, polys: list[Polygon], uids: list[str],

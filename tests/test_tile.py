@@ -565,3 +565,140 @@ def test_patch_store_holds_the_patches_and_is_covered_by_the_scene_record(tmp_pa
     assert {p: p.stat().st_mtime_ns for p in tile_dir.glob("patches/*/*.tif")} == stamp
     assert all(store_is_intact(tile_dir, s) for s in keys)
     assert np.array_equal(PatchStore(tile_dir, df).read(order)[1], masks)
+
+
+# --------------------------------------------------------------------------------------------------
+# tile.patch_geotiffs: false (xView2): the patch store alone, no two GeoTIFFs per patch
+
+NO_TIFS = {"tile.patch_geotiffs": "false"}
+CHEAP_FEATURES = {"backbone.layers": "[conv1_1]", "features.per_class": "2"}  # one conv layer: a fast backbone
+
+
+def _store_arrays(tile_dir: Path, sid: str) -> list[np.ndarray]:
+    from footprints.contracts.patches import store_paths
+
+    return [np.load(p) for p in store_paths(tile_dir, sid)]
+
+
+def test_scene_key_is_unchanged_by_patch_geotiffs(tmp_path, xview2_data) -> None:
+    """Runs tiled with the defaults stay fresh: the key is today's, and the GeoTIFFs (an output format, not
+    the pixels) do not enter it either way."""
+    from footprints.contracts.freshness import digest
+    from footprints.stages.tile import tiling_params
+
+    default = make_cfg(tmp_path, xview2_data)
+    assert default.tile.patch_geotiffs is True
+    d, t = default.data, default.tile
+    today = {  # the parameters as the scene key was computed before the option existed
+        "size": t.size, "stride": t.stride, "target_gsd": t.target_gsd, "bands": list(d.bands),
+        "stretch_percentiles": list(d.stretch_percentiles), "nodata": d.nodata,
+        "mask_threshold": d.mask_threshold, "target": t.target, "border_m": t.border_m,
+        "contact_m": t.contact_m, "max_residual_px": d.max_residual_px, "geotransforms": d.geotransforms,
+    }
+    assert digest(tiling_params(d, t)) == digest(today)
+    off = make_cfg(tmp_path, xview2_data, **NO_TIFS)
+    assert digest(tiling_params(off.data, off.tile)) == digest(today)
+
+
+def test_without_patch_geotiffs_the_store_alone_feeds_features_and_training(tmp_path, xview2_data) -> None:
+    from footprints.contracts.freshness import read_record
+    from footprints.contracts.patches import PatchStore, store_is_intact
+    from footprints.stages.features import run as extract_features
+    from footprints.training_data import PatchDataset
+
+    cfg = make_cfg(tmp_path, xview2_data, **NO_TIFS, **CHEAP_FEATURES)
+    summary = run_tile(cfg)
+    tile_dir = RunPaths.of(cfg).stage("tile")
+    assert not list(tile_dir.rglob("*.tif")) and not (tile_dir / "patches").exists()
+    df = read_manifest(tile_dir)
+    assert summary["scenes_read"] == 4 and len(df) == summary["patches"] == 4 * 16
+    assert (df.image_path == "").all() and (df.mask_path == "").all()
+    for sid in df.scene_id.unique():
+        record = read_record(RunPaths.of(cfg).scene_record(sid))
+        assert record["patch_geotiffs"] is False and store_is_intact(tile_dir, sid)
+        assert sorted(record["files"]) == sorted([f"{sid}.csv"] + [f"../store/{sid}/{n}" for n in
+                                                                     ("images.npy", "masks.npy", "patch_ids.npy")])
+
+    # the same rows and the same pixels as a default run (whose GeoTIFFs are the reference)
+    ref_cfg = make_cfg(tmp_path / "ref", xview2_data)
+    run_tile(ref_cfg)
+    ref_dir = RunPaths.of(ref_cfg).stage("tile")
+    ref = read_manifest(ref_dir)
+    paths_ = ["image_path", "mask_path"]
+    assert df.drop(columns=paths_).equals(ref.drop(columns=paths_))
+    for sid in df.scene_id.unique():
+        assert all(np.array_equal(a, b) for a, b in zip(_store_arrays(tile_dir, sid), _store_arrays(ref_dir, sid),
+                                                         strict=True))
+
+    # features read the store; so does train-segmenter's dataset, and both see the GeoTIFFs' pixels
+    meta = extract_features(cfg)
+    assert meta["patches"]["train"] == int((df.split == "train").sum()) > 0 and meta["n"]["train"] > 0
+    train = df[df.split == "train"].reset_index(drop=True)
+    dataset = PatchDataset(tile_dir, train, augment=False, seed=0)
+    assert dataset.store.stored_fraction == 1.0
+    images, masks, index, *_ = dataset[[(i, 0, i, 1) for i in range(len(train))]]
+    for k, i in enumerate(index.tolist()):
+        image, mask = load_patch(ref_dir, ref[ref.patch_id == train.patch_id[i]].iloc[0])
+        assert np.array_equal(images[k].numpy(), image) and np.array_equal(masks[k].numpy(), mask)
+    assert PatchStore(tile_dir, df).stored_fraction == 1.0
+
+
+def test_a_scene_with_neither_store_nor_geotiffs_is_one_clear_line(tmp_path, xview2_data, capsys) -> None:
+    from footprints.cli import main
+    from footprints.contracts.patches import PatchStore, store_is_intact, store_paths
+    from footprints.errors import InputError
+
+    sets = {**NO_TIFS, **CHEAP_FEATURES}
+    cfg = make_cfg(tmp_path, xview2_data, **sets)
+    run_tile(cfg)
+    tile_dir = RunPaths.of(cfg).stage("tile")
+    df = read_manifest(tile_dir)
+    first = df[df.split == "train"].iloc[0]
+    sid = first.scene_id
+    store_paths(tile_dir, sid)[0].unlink()  # a training scene's shard loses its images
+    with pytest.raises(InputError) as err:
+        PatchStore(tile_dir, df)
+    assert sid in str(err.value) and "patch_geotiffs" in str(err.value) and "\n" not in str(err.value)
+    with pytest.raises(InputError, match=sid):
+        load_patch(tile_dir, first)
+    # through the command line: one line naming the scene, exit status 2, no traceback
+    overrides = [f"data.root={xview2_data}", f"output_root={tmp_path / 'out'}", "cluster.workers=0",
+                 "tile.size=64", "tile.stride=64", "tile.target=binary", *[f"{k}={v}" for k, v in sets.items()]]
+    capsys.readouterr()
+    assert main(["features", *[a for o in overrides for a in ("--set", o)]]) == 2
+    printed = capsys.readouterr()
+    errors = [line for line in printed.err.splitlines() if "error" in line]
+    assert len(errors) == 1 and sid in errors[0] and "Traceback" not in printed.err + printed.out
+    # the tile stage sees the lost shard: that scene alone is tiled again
+    again = run_tile(cfg)
+    assert again["scenes_tiled_now"] == 1 and again["scenes_already_done"] == 3
+    assert store_is_intact(tile_dir, sid) and not list(tile_dir.rglob("*.tif"))
+
+
+def test_turning_patch_geotiffs_on_writes_them_and_keeps_keys_and_features(tmp_path, xview2_data) -> None:
+    """false -> true re-tiles the scenes under the same keys (same pixels): the GeoTIFFs appear and the
+    features extracted before stay fresh. true -> false leaves a finished run alone."""
+    from footprints.contracts.freshness import read_record
+    from footprints.stages.features import run as extract_features
+
+    off = make_cfg(tmp_path, xview2_data, **NO_TIFS, **CHEAP_FEATURES)
+    run_tile(off)
+    extract_features(off)
+    tile_dir = RunPaths.of(off).stage("tile")
+    sids = list(read_manifest(tile_dir).scene_id.unique())
+    keys = {s: read_record(RunPaths.of(off).scene_record(s))["key"] for s in sids}
+
+    on = make_cfg(tmp_path, xview2_data, **CHEAP_FEATURES)
+    summary = run_tile(on)
+    assert summary["scenes_tiled_now"] == 4 and summary["scenes_already_done"] == 0
+    df = read_manifest(tile_dir)
+    assert len(list(tile_dir.glob("patches/*/*.tif"))) == 2 * len(df) == 2 * 4 * 16
+    assert all((tile_dir / p).is_file() for p in [*df.image_path, *df.mask_path])
+    for s in sids:
+        record = read_record(RunPaths.of(on).scene_record(s))
+        assert record["key"] == keys[s] and record["patch_geotiffs"] is True
+        assert sum(name.endswith(".tif") for name in record["files"]) == 2 * 16
+    assert extract_features(on)["skipped"] is True  # same scene keys: nothing downstream is stale
+
+    back = run_tile(off)
+    assert back["scenes_already_done"] == 4 and back["scenes_tiled_now"] == 0

@@ -1,8 +1,10 @@
-"""Patches: a 3-band uint8 image GeoTIFF and a 1-band mask GeoTIFF per manifest row, and the patch store.
+"""Patches: the patch store, and (with `tile.patch_geotiffs`) a 3-band uint8 image GeoTIFF and a 1-band
+mask GeoTIFF per manifest row.
 
 Mask values: class indices 0..K-1 of `tile.target` (0 background), 255 ignore (nodata, padding outside the
-scene). Each patch carries its own transform and the scene's CRS, so GIS users can open any of them. Paths
-in the manifest (`image_path`, `mask_path`) are relative to the tile folder.
+scene). Each GeoTIFF patch carries its own transform and the scene's CRS, so GIS users can open any of them.
+Paths in the manifest (`image_path`, `mask_path`) are relative to the tile folder, and empty strings for a
+scene tiled without GeoTIFFs (`tile.patch_geotiffs: false`, e.g. xView2: no two files per patch).
 
 The patch store holds the same pixels as contiguous arrays for the stages that read patches by the
 thousand (train-segmenter, features): one shard per scene, `tile/store/<scene>/images.npy` (n, 3, size,
@@ -10,7 +12,7 @@ size) uint8, `masks.npy` (n, size, size) uint8 and `patch_ids.npy` (n,), row i b
 `tile/scenes/<scene>.csv`. They are plain `.npy` files read as memory maps: no decoding, one gather per
 batch. The shard's files are listed in the scene's freshness record like its GeoTIFFs, so a missing or
 truncated shard is seen (`store_is_intact`); a reader falls back to the GeoTIFFs of a scene without an
-intact shard (`PatchStore`).
+intact shard (`PatchStore`), and refuses, naming the scene's shard, a scene that has neither.
 """
 
 from __future__ import annotations
@@ -63,9 +65,25 @@ def _field(row: Any, name: str) -> Any:
     return getattr(row, name) if isinstance(row, tuple) else row[name]
 
 
+def has_geotiff(row: Any) -> bool:
+    """True when a manifest row names its GeoTIFF patch (empty for `tile.patch_geotiffs: false`)."""
+    value = _field(row, "image_path")
+    return isinstance(value, str) and bool(value)
+
+
+def _no_patches(tile_dir: str | Path, scene_id: str) -> InputError:
+    return InputError(store_dir(tile_dir, scene_id), f"scene {scene_id} has no intact patch store and no GeoTIFF "
+                      "patches (tiled with tile.patch_geotiffs false); rerun the tile stage")
+
+
 def load_patch(tile_dir: str | Path, row: Any) -> tuple[np.ndarray, np.ndarray]:
-    """(image uint8 (3, H, W), mask uint8 (H, W)) of one manifest row."""
+    """(image uint8 (3, H, W), mask uint8 (H, W)) of one manifest row, from its GeoTIFFs.
+
+    Raises InputError naming the scene's shard when the row has no GeoTIFFs (`tile.patch_geotiffs: false`).
+    """
     base = Path(tile_dir)
+    if not has_geotiff(row):
+        raise _no_patches(base, str(_field(row, "scene_id")))
     image_path = base / _field(row, "image_path")
     try:
         with rasterio.open(image_path) as ds:
@@ -191,6 +209,7 @@ def store_is_intact(tile_dir: str | Path, scene_id: str) -> bool:
 class PatchStore:
     """The patches of a set of manifest rows, read by position: from each scene's shard (memory maps) where
     its record lists an intact one, else from the GeoTIFF patches (a tile output written before the store).
+    A scene with neither (tiled without GeoTIFFs, its shard since lost) raises InputError naming its shard.
 
     `read(positions)` returns (images uint8 (b, 3, H, W), masks uint8 (b, H, W)) in the order asked. The
     memory maps are opened lazily in the process that reads (DataLoader workers open their own).
@@ -217,6 +236,9 @@ class PatchStore:
             found = [where.get(str(records[p]["patch_id"]), -1) for p in positions]
             if min(found) >= 0:  # a shard that misses a row is not this tiling's: GeoTIFFs for the scene
                 self.index_of[positions] = found
+        for sid, positions in by_scene.items():
+            if self.index_of[positions[0]] < 0 and not all(has_geotiff(records[p]) for p in positions):
+                raise _no_patches(self.tile_dir, sid)
         self._maps: dict[int, tuple[np.ndarray, np.ndarray]] = {}
 
     @property

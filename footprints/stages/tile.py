@@ -1,13 +1,17 @@
-"""Stage 1, tile: whole scenes -> georeferenced patches (image + mask GeoTIFFs), manifest, scene-level split.
+"""Stage 1, tile: whole scenes -> patches (patch store, optional per-patch GeoTIFFs), manifest, scene split.
 
 Layout under `outputs/<name>/tile/` (`footprints.contracts`):
 
-- `patches/<scene>/<scene>_r<row:05d>_c<col:05d>.tif` (3-band uint8) and `..._mask.tif` (0 background,
-  1 building, 255 ignore = nodata or padding), each with the patch's own transform and the scene's CRS.
-- `store/<scene>/{images,masks,patch_ids}.npy`: the same patches as contiguous uint8 arrays (the patch
-  store of `footprints.contracts.patches`, what training and features read), unless `tile.patch_store` is
-  false. A scene tiled before the store existed gets its shard from its GeoTIFFs on the next run, without
+- `store/<scene>/{images,masks,patch_ids}.npy`: the patches as contiguous uint8 arrays (the patch store of
+  `footprints.contracts.patches`, what training and features read), unless `tile.patch_store` is false.
+  A scene tiled before the store existed gets its shard from its GeoTIFFs on the next run, without
   re-tiling (its record keeps its key, so nothing downstream is invalidated).
+- `patches/<scene>/<scene>_r<row:05d>_c<col:05d>.tif` (3-band uint8) and `..._mask.tif` (0 background,
+  1 building, 255 ignore = nodata or padding), each with the patch's own transform and the scene's CRS,
+  for GIS users; only with `tile.patch_geotiffs` (default true; off for xView2, two files per patch). Without
+  them the rows' `image_path`/`mask_path` are empty. They are an output format, not part of the tiling
+  (`tiling_params`, the scene key): turning them on for a scene tiled without them re-tiles that scene
+  under the same key (same pixels), so features and models stay fresh.
 - `scenes/<scene>.csv` (its manifest rows) and `scenes/<scene>.json` (scene metadata and its freshness
   record, written last and covering the patches and the store: a rerun skips a scene whose record matches
   the tiling parameters and whose files are intact, and an interrupted run resumes after the last finished
@@ -148,7 +152,11 @@ def assign_folds(groups: Iterable[str], folds: int, fold: int, seed: int) -> dic
 
 
 def tiling_params(data_cfg: DataConfig, tile_cfg: TileConfig) -> dict[str, Any]:
-    """What a scene's patches depend on: a change re-tiles the scene even without --overwrite."""
+    """What a scene's patches depend on: a change re-tiles the scene even without --overwrite.
+
+    `tile.patch_store` and `tile.patch_geotiffs` are not in it: they choose where the same pixels are
+    written, so neither changes the scene key (a missing store or GeoTIFFs is made up without a new key).
+    """
     return {
         "size": tile_cfg.size, "stride": tile_cfg.stride, "target_gsd": tile_cfg.target_gsd,
         "bands": list(data_cfg.bands), "stretch_percentiles": list(data_cfg.stretch_percentiles),
@@ -181,7 +189,7 @@ def tile_scene(source: SceneSource, data_cfg: DataConfig, tile_cfg: TileConfig, 
     params = tiling_params(data_cfg, tile_cfg)
     key = digest(params)
     record = paths.scene_record(sid)
-    if not overwrite and is_fresh(record, key):
+    if not overwrite and is_fresh(record, key) and _has_wanted_geotiffs(record, tile_cfg):
         if tile_cfg.patch_store:
             _add_store(paths, sid, key)
         return SceneResult(sid, "done", -1)
@@ -189,7 +197,9 @@ def tile_scene(source: SceneSource, data_cfg: DataConfig, tile_cfg: TileConfig, 
     patch_dir = paths.patch_dir(sid)
     shutil.rmtree(patch_dir, ignore_errors=True)  # stale patches of other sizes, leftover .part files
     shutil.rmtree(store_dir(paths.tile, sid), ignore_errors=True)
-    patch_dir.mkdir(parents=True, exist_ok=True)
+    geotiffs = tile_cfg.patch_geotiffs
+    if geotiffs:
+        patch_dir.mkdir(parents=True, exist_ok=True)
     size = tile_cfg.size
     scheme = SCHEMES[tile_cfg.target]
     rows: list[dict[str, Any]] = []
@@ -211,8 +221,9 @@ def tile_scene(source: SceneSource, data_cfg: DataConfig, tile_cfg: TileConfig, 
             transform = scene.window_transform(win)
             r, c = int(win.row_off), int(win.col_off)
             name = patch_name(sid, r, c)
-            write_patch(patch_dir / f"{name}.tif", rgb, transform, crs)
-            write_patch(patch_dir / f"{name}_mask.tif", mask[None], transform, crs, nodata=IGNORE)
+            if geotiffs:
+                write_patch(patch_dir / f"{name}.tif", rgb, transform, crs)
+                write_patch(patch_dir / f"{name}_mask.tif", mask[None], transform, crs, nodata=IGNORE)
             if store is not None:
                 store.put(i, name, rgb, mask)
             vr, vc, vh, vw = valid_window(win, scene.width, scene.height)
@@ -229,15 +240,25 @@ def tile_scene(source: SceneSource, data_cfg: DataConfig, tile_cfg: TileConfig, 
                 "nodata_frac": 1.0 - float(np.count_nonzero(valid)) / valid.size,
                 "building_px": building, "background_px": background,
                 "class_px": " ".join(str(int(n)) for n in class_px), "labelled": scene.has_labels,
-                "image_path": f"patches/{sid}/{name}.tif", "mask_path": f"patches/{sid}/{name}_mask.tif",
+                "image_path": f"patches/{sid}/{name}.tif" if geotiffs else "",
+                "mask_path": f"patches/{sid}/{name}_mask.tif" if geotiffs else "",
             })
         meta = scene.metadata()
         store_files = store.finish() if store is not None else []
     rows_path = paths.scene_rows(sid)
     write_rows(rows_path, rows, SCENE_COLUMNS)
-    files = [rows_path] + [paths.tile / r[k] for r in rows for k in ("image_path", "mask_path")] + store_files
-    write_record(record, key, files, **meta, params=params, patches=len(rows), location_id=source.location_id)
+    tifs = [paths.tile / r[k] for r in rows for k in ("image_path", "mask_path")] if geotiffs else []
+    write_record(record, key, [rows_path, *tifs, *store_files], **meta, params=params, patches=len(rows),
+                 location_id=source.location_id, patch_geotiffs=geotiffs)
     return SceneResult(sid, "tiled", len(rows), time.perf_counter() - t0)
+
+
+def _has_wanted_geotiffs(record_path: Path, tile_cfg: TileConfig) -> bool:
+    """False when `tile.patch_geotiffs` asks for the GeoTIFF patches and the scene was tiled without them
+    (its record says `patch_geotiffs: false`; a record from before the option always has them)."""
+    if not tile_cfg.patch_geotiffs:
+        return True
+    return bool((read_record(record_path) or {}).get("patch_geotiffs", True))
 
 
 def _add_store(paths: RunPaths, sid: str, key: str) -> None:
