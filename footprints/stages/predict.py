@@ -234,6 +234,22 @@ def _log_scene_error(source: SceneSource, err: BaseException, out_dir: Path | No
     log.error("%s", err if isinstance(err, FootprintsError) else as_input_error(err, source.image))
 
 
+def calibration_sample(sources: Sequence[SceneSource], cap: int, seed: int) -> list[SceneSource]:
+    """At most `cap` of the validation `sources`: all of them when they are no more, else a seeded sample.
+
+    The sample is the first `cap` ids of a permutation of the sorted scene ids drawn from
+    `derive_seed(seed, "calibration")`: the same seed and ids give the same sample whatever their order,
+    and a larger cap keeps the scenes of a smaller one (their probability rasters are reused). Sorted by id.
+    """
+    from ..training_data import derive_seed
+
+    ordered = sorted(sources, key=lambda s: s.scene_id)
+    if len(ordered) <= cap:
+        return ordered
+    order = np.random.default_rng(derive_seed(seed, "calibration")).permutation(len(ordered))
+    return sorted((ordered[i] for i in order[:cap]), key=lambda s: s.scene_id)
+
+
 def resolve_calibration(
     cfg: Config,
     settings: PredictSettings,
@@ -245,6 +261,10 @@ def resolve_calibration(
     """Threshold and minimum area: from the config when both are set, else a stored calibration made for
     this checkpoint and grid, else a grid search on the validation split (stored in
     `outputs/<name>/predict/calibration.json` and beside the checkpoint), else 0.5 / 0 m2 with a warning.
+
+    The grid search predicts and scores at most `predict.calibration_scenes` validation scenes: all of
+    them when there are no more, else a sample seeded by `seed` (`calibration_sample`). The cap and the
+    seed are part of the calibration's key, so changing either calibrates again.
 
     `use_run=False` (files given without a config) looks only beside the checkpoint, never at a run folder.
     """
@@ -261,7 +281,9 @@ def resolve_calibration(
     areas = [pcfg.min_area_m2] if pcfg.min_area_m2 is not None else [float(a) for a in pcfg.min_area_grid]
     key = digest({"prob_params": settings.prob_params(), "threshold_grid": thresholds, "seed_grid": seeds,
                   "min_area_grid": areas, "hole_area_m2": settings.hole_area_m2, "simplify_px": settings.simplify_px,
-                  "iou_threshold": cfg.evaluate.iou_threshold})
+                  "iou_threshold": cfg.evaluate.iou_threshold,
+                  # which validation scenes: at most this many, a sample drawn from this seed
+                  "calibration_scenes": pcfg.calibration_scenes, "sample_seed": cfg.seed})
     stage_path = paths.calibration
     beside = checkpoint.with_name(checkpoint.stem + ".calibration.json") if checkpoint is not None else None
     stored = [p for p in (stage_path if use_run else None, beside) if p is not None]
@@ -290,13 +312,15 @@ def resolve_calibration(
         default_a = pcfg.min_area_m2 if pcfg.min_area_m2 is not None else 0.0
         default_s = seeds[-1] if seeds[0] is not None else None
         return {"threshold": default_t, "seed_threshold": default_s, "min_area_m2": default_a, "source": "default"}
-    log.info("calibration: grid search over %d thresholds x %d seed thresholds x %d minimum areas on %d "
-             "validation scenes", len(thresholds), len(seeds), len(areas), len(val))
+    sample = calibration_sample(val, pcfg.calibration_scenes, cfg.seed)
+    how = " (a seeded sample, predict.calibration_scenes)" if len(sample) < len(val) else ""
+    log.info("calibration: grid search over %d thresholds x %d seed thresholds x %d minimum areas on %d of %d "
+             "validation scenes%s", len(thresholds), len(seeds), len(areas), len(sample), len(val), how)
     func = partial(calibrate_source, settings=settings, out_dir=str(paths.predict / "val"),
                    thresholds=thresholds, seed_thresholds=seeds, min_areas=areas,
                    iou_threshold=cfg.evaluate.iou_threshold, overwrite=overwrite, model=model)
     parts = []
-    for source, result, err in map_scenes(cfg.cluster, func, val, desc="calibrate"):
+    for source, result, err in map_scenes(cfg.cluster, func, sample, desc="calibrate"):
         if err is not None:
             _log_scene_error(source, err)
         else:
@@ -305,8 +329,8 @@ def resolve_calibration(
         raise StageError("calibration: no validation scene could be used (see the errors above); set "
                          "predict.threshold and predict.min_area_m2 to skip calibration")
     cal = choose_calibration(*sum_counts(parts))
-    cal.update(scenes=sorted(p["scene_id"] for p in parts), checkpoint=str(checkpoint or ""),
-               checkpoint_key=settings.fingerprint)
+    cal.update(scenes=sorted(p["scene_id"] for p in parts), validation_scenes=len(val),
+               checkpoint=str(checkpoint or ""), checkpoint_key=settings.fingerprint)
     cal = write_record(stage_path, key, **cal)
     if beside is not None:
         try:
@@ -315,8 +339,8 @@ def resolve_calibration(
             log.warning("calibration: cannot write %s (%s)", beside, err.strerror or err)
     b = cal["best"]
     log.info("calibration: threshold %.2f, seed threshold %s, min area %.1f m2 -> polygon F1 %.3f, pixel F1 "
-             "%.3f on %d val scenes", cal["threshold"], cal["seed_threshold"], cal["min_area_m2"],
-             b["polygon_f1"], b["pixel_f1"], len(parts))
+             "%.3f on %d of %d validation scenes%s", cal["threshold"], cal["seed_threshold"], cal["min_area_m2"],
+             b["polygon_f1"], b["pixel_f1"], len(parts), len(val), how)
     for key, values in cal["at_grid_edge"].items():
         log.warning("calibration: %s %s is at the edge of predict.%s %s: a wider grid may fit the validation "
                     "scenes better", key, cal[key], GRID_KEYS[key], values)
