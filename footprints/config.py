@@ -44,6 +44,9 @@ class DataConfig:
     bands: list[int] = field(default_factory=lambda: [1, 2, 3])
     stretch_percentiles: list[float] = field(default_factory=lambda: [2.0, 98.0])
     nodata: float | None = None  # overrides the raster's declared nodata value
+    # the layer of a multi-layer vector label file (e.g. a GeoPackage) that holds the buildings; None = the
+    # file's only layer (footprints.labels says what it does with a file of several)
+    label_layer: str | None = None
 
 
 @dataclass
@@ -228,11 +231,14 @@ class Config:
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     source: str = field(default="<defaults>", metadata={"internal": True})
+    # the YAML file this config was loaded from (None: the built-in defaults, with or without --set)
+    config_file: str | None = field(default=None, metadata={"internal": True})
 
     def to_dict(self) -> dict[str, Any]:
         """Plain dict (YAML/JSON/torch-checkpoint safe) of every key, without internal fields."""
         out = dataclasses.asdict(self)
         out.pop("source", None)
+        out.pop("config_file", None)
         return out
 
 
@@ -465,6 +471,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     where = source if not overrides else f"{source} (with --set overrides)"
     cfg = _build(Config, raw, "", where)
     cfg.source = where
+    cfg.config_file = None if path is None else str(path)
     _check(cfg)
     return cfg
 
