@@ -56,10 +56,25 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("synth", help="generate synthetic xView2-layout scenes (and a GeoTIFF variant)")
     _common(p)
     p.add_argument("--out", required=True, help="output folder (gets images/, labels/ and geotiff/)")
-    p.add_argument("--scenes", type=int, default=8, help="number of scenes (default 8)")
+    p.add_argument("--scenes", type=int, default=None, help="number of scenes (default 8)")
     p.add_argument("--seed", type=int, default=0, help="random seed; the same seed gives the same scenes")
     p.add_argument("--size", type=int, default=1024, help="scene width and height in pixels (default 1024)")
     p.add_argument("--no-geotiff", dest="geotiff", action="store_false", help="skip the GeoTIFF+GeoJSON variant")
+
+    def subset_counts(text: str) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for item in text.split(","):
+            name, _, count = item.strip().partition("=")
+            safe = all(c.isascii() and (c.isalnum() or c in "-_") for c in name) and name != "geotiff"
+            if not name or not safe or name in out or not count.strip().isdigit():
+                raise argparse.ArgumentTypeError(f"expected SUBSET=COUNT,... (e.g. train=4,tier3=2,hold=2,"
+                                                 f"test=2; folder names of letters, digits, - and _), got {text!r}")
+            out[name] = int(count)
+        return out
+
+    p.add_argument("--subsets", type=subset_counts, metavar="SUBSET=N,...",
+                   help="the official xView2 layout <out>/<subset>/{images,labels} with N scenes per subset "
+                   "(ids unique across subsets), e.g. train=4,tier3=2,hold=2,test=2; instead of --scenes")
 
     for stage in STAGES:
         helptext = _STAGE_HELP[stage]
@@ -106,6 +121,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bench", help="run one benchmark; the last output line is a JSON object")
     _common(p)
     p.add_argument("name", choices=list(BENCHMARKS), help="which benchmark")
+    p.add_argument("--classifier-gb", dest="classifier_gb", type=float, metavar="G",
+                   help="scale: instead of the stage sizes, train-classifier on G GB of synthetic feature shards")
     return parser
 
 
@@ -159,8 +176,12 @@ def _dispatch(args: argparse.Namespace, stage_options: dict[str, Any]) -> dict[s
     if args.command == "synth":
         from .synth import write_synthetic_dataset
 
-        return write_synthetic_dataset(args.out, n_scenes=args.scenes, seed=args.seed, size=args.size,
-                                       geotiff=args.geotiff)
+        if args.subsets is not None and args.scenes is not None:
+            raise ConfigError("synth: give --scenes or --subsets, not both (--subsets sets the scene count)")
+        n_scenes = (sum(args.subsets.values()) if args.subsets is not None
+                    else args.scenes if args.scenes is not None else 8)
+        return write_synthetic_dataset(args.out, n_scenes=n_scenes, seed=args.seed, size=args.size,
+                                       geotiff=args.geotiff, subsets=args.subsets)
     cfg = load_config(args.config, args.overrides)
     if args.command == "all":
         return run_all(cfg, overwrite=args.overwrite, load_saved_model=args.load_saved_model)
@@ -173,7 +194,8 @@ def _dispatch(args: argparse.Namespace, stage_options: dict[str, Any]) -> dict[s
     if args.command == "bench":
         from .benchmarks import run_benchmark
 
-        result = run_benchmark(args.name, cfg)
+        options = {"classifier_gb": args.classifier_gb} if args.classifier_gb is not None else {}
+        result = run_benchmark(args.name, cfg, **options)
         print(json.dumps(result), flush=True)  # the last line: one JSON object for scripts
         return None
     opts: dict[str, Any] = {"overwrite": args.overwrite}
@@ -194,11 +216,11 @@ def main(argv: list[str] | None = None, **stage_options: Any) -> int:
         log.warning("%s", err)
         return Preempted.exit_code
     except (FootprintsError, ConfigError) as err:
-        print(f"footprints: error: {err}", file=sys.stderr)
+        print(f"footprints: error: {_one_line(err)}", file=sys.stderr)
         return 2
     except OSError as err:  # a folder that cannot be written, a full disk
         log.debug("I/O failure", exc_info=True)
-        print(f"footprints: error: {describe_failure(err)}", file=sys.stderr)
+        print(f"footprints: error: {_one_line(describe_failure(err))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("footprints: interrupted", file=sys.stderr)
@@ -206,9 +228,16 @@ def main(argv: list[str] | None = None, **stage_options: Any) -> int:
     except Exception as err:  # a bug: one line here, the traceback in the debug log
         log.debug("unexpected failure", exc_info=True)
         where = f"traceback in {debug_log}" if debug_log else "run with -v for the traceback in " + str(DEBUG_LOG)
-        print(f"footprints: error: internal error {type(err).__name__}: {err} ({where})", file=sys.stderr)
+        print(f"footprints: error: internal error {type(err).__name__}: {_one_line(err)[:500]} ({where})",
+              file=sys.stderr)
         return 1
     return 0
+
+
+def _one_line(message: object) -> str:
+    """A message on one line whatever it quotes (a file name may hold a line break or a control character)."""
+    text = str(message)
+    return "".join(c if c.isprintable() or c == " " else repr(c)[1:-1] for c in text)
 
 
 def exit_process(code: int) -> None:
@@ -231,6 +260,9 @@ def _one_of_several_ranks() -> bool:
 
 def entry() -> None:
     """The installed `footprints` script."""
+    from .heap import bound_heap_growth
+
+    bound_heap_growth()
     exit_process(main())
 
 

@@ -20,6 +20,7 @@ BENCHMARKS: dict[str, str] = {
     "predict": "footprints.benchmarks.predict:bench_predict",
     "loader": "footprints.benchmarks.loader:bench_loader",
     "features": "footprints.benchmarks.features:bench_features",
+    "scale": "footprints.benchmarks.scale:bench_scale",
 }
 
 
@@ -31,12 +32,15 @@ def sync(device: Any) -> None:
         torch.cuda.synchronize(device)
 
 
-def run_benchmark(name: str, cfg: Any) -> dict[str, Any]:
-    """Run benchmark `name`; returns the dict the CLI prints as the last line of output."""
+def run_benchmark(name: str, cfg: Any, **options: Any) -> dict[str, Any]:
+    """Run benchmark `name` (with its own `options`, e.g. `classifier_gb` of `scale`); returns the dict the CLI
+    prints as the last line of output."""
     if name not in BENCHMARKS:
         raise FootprintsError(f"bench: unknown benchmark {name!r} (known: {', '.join(BENCHMARKS)})")
     module, func = BENCHMARKS[name].split(":")
-    result = getattr(importlib.import_module(module), func)(cfg)
+    if options and name != "scale":
+        raise FootprintsError(f"bench {name}: takes no option {', '.join(sorted(options))} (only bench scale does)")
+    result = getattr(importlib.import_module(module), func)(cfg, **options)
     return {"bench": name, **{k: v for k, v in result.items() if k != "bench"}}
 
 

@@ -35,7 +35,7 @@ from ..blocks import prefetched
 from ..config import Config
 from ..contracts import features_store
 from ..contracts.freshness import digest, is_fresh, read_record, unmark, write_record
-from ..contracts.manifest import SPLITS, read_manifest
+from ..contracts.manifest import PATCH_COLUMNS, SPLITS, read_manifest
 from ..contracts.patches import PatchStore
 from ..contracts.paths import RunPaths
 from ..device import resolve_device
@@ -224,7 +224,7 @@ def run(cfg: Config, overwrite: bool = False) -> dict[str, Any]:
     """The `features` stage: outputs/<name>/tile/ -> outputs/<name>/features/; returns meta.json's content."""
     paths = RunPaths.of(cfg)
     tile_dir, out_dir = paths.tile, paths.features
-    manifest = read_manifest(tile_dir)
+    manifest = read_manifest(tile_dir, PATCH_COLUMNS)
     layers = resolve_layers(cfg.backbone.layers)
     channels = hypercolumn_channels(layers)
     # the classes the tile stage labelled the patches with (a run tiled before K classes: the two of old)
@@ -234,14 +234,22 @@ def run(cfg: Config, overwrite: bool = False) -> dict[str, Any]:
     shard_size = max(1, cfg.features.shard_patches)
     scene_keys = _scene_keys(paths, manifest)
 
-    # the shard plan: each split's patches in manifest order, cut every shard_patches
-    plan: list[tuple[str, str, list[dict[str, Any]], str]] = []  # (split, file, rows, fingerprint)
-    for split in FEATURE_SPLITS:
-        rows = manifest[manifest["split"] == split].to_dict("records")
+    # the shard plan: each split's patches in manifest order, cut every shard_patches; a shard's rows are
+    # made into records only when it is computed (xView2's whole manifest as dicts would be ~0.5 GB)
+    frames = {split: manifest[manifest["split"] == split].reset_index(drop=True) for split in FEATURE_SPLITS}
+    del manifest
+
+    def shard_rows(split: str, start: int) -> list[dict[str, Any]]:
+        return frames[split].iloc[start : start + shard_size].to_dict("records")
+
+    def shard_len(split: str, start: int) -> int:
+        return min(shard_size, len(frames[split]) - start)
+
+    plan: list[tuple[str, str, int, str]] = []  # (split, file, first row, fingerprint)
+    for split, rows in frames.items():
         for index, start in enumerate(range(0, len(rows), shard_size)):
-            part = rows[start : start + shard_size]
-            fp = _shard_fingerprint(settings, part, scene_keys)
-            plan.append((split, features_store.shard_name(split, index), part, fp))
+            fp = _shard_fingerprint(settings, shard_rows(split, start), scene_keys)
+            plan.append((split, features_store.shard_name(split, index), start, fp))
     if not any(split == "train" for split, *_ in plan):
         raise StageError(f"{paths.manifest}: no patch in the train split; nothing to train on")
     run_key = digest({"settings": settings, "shards": [p[3] for p in plan]})
@@ -259,12 +267,12 @@ def run(cfg: Config, overwrite: bool = False) -> dict[str, Any]:
 
     headers: dict[str, dict[str, Any]] = {}
     todo = []
-    for split, name, rows, fp in plan:
+    for split, name, start, fp in plan:
         head = features_store.read_shard_header(out_dir / name)
         if head is not None and head["fingerprint"] == fp:
             headers[name] = head
         else:
-            todo.append((split, name, rows, fp))
+            todo.append((split, name, start, fp))
     if headers:
         log.info("features: resuming; %d of %d shards already done", len(headers), len(plan))
 
@@ -281,10 +289,11 @@ def run(cfg: Config, overwrite: bool = False) -> dict[str, Any]:
             "features: %d layers (%d channels), %d per class per patch, device %s, %d shard(s) to do",
             len(layers), channels, cfg.features.per_class, device, len(todo),
         )
-        with tqdm(total=sum(len(t[2]) for t in todo), desc="features", unit="patch") as bar:
-            for _split, name, rows, fp in todo:
-                headers[name] = _process_shard(rows, tile_dir, model, layers, cfg, device, fp, out_dir / name, bar,
-                                               k)
+        with tqdm(total=sum(shard_len(split, start) for split, _, start, _ in todo), desc="features",
+                  unit="patch") as bar:
+            for split, name, start, fp in todo:
+                headers[name] = _process_shard(shard_rows(split, start), tile_dir, model, layers, cfg, device, fp,
+                                               out_dir / name, bar, k)
     elapsed = time.perf_counter() - t0
 
     stats = RunningStats(channels)
@@ -292,10 +301,10 @@ def run(cfg: Config, overwrite: bool = False) -> dict[str, Any]:
     samples = {s: 0 for s in SPLITS}
     patches = {s: 0 for s in SPLITS}
     shards: dict[str, list[str]] = {s: [] for s in SPLITS}
-    for split, name, rows, _ in plan:
+    for split, name, start, _ in plan:
         head = headers[name]
         samples[split] += head["n"]
-        patches[split] += len(rows)
+        patches[split] += shard_len(split, start)
         shards[split].append(name)
         if split == "train":
             stats.merge(head["stat_n"], head["stat_mean"], head["stat_m2"])

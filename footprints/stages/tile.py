@@ -384,23 +384,22 @@ def run(cfg: Config, overwrite: bool = False) -> dict[str, Any]:
         saved = read_record(paths.tile_summary) or {}
         return {**saved, "scenes_tiled_now": tiled, "scenes_already_done": resumed, "up_to_date": True}
     unmark(paths.tile_summary)
-    manifest = assemble_manifest(tile_dir, [s.scene_id for s in usable], splits)
-    summary = _summary(cfg, sources, usable, skipped, manifest, tiled, resumed, time.perf_counter() - t0)
+    totals = assemble_manifest(tile_dir, [s.scene_id for s in usable], splits)
+    summary = _summary(cfg, sources, usable, skipped, totals, tiled, resumed, time.perf_counter() - t0)
     summary = write_record(paths.tile_summary, key, [paths.manifest], **summary)
     _log_summary(summary)
     return summary
 
 
 def _summary(cfg: Config, sources: list[SceneSource], usable: list[SceneSource], skipped: list[dict[str, str]],
-             rows: list[dict[str, Any]], tiled: int, resumed: int, seconds: float) -> dict[str, Any]:
+             totals: dict[str, dict[str, int]], tiled: int, resumed: int, seconds: float) -> dict[str, Any]:
     per_split: dict[str, dict[str, Any]] = {}
     for split in SPLITS:
-        sel = [r for r in rows if r["split"] == split]
-        b = sum(int(r["building_px"]) for r in sel)
-        g = sum(int(r["background_px"]) for r in sel)
+        t = totals.get(split, {})
+        b, g = t.get("building_px", 0), t.get("background_px", 0)
         per_split[split] = {
-            "scenes": len({r["scene_id"] for r in sel}),
-            "patches": len(sel),
+            "scenes": t.get("scenes", 0),
+            "patches": t.get("patches", 0),
             "building_px": b,
             "background_px": g,
             "building_frac": b / (b + g) if b + g else 0.0,
@@ -414,7 +413,7 @@ def _summary(cfg: Config, sources: list[SceneSource], usable: list[SceneSource],
         "scenes_already_done": resumed,
         "scenes_skipped": len(skipped),
         "skipped": skipped,
-        "patches": len(rows),
+        "patches": sum(v["patches"] for v in per_split.values()),
         "splits": per_split,
         "size": cfg.tile.size,
         "stride": cfg.tile.stride,

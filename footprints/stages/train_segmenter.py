@@ -58,7 +58,7 @@ from ..contracts.checkpoints import (
     save_checkpoint,
 )
 from ..contracts.freshness import file_digest
-from ..contracts.manifest import class_pixels, read_manifest
+from ..contracts.manifest import PATCH_COLUMNS, class_pixels, read_manifest
 from ..contracts.patches import IGNORE
 from ..contracts.paths import RunPaths
 from ..device import resolve_device
@@ -176,7 +176,7 @@ class _Trainer:
     def setup(self, overwrite: bool, load_saved_model: bool) -> dict[str, Any] | None:
         """Load data, build or restore the model; returns a summary when there is nothing to do."""
         tile_dir = self.paths.tile
-        manifest = read_manifest(tile_dir)
+        manifest = read_manifest(tile_dir, PATCH_COLUMNS)
         if "labelled" in manifest:
             manifest = manifest[manifest["labelled"]]  # scenes without labels (xView2 test PNGs) teach nothing
         train_rows = manifest[manifest["split"] == "train"]

@@ -1,0 +1,38 @@
+"""Peak memory that does not creep up with the number of steps or scenes a process works through.
+
+glibc's malloc serves large blocks from its heap once it has seen a few of them freed (its mmap threshold
+rises dynamically up to 32 MB), and a heap fragmented by tensors of varying sizes grows its high-water mark
+step after step: train-segmenter's peak resident memory rose from 801 MB over 4 training steps to 1,042 MB
+over 12 on the same run (2-core CPU). A fixed threshold keeps blocks of 1 MB and more as their own memory
+maps, returned to the system when freed: the same run peaked at 757 and 795 MB.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import os
+import sys
+
+MMAP_THRESHOLD = 1 << 20  # bytes: blocks this large or larger get their own mapping
+_M_MMAP_THRESHOLD = -3  # mallopt's parameter number (malloc.h)
+
+
+def bound_heap_growth() -> bool:
+    """Fix glibc's mmap threshold in this process (mallopt) and in the processes it starts (the
+    `MALLOC_MMAP_THRESHOLD_` environment variable: dask workers, data-loader workers, srun tasks). A user's
+    own setting of that variable wins. Returns whether this process's allocator took it (False off glibc)."""
+    if not sys.platform.startswith("linux"):
+        return False
+    os.environ.setdefault("MALLOC_MMAP_THRESHOLD_", str(MMAP_THRESHOLD))
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):  # musl and others: no mallopt
+        return False
+    try:
+        threshold = int(os.environ["MALLOC_MMAP_THRESHOLD_"])
+    except ValueError:  # the user's own unparsable setting: glibc ignores it, and so do we
+        return False
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    return bool(mallopt(_M_MMAP_THRESHOLD, threshold))
