@@ -104,3 +104,22 @@ def test_classifier_streams_through_its_buffer_and_the_same_seed_gives_the_same_
     run_stage("train-classifier", cfg, overwrite=True)
     again = torch.load(RunPaths.of(cfg).classifier_checkpoint, weights_only=True)["model"]
     assert all(torch.equal(first[k], again[k]) for k in first)
+
+
+def test_scale_benchmark_summary_takes_the_worst_stage():
+    from footprints.benchmarks.scale import SIZES, _subsets, _summarise
+
+    assert all(sum(_subsets(n).values()) == n and _subsets(n)["hold"] >= 1 for n in SIZES)
+
+    def fig(seconds: float, rss: float, n: int) -> dict:
+        return {"seconds": seconds, "seconds_per_scene": seconds / n, "peak_rss_mb": rss}
+
+    a, b, c = (str(n) for n in SIZES)
+    out = _summarise({
+        "tile": {a: fig(8, 200, SIZES[0]), b: fig(20, 210, SIZES[1]), c: fig(68, 220, SIZES[2])},
+        "predict": {a: fig(8, 500, SIZES[0]), b: fig(32, 600, SIZES[1]), c: fig(256, 750, SIZES[2])},
+        "report": {a: fig(1, 100, SIZES[0])},  # a stage that did not reach every size is left out
+    })
+    assert out["rss_growth"] == 1.5 and out["rss_growth_by_stage"] == {"tile": 1.1, "predict": 1.5}
+    assert out["time_per_scene_growth"] == 2.0  # predict: 4 s per scene at the largest size, 2 at the smallest
+    assert out["marginal_seconds_per_scene"]["tile"] == [1.0, 1.0]

@@ -2,7 +2,7 @@
 
 The whole pipeline runs on synthetic scenes in the official xView2 layout (`train`, `hold`, `test` subset
 folders, mapped to the train/val/test splits as `configs/xview2.yaml` does) at three sizes, N, 4N and 16N
-scenes (`SIZES`). Each stage runs as its own process (`footprints <stage> --config ...`), so that its peak
+scenes (`SIZES`) of 256 px, one patch each. Each stage runs as its own process (`footprints <stage> --config ...`), so that its peak
 resident memory is its own: the largest of the process and of the dask workers it started (the kernel's
 `ru_maxrss` of the stage process as reaped, which covers its reaped children), never a sum. Per stage and
 size: wall time per scene, peak resident memory, and the bytes and files the stage wrote per scene. This
@@ -42,7 +42,7 @@ log = logging.getLogger(__name__)
 
 BASE_SCENES = 4  # N: the sizes are N, 4N and 16N scenes
 SIZES = (BASE_SCENES, 4 * BASE_SCENES, 16 * BASE_SCENES)
-SCENE_PX = 512  # 4 patches of 256 px per scene
+SCENE_PX = 256  # one patch of 256 px per scene: xView2's 1024 px scenes are 16 (scale per patch)
 BENCH_LAYERS = ["input", "conv1_2", "conv2_2", "conv3_3"]  # the backbone up to its third block
 STAGES = ("tile", "features", "train-classifier", "train-segmenter", "predict", "evaluate", "report")
 
@@ -64,7 +64,8 @@ def _bench_config(cfg: Config, root: Path, data: Path, n: int) -> dict[str, Any]
     d["tile"].update(size=256, stride=256, split_mode="subset", val_band=0.0, target_gsd=None,
                      subset_splits={"train": "train", "hold": "val", "test": "test"})
     d["backbone"].update(weights="random", layers=BENCH_LAYERS)
-    d["features"].update(per_class=16, device="cpu")
+    # a shard is what the features stage holds in memory: 2 patches, so that the smallest size fills one
+    d["features"].update(per_class=16, device="cpu", shard_patches=2)
     d["classifier"].update(epochs=1, hidden=64, baseline=False, device="cpu")
     d["segmenter"].update(epochs=1, batch_size=4, num_workers=0, overlays=1, device="cpu", checkpoint_every=0,
                           max_steps_per_epoch=0, amp=False, compile=False)
