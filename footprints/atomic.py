@@ -60,20 +60,23 @@ def _json_default(obj: Any) -> Any:
 
 def is_temporary(path: Path) -> bool:
     """A temporary file of `atomic_path` (or of a writer that uses its naming): `.<name>.<...>.part...` or
-    `.<name>.<...>.tmp`."""
+    `.<name>.<...>.tmp`; never a lock file (`*.lock`, see footprints.lock)."""
     name = path.name
-    return name.startswith(".") and (".part" in name or name.endswith(".tmp"))
+    return name.startswith(".") and (".part" in name or name.endswith(".tmp")) and not name.endswith(".lock")
 
 
 def remove_stale_temporaries(folder: str | Path) -> int:
-    """Delete the temporary files a killed process left under `folder` (call it when no writer runs);
-    returns how many."""
+    """Delete the temporary files a killed process left under `folder`; returns how many.
+
+    Call it only while holding the folder's lock (`footprints.lock.hold`): then no live run writes there,
+    and a live run's temporary file is never taken for a killed run's. Symbolic links are removed as links,
+    never followed."""
     import shutil
 
     removed = 0
     for path in sorted(Path(folder).rglob(".*")) if Path(folder).is_dir() else []:
-        if is_temporary(path) and path.exists():
-            if path.is_dir():
+        if is_temporary(path) and (path.exists() or path.is_symlink()):
+            if path.is_dir() and not path.is_symlink():
                 shutil.rmtree(path, ignore_errors=True)
             else:
                 path.unlink(missing_ok=True)

@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
+import reprlib
+import stat
 import types
 import typing
 from dataclasses import dataclass, field
@@ -250,6 +253,20 @@ def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
 
+def _show(value: Any, limit: int = 60) -> str:
+    """`repr(value)` for a one-line message: at most `limit` characters (a hostile value may be huge, or an
+    integer too long for Python to print)."""
+    try:
+        text = repr(value) if not isinstance(value, (list, dict)) else reprlib.repr(value)
+    except (ValueError, RecursionError):
+        text = f"<{type(value).__name__}>"
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+INT64_MAX = 2**63 - 1  # numpy's and torch's integers: no integer key may exceed it
+SEED_MAX = 2**32 - 1  # scikit-learn (random_state) and numpy's legacy RandomState take 32-bit seeds
+
+
 def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
     """Check `value` against the annotation `tp`; return it (ints widened to float where asked)."""
     origin = typing.get_origin(tp)
@@ -271,15 +288,15 @@ def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
     if origin is Literal:
         if value not in args:
             allowed = ", ".join(repr(a) for a in args)
-            raise ConfigError(f"{source}: {key}: expected one of {allowed}, got {value!r}")
+            raise ConfigError(f"{source}: {key}: expected one of {allowed}, got {_show(value)}")
         return value
     if origin is list:
         if not isinstance(value, list):
-            raise ConfigError(f"{source}: {key}: expected a list, got {type(value).__name__} {value!r}")
+            raise ConfigError(f"{source}: {key}: expected a list, got {type(value).__name__} {_show(value)}")
         return [_coerce(v, args[0], f"{key}[{i}]", source) for i, v in enumerate(value)]
     if origin is dict:
         if not isinstance(value, dict):
-            raise ConfigError(f"{source}: {key}: expected a mapping, got {type(value).__name__} {value!r}")
+            raise ConfigError(f"{source}: {key}: expected a mapping, got {type(value).__name__} {_show(value)}")
         return {
             _coerce(k, args[0], key, source): _coerce(v, args[1], f"{key}.{k}", source) for k, v in value.items()
         }
@@ -287,21 +304,42 @@ def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
         return _build(tp, value, key, source)
     if tp is bool:
         if not isinstance(value, bool):
-            raise ConfigError(f"{source}: {key}: expected true or false, got {value!r}")
+            raise ConfigError(f"{source}: {key}: expected true or false, got {_show(value)}")
         return value
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{source}: {key}: expected an integer, got {value!r}")
+            raise ConfigError(f"{source}: {key}: expected an integer, got {_show(value)}")
         return value
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{source}: {key}: expected a number, got {value!r}")
-        return float(value)
+            raise ConfigError(f"{source}: {key}: expected a number, got {_show(value)}")
+        try:
+            return float(value)
+        except OverflowError:  # an integer beyond any float: refused with the ranges (load_config)
+            return math.inf
     if tp is str:
         if not isinstance(value, str):
-            raise ConfigError(f"{source}: {key}: expected a string, got {value!r}")
+            hint = " (write it in quotes to mean the text)" if isinstance(value, (bool, int, float)) else ""
+            raise ConfigError(f"{source}: {key}: expected a string, got {_show(value)}{hint}")
+        if "\x00" in value:
+            raise ConfigError(f"{source}: {key}: must not contain a NUL byte, got {_show(value)}")
         return value
     raise ConfigError(f"{source}: {key}: unsupported type {_type_name(tp)}")  # pragma: no cover
+
+
+def _unknown_key_hint(key: Any, fields: dict[str, Any]) -> str:
+    """What an unknown key probably meant: a look-alike non-ASCII letter, a near spelling."""
+    import difflib
+    import unicodedata
+
+    text = str(key) if isinstance(key, str) else ""
+    odd = next((c for c in text if not c.isascii() or not c.isprintable()), None)
+    near = difflib.get_close_matches(text, list(fields), n=1)
+    hint = f"; did you mean '{near[0]}'?" if near else ""
+    if odd is not None:
+        name = unicodedata.name(odd, "a control character")
+        hint += f" (it contains U+{ord(odd):04X} {name}, which is not an ASCII letter)"
+    return hint
 
 
 def _build(cls: type, values: Any, prefix: str, source: str) -> Any:
@@ -309,14 +347,14 @@ def _build(cls: type, values: Any, prefix: str, source: str) -> Any:
         values = {}
     if not isinstance(values, dict):
         where = prefix or "top level"
-        raise ConfigError(f"{source}: {where}: expected a mapping, got {type(values).__name__} {values!r}")
+        raise ConfigError(f"{source}: {where}: expected a mapping, got {type(values).__name__} {_show(values)}")
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if not f.metadata.get("internal")}
     kwargs = {}
     for key, value in values.items():
         dotted = f"{prefix}.{key}" if prefix else str(key)
         if key not in fields:
-            raise ConfigError(f"{source}: unknown key '{dotted}'")
+            raise ConfigError(f"{source}: unknown key {_show(dotted, 80)}{_unknown_key_hint(key, fields)}")
         kwargs[key] = _coerce(value, hints[key], dotted, source)
     return cls(**kwargs)
 
@@ -325,7 +363,7 @@ def _build(cls: type, values: Any, prefix: str, source: str) -> Any:
 # inclusive; `OPEN` marks an exclusive bound. tests/test_config.py checks that no numeric key is missing.
 OPEN = 1e-12
 RANGES: dict[str, tuple[float | None, float | None]] = {
-    "version": (1, CONFIG_VERSION), "seed": (0, None),
+    "version": (1, CONFIG_VERSION), "seed": (0, SEED_MAX),
     "data.mask_threshold": (1, None), "data.max_residual_px": (OPEN, None), "data.bands": (1, None),
     "data.stretch_percentiles": (0, 100), "data.nodata": (None, None),
     "tile.size": (16, 8192), "tile.stride": (1, None), "tile.target_gsd": (OPEN, None), "tile.folds": (2, 100),
@@ -362,25 +400,53 @@ def _get(cfg: Config, dotted: str) -> Any:
     return node
 
 
+def _bound(x: float) -> str:
+    return str(x) if isinstance(x, int) else f"{x:g}"
+
+
 def _check_ranges(cfg: Config) -> None:
+    """Every numeric key within its RANGES entry: finite, and integers within 64 bits (what numpy and torch
+    hold). Only for configs being loaded (a checkpoint's stored config is rebuilt as it was)."""
     for key, (lo, hi) in RANGES.items():
         value = _get(cfg, key)
         for v in value if isinstance(value, list) else [value]:
             if v is None:
                 continue
+            if isinstance(v, float) and not math.isfinite(v):
+                raise ConfigError(f"{cfg.source}: {key}: expected a finite number, got {_show(value)}")
             low_ok = lo is None or (v > 0 if lo == OPEN else v >= lo)
-            if not low_ok or (hi is not None and v > hi) or (isinstance(v, float) and math.isnan(v)):
-                low = "-inf" if lo is None else ("0 (exclusive)" if lo == OPEN else f"{lo:g}")
-                high = "inf" if hi is None else f"{hi:g}"
-                raise ConfigError(f"{cfg.source}: {key}: must be in [{low}, {high}], got {value!r}")
+            if not low_ok or (hi is not None and v > hi):
+                low = "-inf" if lo is None else ("0 (exclusive)" if lo == OPEN else _bound(lo))
+                high = "inf" if hi is None else _bound(hi)
+                raise ConfigError(f"{cfg.source}: {key}: must be in [{low}, {high}], got {_show(value)}")
+            if isinstance(v, int) and not -INT64_MAX - 1 <= v <= INT64_MAX:
+                raise ConfigError(f"{cfg.source}: {key}: must fit in 64 bits (at most {INT64_MAX}), got {_show(value)}")
+
+
+NAME_MAX = 100  # characters of a run name (a folder name, with room for `-fold<k>` and the stage names)
+
+
+def _check_paths(cfg: Config) -> None:
+    """`name` is one plain folder name, so that every path derived from it stays inside `output_root`."""
+    src = cfg.source
+    name = cfg.name
+    plain = all(c.isascii() and (c.isalnum() or c in "-_.") for c in name)
+    if not plain or not name or name.startswith(".") or len(name) > NAME_MAX:
+        raise ConfigError(f"{src}: name: must be a plain folder name (ASCII letters, digits, '-', '_', '.'; no "
+                          f"leading '.'; at most {NAME_MAX} characters), got {_show(name)}")
+    root = cfg.output_root
+    if not root.strip() or any(not c.isprintable() for c in root):
+        raise ConfigError(f"{src}: output_root: must be a folder path without control characters, got {_show(root)}")
+    if root.startswith("~"):
+        raise ConfigError(f"{src}: output_root: '~' is not expanded here (it would make a folder named '~'); "
+                          f"write the full path, got {_show(root)}")
 
 
 def _check(cfg: Config) -> None:
     """Value ranges, then cross-field checks that types alone cannot express."""
     _check_ranges(cfg)
     src = cfg.source
-    if not cfg.name or "/" in cfg.name:
-        raise ConfigError(f"{src}: name: must be a non-empty name without '/', got {cfg.name!r}")
+    _check_paths(cfg)
     if cfg.tile.size <= 0:
         raise ConfigError(f"{src}: tile.size: must be positive, got {cfg.tile.size}")
     if not 0 < cfg.tile.stride <= cfg.tile.size:
@@ -432,32 +498,146 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
+# what a config may hold: far more than any real config, far less than a hostile one can make YAML build
+MAX_CONFIG_BYTES = 1 << 20  # 1 MiB of text
+MAX_YAML_DEPTH = 32  # nesting of mappings and lists (a real config nests 4 deep)
+MAX_YAML_NODES = 100_000  # values after expanding aliases (a "billion laughs" file expands to 10**9)
+
+
+def _yaml_shape_problem(root: yaml.Node) -> str | None:
+    """Why a composed YAML document is refused (recursive or exploding aliases, deep nesting), or None.
+
+    Aliases share nodes, so the expanded size is counted once per node (memoised); a node met again on its
+    own path is a recursive alias."""
+    sizes: dict[int, int] = {}
+    on_path: set[int] = set()
+
+    def visit(node: yaml.Node, depth: int) -> int:
+        if depth > MAX_YAML_DEPTH:
+            raise _Refused(f"nested more than {MAX_YAML_DEPTH} levels deep")
+        key = id(node)
+        if key in on_path:
+            raise _Refused("an alias refers to itself (recursive structure)")
+        if key in sizes:
+            return sizes[key]
+        total = 1
+        if isinstance(node, (yaml.SequenceNode, yaml.MappingNode)):
+            on_path.add(key)
+            children = node.value if isinstance(node, yaml.SequenceNode) else [n for pair in node.value for n in pair]
+            for child in children:
+                total += visit(child, depth + 1)
+                if total > MAX_YAML_NODES:
+                    raise _Refused(f"holds more than {MAX_YAML_NODES} values once its aliases are expanded "
+                                   "(an alias bomb?)")
+            on_path.discard(key)
+        sizes[key] = total
+        return total
+
+    try:
+        visit(root, 0)
+    except _Refused as why:
+        return str(why)
+    return None
+
+
+class _Refused(ValueError):
+    pass
+
+
+def _safe_yaml(text: str, source: str) -> Any:
+    """Parse one YAML document with the safe loader, refusing duplicate keys, alias bombs, recursive
+    aliases and deep nesting before any Python object is built; every failure is a one-line ConfigError."""
+    loader: _UniqueKeyLoader | None = None
+    try:
+        loader = _UniqueKeyLoader(text)
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        problem = _yaml_shape_problem(node)
+        if problem is not None:
+            raise ConfigError(f"{source}: YAML {problem}")
+        return loader.construct_document(node)
+    except _DuplicateKey as err:
+        raise ConfigError(f"{source}: {err}") from None
+    except yaml.reader.ReaderError as err:  # a control character, a NUL byte
+        raise ConfigError(f"{source}: invalid YAML (character #x{err.character:04x} at offset {err.position}: "
+                          f"{err.reason})") from None
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        problem = getattr(err, "problem", None) or getattr(err, "context", None)
+        why = f" ({' '.join(str(problem).split())[:120]})" if problem else ""
+        raise ConfigError(f"{source}: invalid YAML{where}{why}") from None
+    except RecursionError:
+        raise ConfigError(f"{source}: YAML nested more than {MAX_YAML_DEPTH} levels deep") from None
+    except ConfigError:
+        raise
+    except ValueError as err:  # e.g. an integer of more than 4300 digits (Python refuses to read it)
+        why = "a number of more than 4300 digits" if "digits" in str(err) else " ".join(str(err).split())[:120]
+        raise ConfigError(f"{source}: invalid YAML value ({why})") from None
+    finally:
+        if loader is not None:
+            loader.dispose()
+
+
+def _read_config_text(path: str | Path, source: str) -> str:
+    """The text of a config file: a regular file (not a folder, FIFO or device, which could block or never
+    end) of at most MAX_CONFIG_BYTES, in UTF-8 (or UTF-16 with its byte-order mark)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOCTTY", 0) | getattr(os, "O_CLOEXEC", 0))
+    except OSError as err:
+        raise ConfigError(f"{source}: cannot read config ({err.strerror or err})") from None
+    except ValueError as err:  # a NUL byte in the path
+        raise ConfigError(f"{source}: cannot read config ({err})") from None
+    try:
+        mode = os.fstat(fd).st_mode
+        if stat.S_ISDIR(mode):
+            raise ConfigError(f"{source}: is a folder, not a config file")
+        if not stat.S_ISREG(mode):
+            raise ConfigError(f"{source}: not a regular file (a FIFO, device or socket); give a YAML file")
+        with os.fdopen(fd, "rb", closefd=False) as fh:
+            data = fh.read(MAX_CONFIG_BYTES + 1)
+    except OSError as err:
+        raise ConfigError(f"{source}: cannot read config ({err.strerror or err})") from None
+    finally:
+        os.close(fd)
+    if len(data) > MAX_CONFIG_BYTES:
+        raise ConfigError(f"{source}: larger than {MAX_CONFIG_BYTES // 1024} KiB; a config file is a short YAML text")
+    if data.startswith((b"\xff\xfe", b"\xfe\xff")):
+        encoding = "utf-16"
+    else:
+        encoding = "utf-8"
+    try:
+        return data.decode(encoding)
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{source}: not {encoding.upper()} text (byte 0x{data[err.start]:02x} at offset "
+                          f"{err.start}); save it as UTF-8") from None
+
+
 def _parse_override(text: str) -> tuple[list[str], Any]:
+    """`section.key=value` -> (["section", "key"], value), the value parsed as YAML like a file's."""
     if "=" not in text:
-        raise ConfigError(f"--set {text}: expected section.key=value")
+        raise ConfigError(f"--set {_show(text, 200)}: expected section.key=value")
     key, raw = text.split("=", 1)
+    keys = key.strip().split(".")
+    if any(not k.strip() for k in keys):
+        raise ConfigError(f"--set {_show(text, 200)}: expected section.key=value, with no empty part in the key")
     # YAML parsing gives numbers, booleans, null and lists their natural types
-    value = yaml.safe_load(raw) if raw != "" else ""
-    return key.strip().split("."), value
+    value = _safe_yaml(raw, f"--set {_show(text, 200)}") if raw != "" else ""
+    return [k.strip() for k in keys], value
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """Load a YAML file (or the defaults when `path` is None) and apply `section.key=value` overrides."""
+    """Load a YAML file (or the defaults when `path` is None) and apply `section.key=value` overrides.
+
+    Every problem, however hostile the file (random bytes, another encoding, an alias bomb, a FIFO), is a
+    one-line ConfigError naming the file (or the --set) and the key."""
     source = str(path) if path is not None else "<defaults>"
+    if any(not c.isprintable() for c in source):  # a line break or a NUL byte in the path: quoted, escaped
+        source = repr(source)
     raw: dict[str, Any] = {}
     if path is not None:
-        try:
-            text = Path(path).read_text()
-        except OSError as err:
-            raise ConfigError(f"{source}: cannot read config ({err.strerror or err})") from None
-        try:
-            raw = yaml.load(text, Loader=_UniqueKeyLoader) or {}
-        except _DuplicateKey as err:
-            raise ConfigError(f"{source}: {err}") from None
-        except yaml.YAMLError as err:
-            mark = getattr(err, "problem_mark", None)
-            where = f" at line {mark.line + 1}" if mark is not None else ""
-            raise ConfigError(f"{source}: invalid YAML{where}") from None
+        raw = _safe_yaml(_read_config_text(path, source), source) or {}
         if not isinstance(raw, dict):
             raise ConfigError(f"{source}: top level: expected a mapping of sections")
     for text in overrides:
@@ -466,10 +646,13 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         for k in keys[:-1]:
             node = node.setdefault(k, {})
             if not isinstance(node, dict):
-                raise ConfigError(f"--set {text}: '{k}' is not a section")
+                raise ConfigError(f"--set {_show(text, 200)}: '{k}' is not a section")
         node[keys[-1]] = value
     where = source if not overrides else f"{source} (with --set overrides)"
-    cfg = _build(Config, raw, "", where)
+    try:
+        cfg = _build(Config, raw, "", where)
+    except RecursionError:  # pragma: no cover - _safe_yaml bounds the depth first
+        raise ConfigError(f"{where}: nested too deeply") from None
     cfg.source = where
     cfg.config_file = None if path is None else str(path)
     _check(cfg)
