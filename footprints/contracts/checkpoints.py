@@ -99,16 +99,21 @@ def save_checkpoint(path: str | Path, state: dict[str, Any],
 
 
 def load_checkpoint(path: str | Path, kind: str | None = None, map_location: str | torch.device = "cpu",
-                    mmap: bool = False) -> dict[str, Any]:
+                    mmap: bool = False, check_finite: bool = False) -> dict[str, Any]:
     """Load a checkpoint dict safely (`weights_only=True`) and check it holds what `kind` needs.
 
-    Every failure is an `InputError` naming the file: missing, truncated, foreign, code-carrying, or a
-    checkpoint of another kind (e.g. a classifier given where a segmenter is expected). `mmap` maps the
-    tensors lazily (reading `meta` of a large checkpoint without loading its weights).
+    Every failure is an `InputError` naming the file: missing, a folder, empty, truncated, foreign,
+    code-carrying, or a checkpoint of another kind (e.g. a classifier given where a segmenter is
+    expected); with `check_finite`, a model with a NaN or infinite weight (a diverged training). `mmap`
+    maps the tensors lazily (reading `meta` of a large checkpoint without loading its weights).
     """
     path = Path(path)
+    if path.is_dir():
+        raise InputError(path, "a folder, not a checkpoint file (give the .pt file, e.g. train-segmenter/best.pt)")
     if not path.is_file():
-        raise InputError(path, "checkpoint not found")
+        raise InputError(path, "checkpoint not found" if not path.exists() else "not a regular file")
+    if path.stat().st_size == 0:
+        raise InputError(path, "an empty file (0 bytes), not a checkpoint")
     try:
         state = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except Exception as err:  # noqa: BLE001 - truncated, foreign or code-carrying pickles all land here
@@ -121,4 +126,18 @@ def load_checkpoint(path: str | Path, kind: str | None = None, map_location: str
         if missing:
             hint = " (a classifier checkpoint?)" if kind != "classifier" and "meta" in missing else ""
             raise InputError(path, f"not a {kind} checkpoint (missing {missing}){hint}")
+    if check_finite:
+        bad = non_finite_weights(state["model"])
+        if bad:
+            more = f" and {len(bad) - 1} more" if len(bad) > 1 else ""
+            raise InputError(path, f"the model has NaN or infinite weights ({bad[0]}{more}): a diverged "
+                                   "training; use an earlier checkpoint")
     return state
+
+
+def non_finite_weights(model_state: Any) -> list[str]:
+    """Names of the floating-point tensors of a state dict that hold a NaN or an infinity."""
+    if not isinstance(model_state, dict):
+        return []
+    return [str(name) for name, t in model_state.items()
+            if isinstance(t, torch.Tensor) and t.is_floating_point() and not bool(torch.isfinite(t).all())]

@@ -11,6 +11,14 @@
   GeoJSON and one GeoPackage, streamed one scene at a time (`geojson_stream`, `gpkg_stream`), so that
   memory does not grow with the number of scenes; the files are what `write_geojson`/`write_gpkg` would
   write of the concatenated layers.
+- The merged GeoPackage's CRS never distorts a scene: the scenes' own CRS when they share one (a
+  single-zone run), else the UTM zone of the merged layer's lon/lat centre when every scene lies close
+  enough to that zone's central meridian that the zone's scale error stays within `MAX_SCALE_ERROR`
+  (0.2%, about 4 degrees of longitude at the equator, hardly more than a UTM zone's own edge: neighbouring
+  zones), else EPSG:4326 (lon/lat, like the GeoJSON: e.g. Missouri and Portugal in one run). `area_m2` is
+  always the value measured in each scene's own projected CRS, whatever the merged layer's CRS.
+- `is_footprints_file`: whether an existing GeoJSON/GeoPackage is one footprints wrote (a layer with the
+  footprint columns, or the QGIS style it adds): outputs replace only such files, never a user's own.
 - Every GeoPackage carries a default QGIS style (`layer_styles`): coloured by match status when the layer
   has `status` (evaluation), else by `mean_prob`.
 """
@@ -20,6 +28,9 @@ from __future__ import annotations
 import io
 import json
 import logging
+import math
+import re
+import sqlite3
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -33,7 +44,7 @@ import shapely
 
 from ..atomic import atomic_path
 from ..errors import InputError
-from ..geo import as_crs, utm_crs_for
+from ..geo import as_crs, utm_crs_for, utm_epsg
 from .gpkg_style import add_layer_style
 
 log = logging.getLogger(__name__)
@@ -45,6 +56,10 @@ GEOJSON_PRECISION = 7  # decimal degrees: 1e-7 deg ~ 1 cm, far below any pixel
 # rows per GeoPackage append of a streamed layer: each append is a SQLite transaction synced to disk (~0.1 s),
 # so scenes are gathered up to this many rows (a few MB, whatever the number of scenes) before one is made
 GPKG_BATCH_ROWS = 20_000
+# the largest scale error (|k - 1|, linear) a merged GeoPackage may have at any of its scenes: 0.1% at the
+# edge of a UTM zone, 0.2% about 4 degrees of longitude from its central meridian at the equator
+MAX_SCALE_ERROR = 0.002
+UTM_K0 = 0.9996
 
 
 def empty_footprints(crs: Any = None) -> gpd.GeoDataFrame:
@@ -349,8 +364,8 @@ def merge_scene_layers(scenes: Iterable[SceneLayer], geojson_path: str | Path, g
     - Scenes in scene-id order, each file's rows in order. Pixel-space scenes are merged only when every
       scene is in pixel space (else left out, with a warning; their own files remain).
     - The GeoPackage keeps the scenes' CRS when their GeoPackages share one, else (or without them) the UTM
-      zone of the merged layer's lon/lat centre; `area_m2` stays the per-scene value measured in each
-      scene's own UTM/projected CRS.
+      zone of the merged layer's lon/lat centre when it distorts no scene (`one_utm_zone`), else EPSG:4326;
+      `area_m2` stays the per-scene value measured in each scene's own UTM/projected CRS.
     - Columns: those of `schema` (default: the footprint columns), then the others the files have, null where
       a scene lacks them; an empty but valid layer when there is nothing.
 
@@ -382,12 +397,106 @@ def merge_scene_layers(scenes: Iterable[SceneLayer], geojson_path: str | Path, g
             sources = [(s.gpkg, LAYER) for s in chosen if s.gpkg is not None]
             fields, target = gp.fields, as_crs(one) if one else None
     if target is not None and target.is_geographic and n and gj.bounds is not None:
-        minx, miny, maxx, maxy = gj.bounds
-        target = utm_crs_for((minx + maxx) / 2.0, (miny + maxy) / 2.0)
+        zone = one_utm_zone(gj.bounds)
+        if zone is None:
+            log.info("%s: the scenes lie in several UTM zones too far apart for one; the GeoPackage is in "
+                     "EPSG:4326 (area_m2 as measured in each scene's own CRS)", Path(gpkg_path).name)
+        target = zone if zone is not None else target
     with gpkg_stream(gpkg_path, layer=layer, crs=target, fields=fields) as gpkg:
         for path, lyr in sources:
             gpkg.write(_read_layer(path, lyr, in_pixels and lyr is None))
     return n
+
+
+def one_utm_zone(bounds: Sequence[float]) -> Any:
+    """The UTM zone of the lon/lat centre of `bounds` (minx, miny, maxx, maxy in degrees) when its scale
+    error stays within `MAX_SCALE_ERROR` over the whole box, else None (the box spans several zones).
+
+    Transverse Mercator's scale at a longitude difference dl from the central meridian and latitude phi is
+    about k0 (1 + (dl cos phi)^2 / 2): the box's worst point is its farthest longitude at its latitude
+    nearest the equator."""
+    minx, miny, maxx, maxy = (float(v) for v in bounds)
+    if not all(math.isfinite(v) for v in (minx, miny, maxx, maxy)):
+        return None
+    lon, lat = (minx + maxx) / 2.0, (miny + maxy) / 2.0
+    epsg = utm_epsg(lon, lat)
+    meridian = (epsg % 100) * 6.0 - 183.0
+    dlon = max(abs(minx - meridian), abs(maxx - meridian))
+    if dlon >= 90.0:
+        return None
+    nearest = 0.0 if miny <= 0.0 <= maxy else min(abs(miny), abs(maxy))
+    x = math.radians(dlon) * math.cos(math.radians(nearest))
+    if abs(UTM_K0 * (1.0 + x * x / 2.0) - 1.0) > MAX_SCALE_ERROR:
+        return None
+    return utm_crs_for(lon, lat)
+
+
+# ---------------------------------------------------------------------------------------------- ownership
+_FEATURES = re.compile(r'"features"\s*:\s*\[')
+_PEEK = 1 << 20  # bytes of a GeoJSON read to recognise it (its header and first feature)
+STYLE_MARK = "(written by footprints)"  # in the description of every QGIS style footprints adds
+
+
+def is_footprints_file(path: str | Path) -> bool:
+    """True when the existing file at `path` is a GeoJSON or GeoPackage that footprints wrote, so that an
+    output may replace it: a FeatureCollection whose first feature's properties start with the footprint
+    columns (`scene`, `area_m2`, `mean_prob`, `max_prob`; or, with no feature, whose `name` is the file's
+    stem, as GDAL and `geojson_stream` write it); a GeoPackage with the QGIS style `add_layer_style` writes
+    or a table with the footprint columns. Anything else (a user's layer, a label file, a calibration, an
+    image) is not."""
+    path = Path(path)
+    if not path.is_file():
+        return False
+    try:
+        with path.open("rb") as fh:
+            head = fh.read(16)
+            if head.startswith(b"SQLite format 3"):
+                return _is_footprints_gpkg(path)
+            text = (head + fh.read(_PEEK)).decode("utf-8", errors="replace")
+    except OSError:
+        return False
+    return _is_footprints_geojson(text, path.stem)
+
+
+def _is_footprints_geojson(text: str, stem: str) -> bool:
+    m = _FEATURES.search(text)
+    if m is None or '"FeatureCollection"' not in text[: m.start()]:
+        return False
+    rest = text[m.end():].lstrip()
+    if rest.startswith("]"):
+        name = re.search(r'"name"\s*:\s*("(?:[^"\\]|\\.)*")', text[: m.start()])
+        try:
+            return name is not None and json.loads(name.group(1)) == stem
+        except ValueError:
+            return False
+    try:
+        feature, _ = json.JSONDecoder().raw_decode(rest)
+    except ValueError:
+        return False
+    props = feature.get("properties") if isinstance(feature, dict) else None
+    return isinstance(props, dict) and list(props)[: len(COLUMNS)] == COLUMNS
+
+
+def _is_footprints_gpkg(path: Path) -> bool:
+    try:
+        con = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)
+    except sqlite3.Error:
+        return False
+    try:
+        if con.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'layer_styles'").fetchone():
+            row = con.execute("SELECT 1 FROM layer_styles WHERE description LIKE ?", (f"%{STYLE_MARK}",))
+            if row.fetchone():
+                return True
+        tables = [r[0] for r in con.execute("SELECT table_name FROM gpkg_contents WHERE data_type = 'features'")]
+        for table in tables:
+            cols = [r[1] for r in con.execute(f'PRAGMA table_info("{table}")')]
+            if all(c in cols for c in COLUMNS):
+                return True
+    except sqlite3.Error:
+        return False
+    finally:
+        con.close()
+    return False
 
 
 def merge_outputs(results: Sequence[Mapping[str, Any]], geojson_path: str | Path, gpkg_path: str | Path) -> int:

@@ -1,13 +1,23 @@
 """Stage names and the files every stage writes: `<output_root>/<name>/<stage>/...`.
 
 The names are the ones a user types (`footprints train-segmenter`), so the folder of a stage is its name.
+
+Output paths a user gives (`predict --output`, `report --output`) are checked here before anything is
+written (`check_output_text`, `check_writable`, `same_file`): no control characters, a folder that can be
+written, and never the same file as an input. Per-scene files never share a name with the files of the run
+itself: in the run's `predict/` folder the scene ids of `RESERVED_SCENE_IDS` are refused
+(`reserved_scene_id`); `predict --input` keeps its scenes in their own folder (`<stem>_scenes/`).
 """
 
 from __future__ import annotations
 
+import os
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from ..errors import StageError
 
 TILE = "tile"
 FEATURES = "features"
@@ -132,7 +142,8 @@ class RunPaths:
 
 @dataclass(frozen=True)
 class ScenePaths:
-    """The per-scene files of the predict stage in one folder (the run's predict/ or beside --output)."""
+    """The per-scene files of the predict stage in one folder: the run's `predict/` (scene ids of
+    `RESERVED_SCENE_IDS` excluded), or `<stem>_scenes/` beside the merged GeoJSON of `predict --input`."""
 
     folder: Path
     scene_id: str
@@ -153,3 +164,109 @@ class ScenePaths:
     def record(self) -> Path:
         """The scene's freshness record (written last)."""
         return self.folder / f"{self.scene_id}.json"
+
+
+# ---------------------------------------------------------------------------------------------------
+# scene ids and output paths a user gives
+
+# the run's own files in `<run>/predict/` (footprints.geojson/.gpkg, summary.json, calibration.json): a scene
+# of that name would write over them (compared without case: macOS and Windows file systems ignore it)
+RESERVED_SCENE_IDS = frozenset({"footprints", "summary", "calibration"})
+
+
+def reserved_scene_id(scene_id: str) -> str | None:
+    """Why `scene_id` cannot have its files in a run's `predict/` folder (None when it can)."""
+    if scene_id.casefold() in RESERVED_SCENE_IDS:
+        return (f"scene id {scene_id!r} is a name of the predict stage's own files ({scene_id.casefold()}.*); "
+                "rename the image (scene skipped)")
+    return None
+
+
+def shown(path: str | Path) -> str:
+    """A path for a one-line message: as it is, or quoted with escapes when it holds control characters."""
+    text = str(path)
+    return repr(text) if any(ord(c) < 32 or ord(c) == 127 for c in text) else text
+
+
+def check_output_text(path: str | Path, what: str = "--output") -> Path:
+    """`path` as a Path; a path with a control character (NUL, newline, tab, ...) is refused."""
+    text = os.fspath(path)
+    if not text:
+        raise StageError(f"{what}: an empty path")
+    if any(ord(c) < 32 or ord(c) == 127 for c in text):
+        raise StageError(f"{what} {text!r}: a path with a control character (NUL, newline, ...) is refused")
+    return Path(text)
+
+
+def check_writable(folder: str | Path, what: str = "--output") -> None:
+    """The folder `folder` exists and can be written, or can be made: its nearest existing ancestor is a
+    writable folder on a writable file system. One line naming the folder otherwise."""
+    p = Path(folder)
+    while not p.exists() and not p.is_symlink():
+        if p.parent == p:
+            break
+        p = p.parent
+    if p.exists() and not p.is_dir():
+        raise StageError(f"{shown(p)}: not a folder (cannot put the {what} files in it)")
+    try:
+        read_only = bool(os.statvfs(p).f_flag & os.ST_RDONLY)
+    except OSError:
+        read_only = False
+    if read_only:
+        raise StageError(f"read-only file system (cannot write {shown(p)})")
+    if not os.access(p, os.W_OK | os.X_OK):
+        raise StageError(f"permission denied (cannot write {shown(p)})")
+
+
+def path_key(path: str | Path) -> str:
+    """What identifies a path's file by name: absolute, links followed, case folded (macOS and Windows
+    file systems ignore case, so two names that differ only by it are one file there)."""
+    return os.path.normcase(str(Path(path).resolve())).casefold()
+
+
+def file_id(path: str | Path) -> tuple[int, int] | None:
+    """(device, inode) of an existing file (hard links share it), else None."""
+    try:
+        st = os.stat(path)
+    except (OSError, ValueError):
+        return None
+    return st.st_dev, st.st_ino
+
+
+class FileSet:
+    """Files to recognise, by name (`path_key`) and by inode: `find(path)` says which one a path is, if any,
+    whatever link or case spelling reaches it. Each file is resolved once, so checking many paths against
+    many files costs one lookup per path."""
+
+    def __init__(self, files: Iterable[tuple[str | Path, Any]] = ()) -> None:
+        self._by_key: dict[str, Any] = {}
+        self._by_id: dict[tuple[int, int], Any] = {}
+        for path, value in files:
+            self.add(path, value)
+
+    def add(self, path: str | Path, value: Any) -> None:
+        self._by_key.setdefault(path_key(path), value)
+        fid = file_id(path)
+        if fid is not None:
+            self._by_id.setdefault(fid, value)
+
+    def find(self, path: str | Path) -> Any:
+        hit = self._by_key.get(path_key(path))
+        if hit is None:
+            fid = file_id(path)
+            hit = self._by_id.get(fid) if fid is not None else None
+        return hit
+
+
+def same_file(a: str | Path, b: str | Path) -> bool:
+    """`a` and `b` are one file: the same `path_key`, or the same inode (a hard link)."""
+    if path_key(a) == path_key(b):
+        return True
+    fa = file_id(a)
+    return fa is not None and fa == file_id(b)
+
+
+def inside(path: str | Path, folder: str | Path) -> bool:
+    """`path` lies in `folder` or below it (links followed, case ignored)."""
+    p, f = path_key(path), path_key(folder)
+    return p == f or p.startswith(f.rstrip(os.sep) + os.sep)

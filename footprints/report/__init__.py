@@ -6,6 +6,8 @@
 - `write_report(out_html, [ReportScene, ...], ...)`: the same from explicit inputs.
 - A page shows at most `MAX_SCENES` scenes of a large run (`selection.py`) and says how many it has.
 - `add_layer_style(gpkg, layer, kind)`: the GeoPackage `layer_styles` row QGIS applies on opening.
+- A report replaces only a report footprints wrote (`is_footprints_report`: a generator line in its head);
+  `check_report_path` refuses any other target (not `.html`/`.htm`, a folder, someone else's file).
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from .gather import (
     report_for_run,
     run_report,
 )
-from .html import MAX_BYTES, MAX_SIDE, ReportScene, write_report
+from .html import MAX_BYTES, MAX_SIDE, ReportScene, check_report_path, is_footprints_report, write_report
 from .selection import MAX_SCENES
 
 __all__ = [
@@ -29,8 +31,10 @@ __all__ = [
     "ReportScene",
     "StyleError",
     "add_layer_style",
+    "check_report_path",
     "default_style",
     "images_from_inputs",
+    "is_footprints_report",
     "predicted_scene_ids",
     "predictions_report_path",
     "report_for_predictions",

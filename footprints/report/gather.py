@@ -19,8 +19,9 @@ from typing import Any
 from affine import Affine
 
 from ..contracts.freshness import read_record
-from ..contracts.paths import RunPaths, ScenePaths
-from .html import MAX_BYTES, MAX_SIDE, ReportScene, write_report
+from ..contracts.paths import RunPaths, ScenePaths, check_output_text, shown
+from ..errors import StageError
+from .html import MAX_BYTES, MAX_SIDE, ReportScene, check_report_path, write_report
 from .selection import MAX_SCENES, choose_scenes
 
 log = logging.getLogger(__name__)
@@ -208,7 +209,8 @@ def report_for_predictions(
     image without georeference is laid over its probability raster). Goes to `out_report.html` beside the
     GeoJSON unless `out_html` is given."""
     g = Path(geojson)
-    # `--output out.geojson` puts the scenes in out_scenes/; without --output they sit beside the GeoJSON
+    # predict --input puts the scenes in <stem>_scenes/ beside the GeoJSON (outputs of versions before
+    # issue 23 without --output had them beside it)
     folder = Path(scene_dir) if scene_dir else g.with_name(f"{g.stem}_scenes")
     if scene_dir is None and not folder.is_dir():
         folder = g.parent
@@ -273,11 +275,22 @@ def run_report(
 ) -> dict[str, Any]:
     """`footprints report`: the run's report (`<output_root>/<name>/report/index.html`, from a `Config`), or,
     with `predictions` (a `predict --input ... --output out.geojson` GeoJSON), that of those outputs with
-    the imagery of `inputs` (the files or folders given to --input). Prints the path (the last line)."""
+    the imagery of `inputs` (the files or folders given to --input). Prints the path (the last line).
+
+    The report goes only where no other file is: an `.html`/`.htm` path that is free or holds a report
+    footprints wrote (`check_report_path`), checked before anything is read; a `--predictions` GeoJSON
+    that does not exist is one line, not an empty page."""
+    if output is not None:
+        output = check_report_path(output)
     if predictions is None:
         summary = report_for_run(RunPaths.of(cfg).root, output)
     else:
-        geojson = Path(predictions)
+        geojson = check_output_text(predictions, "report --predictions")
+        if not geojson.is_file():
+            raise StageError(f"{shown(geojson)}: no such GeoJSON (give the file `predict --input ... --output` "
+                             "wrote)")
+        if output is None:
+            check_report_path(predictions_report_path(geojson))
         folder = geojson.with_name(f"{geojson.stem}_scenes")
         ids = predicted_scene_ids(folder if folder.is_dir() else geojson.parent)
         summary = report_for_predictions(

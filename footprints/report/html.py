@@ -32,6 +32,8 @@ from rasterio.crs import CRS
 
 from ..atomic import write_text
 from ..config import GRID_KEYS
+from ..contracts.paths import check_output_text, shown
+from ..errors import StageError
 from . import rasters
 from .pins import ASSETS
 from .pins import VERSION as LEAFLET_VERSION
@@ -47,6 +49,11 @@ CANVAS_ABOVE = 20_000  # more footprints than this are drawn on a canvas (SVG sl
 # the page may load nothing: only its own inline code and data: images (a fetch would be refused and logged)
 CSP = "default-src 'none'; img-src data: blob:; style-src 'unsafe-inline'; script-src 'unsafe-inline'"
 COORD_DECIMALS = 7  # degrees: ~1 cm (the GeoJSON outputs' own precision)
+# in the head of every page: what says that an existing file is a report footprints wrote (and may be
+# replaced); pages written before it carried the CSP line alone
+GENERATOR_META = '<meta name="generator" content="footprints report">'
+_LEGACY_META = f'<meta http-equiv="Content-Security-Policy" content="{CSP}">'
+REPORT_SUFFIXES = (".html", ".htm")
 PIXEL_DECIMALS = 3
 
 
@@ -73,6 +80,31 @@ class ReportScene:
     metrics: Mapping[str, Any] | None = None
     split: str | None = None
     notes: list[str] = field(default_factory=list)
+
+
+def is_footprints_report(path: str | Path) -> bool:
+    """The existing file at `path` is an HTML report footprints wrote (its head carries `GENERATOR_META`,
+    or, for pages of earlier versions, the report's exact Content-Security-Policy line)."""
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(8192).decode("utf-8", errors="replace")
+    except OSError:
+        return False
+    return head.lstrip().lower().startswith("<!doctype html>") and (GENERATOR_META in head or _LEGACY_META in head)
+
+
+def check_report_path(out_html: str | Path) -> Path:
+    """Where a report may go: an `.html`/`.htm` path (no control characters) that is not a folder and holds
+    no file, or holds a report footprints wrote; anything else is refused in one line, before any work."""
+    path = check_output_text(out_html, "report --output")
+    if path.is_dir():
+        raise StageError(f"{shown(path)}: a folder; give the report's file name (e.g. {shown(path / 'report.html')})")
+    if path.suffix.lower() not in REPORT_SUFFIXES:
+        raise StageError(f"{shown(path)}: a report is an HTML page; give a path ending in .html")
+    if (path.exists() or path.is_symlink()) and not is_footprints_report(path):
+        raise StageError(f"{shown(path)}: exists and is not a report footprints wrote; it is left as it is "
+                         "(choose another path, or move it away)")
+    return path
 
 
 # ---------------------------------------------------------------------------------------------- rasters
@@ -228,15 +260,29 @@ class _Prepared:
     has_matches: bool
 
 
+def _safe_grid(scene: ReportScene, path: Path | None, what: str) -> _Grid | None:
+    """`_raster_grid`, an unreadable file noted on its scene (and left out) instead of failing the page."""
+    try:
+        return _raster_grid(path)
+    except Exception as err:  # noqa: BLE001 - one bad raster must not cost the other scenes their page
+        log.warning("report: %s: cannot read the %s %s (%s)", scene.scene_id, what, path, " ".join(str(err).split()))
+        _note(scene, f"{what} not shown: cannot read it")
+        return None
+
+
 def _prepare(scene: ReportScene, cache: FeatureStore) -> _Prepared:
-    grid = _raster_grid(scene.prob)
+    grid = _safe_grid(scene, scene.prob, "probability raster")
+    if grid is None and scene.prob is not None and Path(scene.prob).is_file():
+        scene.prob = None  # unreadable: not rendered either
     if grid is not None:
         geo = grid.crs is not None
     elif scene.image_crs is not None:
         geo = bool(scene.image_crs)
     elif scene.image is not None and Path(scene.image).is_file():
-        grid = _raster_grid(scene.image)  # the image's own grid places it (and sizes a pixel-space scene)
-        geo = grid is not None and grid.crs is not None
+        grid = _safe_grid(scene, scene.image, "imagery")  # the image's own grid places it (and sizes a
+        geo = grid is not None and grid.crs is not None  # pixel-space scene)
+        if grid is None:
+            scene.image = None
     else:
         geo = True  # only vectors: RFC 7946 GeoJSON is lon/lat
     decimals = COORD_DECIMALS if geo else PIXEL_DECIMALS
@@ -373,7 +419,7 @@ def write_report(
     run's, when `scenes` is already a selection (the page says both).
     """
     t0 = time.perf_counter()
-    out_html = Path(out_html)
+    out_html = check_report_path(out_html)
     fmt = image_format or ("webp" if rasters.webp_available() else "png")
     n_total = max(total_scenes or 0, len(scenes))
     if len(scenes) > max_scenes:
@@ -642,6 +688,7 @@ def _render_html(
 <meta charset="utf-8">
 <meta name="viewport" content="width=device-width, initial-scale=1">
 <meta http-equiv="Content-Security-Policy" content="{CSP}">
+{GENERATOR_META}
 <link rel="icon" href="data:,">
 <title>{e(title)}</title>
 <style>{_asset("leaflet.css")}</style>

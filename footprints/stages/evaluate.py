@@ -38,7 +38,7 @@ from ..contracts.footprint_files import (
 )
 from ..contracts.freshness import digest, file_digest, is_fresh, read_record, unmark, write_record
 from ..contracts.manifest import split_sources
-from ..contracts.paths import RunPaths, ScenePaths
+from ..contracts.paths import RunPaths, ScenePaths, reserved_scene_id
 from ..errors import InputError, StageError, as_input_error
 from ..matching import match_polygons, polygon_scores, split_merge_counts
 from ..metrics import pixel_metrics
@@ -71,6 +71,9 @@ def evaluate_scene(source: Any, cfg: Config, pred_dir: str, out_dir: str, overla
     """Pixel counts and polygon matches of one scene (top-level: runs on dask workers)."""
     from ..scenes import open_scene
 
+    reserved = reserved_scene_id(source.scene_id)
+    if reserved is not None:  # predict refused it: its record would be the run's summary.json
+        raise InputError(source.image, reserved)
     sp = ScenePaths(Path(pred_dir), source.scene_id)
     for p in (sp.prob, sp.gpkg, sp.record):
         if not p.is_file():

@@ -7,8 +7,18 @@ scene's freshness record. A rerun skips a finished scene, re-vectorises one whos
 area changed, and redoes one whose model or inference parameters changed. The merged `footprints.geojson`
 and `footprints.gpkg` cover every scene.
 
+Where the files go: the test split's scenes in `<run>/predict/` beside the merged layers (a scene id that
+is a name of the run's own files, `footprints`/`summary`/`calibration`, is refused with one line); the
+scenes of `--input` always in their own folder `<stem>_scenes/` beside the merged `<stem>.geojson`
+(`--output`, default `<run>/predict/input/footprints.geojson`), so no scene name can meet the run's files.
+Before any scene is predicted the outputs are checked (`_check_outputs`): never an input image, label or
+mask, never a file of the run (checkpoint, calibration, summary), never an existing file footprints did not
+write, always a folder that can be written; each problem is one line naming the files.
+
 Threshold and minimum area come from the config, or from a calibration on the validation split
-(`footprints.calibration`, stored in `predict/calibration.json` and beside the checkpoint).
+(`footprints.calibration`, stored in `predict/calibration.json` and beside the checkpoint). Scenes given
+with `--checkpoint` and `--input` never calibrate: they read the calibration stored beside the checkpoint
+(or the run's, or the config's values), and rewrite none.
 """
 
 from __future__ import annotations
@@ -16,6 +26,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -25,15 +36,30 @@ from typing import Any
 
 import numpy as np
 
-from ..atomic import remove_stale_temporaries
+from ..atomic import is_temporary, remove_stale_temporaries
 from ..calibration import choose_calibration, scene_counts, sum_counts
 from ..cluster import map_scenes
 from ..config import GRID_KEYS, Config, DataConfig, TileConfig, config_from_dict
 from ..contracts.checkpoints import load_checkpoint
-from ..contracts.footprint_files import RAW_LAYER, merge_outputs, write_geojson, write_gpkg
+from ..contracts.footprint_files import (
+    RAW_LAYER,
+    is_footprints_file,
+    merge_outputs,
+    write_geojson,
+    write_gpkg,
+)
 from ..contracts.freshness import digest, file_digest, is_fresh, read_record, write_record
 from ..contracts.manifest import split_sources
-from ..contracts.paths import RunPaths, ScenePaths
+from ..contracts.paths import (
+    FileSet,
+    RunPaths,
+    ScenePaths,
+    check_output_text,
+    check_writable,
+    path_key,
+    reserved_scene_id,
+    shown,
+)
 from ..device import resolve_device
 from ..errors import FootprintsError, InputError, StageError, as_input_error, disk_full
 from ..geo import gpkg_crs_for_raster
@@ -257,6 +283,7 @@ def resolve_calibration(
     overwrite: bool = False,
     model: Model | None = None,
     use_run: bool = True,
+    search: bool = True,
 ) -> dict[str, Any]:
     """Threshold and minimum area: from the config when both are set, else a stored calibration made for
     this checkpoint and grid, else a grid search on the validation split (stored in
@@ -267,6 +294,8 @@ def resolve_calibration(
     seed are part of the calibration's key, so changing either calibrates again.
 
     `use_run=False` (files given without a config) looks only beside the checkpoint, never at a run folder.
+    `search=False` (`--checkpoint` with `--input`) never grid-searches and never writes a calibration: a
+    stored one (made for this checkpoint first), else the defaults.
     """
     pcfg = cfg.predict
     paths = RunPaths.of(cfg)
@@ -294,10 +323,12 @@ def resolve_calibration(
                 log.info("calibration: threshold %.2f, min area %.1f m2 (from %s)", cal["threshold"],
                          cal["min_area_m2"], path)
                 return {**cal, "source": str(path)}
-    val = split_sources(paths.tile, cfg.data, "val") if use_run and paths.manifest.is_file() else []
+    val = split_sources(paths.tile, cfg.data, "val") if search and use_run and paths.manifest.is_file() else []
     if not val:
-        for path in stored:
-            cal = read_record(path)
+        records = [(path, read_record(path)) for path in stored]
+        # one made for this checkpoint first (the run's may be of another model)
+        records.sort(key=lambda pr: (pr[1] or {}).get("checkpoint_key") != settings.fingerprint)
+        for path, cal in records:
             if cal and "threshold" in cal:
                 if cal.get("checkpoint_key") == settings.fingerprint:
                     log.info("calibration: threshold %.2f, min area %.1f m2, chosen for this checkpoint (%s)",
@@ -306,11 +337,13 @@ def resolve_calibration(
                     log.warning("calibration: no validation scenes here; using %s, made for another "
                                 "checkpoint", path)
                 return {**cal, "source": str(path)}
-        log.warning("calibration: no validation scenes and no stored calibration: threshold %.2f, min area "
-                    "%.1f m2 (set predict.threshold / predict.min_area_m2 to choose)", thresholds[0], areas[0])
         default_t = pcfg.threshold if pcfg.threshold is not None else 0.5
         default_a = pcfg.min_area_m2 if pcfg.min_area_m2 is not None else 0.0
         default_s = seeds[-1] if seeds[0] is not None else None
+        log.warning("calibration: %s and no stored calibration: threshold %.2f, min area %.1f m2 (set "
+                    "predict.threshold / predict.min_area_m2 to choose)",
+                    "no validation scenes" if search else "--checkpoint with --input does not calibrate",
+                    default_t, default_a)
         return {"threshold": default_t, "seed_threshold": default_s, "min_area_m2": default_a, "source": "default"}
     sample = calibration_sample(val, pcfg.calibration_scenes, cfg.seed)
     how = " (a seeded sample, predict.calibration_scenes)" if len(sample) < len(val) else ""
@@ -351,37 +384,53 @@ def resolve_calibration(
 # the stage
 
 
-def _html_report(geojson: Path, scene_dir: Path, sources: Sequence[SceneSource], cal: dict[str, Any]) -> str | None:
-    """The offline HTML map of `--input` predictions beside the GeoJSON: a view, so it never fails the stage."""
+def _html_report(geojson: Path, scene_dir: Path, sources: Sequence[SceneSource], results: Sequence[dict[str, Any]],
+                 cal: dict[str, Any]) -> str | None:
+    """The offline HTML map of `--input` predictions beside the GeoJSON: a view, so it never fails the stage.
+
+    Only the scenes predicted in this run are on it (a file that failed, e.g. a macOS `._x.tif`, is not: it
+    has nothing to show, and an unreadable image must not cost the good scenes their page)."""
     from ..report import report_for_predictions
 
+    done = {str(r["scene_id"]) for r in results}
+    images = {s.scene_id: s.image for s in sources if s.scene_id in done}
     try:
-        path = report_for_predictions(geojson, scene_dir=scene_dir, images={s.scene_id: s.image for s in sources},
-                                      calibration=cal)["path"]
+        path = report_for_predictions(geojson, scene_dir=scene_dir, images=images, calibration=cal)["path"]
     except Exception as err:  # noqa: BLE001 - the report is a view; it must not fail the prediction
-        log.warning("predict: no HTML report (%s: %s)", type(err).__name__, err)
+        log.warning("predict: no HTML report (%s)", err if isinstance(err, FootprintsError)
+                    else f"{type(err).__name__}: {' '.join(str(err).split())}")
         return None
     print(f"HTML report: {path}", flush=True)
     return str(path)
 
 
 def _checkpoint_info(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(meta, config) of a segmenter checkpoint, read lazily (mmap) without building the model."""
-    if not path.is_file():
-        raise StageError(f"{path}: no segmenter checkpoint (run train-segmenter first, or give --checkpoint)")
-    ckpt = load_checkpoint(path, kind="segmenter", mmap=True)
-    return dict(ckpt["meta"]), dict(ckpt.get("config") or {})
+    """(meta, config) of a segmenter checkpoint, read lazily (mmap) without building the model; a model
+    with NaN or infinite weights is refused here, before any scene is read."""
+    if not path.exists() and not path.is_symlink():
+        raise StageError(f"{shown(path)}: no segmenter checkpoint (run train-segmenter first, or give --checkpoint)")
+    ckpt = load_checkpoint(path, kind="segmenter", mmap=True, check_finite=True)
+    meta, config = ckpt["meta"], ckpt.get("config")
+    if not isinstance(meta, dict):
+        raise InputError(path, "not a segmenter checkpoint ('meta' is not a mapping)")
+    return dict(meta), dict(config) if isinstance(config, dict) else {}
 
 
 def build_settings(cfg: Config, checkpoint: Path | None, meta: dict[str, Any], ckpt_config: dict[str, Any],
                    fingerprint: str) -> PredictSettings:
     """Worker settings: the model's tile size and GSD from its meta; scene reading from the config given,
-    or, when none was given, from the config stored in the checkpoint (band choice, stretch, nodata)."""
+    or, when no config file was given, from the config stored in the checkpoint (band choice, stretch,
+    nodata), with the `data` keys a `--set` changed on top (a `--set` changes only the key it sets; a key
+    --set to its default value cannot be told from one left alone and keeps the checkpoint's)."""
     data_cfg = cfg.data
-    if cfg.source == "<defaults>" and ckpt_config.get("data"):
+    if cfg.config_file is None and ckpt_config.get("data"):
         # how the training scenes were read (bands, stretch, nodata), but never their per-scene
         # georeference: those transforms belong to the training data, not to the scenes predicted now
-        data_cfg = dataclasses.replace(config_from_dict({"data": ckpt_config["data"]}).data, geotransforms=None)
+        stored = dataclasses.replace(config_from_dict({"data": ckpt_config["data"]}).data, geotransforms=None)
+        default = DataConfig()
+        changed = {f.name: getattr(cfg.data, f.name) for f in dataclasses.fields(DataConfig)
+                   if getattr(cfg.data, f.name) != getattr(default, f.name)}
+        data_cfg = dataclasses.replace(stored, **changed)
     size = int(meta.get("tile_size") or cfg.tile.size)
     target_gsd = meta["target_gsd"] if "target_gsd" in meta else cfg.tile.target_gsd
     pcfg = cfg.predict
@@ -393,6 +442,138 @@ def build_settings(cfg: Config, checkpoint: Path | None, meta: dict[str, Any], c
         simplify_px=pcfg.simplify_px, classes=tuple(meta.get("classes") or SCHEMES["binary"].classes),
         watershed=pcfg.instances == "watershed", regularize=pcfg.regularize,
     )  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------------------
+# where outputs may go
+
+
+def distinct_ids(sources: Sequence[SceneSource]) -> list[SceneSource]:
+    """`sources` with scene ids that differ without regard to case: on a case-insensitive file system (macOS,
+    Windows) `A.tif` and `a.tif` would write one `a.geojson`; the later ones get `<id>_2`, ... (a warning)."""
+    taken = {s.scene_id.casefold() for s in sources}
+    seen: set[str] = set()
+    out = []
+    for src in sources:
+        sid = src.scene_id
+        if sid.casefold() in seen:
+            k = 2
+            while f"{sid}_{k}".casefold() in taken:
+                k += 1
+            new = f"{sid}_{k}"
+            log.warning("%s: scene id %r differs from another only by case; its outputs are named %s (a "
+                        "case-insensitive file system would make them one)", src.image, sid, new)
+            src = dataclasses.replace(src, name=new)
+            taken.add(new.casefold())
+        seen.add(src.scene_id.casefold())
+        out.append(src)
+    return out
+
+
+def _scene_files(folder: Path, scene_id: str) -> tuple[Path, ...]:
+    sp = ScenePaths(folder, scene_id)
+    return sp.prob, sp.geojson, sp.gpkg, sp.record
+
+
+def _holds_predictions(folder: Path) -> bool:
+    """An existing scenes folder is predict's: empty (temporaries aside), or holding a scene record or a
+    probability raster."""
+    entries = [p for p in folder.iterdir() if not is_temporary(p)]
+    if not entries:
+        return True
+    for p in entries:
+        if p.name.endswith("_prob.tif"):
+            return True
+        if p.suffix == ".json" and (read_record(p) or {}).get("scene_id") == p.stem:
+            return True
+    return False
+
+
+def _check_outputs(
+    sources: Sequence[SceneSource], merged: dict[str, Path | None], scene_dir: Path, run_files: dict[str, Path],
+    in_run: bool, given: Path | None = None,
+) -> tuple[list[SceneSource], int, bool]:
+    """Check every path the stage will write before anything is read or written.
+
+    `merged`: what -> path (the merged GeoJSON, GeoPackage, the HTML report or None); `run_files`: what ->
+    path of the files of the run that no output may replace (checkpoint, calibrations, summary). A problem
+    of the run (an output onto an input, a label, a run file, a foreign file, a folder that cannot be
+    written) is a `StageError` naming both files; a scene whose own files would meet the run's is left
+    out with one line. Each path is resolved once (thousands of scenes cost thousands of lookups).
+    `given`: the --output path, named in the messages about the files beside it.
+    Returns (the scenes to predict, how many were left out, whether to write the report).
+    """
+    inputs = FileSet((f, (src, Path(f))) for src in sources for f in src.files())
+    runs = FileSet((f, (name, f)) for name, f in run_files.items())
+    written = {what: path for what, path in merged.items() if path is not None}
+    write_report = "report" in written
+    same_folder = [p for p in written.values() if path_key(p.parent) == path_key(scene_dir)]
+    for what, path in written.items():
+        if path.is_dir():
+            raise StageError(f"{shown(path)}: a folder; --output must name a .geojson file (the GeoPackage, the "
+                             "report and the scenes folder go beside it)")
+        # the file the user named, and the output beside it when that is the one in the way
+        where = (f"{shown(given)}: the {what}" if path == given or given is None
+                 else f"{shown(given)}: the {what} beside it ({shown(path)})")
+        hit = inputs.find(path)
+        if hit is not None:
+            src, f = hit
+            kind = "image" if f == src.image else "labels" if f == src.label else "mask"
+            raise StageError(f"{where} would overwrite {shown(f)}, the {kind} of scene {src.scene_id} (an input); "
+                             "choose another --output")
+        hit = runs.find(path)
+        if hit is not None:
+            name, f = hit
+            raise StageError(f"{where} would overwrite {shown(f)}, the {name}; choose another --output")
+        if what == "report":
+            if path.exists() or path.is_symlink():
+                from ..report.html import is_footprints_report
+
+                if not is_footprints_report(path):
+                    log.warning("predict: %s exists and is not a footprints report: no HTML report written (it "
+                                "is left as it is)", shown(path))
+                    write_report = False
+        elif (path.exists() or path.is_symlink()) and not is_footprints_file(path):
+            raise StageError(f"{shown(path)}: exists and is not a footprints layer; it is left as it is (choose "
+                             "another --output, or move it away)")
+    if scene_dir.exists() and not scene_dir.is_dir():
+        raise StageError(f"{shown(scene_dir)}: exists and is not a folder (the per-scene outputs go there); choose "
+                         "another --output, or move it away")
+    folder = path_key(scene_dir).rstrip(os.sep) + os.sep
+    for src in sources:
+        for f in src.files():
+            if path_key(f).startswith(folder):
+                raise StageError(f"{shown(scene_dir)}: the per-scene output folder holds the input {shown(f)}; "
+                                 "choose another --output (or move the inputs out of it)")
+    if not in_run and scene_dir.is_dir() and not _holds_predictions(scene_dir):
+        raise StageError(f"{shown(scene_dir)}: exists and holds files predict did not write (the per-scene "
+                         "outputs go there); choose another --output, or move it away")
+    for path in written.values():
+        check_writable(path.parent)
+    check_writable(scene_dir)  # itself when it exists (a read-only folder of an earlier run), else its parent
+    # a scene's own files never replace the run's: the merged layers (an --output into the scenes folder
+    # that names a scene's file is refused; the default names are reserved ids) and the run's files
+    merged_names = {p.name.casefold(): p for p in same_folder}
+    blocked = {p.name.casefold(): p for p in run_files.values() if path_key(p.parent) == path_key(scene_dir)}
+    keep, refused = [], 0
+    for src in sources:
+        reason = reserved_scene_id(src.scene_id) if in_run else None
+        own = _scene_files(scene_dir, src.scene_id)
+        if reason is None:
+            taken = next((merged_names[f.name.casefold()] for f in own if f.name.casefold() in merged_names), None)
+            if taken is not None:
+                raise StageError(f"{shown(taken)}: --output would overwrite scene {src.scene_id}'s own output; "
+                                 "choose another --output")
+            hit = next(((f, blocked[f.name.casefold()]) for f in own if f.name.casefold() in blocked), None)
+            if hit is not None:
+                reason = (f"scene id {src.scene_id!r} would write {hit[0].name} over {shown(hit[1])}, a file of the "
+                          "run itself; rename the image (scene skipped)")
+        if reason is not None:
+            log.error("%s", InputError(src.image, reason))
+            refused += 1
+        else:
+            keep.append(src)
+    return keep, refused, write_report
 
 
 def run(
@@ -412,10 +593,14 @@ def run(
     t0 = time.perf_counter()
     pcfg = cfg.predict
     paths = RunPaths.of(cfg)
+    out_path = check_output_text(output) if output else None  # before anything touches the file system
+    if out_path is not None and out_path.suffix.lower() not in (".geojson", ".json"):
+        raise StageError(f"{shown(out_path)}: --output must be a .geojson path (the GeoPackage goes beside it)")
     ckpt: Path | None = None
     ckpt_config: dict[str, Any] = {}
     if model is None:
-        ckpt = Path(checkpoint or pcfg.checkpoint or paths.best_checkpoint)
+        ckpt = check_output_text(checkpoint, "--checkpoint") if checkpoint else Path(pcfg.checkpoint or
+                                                                                       paths.best_checkpoint)
         meta, ckpt_config = _checkpoint_info(ckpt)
         fingerprint = file_digest(ckpt)
     else:
@@ -430,31 +615,44 @@ def run(
 
         for item in inputs:
             try:
-                sources += sources_from_paths([item], settings.data)
+                sources += sources_from_paths([check_output_text(item, "--input")], settings.data)
             except FootprintsError as err:
                 log.error("%s", err)
                 bad_inputs += 1
-        sources = unique_sources(sources)
-        geojson = Path(output) if output else paths.predict / "input" / "footprints.geojson"
-        scene_dir = geojson.parent / f"{geojson.stem}_scenes" if output else geojson.parent
+        sources = distinct_ids(unique_sources(sources))
+        geojson = out_path or paths.predict / "input" / "footprints.geojson"
+        # the scenes in their own folder: no scene name can meet the merged layers, the report or a lock
+        scene_dir = geojson.with_name(f"{geojson.stem}_scenes")
     else:
         sources = split_sources(paths.tile, cfg.data, pcfg.split)
         scene_dir = paths.predict
-        geojson = Path(output) if output else scene_dir / "footprints.geojson"
-    if geojson.suffix.lower() not in (".geojson", ".json"):
-        raise StageError(f"{geojson}: --output must be a .geojson path (the GeoPackage goes beside it)")
+        geojson = out_path or scene_dir / "footprints.geojson"
     gpkg = geojson.with_suffix(".gpkg")
     if not sources:
         where = "the inputs given" if inputs else f"split {pcfg.split!r} of {paths.tile}"
         raise StageError(f"predict: no scenes in {where}")
+    report = geojson.with_name(f"{geojson.stem}_report.html") if inputs else None
+    run_files = {"segmenter checkpoint": ckpt, "checkpoint's calibration": (ckpt.with_name(ckpt.stem + ".calibration.json")
+                 if ckpt is not None else None), "run's calibration": paths.calibration,
+                 "run's predict summary": paths.predict / "summary.json"}
+    sources, refused, with_report = _check_outputs(
+        sources, {"merged GeoJSON": geojson, "merged GeoPackage": gpkg, "report": report}, scene_dir,
+        {k: v for k, v in run_files.items() if v is not None}, in_run=not inputs, given=out_path)
+    bad_inputs += refused
+    if not sources:
+        raise StageError(f"predict: no scene could be predicted ({bad_inputs} refused; see the errors above)")
     log.info("predict: %d scene(s), tile %d px, overlap %.0f%%, block %d px -> %s", len(sources),
              settings.tile.size, 100 * settings.overlap, settings.block_size, scene_dir)
     if inputs and remove_stale_temporaries(scene_dir):  # a run's own folder is cleaned by the runner
         log.info("predict: removed temporary files of an interrupted run from %s", scene_dir)
 
-    # files given without a config: the run folders under ./outputs belong to some other run
-    use_run = not (inputs and cfg.source == "<defaults>")
-    cal = resolve_calibration(cfg, settings, ckpt, overwrite=overwrite, model=model, use_run=use_run)
+    # files given without a config file: the run folders under ./outputs belong to some other run (a --set
+    # changes only the key it sets); a checkpoint given with --input reads its stored calibration, never
+    # writes one
+    use_run = not (inputs and cfg.config_file is None)
+    search = not (inputs and checkpoint is not None)
+    cal = resolve_calibration(cfg, settings, ckpt, overwrite=overwrite, model=model, use_run=use_run,
+                              search=search)
     seed = cal.get("seed_threshold")
     func = partial(predict_source, settings=settings, out_dir=str(scene_dir), threshold=float(cal["threshold"]),
                    seed_threshold=None if seed is None else float(seed), min_area_m2=float(cal["min_area_m2"]),
@@ -472,7 +670,8 @@ def run(
     # the merged layers are up to date when every scene's record is (the run's summary is their record)
     record = None if inputs else scene_dir / "summary.json"
     key = digest({"scenes": {r["scene_id"]: file_digest(ScenePaths(scene_dir, r["scene_id"]).record)
-                             for r in results}, "split": pcfg.split, "failed": failed})
+                             for r in results}, "split": pcfg.split, "failed": failed,
+                  "geojson": str(geojson)})
     if record is not None and is_fresh(record, key):
         log.info("predict: %s is complete (every scene and the merged layers); skipping", scene_dir)
         return {**(read_record(record) or {}), "up_to_date": True}
@@ -495,8 +694,7 @@ def run(
         # also what the evaluate stage reads: which split was predicted, with which calibration
         summary = write_record(record, key, [geojson, gpkg], **summary, split=pcfg.split)
     else:
-        summary["report"] = _html_report(geojson, scene_dir, sources, cal)
+        summary["report"] = _html_report(geojson, scene_dir, sources, results, cal) if with_report else None
     log.info("predict: %d scene(s) (%d skipped as done, %d failed), %d polygons -> %s and %s", len(results),
              skipped, failed, n_polygons, geojson, gpkg)
     return summary
-
