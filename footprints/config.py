@@ -47,8 +47,9 @@ class DataConfig:
     bands: list[int] = field(default_factory=lambda: [1, 2, 3])
     stretch_percentiles: list[float] = field(default_factory=lambda: [2.0, 98.0])
     nodata: float | None = None  # overrides the raster's declared nodata value
-    # the layer of a multi-layer vector label file (e.g. a GeoPackage) that holds the buildings; None = the
-    # file's only layer (footprints.labels says what it does with a file of several)
+    # the layer of a multi-layer vector label file (e.g. a GeoPackage) that holds the buildings (a file
+    # without it is refused, naming its layers); None = the file's only layer, or of several the one polygon
+    # layer named like building/footprint (or the only polygon layer), said in a warning, else refused
     label_layer: str | None = None
 
 

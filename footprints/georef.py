@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -129,6 +130,23 @@ def gdal_to_affine(gt: list[float] | tuple[float, ...]) -> Affine:
     return transform
 
 
+def crs_from_text(text: Any) -> CRS:
+    """A CRS written as `AUTHORITY:CODE` (EPSG:32633), a PROJ string (`+proj=...`) or WKT; nothing else.
+
+    GDAL would also take a file name or a URL (`/vsicurl/https://...`) and read or fetch it: a geotransforms
+    file is input, and input does not choose what footprints reads or which server it calls."""
+    if not isinstance(text, str):
+        raise ValueError(f"crs must be a string such as 'EPSG:32633', got {text!r}")
+    t = text.strip()
+    if re.fullmatch(r"[A-Za-z][A-Za-z0-9_]*:\d+", t):
+        return CRS.from_string(t)
+    if t.startswith("+"):
+        return CRS.from_proj4(t)
+    if re.match(r"[A-Za-z][A-Za-z0-9_]*\[", t):
+        return CRS.from_wkt(t)
+    raise ValueError(f"crs {t[:80]!r} is not EPSG:xxxx, a PROJ string or WKT (files and URLs are not read)")
+
+
 def load_geotransforms(path: str | Path) -> dict[str, tuple[Affine, CRS]]:
     """Read `{"<img_name>": [6 GDAL numbers]}` (EPSG:4326 assumed) or `{"<img_name>": {"geotransform":
     [...], "crs": "EPSG:xxxx"}}`. Keys are image file names; lookups also accept the stem.
@@ -149,7 +167,10 @@ def load_geotransforms(path: str | Path) -> dict[str, tuple[Affine, CRS]]:
         if isinstance(value, dict):
             gt = value.get("geotransform")
             if value.get("crs"):
-                crs = CRS.from_user_input(value["crs"])
+                try:
+                    crs = crs_from_text(value["crs"])
+                except ValueError as err:
+                    raise ValueError(f"entry {name!r}: {err}") from None
         else:
             gt = value
         try:

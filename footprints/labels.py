@@ -18,7 +18,9 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,10 +30,11 @@ from affine import Affine
 from rasterio.enums import Resampling
 from rasterio.errors import RasterioError
 from rasterio.windows import Window
+from shapely import affinity
 
-from .errors import InputError, one_line
+from .errors import InputError, one_line, printable
 from .georef import WGS84, vertex_pairs
-from .rasters import open_raster
+from .rasters import check_regular_file, describe_head, gdal_name, open_raster
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +74,7 @@ class PolygonLabels(LabelSource):
         self.repaired = _repair(self._polygons)
         if self.repaired:
             log.warning("%s: %d self-intersecting label polygon(s) repaired (make_valid keeps all of their "
-                        "area)", path, self.repaired)
+                        "area)", printable(path), self.repaired)
 
     def polygons(self) -> list[Any]:
         return list(self._polygons)
@@ -138,8 +141,7 @@ class MaskLabels(LabelSource):
         self.path = path
         self._grid = grid
         self._threshold = threshold
-        if not path.is_file():
-            raise InputError(path, "mask file missing")
+        check_regular_file(path, "mask", missing="mask file missing")
         self._ds = open_raster(path, "mask")
         m = self._ds
         if (m.width, m.height) != (grid.src_width, grid.src_height):
@@ -210,7 +212,9 @@ def _parse_wkt_list(path: Path, items: list, key: str) -> list[tuple[str | None,
         if props.get("feature_type", "building") != "building":
             continue
         try:
-            geom = shp_wkt.loads(feat["wkt"])
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # NaN coordinates: said below, naming the feature
+                geom = shp_wkt.loads(feat["wkt"])
         except (shapely.errors.ShapelyError, ValueError, TypeError) as err:
             raise InputError(path, f"invalid WKT in features.{key}[{i}] ({one_line(err)[:120]})") from None
         if geom.geom_type not in ("Polygon", "MultiPolygon"):
@@ -221,8 +225,7 @@ def _parse_wkt_list(path: Path, items: list, key: str) -> list[tuple[str | None,
 
 def read_xview2_label(path: Path, image_size: tuple[int, int], image: Path) -> XView2Label:
     """Parse an xView2 label JSON; `image_size` (width, height) must match its metadata when it has one."""
-    if not path.is_file():
-        raise InputError(path, "label JSON missing")
+    check_regular_file(path, "label JSON", missing="label JSON missing")
     try:
         label = json.loads(path.read_text())
     except json.JSONDecodeError as err:
@@ -252,40 +255,185 @@ def read_xview2_label(path: Path, image_size: tuple[int, int], image: Path) -> X
     return XView2Label(path, polygons, paired, meta if isinstance(meta, dict) else {})
 
 
-def read_vector_polygons(path: Path, crs: Any, transform: Affine) -> list[Any]:
-    """Polygons of a GeoJSON/GPKG label file in output-grid pixel coordinates of a grid (`crs`, `transform`).
+# vector label formats read (decided from the file's first bytes, then checked against the driver OGR used):
+# none of them points at other files or URLs, unlike an OGR VRT (XML) or a GeoJSON CRS given as a link
+VECTOR_DRIVERS = {"GeoJSON": "GeoJSON", "GPKG": "GeoPackage", "ESRI Shapefile": "Shapefile"}
+_SINGLE_LAYER = {"GeoJSON", "ESRI Shapefile"}  # formats that hold exactly one layer
+_BUILDING_LAYER = re.compile(r"build|footprint", re.IGNORECASE)
+
+
+def _sniff_vector(path: Path) -> str | None:
+    try:
+        with open(path, "rb") as f:
+            head = f.read(100)
+    except OSError as err:
+        raise InputError(path, f"cannot read vector labels ({err.strerror or err})") from None
+    if head.lstrip(b"\xef\xbb\xbf \t\r\n").startswith(b"{"):
+        return "GeoJSON"
+    if head.startswith(b"SQLite format 3\x00") and head[68:72] in (b"GPKG", b"GP10", b"GP11"):
+        return "GPKG"
+    if head.startswith(b"\x00\x00\x27\x0a"):
+        return "ESRI Shapefile"
+    return None
+
+
+def _crs_members(obj: Any) -> Iterator[Any]:
+    """The `crs` members OGR reads in a GeoJSON document: the collection's, each feature's and geometry's."""
+    if not isinstance(obj, dict):
+        return
+    items = [obj]
+    feats = obj.get("features")
+    if isinstance(feats, list):
+        for feat in feats:
+            if isinstance(feat, dict):
+                items += [feat, feat.get("geometry")]
+    items.append(obj.get("geometry"))
+    for item in items:
+        if isinstance(item, dict):
+            for key, value in item.items():
+                if isinstance(key, str) and key.lower() == "crs":
+                    yield value
+
+
+def _check_geojson_crs(path: Path) -> None:
+    """Refuse a GeoJSON whose CRS is a link or URL: OGR would fetch it (a request to any server)."""
+    data = path.read_bytes()
+    if not re.search(rb"(?i)crs|\\u", data):  # no crs member, even spelt with escapes: nothing to look at
+        return
+    try:
+        doc = json.loads(data)
+    except (ValueError, RecursionError):
+        return  # OGR says it is unreadable
+    for crs in _crs_members(doc):
+        if not isinstance(crs, dict):
+            continue
+        kind = str(crs.get("type", "")).lower()
+        props = crs.get("properties") if isinstance(crs.get("properties"), dict) else {}
+        keys = {str(k).lower() for k in props}
+        if kind in ("link", "url") or keys & {"href", "url"}:
+            raise InputError(path, f"its CRS is a {kind or 'link'} to {str(props.get('href') or props.get('url'))[:80]!r}: "
+                             "links are not followed (write the CRS as a name, e.g. EPSG:32633, or use RFC 7946 "
+                             "lon/lat)")
+
+
+def _choose_layer(path: Path, driver: str, layers: Any, wanted: str | None) -> str | None:
+    """The layer to read (see `read_vector_polygons`)."""
+    names = [str(row[0]) for row in layers]
+    kinds = {str(row[0]): "table" if row[1] is None else str(row[1]).lower() for row in layers}
+    shown = ", ".join(repr(n) for n in names)
+    if wanted:
+        if wanted in names:
+            return wanted
+        if driver in _SINGLE_LAYER and len(names) == 1:
+            return names[0]  # a GeoJSON/Shapefile has one layer, named after the file
+        raise InputError(path, f"has no layer {wanted!r} (data.label_layer); its layers: {shown or 'none'}")
+    if len(names) <= 1:
+        return names[0] if names else None
+    # layers that can hold outlines (not points, lines, or tables without geometry)
+    polygonal = [n for n in names if "polygon" in kinds[n] or kinds[n] in ("unknown", "geometry")]
+    building = [n for n in polygonal if _BUILDING_LAYER.search(n)]
+    pick = building[0] if len(building) == 1 else polygonal[0] if len(polygonal) == 1 else None
+    if pick is None:
+        raise InputError(path, f"has {len(names)} layers ({shown}) and none is plainly the buildings (the only "
+                         "polygon layer, or the only one named like building/footprint); set data.label_layer")
+    log.warning("%s: %d layers (%s); reading %r (set data.label_layer to choose)", printable(path), len(names),
+                shown, pick)
+    return pick
+
+
+def read_vector_polygons(path: Path, crs: Any, transform: Affine, layer: str | None = None) -> list[Any]:
+    """Polygons of a GeoJSON/GPKG/Shapefile label file in output-grid pixel coordinates of a grid (`crs`,
+    `transform`).
 
     GeoJSON without a CRS is WGS84 (RFC 7946); other formats must declare one. Invalid outlines are repaired.
-    """
-    import geopandas as gpd
-    import shapely
-    from shapely import affinity
+    The file is untrusted: its format is decided from its content (`VECTOR_DRIVERS`; never an OGR VRT), a
+    CRS given as a link is refused (OGR would fetch it), a feature whose coordinates are not finite, or
+    cannot be placed in the scene's CRS, refuses the file naming the feature.
 
-    if not path.is_file():
-        raise InputError(path, "label file missing")
+    Layers (`layer` = `data.label_layer`): when given, that layer (a file without it is refused, naming its
+    layers; a GeoJSON/Shapefile, which has one layer, is read whatever its name). When not given, a file of
+    one layer is read; of several, the one polygon layer named like building/footprint (or the only polygon
+    layer), said in one warning line; else the file is refused, naming its layers.
+    """
+    import pyogrio
+    import pyogrio.raw
+    import shapely
+
+    from .geo import as_crs, reproject
+
+    check_regular_file(path, "vector labels", missing="label file missing")
+    driver = _sniff_vector(path)
+    if driver is None:
+        raise InputError(path, "unreadable vector labels: not a GeoJSON, GeoPackage or Shapefile (the file is "
+                         f"{describe_head(_head_bytes(path))}); other formats are not read")
+    if driver == "GeoJSON":
+        _check_geojson_crs(path)
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), gdal_name(path) as name:
             warnings.simplefilter("ignore")
-            gdf = gpd.read_file(path)
-    except Exception as err:  # noqa: BLE001 - pyogrio/fiona raise many types for a bad file
+            # a GeoJSON or Shapefile holds one layer: no need to list them (a GeoJSON is parsed at each open)
+            chosen = None if driver in _SINGLE_LAYER else _choose_layer(path, driver, pyogrio.list_layers(name),
+                                                                        layer)
+            opened_as = pyogrio.read_info(name, layer=chosen).get("driver")
+            if opened_as != driver:
+                raise InputError(path, f"read as {opened_as}, not {VECTOR_DRIVERS[driver]}; not read")
+            meta, _, wkb, _ = pyogrio.raw.read(name, layer=chosen, columns=[], force_2d=True)
+    except InputError:
+        raise
+    except Exception as err:  # noqa: BLE001 - pyogrio raises many types for a bad file
         raise InputError(path, f"unreadable vector labels ({one_line(err, path)})") from None
-    if len(gdf) == 0:
+    if wkb is None or len(wkb) == 0:
         return []
-    if gdf.crs is None:
-        if path.suffix.lower() in (".geojson", ".json"):
-            gdf = gdf.set_crs(WGS84)  # RFC 7946: GeoJSON coordinates are WGS84 lon/lat
-        else:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # an invalid geometry is reported below, naming the feature
+        geoms = shapely.from_wkb(np.asarray(wkb, dtype=object), on_invalid="ignore")
+    bad = np.flatnonzero(shapely.is_missing(geoms) & np.array([w is not None for w in wkb]))
+    if len(bad):
+        raise InputError(path, f"feature {int(bad[0])}: unreadable geometry (non-finite coordinates or an unclosed "
+                         f"ring){f'; {len(bad)} such features' if len(bad) > 1 else ''}")
+    src_crs = as_crs(meta.get("crs"))
+    if src_crs is None:
+        if driver != "GeoJSON":
             raise InputError(path, "vector labels have no CRS")
-    if crs is not None and not gdf.crs.equals(crs):
-        gdf = gdf.to_crs(crs)
-    geoms = []
-    for i, geom in enumerate(gdf.geometry):
+        src_crs = as_crs(WGS84)  # RFC 7946: GeoJSON coordinates are WGS84 lon/lat
+    keep = []
+    for i, geom in enumerate(geoms):
         if geom is None or geom.is_empty:
             continue
         if geom.geom_type not in ("Polygon", "MultiPolygon"):
             raise InputError(path, f"feature {i} is a {geom.geom_type}, not a polygon")
+        keep.append(i)
+    _check_finite(path, geoms, keep, "non-finite (NaN or infinite) coordinates")
+    dst = as_crs(crs)
+    if dst is not None and not src_crs.equals(dst):
+        geoms = geoms.copy()
+        geoms[keep] = reproject(geoms[keep], src_crs, dst)
+        _check_finite(path, geoms, keep, f"coordinates outside the area where {src_crs.to_string()} can be "
+                      "placed in the scene's CRS")
+    out = []
+    inv = ~transform  # CRS -> output-grid pixel coordinates
+    for i in keep:
+        geom = geoms[i]
         if not geom.is_valid:
             geom = shapely.make_valid(geom)
-        geoms.append(geom)
-    inv = ~transform  # CRS -> output-grid pixel coordinates
-    return [affinity.affine_transform(g, [inv.a, inv.b, inv.d, inv.e, inv.c, inv.f]) for g in geoms]
+        out.append(affinity.affine_transform(geom, [inv.a, inv.b, inv.d, inv.e, inv.c, inv.f]))
+    return out
+
+
+def _check_finite(path: Path, geoms: np.ndarray, keep: list[int], why: str) -> None:
+    import shapely
+
+    if not keep:
+        return
+    coords, idx = shapely.get_coordinates(geoms[keep], return_index=True)
+    bad = ~np.isfinite(coords).all(axis=1)
+    if bad.any():
+        raise InputError(path, f"feature {keep[int(idx[bad][0])]} has {why}")
+
+
+def _head_bytes(path: Path) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            return f.read(64)
+    except OSError:
+        return b""

@@ -24,7 +24,8 @@ from rasterio.errors import RasterioError
 from rasterio.windows import Window
 
 from .config import DataConfig, TileConfig
-from .errors import InputError, one_line
+from .errors import InputError, one_line, printable
+from .geo import pixel_size_m
 from .georef import WGS84, GeorefError, fit_affine, load_geotransforms, residual_px
 from .labels import (
     LabelSource,
@@ -35,8 +36,8 @@ from .labels import (
     read_vector_polygons,
     read_xview2_label,
 )
-from .rasters import open_raster
-from .sources import PLAIN_SUFFIXES, SceneSource
+from .rasters import check_local, check_regular_file, open_raster, sniff_raster
+from .sources import SceneSource
 from .targets import ClassScheme, halo_px, instance_target
 
 log = logging.getLogger(__name__)
@@ -46,6 +47,18 @@ log = logging.getLogger(__name__)
 IN_MEMORY_MAX_PX = 40_000_000
 # long side of the decimated read used for the stretch (and emptiness) of larger non-8-bit scenes
 _STATS_SIDE = 1024
+# pixels per strip when looking for a valid pixel in a large 8-bit scene (bounded memory at any width)
+_STRIP_PX = 1 << 23
+# resampling to `tile.target_gsd` enlarges a scene at most this much per side (16x the pixels): beyond it
+# the image holds nothing the model could use (a 10 m scene for a 0.5 m model is 20x: a 64 px image at
+# 1 km would become 128,000 px wide), and the work, memory and disk grow with the square of the factor.
+# Shrinking (a 5 cm drone scene for a 0.5 m model) is not bounded: it only ever makes the scene smaller.
+MAX_UPSAMPLE = 4.0
+# world files, and those GDAL reads beside each plain image format
+_WORLD_FILES = (".tfw", ".tifw", ".tiffw", ".jgw", ".jpgw", ".jpegw", ".pgw", ".pngw", ".wld", ".j2w")
+_WORLD_FILES_READ = {"PNG": (".pgw", ".pngw", ".wld"), "JPEG": (".jgw", ".jpgw", ".wld")}
+# a scene whose own GSD is more than this factor from the model's gets a warning (`gsd_warning`)
+GSD_WARN_FACTOR = 2.0
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -53,22 +66,9 @@ _STATS_SIDE = 1024
 
 
 def gsd_metres(transform: Affine, crs: CRS | None, width: int, height: int) -> float | None:
-    """Ground sample distance in metres at the scene centre (geometric mean of x and y); None in pixel space."""
-    if crs is None:
-        return None
-    cx, cy = width / 2.0, height / 2.0
-    p0, px, py = transform @ (cx, cy), transform @ (cx + 1, cy), transform @ (cx, cy + 1)
-    if crs.is_geographic:
-        from pyproj import Geod
-
-        geod = Geod(ellps="WGS84")
-        dx = geod.inv(p0[0], p0[1], px[0], px[1])[2]
-        dy = geod.inv(p0[0], p0[1], py[0], py[1])[2]
-    else:
-        factor = crs.linear_units_factor[1] if crs.linear_units_factor else 1.0
-        dx = math.hypot(px[0] - p0[0], px[1] - p0[1]) * factor
-        dy = math.hypot(py[0] - p0[0], py[1] - p0[1]) * factor
-    return float(math.sqrt(dx * dy))
+    """Ground sample distance in true metres at the scene centre (geometric mean of x and y); None in pixel
+    space. A Web Mercator pixel of 1 unit at 60 N is 0.5 m (`geo.pixel_size_m`)."""
+    return pixel_size_m(transform, crs, width, height)
 
 
 class SceneReader:
@@ -99,6 +99,10 @@ class SceneReader:
         self.warnings: list[str] = []
         try:
             self._open(tile_cfg)
+        except InputError as err:
+            self.close()
+            # a file name that is not UTF-8, or holds a newline, prints on one line anywhere
+            raise InputError(printable(err.path), printable(err.reason)) from None
         except BaseException:
             self.close()
             raise
@@ -108,11 +112,11 @@ class SceneReader:
     def _open(self, tile_cfg: TileConfig | None) -> None:
         src, cfg = self.source, self._data_cfg
         img = src.image
-        if not img.is_file():
-            raise InputError(img, "image file not found")
-        if img.stat().st_size == 0:
+        # a local regular file (not a pipe, folder or symlink loop), of a format meant as imagery, decided
+        # from its content (`footprints.rasters`: never a VRT, whatever its name)
+        if check_regular_file(img, "image").st_size == 0:
             raise InputError(img, "empty scene: the file has 0 bytes")
-        if img.suffix.lower() == ".png":
+        if sniff_raster(img) == "PNG":
             self._verify_png(img)
         self._ds = open_raster(img, "image")
         ds = self._ds
@@ -121,7 +125,7 @@ class SceneReader:
         self.src_width, self.src_height = ds.width, ds.height
         self._bands = self._band_indexes(ds)
         self._nodata = cfg.nodata if cfg.nodata is not None else (ds.nodata if ds.nodata is not None else 0)
-        self._is_plain = img.suffix.lower() in PLAIN_SUFFIXES or ds.driver in ("PNG", "JPEG")
+        self._is_plain = ds.driver in ("PNG", "JPEG")
 
         # georeference of the source grid
         label_kind = src.label_kind
@@ -135,6 +139,9 @@ class SceneReader:
 
         # output grid (target GSD)
         native_gsd = gsd_metres(src_transform, crs, ds.width, ds.height)
+        if native_gsd is not None and not (math.isfinite(native_gsd) and native_gsd > 0):
+            raise InputError(img, f"its georeference gives a pixel size of {native_gsd} m (a degenerate "
+                             "geotransform, or coordinates outside the valid area of its CRS)")
         if native_gsd is None and xview2 is not None:
             native_gsd = xview2.gsd_m
         self.native_gsd_m = native_gsd
@@ -146,6 +153,12 @@ class SceneReader:
             else:
                 scale = native_gsd / target
                 out_w, out_h = max(1, round(ds.width * scale)), max(1, round(ds.height * scale))
+                if scale > MAX_UPSAMPLE:
+                    raise InputError(img, f"ground sample distance {native_gsd:.4g} m is {scale:.4g}x coarser "
+                                     f"than the model's {target:g} m (tile.target_gsd): it would be enlarged from "
+                                     f"{ds.width}x{ds.height} to {out_w}x{out_h} px; more than {MAX_UPSAMPLE:g}x "
+                                     f"per side is refused (use imagery of {MAX_UPSAMPLE * target:g} m or finer, or "
+                                     "a model trained at this resolution)")
         self.width, self.height = out_w, out_h
         self._sx, self._sy = ds.width / out_w, ds.height / out_h  # source pixels per output pixel
         self.scale = 1.0 / math.sqrt(self._sx * self._sy)
@@ -171,7 +184,8 @@ class SceneReader:
                 polys = [affinity.scale(g, 1 / self._sx, 1 / self._sy, origin=(0, 0)) for g in polys]
             self.labels = PolygonLabels(src.label, self._band_polygons(polys))
         elif self._label_kind == "vector":
-            self.labels = PolygonLabels(src.label, read_vector_polygons(src.label, self.crs, self.transform))
+            self.labels = PolygonLabels(src.label, read_vector_polygons(src.label, self.crs, self.transform,
+                                                                        layer=cfg.label_layer))
         elif src.mask is not None:
             grid = MaskGrid(ds.width, ds.height, self._sx, self._sy, self._resampled, self._row_off)
             self.labels = MaskLabels(src.mask, grid, cfg.mask_threshold, ds.transform, img)
@@ -205,10 +219,13 @@ class SceneReader:
         try:
             with Image.open(path) as im:
                 im.verify()
+        except Image.DecompressionBombError:
+            return  # PIL's own size limit (~179 Mpx) is not ours: `footprints.rasters` judges the size
         except (OSError, SyntaxError, UnidentifiedImageError, ValueError) as err:
             raise InputError(path, f"unreadable or truncated PNG ({one_line(err)})") from None
 
     def _warn(self, message: str) -> None:
+        message = printable(message)  # a file name that is not UTF-8, or holds a newline: one printable line
         log.warning("%s", message)
         self.warnings.append(message)
 
@@ -226,10 +243,12 @@ class SceneReader:
         return bands
 
     def _georeference(self, label: XView2Label | None) -> tuple[Affine, CRS | None]:
-        """Source-grid transform and CRS: a GeoTIFF's own, the geotransforms override, or the fit."""
+        """Source-grid transform and CRS: a GeoTIFF's own, the geotransforms override, a PNG/JPEG's own (a
+        world file with a CRS in its `.aux.xml`), or the fit of an xView2 label's vertices."""
         src, cfg, ds = self.source, self._data_cfg, self._ds
         override = None
         if cfg.geotransforms:
+            check_local(cfg.geotransforms, "data.geotransforms")
             try:
                 table = load_geotransforms(cfg.geotransforms)
             except ValueError as err:
@@ -244,17 +263,21 @@ class SceneReader:
                 raise InputError(src.image, "GeoTIFF has a CRS but no geotransform")
             return ds.transform, ds.crs
         pairs = label.vertex_pairs() if label is not None else None
-        if override is not None:
-            transform, crs = override
+        own = None
+        if ds.crs is not None and not ds.transform.is_identity:
+            own = (ds.transform, ds.crs)  # a world file (.pgw/.jgw/.wld) and a CRS (.aux.xml) beside it
+        if override is not None or own is not None:
+            transform, crs = override if override is not None else own
+            which = "the geotransforms entry" if override is not None else "the image's world file and CRS"
             if pairs is not None and len(pairs[0]):
                 self.georef_rms_px = residual_px(transform, *pairs)[0]
                 if self.georef_rms_px > cfg.max_residual_px:
                     self._warn(f"{src.label}: the labels' lng_lat vertices lie {self.georef_rms_px:.2f} px "
-                               f"(RMS) from the geotransforms entry; the override is used anyway")
+                               f"(RMS) from {which}; {which} is used anyway")
             return transform, crs
         if label is None:
-            self._warn(f"{src.image}: no labels and no georeference: tiled in pixel space (no CRS); "
-                       "give data.geotransforms to place it on the map")
+            self._warn(f"{src.image}: {self._no_georeference()}: tiled in pixel space (no CRS); give "
+                       "data.geotransforms to place it on the map")
             return Affine.identity(), None
         if pairs is None or len(pairs[0]) == 0:
             raise InputError(src.label, "cannot georeference: no lng_lat vertices paired with xy vertices "
@@ -268,6 +291,23 @@ class SceneReader:
             raise InputError(src.label, f"georeference residual {fit.rms_px:.2f} px RMS exceeds "
                              f"data.max_residual_px {cfg.max_residual_px:g} ({fit.n_points} vertices)")
         return fit.transform, WGS84
+
+    def _no_georeference(self) -> str:
+        """Why a PNG/JPEG without labels has no georeference, in a few words."""
+        ds, img = self._ds, self.source.image
+        if not ds.transform.is_identity:
+            return "no labels, and its world file has no CRS beside it (add one in a .aux.xml)"
+        stem = img.name.rsplit(".", 1)[0]
+        try:
+            beside = sorted(p for p in img.parent.iterdir() if p.name.startswith(stem + "."))
+        except OSError:
+            beside = []
+        unread = [p.name for p in beside
+                  if p.suffix.lower() in _WORLD_FILES and p.suffix.lower() not in _WORLD_FILES_READ[ds.driver]]
+        if unread:
+            return (f"no labels, and {printable(unread[0])} is not a world file GDAL reads for a "
+                    f"{ds.driver} (it reads {', '.join(_WORLD_FILES_READ[ds.driver])})")
+        return "no labels and no georeference"
 
     # -- pixels ------------------------------------------------------------------------------------
 
@@ -302,21 +342,25 @@ class SceneReader:
                 near = ds.read(self._bands, window=win, out_shape=shape, resampling=Resampling.nearest)
         except RasterioError as err:
             raise InputError(self.source.image, f"cannot read pixels ({one_line(err)[:160]})") from None
-        return raw, self._validity(near)
+        valid = self._validity(near)
+        if raw is not near and np.issubdtype(raw.dtype, np.floating):
+            valid &= np.isfinite(raw).all(axis=0)  # an average or bilinear value that met a NaN or inf
+        return raw, valid
 
     def _validity(self, values: np.ndarray) -> np.ndarray:
         """Valid pixels of (bands, h, w) values: not the nodata value in every band, and, for floating
-        point imagery, no NaN in any band (NaN is never a measurement, declared as nodata or not)."""
+        point imagery, no NaN or +-inf in any band (never a measurement, declared as nodata or not)."""
         nodata = self._nodata
         if isinstance(nodata, float) and math.isnan(nodata):
             valid = np.ones(values.shape[1:], dtype=bool)
         else:
             valid = ~np.all(values == np.asarray(nodata, dtype=values.dtype), axis=0)
-        if np.issubdtype(values.dtype, np.floating):
-            valid &= ~np.isnan(values).any(axis=0)
+        if np.issubdtype(values.dtype, np.floating):  # NaN and +-inf are never measurements
+            valid &= np.isfinite(values).all(axis=0)
         return valid
 
     def _any_valid_pixel(self, strip_rows: int = 512) -> bool:
+        strip_rows = max(1, min(strip_rows, _STRIP_PX // max(self.width, 1)))
         return any(self._read_raw(r0, min(r0 + strip_rows, self.height), 0, self.width)[1].any()
                    for r0 in range(0, self.height, strip_rows))
 
@@ -349,7 +393,8 @@ class SceneReader:
             out = raw.astype(np.uint8, copy=True) if raw.dtype != np.uint8 else raw.copy()
         else:
             lo, hi = self._stretch[:, 0, None, None], self._stretch[:, 1, None, None]
-            out = np.clip((raw.astype(np.float32) - lo) / (hi - lo) * 255.0 + 0.5, 0, 255).astype(np.uint8)
+            scaled = np.clip((raw.astype(np.float32) - lo) / (hi - lo) * 255.0 + 0.5, 0, 255)
+            out = np.nan_to_num(scaled, copy=False, nan=0.0).astype(np.uint8)  # NaN pixels are invalid (0)
         out[:, ~valid] = 0
         return out
 
@@ -493,6 +538,36 @@ class SceneReader:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def gsd_warning(reader: SceneReader, model_gsd: float | None) -> str | None:
+    """One line to log when a scene's own ground sample distance is more than `GSD_WARN_FACTOR` from the
+    model's (its `tile.target_gsd`, the GSD it was trained at), else None (also when either is unknown).
+
+    A coarser scene is always worth the warning (enlarged to the model's grid it still lacks the detail the
+    model learnt from; not enlarged, its buildings look smaller than any the model saw). A finer one only
+    when it was not resampled to the model's GSD (averaging a 5 cm scene down to 0.5 m is what the model
+    expects)."""
+    native = reader.native_gsd_m
+    if not model_gsd or native is None or not math.isfinite(native) or native <= 0:
+        return None
+    ratio = native / model_gsd
+    if 1.0 / GSD_WARN_FACTOR <= ratio <= GSD_WARN_FACTOR:
+        return None
+    # resampled to the model's grid (a scene of a few pixels lands a little off it: whole pixels)
+    resampled = bool(getattr(reader, "_resampled", False)) and reader.gsd_m is not None and (
+        1.0 / GSD_WARN_FACTOR <= reader.gsd_m / model_gsd <= GSD_WARN_FACTOR)
+    image = printable(reader.source.image)
+    if ratio > 1:
+        how = ("enlarged to the model's grid, it holds less detail than the model learnt from" if resampled
+               else f"its buildings look {ratio:.4g}x smaller than the model learnt")
+        return (f"{image}: ground sample distance {native:.4g} m is {ratio:.4g}x coarser than the model's "
+                f"{model_gsd:g} m; {how}: expect poor footprints")
+    if resampled:
+        return None
+    return (f"{image}: ground sample distance {native:.4g} m is {1 / ratio:.4g}x finer than the model's "
+            f"{model_gsd:g} m and is not resampled: its buildings look {1 / ratio:.4g}x larger than the model "
+            "learnt; expect poor footprints (a checkpoint with tile.target_gsd resamples)")
 
 
 def crs_string(crs: CRS | None) -> str:

@@ -5,7 +5,8 @@
 - `truth_polygons`: the scene's truth outlines in its metric CRS, repaired (`clean_truth`): the label
   file's polygons, or a mask raster vectorised with the predictions' own cleaning (hole filling,
   simplification; no area filter: truth is truth).
-- `metric_crs`: where polygons are compared: the scene's projected CRS, or its UTM zone for lon/lat scenes.
+- `metric_crs`: where polygons are compared: the scene's projected CRS when it measures true metres, else the
+  UTM zone of its centre (lon/lat and Web Mercator scenes; `geo.metric_crs_for`).
 """
 
 from __future__ import annotations

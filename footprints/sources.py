@@ -2,16 +2,28 @@
 
 A `SceneSource` names a scene's image and its labels (an xView2 JSON, a vector file, or a mask raster);
 opening and reading it is `footprints.scenes`.
+
+Folders are untrusted too: hidden files (`.x`, and the `._x.tif` AppleDouble files macOS leaves on other
+file systems) are left out; anything else with an image's name that is no regular file (a folder, a named
+pipe, a dangling symlink) is kept, so that opening it names it and says why, one line, while the other
+scenes go on; a symlink loop is said at discovery, one line, and left out. Symlinks are followed, also out of the folder: the user running footprints can read
+their targets anyway, and only real imagery is read from them (`footprints.rasters`). A file name that is not
+UTF-8 keeps its bytes (Python's surrogate escapes); its scene id shows them as `%XX` (`safe_id`) so that every
+output name and message can be written. `data.root` and `--input` must be local paths, not URLs or GDAL
+`/vsi...` paths.
 """
 
 from __future__ import annotations
 
+import errno
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
 from .config import DataConfig
-from .errors import InputError
+from .errors import InputError, printable
+from .rasters import check_local, check_regular_file
 
 log = logging.getLogger(__name__)
 
@@ -39,10 +51,11 @@ class SceneSource:
     @property
     def scene_id(self) -> str:
         if self.name:
-            return self.name
+            return safe_id(self.name)
+        stem = safe_id(self.image.stem)
         if self.rows is not None:
-            return f"{self.image.stem}__rows{round(100 * self.rows[0]):02d}-{round(100 * self.rows[1]):03d}"
-        return self.image.stem
+            return f"{stem}__rows{round(100 * self.rows[0]):02d}-{round(100 * self.rows[1]):03d}"
+        return stem
 
     @property
     def location_id(self) -> str:
@@ -58,8 +71,54 @@ class SceneSource:
         return [str(p) for p in (self.image, self.label, self.mask) if p is not None]
 
 
+def safe_id(name: str) -> str:
+    """A file name as a scene id every output can carry: the bytes of a name that is not UTF-8, and control
+    characters, as `%XX` (`caf\\xe9.tif` -> `caf%E9`); any other name as it is."""
+    if name.isprintable():
+        return name
+    out = []
+    for ch in name:
+        if 0xDC80 <= ord(ch) <= 0xDCFF:  # a byte that was not UTF-8 (surrogateescape)
+            out.append(f"%{ord(ch) - 0xDC00:02X}")
+        elif ord(ch) < 32 or ord(ch) == 127 or 0xD800 <= ord(ch) <= 0xDFFF:
+            out.append("".join(f"%{b:02X}" for b in ch.encode("utf-8", "surrogatepass")))
+        else:
+            out.append(ch)
+    return "".join(out)
+
+
 # ---------------------------------------------------------------------------------------------------
 # discovery
+
+
+def _hidden(path: Path) -> bool:
+    """A hidden file (`.x`), e.g. a macOS AppleDouble `._x.tif` (resource fork, not an image)."""
+    return path.name.startswith(".")
+
+
+def _visible(paths: list[Path], folder: Path) -> list[Path]:
+    """`paths` less the hidden files (said in one debug line), sorted."""
+    hidden = [p for p in paths if _hidden(p)]
+    if hidden:
+        log.debug("%s: %d hidden file(s) left out (e.g. %s)", printable(folder), len(hidden),
+                  printable(hidden[0].name))
+    return sorted(p for p in paths if not _hidden(p))
+
+
+def _kept(path: Path) -> bool:
+    """A regular file, or something with an image's name that is not one (a folder, a pipe, a dangling
+    symlink): kept so that opening it names it and says why. A symlink loop is said here, in one error line,
+    and left out (it names no file at all, and resolving it fails everywhere); plain absence is dropped."""
+    if not os.path.lexists(path):
+        return False
+    if path.is_symlink():
+        try:
+            os.stat(path)
+        except OSError as err:
+            if err.errno == errno.ELOOP:
+                log.error("%s: image is a symlink loop (skipped)", printable(path))
+                return False
+    return True
 
 
 def _is_post(path: Path) -> bool:
@@ -78,9 +137,10 @@ def _sources_in(folder: Path, subset: str | None, cfg: DataConfig) -> list[Scene
     if not images_dir.is_dir():
         raise InputError(images_dir, "images folder not found")
     pattern = cfg.image_glob or ("*.png" if cfg.format == "xview2" else "*.tif")
-    images = sorted(p for p in images_dir.glob(pattern) if p.is_file() and not p.name.startswith("."))
+    found = list(images_dir.glob(pattern))
     if cfg.format == "geotiff" and not cfg.image_glob:
-        images += sorted(p for p in images_dir.glob("*.tiff") if p.is_file())
+        found += list(images_dir.glob("*.tiff"))
+    images = [p for p in _visible(found, images_dir) if _kept(p)]
     if cfg.format == "xview2" and not cfg.use_post_disaster:
         skipped = [p for p in images if _is_post(p)]
         if skipped:
@@ -115,9 +175,10 @@ def discover_scenes(data_cfg: DataConfig) -> list[SceneSource]:
     A labels folder that exists but lacks one scene's file keeps the expected path, so that opening the
     scene reports the missing file by name.
     """
+    check_local(data_cfg.root, "data.root")
     root = Path(data_cfg.root)
     if not root.is_dir():
-        raise InputError(root, "data root not found")
+        raise InputError(printable(root), "data root not found")
     sources: list[SceneSource] = []
     if data_cfg.subsets:
         for subset in data_cfg.subsets:
@@ -128,8 +189,8 @@ def discover_scenes(data_cfg: DataConfig) -> list[SceneSource]:
     unique = []
     for src in sources:
         if src.scene_id in seen:
-            log.warning("%s: duplicate scene id %r (also %s); kept the first", src.image, src.scene_id,
-                        seen[src.scene_id].image)
+            log.warning("%s: duplicate scene id %r (also %s); kept the first", printable(src.image), src.scene_id,
+                        printable(seen[src.scene_id].image))
             continue
         seen[src.scene_id] = src
         unique.append(src)
@@ -141,13 +202,21 @@ def sources_from_paths(paths: list[str | Path], data_cfg: DataConfig) -> list[Sc
     (`../labels/<stem>.json` for PNGs; `../<labels_dir>` or `../<masks_dir>` for GeoTIFFs) when present."""
     out: list[SceneSource] = []
     for raw in paths:
+        check_local(raw, "input")
         path = Path(raw)
         if path.is_dir():
-            files = sorted(p for p in path.iterdir() if p.suffix.lower() in RASTER_SUFFIXES | PLAIN_SUFFIXES)
-        elif path.is_file():
+            try:
+                entries = list(path.iterdir())
+            except OSError as err:
+                raise InputError(printable(path), f"cannot list the folder ({err.strerror or err})") from None
+            named = [p for p in entries if p.suffix.lower() in RASTER_SUFFIXES | PLAIN_SUFFIXES]
+            files = [p for p in _visible(named, path) if _kept(p)]
+        elif os.path.lexists(path):
+            if path.is_symlink() and not path.exists():
+                check_regular_file(path, "input")  # a symlink loop or a dangling symlink: says which
             files = [path]
         else:
-            raise InputError(path, "no such file or folder")
+            raise InputError(printable(path), "no such file or folder")
         for img in files:
             parent = img.parent.parent
             label = mask = kind = None
@@ -175,9 +244,12 @@ def unique_sources(sources: list[SceneSource]) -> list[SceneSource]:
 
     seen: dict[Path, SceneSource] = {}
     for src in sources:
-        key = src.image.resolve()
+        try:
+            key = src.image.resolve()
+        except (OSError, RuntimeError):  # a symlink loop: opening it says so
+            key = Path(os.path.abspath(src.image))
         if key in seen:
-            log.warning("%s: given more than once; predicted once", src.image)
+            log.warning("%s: given more than once; predicted once", printable(src.image))
             continue
         seen[key] = src
     kept = list(seen.values())
@@ -189,13 +261,13 @@ def unique_sources(sources: list[SceneSource]) -> list[SceneSource]:
             out.append(src)
             taken.add(src.scene_id)
             continue
-        name = f"{src.image.parent.name}__{src.scene_id}"
+        name = safe_id(f"{src.image.parent.name}__{src.scene_id}")
         k = 2
         while name in taken or name in counts:
-            name = f"{src.image.parent.name}__{src.scene_id}_{k}"
+            name = safe_id(f"{src.image.parent.name}__{src.scene_id}_{k}")
             k += 1
-        log.warning("%s: another input image is also named %s; its outputs are named %s", src.image,
-                    src.image.name, name)
+        log.warning("%s: another input image is also named %s; its outputs are named %s", printable(src.image),
+                    printable(src.image.name), name)
         out.append(dataclasses.replace(src, name=name))
         taken.add(name)
     return out

@@ -13,7 +13,8 @@ Method, in order: threshold (`prob >= threshold`, inside the valid mask) -> 4-co
 component, in exact integer scene-pixel coordinates) and per-component sum/count/max of the probability
 while the block is in memory -> pieces that touch an inner block border are dissolved across blocks (union,
 then split into parts, so pieces touching only at a corner stay apart as 4-connectivity says; statistics
-summed) -> the scene affine -> in a metric CRS (the raster's own when projected, else its UTM zone):
+summed) -> the scene affine -> in a metric CRS (the raster's own when it measures true metres, else the UTM
+zone of its centre: lon/lat, Web Mercator; `geo.metric_crs_for`):
 holes smaller than `hole_area_m2` filled, simplified with tolerance `simplify_px` pixels (topology
 preserving), repaired with `make_valid` where needed, polygons below `min_area_m2` dropped -> back to the
 raster CRS. `mean_prob`/`max_prob` are taken over the above-threshold pixels that make up the polygon.
@@ -48,7 +49,7 @@ from scipy import ndimage
 from .blocks import iter_blocks
 from .contracts.footprint_files import empty_footprints
 from .contracts.probability import prob_scale, threshold_raw
-from .geo import apply_affine, as_crs, reproject, utm_for_raster
+from .geo import apply_affine, as_crs, metric_crs_for, reproject
 from .instances import MAX_COMPONENT_PX, instance_pieces, label_pieces
 
 log = logging.getLogger(__name__)
@@ -58,19 +59,23 @@ _FOUR = ndimage.generate_binary_structure(2, 1)  # 4-connectivity, as rasterio.f
 
 
 class _Metric:
-    """Where the cleaning happens: a CRS in metres (or pixel space) and its scale to metres."""
+    """Where the cleaning happens: a CRS in metres (or pixel space) and its scale to metres.
+
+    The work CRS is `geo.metric_crs_for`: the raster's own when it measures true metres (UTM, national grids),
+    else the UTM zone of the scene's centre (lon/lat; Web Mercator, whose "metres" are 2x too long at 60 N)."""
 
     def __init__(self, transform: Affine, crs: ProjCRS | None, width: int, height: int,
                  pixel_size_m: float | None):
         self.src = crs
         px_units = math.sqrt(abs(transform.a * transform.e - transform.b * transform.d))
+        work = metric_crs_for(transform, crs, width, height) if crs is not None else None
         if crs is None:
             # pixel space (an xView2 PNG without georeference): metres only if the caller knows the GSD
             self.work = None
             self.m_per_unit = (pixel_size_m / px_units) if pixel_size_m else None
             self.px = px_units
-        elif crs.is_geographic:
-            self.work = utm_for_raster(transform, crs, width, height)
+        elif work != crs:
+            self.work = work
             self.m_per_unit = 1.0
             # pixel size in metres at the scene centre (areas are never measured in degrees)
             cx, cy = width / 2.0, height / 2.0
@@ -360,7 +365,7 @@ def polygons_from_probability(
     valid or None)` with the raster `shape=(height, width)` (e.g. a scene reader's truth mask, so that truth
     masks are vectorised exactly like predictions, block by block). `valid_mask`: bool array, False =
     never a building (nodata, padding). `threshold` in 0..1, a pixel is a building when p >= threshold.
-    Areas are in square metres (a UTM zone for geographic rasters); in pixel space (`crs` None) areas
+    Areas are in true square metres (the UTM zone for lon/lat and Web Mercator rasters); in pixel space (`crs` None) areas
     and the area filter need `pixel_size_m`, else `area_m2` is NaN and no area filter applies.
     Returns a GeoDataFrame in the raster CRS: scene, area_m2, mean_prob, max_prob, geometry (Polygon).
 

@@ -221,7 +221,11 @@ def check_writable(folder: str | Path, what: str = "--output") -> None:
 def path_key(path: str | Path) -> str:
     """What identifies a path's file by name: absolute, links followed, case folded (macOS and Windows
     file systems ignore case, so two names that differ only by it are one file there)."""
-    return os.path.normcase(str(Path(path).resolve())).casefold()
+    try:
+        resolved = str(Path(path).resolve())
+    except (OSError, RuntimeError):  # a symlink loop: the name itself identifies it
+        resolved = os.path.abspath(path)
+    return os.path.normcase(resolved).casefold()
 
 
 def file_id(path: str | Path) -> tuple[int, int] | None:

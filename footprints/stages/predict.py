@@ -168,7 +168,7 @@ def predict_source(
 ) -> dict[str, Any]:
     """One scene: probability COG, then polygons as `<scene>.geojson` (RFC 7946) and `<scene>.gpkg`
     (layer `footprints`, and `footprints_raw` with the outlines before regularisation)."""
-    from ..scenes import open_scene
+    from ..scenes import gsd_warning, open_scene
 
     sp = ScenePaths(Path(out_dir), source.scene_id)
     vector = {"threshold": threshold, "seed_threshold": seed_threshold, "min_area_m2": min_area_m2,
@@ -178,6 +178,9 @@ def predict_source(
     if not overwrite and is_fresh(sp.record, key):
         return {**(read_record(sp.record) or {}), "skipped": True}
     with open_scene(source, settings.data, settings.tile) as reader:
+        note = gsd_warning(reader, settings.tile.target_gsd)
+        if note:
+            log.warning("%s", note)
         vector_s = 0.0
 
         def vectorise(prob: Path) -> Any:
@@ -200,7 +203,8 @@ def predict_source(
         if settings.regularize:
             from ..regularize import regularize_footprints
 
-            gdf = regularize_footprints(raw, pixel_size_m=reader.gsd_m)
+            gdf = regularize_footprints(raw, pixel_size_m=reader.gsd_m, metric_crs=gpkg_crs_for_raster(
+                reader.transform, reader.crs, reader.width, reader.height))
         else:
             gdf = raw
         out_crs = gpkg_crs_for_raster(reader.transform, reader.crs, reader.width, reader.height)
