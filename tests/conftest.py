@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -27,3 +30,26 @@ def vgg_weights(shared_dir: Path) -> Path:
     if not path.is_file():
         pytest.skip(f"{path} is absent")
     return path
+
+
+@pytest.fixture()
+def read_only_dir(tmp_path: Path) -> Iterator[tuple[Path, str]]:
+    """A folder nothing can be written into, and the reason a write there fails: a read-only tmpfs mounted
+    on it when running as root (root writes through permissions), else mode 0555."""
+    folder = tmp_path / "read-only"
+    folder.mkdir()
+    mounted = False
+    if os.geteuid() == 0:
+        mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=64k", "tmpfs", str(folder)],
+                                 capture_output=True).returncode == 0
+        if not mounted:
+            pytest.skip("running as root without the right to mount a read-only file system")
+    else:
+        folder.chmod(0o555)
+    try:
+        yield folder, "read-only file system" if mounted else "permission denied"
+    finally:
+        if mounted:
+            subprocess.run(["umount", str(folder)], capture_output=True)
+        else:
+            folder.chmod(0o755)  # so that pytest can remove it

@@ -542,46 +542,20 @@ def test_output_root_under_a_missing_parent_is_made(tmp_path: Path, fake: Path) 
     assert (tmp_path / "a" / "b" / "c" / "r" / "tile" / "out.txt").is_file()
 
 
-def test_output_root_that_cannot_be_written_is_one_line(tmp_path: Path, fake: Path,
+def test_output_root_that_cannot_be_written_is_one_line(read_only_dir: tuple[Path, str], fake: Path,
                                                         capsys: pytest.CaptureFixture[str]) -> None:
-    out = tmp_path / "ro"
-    out.mkdir()
-    mounted = False
-    if os.geteuid() == 0:  # root writes through permissions: a read-only file system stops it
-        mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=64k", "tmpfs", str(out)]).returncode == 0
-        if not mounted:
-            pytest.skip("running as root without the right to mount a read-only file system")
-    else:
-        out.chmod(0o555)
-    try:
-        code, line = cli(capsys, "tile", "--set", f"output_root={out}", "--set", "name=r")
-    finally:
-        if mounted:
-            subprocess.run(["umount", str(out)])
-    reason = "read-only file system" if mounted else "permission denied"
+    out, reason = read_only_dir
+    code, line = cli(capsys, "tile", "--set", f"output_root={out}", "--set", "name=r")
     assert code == 2 and line == f"footprints: error: {reason} (cannot write {out / 'r'})"
 
 
-def test_predict_output_in_a_folder_that_cannot_be_written(tmp_path: Path, fake: Path,
-                                                            capsys: pytest.CaptureFixture[str]) -> None:
-    out = tmp_path / "ro"
-    out.mkdir()
-    mounted = False
-    if os.geteuid() == 0:
-        mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=64k", "tmpfs", str(out)]).returncode == 0
-        if not mounted:
-            pytest.skip("running as root without the right to mount a read-only file system")
-    else:
-        out.chmod(0o555)
+def test_predict_output_in_a_folder_that_cannot_be_written(tmp_path: Path, read_only_dir: tuple[Path, str],
+                                                            fake: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out, reason = read_only_dir
     scene = tmp_path / "scene.tif"
     scene.write_bytes(b"")
-    try:
-        code, line = cli(capsys, "predict", "--input", str(scene), "--output", str(out / "fp.geojson"),
-                         "--set", f"output_root={tmp_path / 'runs'}")
-    finally:
-        if mounted:
-            subprocess.run(["umount", str(out)])
-    reason = "read-only file system" if mounted else "permission denied"
+    code, line = cli(capsys, "predict", "--input", str(scene), "--output", str(out / "fp.geojson"),
+                     "--set", f"output_root={tmp_path / 'runs'}")
     assert code == 2 and line == f"footprints: error: {reason} (cannot write {out})"
 
 

@@ -67,7 +67,8 @@ def _bench_config(cfg: Config, root: Path, data: Path, n: int) -> dict[str, Any]
     # a shard is what the features stage holds in memory: 2 patches, so that the smallest size fills one
     d["features"].update(per_class=16, device="cpu", shard_patches=2)
     d["classifier"].update(epochs=1, hidden=64, baseline=False, device="cpu")
-    d["segmenter"].update(epochs=1, batch_size=4, num_workers=0, overlays=1, device="cpu", checkpoint_every=0,
+    # batches of 2: the smallest size (2 training patches) has a full batch, like every larger one
+    d["segmenter"].update(epochs=1, batch_size=2, num_workers=0, overlays=1, device="cpu", checkpoint_every=0,
                           max_steps_per_epoch=0, amp=False, compile=False)
     # calibration on at most 2 of the 1 / 4 / 16 validation scenes: the cap is reached at 4N and 16N
     d["predict"].update(calibration_scenes=2, batch_size=4, device="cpu", block_size=2048,
