@@ -3,6 +3,9 @@
 Every key has a type and a default; an unknown key or a value of the wrong type is a one-line
 `ConfigError` naming the file and the dotted key. Relative paths are resolved against the current
 working directory (run.sh runs from the repository root, SLURM jobs from the submit directory).
+
+Long: every stage's config dataclass, their value ranges and the validation of hostile YAML live together,
+so that one file says what a config may hold (issue 24 splits the validation from the dataclasses).
 """
 
 from __future__ import annotations

@@ -7,6 +7,9 @@ window handed to the reader is in output-grid pixels and may reach outside the s
 pixels outside the scene or equal to nodata come back as `valid=False`, RGB 0, mask 255.
 
 Bad input raises `InputError(path, reason)` naming the offending file (image, label or mask).
+
+Long: the reader, its resampling to a target GSD and the GSD and size checks of untrusted scenes share one
+output grid and change together (issue 24 regroups the scene modules).
 """
 
 from __future__ import annotations

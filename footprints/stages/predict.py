@@ -19,6 +19,9 @@ Threshold and minimum area come from the config, or from a calibration on the va
 (`footprints.calibration`, stored in `predict/calibration.json` and beside the checkpoint). Scenes given
 with `--checkpoint` and `--input` never calibrate: they read the calibration stored beside the checkpoint
 (or the run's, or the config's values), and rewrite none.
+
+Long: the stage's two modes (a run's test split, `--input` scenes), calibration and the checks of every
+output path are one flow; issue 24 moves calibration and the output checks into their own modules.
 """
 
 from __future__ import annotations
