@@ -93,15 +93,10 @@ def labelled_scene(root: Path, name: str = "scene") -> tuple[Path, Path]:
 
 def segmenter_checkpoint(path: Path, config: dict[str, Any] | None = None, nan: bool = False) -> Path:
     """A tiny real segmenter checkpoint (random VGG pool layers, hidden 8), optionally with a NaN weight."""
-    from footprints.backbone import hypercolumn_channels, resolve_layers
-    from footprints.segmenter import build_segmenter
+    from train_fixtures import tiny_segmenter
 
-    layers = resolve_layers("pool")
-    meta = {"layers": layers, "in_channels": hypercolumn_channels(layers), "hidden": 8, "stride": 2,
-            "backbone": {"weights": "random", "normalization": "torchvision"}, "target_gsd": None,
-            "tile_size": TILE}
-    torch.manual_seed(0)
-    state = build_segmenter(meta).state_dict()
+    model, meta = tiny_segmenter(8, TILE)
+    state = model.state_dict()
     if nan:
         name = next(k for k, v in state.items() if v.is_floating_point() and v.numel() > 1)
         state[name] = state[name].clone()

@@ -455,15 +455,10 @@ def test_rerun_skips_done_scenes_revectorises_on_new_threshold_and_reports_a_bad
 
 
 def test_real_segmenter_checkpoint_predicts_and_blocks_agree(tmp_path: Path):
-    from footprints.backbone import hypercolumn_channels, resolve_layers
-    from footprints.segmenter import build_segmenter
+    from train_fixtures import tiny_segmenter
 
-    layers = resolve_layers("pool")
-    meta = {"layers": layers, "in_channels": hypercolumn_channels(layers), "hidden": 16, "stride": 2,
-            "backbone": {"weights": "random", "normalization": "torchvision"}, "target_gsd": None,
-            "tile_size": TILE}
-    torch.manual_seed(0)
-    model = build_segmenter(meta).eval()
+    model, meta = tiny_segmenter(16, TILE)
+    model.eval()
     ckpt = tmp_path / "best.pt"
     torch.save({"model": model.state_dict(), "meta": meta, "config": {}}, ckpt)
     scene = _write_tif(tmp_path / "images" / "real.tif", _texture(112, 100, seed=7), UTM, "EPSG:32631")

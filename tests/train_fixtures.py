@@ -118,3 +118,17 @@ def run_cli(config: Path, *args: str, env: dict[str, str] | None = None, hook: s
 
 def load(path: Path) -> dict:
     return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def tiny_segmenter(hidden: int, tile_size: int) -> tuple[torch.nn.Module, dict]:
+    """A tiny real segmenter (random VGG16 pool layers, seeded) and its checkpoint meta: for tests that need a
+    checkpoint file predict can load, without training one."""
+    from footprints.backbone import resolve_layers
+    from footprints.segmenter import build_segmenter
+
+    layers = resolve_layers("pool")
+    meta = {"layers": layers, "in_channels": hypercolumn_channels(layers), "hidden": hidden, "stride": 2,
+            "backbone": {"weights": "random", "normalization": "torchvision"}, "target_gsd": None,
+            "tile_size": tile_size}
+    torch.manual_seed(0)
+    return build_segmenter(meta), meta
