@@ -17,7 +17,7 @@ from typing import Any
 from .benchmarks import BENCHMARKS
 from .config import ConfigError, load_config
 from .contracts.paths import STAGES
-from .errors import FootprintsError, Preempted, describe_failure
+from .errors import FootprintsError, Preempted, describe_failure, printable
 from .runner import run_all, run_cv, run_stage
 
 log = logging.getLogger("footprints")
@@ -216,11 +216,11 @@ def main(argv: list[str] | None = None, **stage_options: Any) -> int:
         log.warning("%s", err)
         return Preempted.exit_code
     except (FootprintsError, ConfigError) as err:
-        print(f"footprints: error: {_one_line(err)}", file=sys.stderr)
+        print(f"footprints: error: {printable(err)}", file=sys.stderr)
         return 2
     except OSError as err:  # a folder that cannot be written, a full disk
         log.debug("I/O failure", exc_info=True)
-        print(f"footprints: error: {_one_line(describe_failure(err))}", file=sys.stderr)
+        print(f"footprints: error: {printable(describe_failure(err))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("footprints: interrupted", file=sys.stderr)
@@ -228,16 +228,10 @@ def main(argv: list[str] | None = None, **stage_options: Any) -> int:
     except Exception as err:  # a bug: one line here, the traceback in the debug log
         log.debug("unexpected failure", exc_info=True)
         where = f"traceback in {debug_log}" if debug_log else "run with -v for the traceback in " + str(DEBUG_LOG)
-        print(f"footprints: error: internal error {type(err).__name__}: {_one_line(err)[:500]} ({where})",
+        print(f"footprints: error: internal error {type(err).__name__}: {printable(err)[:500]} ({where})",
               file=sys.stderr)
         return 1
     return 0
-
-
-def _one_line(message: object) -> str:
-    """A message on one line whatever it quotes (a file name may hold a line break or a control character)."""
-    text = str(message)
-    return "".join(c if c.isprintable() or c == " " else repr(c)[1:-1] for c in text)
 
 
 def exit_process(code: int) -> None:

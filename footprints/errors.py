@@ -80,16 +80,16 @@ def one_line(err: BaseException, path: Path | None = None) -> str:
     return " ".join(text.split())[:200] or type(err).__name__
 
 
-
-def printable(text: str | Path) -> str:
-    """A path (or a message holding one) that prints on one line anywhere: the bytes of a file name that is
-    not UTF-8 (lone surrogates, as os.fsdecode keeps them) as `\\xNN`, control characters (a newline in a
-    file name) as `\\n`, `\\x1b`, ..., instead of failing to encode or breaking the line."""
+def printable(text: object) -> str:
+    """Text (a path, or a message holding one) that prints on one line anywhere: the bytes of a file name that
+    is not UTF-8 (lone surrogates, as os.fsdecode keeps them) as `\\xNN`, and every character that is not
+    printable (a newline in a file name, a NUL, a line separator) as its escape (`\\n`, `\\x00`, `\\u2028`),
+    instead of failing to encode or breaking the line."""
     text = str(text)
     try:
         text = text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
     except UnicodeEncodeError:  # a lone surrogate that no file name produced
         text = text.encode("utf-8", "backslashreplace").decode("utf-8")
-    if any(ord(c) < 32 or ord(c) == 127 for c in text):
-        text = "".join(repr(c)[1:-1] if ord(c) < 32 or ord(c) == 127 else c for c in text)
+    if not text.isprintable():
+        text = "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
     return text
