@@ -84,12 +84,12 @@ class SplitReader:
         self.sizes = [int(layout["y"][1][0]) for layout in self._layout]
         self.n = sum(self.sizes)
         step = max(1, int(chunk_rows))
-        self.chunk_list = [(k, start, min(start + step, size)) for k, size in enumerate(self.sizes)
-                           for start in range(0, size, step)]
+        self._chunks = tuple((k, start, min(start + step, size)) for k, size in enumerate(self.sizes)
+                             for start in range(0, size, step))
 
-    def chunks(self) -> list[tuple[int, int, int]]:
+    def chunks(self) -> tuple[tuple[int, int, int], ...]:
         """(shard index, first row, end row) of every piece, in file order."""
-        return list(self.chunk_list)
+        return self._chunks
 
     def read(self, chunk: tuple[int, int, int], out: np.ndarray | None = None) -> dict[str, np.ndarray]:
         """X (rows, C) float32 (into `out` when given), y int64, w float32 of one piece."""
@@ -116,9 +116,9 @@ class SplitReader:
         ys: list[np.ndarray] = []
         ws: list[np.ndarray] = []
         filled = 0
-        order = range(len(self.chunk_list)) if self.n <= rows else rng.permutation(len(self.chunk_list))
+        order = range(len(self._chunks)) if self.n <= rows else rng.permutation(len(self._chunks))
         for i in order:
-            k, start, stop = self.chunk_list[i]
+            k, start, stop = self._chunks[i]
             while start < stop:  # a piece larger than the room left is split across fills
                 take = min(stop - start, len(X) - filled)
                 piece = self.read((k, start, start + take), out=X[filled : filled + take])

@@ -60,7 +60,7 @@ def assemble_manifest(tile_dir: Path, scene_ids: Sequence[str], splits: dict[str
         for sid in scene_ids:
             rows = read_rows(Path(tile_dir) / "scenes" / f"{sid}.csv")
             split = splits[sid]
-            t = totals.setdefault(split, {"scenes": 0, "patches": 0, "building_px": 0, "background_px": 0})
+            t = totals[split]  # one of SPLITS: the tile stage assigns nothing else
             t["scenes"] += 1 if rows else 0
             for row in rows:
                 row["split"] = split
