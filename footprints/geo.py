@@ -3,7 +3,9 @@
 Areas and simplification tolerances are measured in metres, never in degrees, and never in the "metres" of a
 projection that stretches them: a scene in lon/lat, or in a projected CRS whose areas at the scene are more
 than `AREA_TOLERANCE` from true (Web Mercator: 4x at 60 N), is measured in the UTM zone of its centre
-(`metric_crs_for`); a UTM or national-grid scene is measured in its own CRS.
+(`metric_crs_for`); a UTM or national-grid scene is measured in its own CRS. A scene's GeoPackage is written in
+that same CRS (`write_gpkg(..., crs=metric_crs_for(...))`, so that even an empty layer of a lon/lat scene is in
+UTM).
 """
 
 from __future__ import annotations
@@ -147,12 +149,3 @@ def pixel_size_m(transform: Affine, crs: Any, width: int, height: int) -> float 
         dx = geod.inv(lon[0], lat[0], lon[1], lat[1])[2]
         dy = geod.inv(lon[0], lat[0], lon[2], lat[2])[2]
     return float(math.sqrt(dx * dy))
-
-
-def gpkg_crs_for_raster(transform: Affine, crs: Any, width: int, height: int) -> ProjCRS | None:
-    """CRS of a scene's GeoPackage: `metric_crs_for` (the scene's own when it measures true metres, else the
-    UTM zone of its centre: a lon/lat or Web Mercator scene's GeoPackage is in UTM).
-
-    Pass it as `write_gpkg(..., crs=)` so that even an empty layer of such a scene is in UTM.
-    """
-    return metric_crs_for(transform, crs, width, height)

@@ -22,7 +22,7 @@ from rasterio.windows import Window
 from .blocks import iter_blocks
 from .contracts.probability import threshold_mask
 from .errors import InputError
-from .geo import gpkg_crs_for_raster
+from .geo import metric_crs_for
 from .matching import clean_truth
 from .metrics import confusion
 from .vectorize import polygons_from_probability
@@ -30,7 +30,7 @@ from .vectorize import polygons_from_probability
 
 def metric_crs(reader: Any) -> Any:
     """The CRS polygons of a scene are compared in (None in pixel space)."""
-    return gpkg_crs_for_raster(reader.transform, reader.crs, reader.width, reader.height)
+    return metric_crs_for(reader.transform, reader.crs, reader.width, reader.height)
 
 
 def pixel_counts(reader: Any, prob_path: Path, thresholds: Sequence[float],

@@ -16,7 +16,7 @@ from footprints.contracts.footprint_files import write_geojson, write_gpkg
 from footprints.contracts.freshness import write_record
 from footprints.contracts.manifest import read_manifest
 from footprints.contracts.paths import RunPaths, ScenePaths
-from footprints.geo import gpkg_crs_for_raster
+from footprints.geo import metric_crs_for
 from footprints.matching import match_polygons, polygon_scores
 from footprints.scenes import open_scene
 from footprints.scoring import truth_polygons
@@ -138,7 +138,7 @@ def _write_predictions(cfg, kind: str) -> list[str]:
                 tp = r.truth_polygons()
                 gdf = tp.assign(scene=r.scene_id, area_m2=1.0, mean_prob=1.0, max_prob=1.0)
             write_gpkg(gdf, pred_dir / f"{r.scene_id}.gpkg",
-                       crs=gpkg_crs_for_raster(r.transform, r.crs, r.width, r.height))
+                       crs=metric_crs_for(r.transform, r.crs, r.width, r.height))
             layers.append(gdf.to_crs(4326))
     import pandas as pd
 

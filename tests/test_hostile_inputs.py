@@ -27,7 +27,7 @@ from torch import nn
 
 from footprints.config import DataConfig, TileConfig, load_config
 from footprints.errors import InputError
-from footprints.geo import gpkg_crs_for_raster
+from footprints.geo import metric_crs_for
 from footprints.scenes import gsd_warning, open_scene
 from footprints.sources import SceneSource, discover_scenes, sources_from_paths
 from footprints.stages.predict import run as run_predict
@@ -261,7 +261,7 @@ def test_2_web_mercator_at_60n_measures_true_metres_like_utm(tmp_path: Path):
     assert utm == pytest.approx(256.0, rel=0.03)
     assert merc == pytest.approx(utm, rel=0.01)
     geoms, transform, _ = _same_scene_in("EPSG:3857")
-    assert gpkg_crs_for_raster(transform, "EPSG:3857", 200, 200).to_epsg() == 32633
+    assert metric_crs_for(transform, "EPSG:3857", 200, 200).to_epsg() == 32633
 
 
 def test_2_predict_on_a_web_mercator_scene_writes_true_areas_in_a_utm_geopackage(tmp_path: Path):

@@ -16,7 +16,7 @@ from pyproj import CRS, Geod
 from footprints.benchmarks.vectorize import bench_vectorize
 from footprints.config import Config
 from footprints.contracts.footprint_files import write_geojson, write_gpkg
-from footprints.geo import gpkg_crs_for_raster, utm_crs_for
+from footprints.geo import metric_crs_for, utm_crs_for
 from footprints.vectorize import polygons_from_probability
 
 # 0.5 m pixels in UTM 23S, top-left corner in Rio de Janeiro (about 43.2 W, 22.9 S)
@@ -94,7 +94,7 @@ def test_gpkg_of_lonlat_scene_is_utm(tmp_path: Path):
     prob[5:25, 5:30] = 255
     gdf = polygons_from_probability(prob, tf, "EPSG:4326", threshold=0.5, scene="ll")
     assert gdf.crs == CRS.from_epsg(4326)
-    target = gpkg_crs_for_raster(tf, "EPSG:4326", 40, 40)
+    target = metric_crs_for(tf, "EPSG:4326", 40, 40)
     assert target == CRS.from_epsg(32723)
     info = pyogrio.read_info(write_gpkg(gdf, tmp_path / "a.gpkg", crs=target), layer="footprints")
     assert CRS.from_user_input(info["crs"]) == CRS.from_epsg(32723) and info["features"] == 1

@@ -65,7 +65,7 @@ from ..contracts.paths import (
 )
 from ..device import resolve_device
 from ..errors import FootprintsError, InputError, StageError, as_input_error, disk_full
-from ..geo import gpkg_crs_for_raster
+from ..geo import metric_crs_for
 from ..inference import Model, predict_scene
 from ..sources import SceneSource
 from ..targets import SCHEMES, ClassScheme, scheme_for
@@ -203,14 +203,14 @@ def predict_source(
         if reused:
             raw = vectorise(prob_path)
         t0 = time.perf_counter()
+        # true metres: where outlines are regularised, and the GeoPackage's CRS
+        out_crs = metric_crs_for(reader.transform, reader.crs, reader.width, reader.height)
         if settings.regularize:
             from ..regularize import regularize_footprints
 
-            gdf = regularize_footprints(raw, pixel_size_m=reader.gsd_m, metric_crs=gpkg_crs_for_raster(
-                reader.transform, reader.crs, reader.width, reader.height))
+            gdf = regularize_footprints(raw, pixel_size_m=reader.gsd_m, metric_crs=out_crs)
         else:
             gdf = raw
-        out_crs = gpkg_crs_for_raster(reader.transform, reader.crs, reader.width, reader.height)
         write_geojson(gdf, sp.geojson)
         write_gpkg(gdf, sp.gpkg, crs=out_crs, more_layers={RAW_LAYER: raw} if settings.regularize else None)
         result = {
