@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..errors import StageError
+from ..errors import StageError, printable
 
 TILE = "tile"
 FEATURES = "features"
@@ -182,12 +182,6 @@ def reserved_scene_id(scene_id: str) -> str | None:
     return None
 
 
-def shown(path: str | Path) -> str:
-    """A path for a one-line message: as it is, or quoted with escapes when it holds control characters."""
-    text = str(path)
-    return repr(text) if any(ord(c) < 32 or ord(c) == 127 for c in text) else text
-
-
 def check_output_text(path: str | Path, what: str = "--output") -> Path:
     """`path` as a Path; a path with a control character (NUL, newline, tab, ...) is refused."""
     text = os.fspath(path)
@@ -207,15 +201,15 @@ def check_writable(folder: str | Path, what: str = "--output") -> None:
             break
         p = p.parent
     if p.exists() and not p.is_dir():
-        raise StageError(f"{shown(p)}: not a folder (cannot put the {what} files in it)")
+        raise StageError(f"{printable(p)}: not a folder (cannot put the {what} files in it)")
     try:
         read_only = bool(os.statvfs(p).f_flag & os.ST_RDONLY)
     except OSError:
         read_only = False
     if read_only:
-        raise StageError(f"read-only file system (cannot write {shown(p)})")
+        raise StageError(f"read-only file system (cannot write {printable(p)})")
     if not os.access(p, os.W_OK | os.X_OK):
-        raise StageError(f"permission denied (cannot write {shown(p)})")
+        raise StageError(f"permission denied (cannot write {printable(p)})")
 
 
 def path_key(path: str | Path) -> str:

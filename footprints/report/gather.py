@@ -19,8 +19,8 @@ from typing import Any
 from affine import Affine
 
 from ..contracts.freshness import read_record
-from ..contracts.paths import RunPaths, ScenePaths, check_output_text, shown
-from ..errors import StageError
+from ..contracts.paths import RunPaths, ScenePaths, check_output_text
+from ..errors import StageError, printable
 from .html import MAX_BYTES, MAX_SIDE, ReportScene, check_report_path, write_report
 from .selection import MAX_SCENES, choose_scenes
 
@@ -287,7 +287,7 @@ def run_report(
     else:
         geojson = check_output_text(predictions, "report --predictions")
         if not geojson.is_file():
-            raise StageError(f"{shown(geojson)}: no such GeoJSON (give the file `predict --input ... --output` "
+            raise StageError(f"{printable(geojson)}: no such GeoJSON (give the file `predict --input ... --output` "
                              "wrote)")
         if output is None:
             check_report_path(predictions_report_path(geojson))

@@ -32,8 +32,8 @@ from rasterio.crs import CRS
 
 from ..atomic import write_text
 from ..config import GRID_KEYS
-from ..contracts.paths import check_output_text, shown
-from ..errors import StageError
+from ..contracts.paths import check_output_text
+from ..errors import StageError, printable
 from . import rasters
 from .pins import ASSETS
 from .pins import VERSION as LEAFLET_VERSION
@@ -98,11 +98,11 @@ def check_report_path(out_html: str | Path) -> Path:
     no file, or holds a report footprints wrote; anything else is refused in one line, before any work."""
     path = check_output_text(out_html, "report --output")
     if path.is_dir():
-        raise StageError(f"{shown(path)}: a folder; give the report's file name (e.g. {shown(path / 'report.html')})")
+        raise StageError(f"{printable(path)}: a folder; give the report's file name (e.g. {printable(path / 'report.html')})")
     if path.suffix.lower() not in REPORT_SUFFIXES:
-        raise StageError(f"{shown(path)}: a report is an HTML page; give a path ending in .html")
+        raise StageError(f"{printable(path)}: a report is an HTML page; give a path ending in .html")
     if (path.exists() or path.is_symlink()) and not is_footprints_report(path):
-        raise StageError(f"{shown(path)}: exists and is not a report footprints wrote; it is left as it is "
+        raise StageError(f"{printable(path)}: exists and is not a report footprints wrote; it is left as it is "
                          "(choose another path, or move it away)")
     return path
 

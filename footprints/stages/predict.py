@@ -61,10 +61,9 @@ from ..contracts.paths import (
     check_writable,
     path_key,
     reserved_scene_id,
-    shown,
 )
 from ..device import resolve_device
-from ..errors import FootprintsError, InputError, StageError, as_input_error, disk_full
+from ..errors import FootprintsError, InputError, StageError, as_input_error, disk_full, printable
 from ..geo import metric_crs_for
 from ..inference import Model, predict_scene
 from ..sources import SceneSource
@@ -415,7 +414,7 @@ def _checkpoint_info(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     """(meta, config) of a segmenter checkpoint, read lazily (mmap) without building the model; a model
     with NaN or infinite weights is refused here, before any scene is read."""
     if not path.exists() and not path.is_symlink():
-        raise StageError(f"{shown(path)}: no segmenter checkpoint (run train-segmenter first, or give --checkpoint)")
+        raise StageError(f"{printable(path)}: no segmenter checkpoint (run train-segmenter first, or give --checkpoint)")
     ckpt = load_checkpoint(path, kind="segmenter", mmap=True, check_finite=True)
     meta, config = ckpt["meta"], ckpt.get("config")
     if not isinstance(meta, dict):
@@ -517,43 +516,43 @@ def _check_outputs(
     same_folder = [p for p in written.values() if path_key(p.parent) == path_key(scene_dir)]
     for what, path in written.items():
         if path.is_dir():
-            raise StageError(f"{shown(path)}: a folder; --output must name a .geojson file (the GeoPackage, the "
+            raise StageError(f"{printable(path)}: a folder; --output must name a .geojson file (the GeoPackage, the "
                              "report and the scenes folder go beside it)")
         # the file the user named, and the output beside it when that is the one in the way
-        where = (f"{shown(given)}: the {what}" if path == given or given is None
-                 else f"{shown(given)}: the {what} beside it ({shown(path)})")
+        where = (f"{printable(given)}: the {what}" if path == given or given is None
+                 else f"{printable(given)}: the {what} beside it ({printable(path)})")
         hit = inputs.find(path)
         if hit is not None:
             src, f = hit
             kind = "image" if f == src.image else "labels" if f == src.label else "mask"
-            raise StageError(f"{where} would overwrite {shown(f)}, the {kind} of scene {src.scene_id} (an input); "
+            raise StageError(f"{where} would overwrite {printable(f)}, the {kind} of scene {src.scene_id} (an input); "
                              "choose another --output")
         hit = runs.find(path)
         if hit is not None:
             name, f = hit
-            raise StageError(f"{where} would overwrite {shown(f)}, the {name}; choose another --output")
+            raise StageError(f"{where} would overwrite {printable(f)}, the {name}; choose another --output")
         if what == "report":
             if path.exists() or path.is_symlink():
                 from ..report.html import is_footprints_report
 
                 if not is_footprints_report(path):
                     log.warning("predict: %s exists and is not a footprints report: no HTML report written (it "
-                                "is left as it is)", shown(path))
+                                "is left as it is)", printable(path))
                     write_report = False
         elif (path.exists() or path.is_symlink()) and not is_footprints_file(path):
-            raise StageError(f"{shown(path)}: exists and is not a footprints layer; it is left as it is (choose "
+            raise StageError(f"{printable(path)}: exists and is not a footprints layer; it is left as it is (choose "
                              "another --output, or move it away)")
     if scene_dir.exists() and not scene_dir.is_dir():
-        raise StageError(f"{shown(scene_dir)}: exists and is not a folder (the per-scene outputs go there); choose "
+        raise StageError(f"{printable(scene_dir)}: exists and is not a folder (the per-scene outputs go there); choose "
                          "another --output, or move it away")
     folder = path_key(scene_dir).rstrip(os.sep) + os.sep
     for src in sources:
         for f in src.files():
             if path_key(f).startswith(folder):
-                raise StageError(f"{shown(scene_dir)}: the per-scene output folder holds the input {shown(f)}; "
+                raise StageError(f"{printable(scene_dir)}: the per-scene output folder holds the input {printable(f)}; "
                                  "choose another --output (or move the inputs out of it)")
     if not in_run and scene_dir.is_dir() and not _holds_predictions(scene_dir):
-        raise StageError(f"{shown(scene_dir)}: exists and holds files predict did not write (the per-scene "
+        raise StageError(f"{printable(scene_dir)}: exists and holds files predict did not write (the per-scene "
                          "outputs go there); choose another --output, or move it away")
     for path in written.values():
         check_writable(path.parent)
@@ -569,11 +568,11 @@ def _check_outputs(
         if reason is None:
             taken = next((merged_names[f.name.casefold()] for f in own if f.name.casefold() in merged_names), None)
             if taken is not None:
-                raise StageError(f"{shown(taken)}: --output would overwrite scene {src.scene_id}'s own output; "
+                raise StageError(f"{printable(taken)}: --output would overwrite scene {src.scene_id}'s own output; "
                                  "choose another --output")
             hit = next(((f, blocked[f.name.casefold()]) for f in own if f.name.casefold() in blocked), None)
             if hit is not None:
-                reason = (f"scene id {src.scene_id!r} would write {hit[0].name} over {shown(hit[1])}, a file of the "
+                reason = (f"scene id {src.scene_id!r} would write {hit[0].name} over {printable(hit[1])}, a file of the "
                           "run itself; rename the image (scene skipped)")
         if reason is not None:
             log.error("%s", InputError(src.image, reason))
@@ -602,7 +601,7 @@ def run(
     paths = RunPaths.of(cfg)
     out_path = check_output_text(output) if output else None  # before anything touches the file system
     if out_path is not None and out_path.suffix.lower() not in (".geojson", ".json"):
-        raise StageError(f"{shown(out_path)}: --output must be a .geojson path (the GeoPackage goes beside it)")
+        raise StageError(f"{printable(out_path)}: --output must be a .geojson path (the GeoPackage goes beside it)")
     ckpt: Path | None = None
     ckpt_config: dict[str, Any] = {}
     if model is None:
