@@ -169,26 +169,10 @@ case "$CMD" in
     if [ ! -d data/demo/images ]; then
       "$PY" -m footprints.cli synth --out data/demo --scenes 6 --seed 0 || exit 1
     fi
-    # `all` ends by printing the test metrics and where the GeoJSON footprints are
+    # `all` ends by printing the test metrics and the paths of the GeoJSON footprints and the HTML report
     "$PY" -m footprints.cli all --config "$CONFIG" "$@" || exit $?
-    # then the demo's own target, said plainly whether it is met or not
-    "$PY" - "$CONFIG" "$@" <<'PY'
-import json
-import sys
-
-from footprints.cli import build_parser
-from footprints.config import load_config
-from footprints.contracts.paths import RunPaths
-
-args = build_parser().parse_args(["all", "--config", *sys.argv[1:]])  # what `all` above was given
-metrics = RunPaths.of(load_config(args.config, args.overrides)).metrics
-try:
-    f1 = json.loads(metrics.read_text())["overall"]["polygon"]["f1"]
-except (OSError, ValueError, KeyError, TypeError) as err:
-    sys.exit(f"demo target: no polygon F1 to compare in {metrics} ({type(err).__name__})")
-verdict = "met" if f1 >= 0.50 else "NOT met (README, 'Accuracy on real scenes', 'Demo', says what limits it)"
-print(f"demo target: polygon F1@0.5 >= 0.50 on the test scenes: {f1:.3f}, {verdict}")
-PY
+    echo "demo: these figures come from random backbone weights on synthetic scenes; they show the pipeline" \
+      "working end to end, not its accuracy. Figures on real scenes: README.md, 'Results'."
     exit 0
     ;;
 esac
