@@ -39,7 +39,7 @@ from footprints.report import (
     write_report,
 )
 from footprints.report.charts import f1_by_area_and_threshold
-from footprints.report.html import _json_for_script
+from footprints.report.page import json_for_script
 
 PAYLOAD_RE = re.compile(r'<script type="application/json" id="report-data">(.*?)</script>', re.S)
 
@@ -161,6 +161,28 @@ def test_overlays_are_placed_on_the_rasters_extent(fake_run: FakeRun, run_html) 
             assert (e0 - w0) < (e - w) * 1.05 and (n0 - s0) < (n - so) * 1.05, (s["id"], layer)
         assert s["bounds"] == s["prob"]["bounds"]
         assert s["image"]["uri"].startswith("data:image/") and s["prob"]["uri"].startswith("data:image/png")
+
+
+def test_the_report_decodes_probability_by_the_contracts_rule(fake_run: FakeRun, tmp_path: Path) -> None:
+    from footprints.contracts.probability import read_probability
+    from footprints.report import rasters
+
+    path = fake_run.run_dir / "predict" / "A_prob.tif"
+    with rasterio.open(path) as src:
+        raw, mask = src.read(1), src.read_masks(1)
+    assert raw.dtype == np.uint8 and (mask == 0).any()  # a uint8 raster with invalid pixels
+    full, valid = read_probability(path)
+    np.testing.assert_array_equal(full, raw.astype(np.float32) / np.float32(255))
+    np.testing.assert_array_equal(valid, mask > 0)
+    # the report at full size: the contract's values, NaN where invalid
+    shown, _, _, size = rasters.read_probability(path, max(raw.shape))
+    assert size == (raw.shape[1], raw.shape[0])
+    np.testing.assert_array_equal(shown, np.where(valid, full, np.nan))
+    # decimated: the contract's own decimated read (its out_shape), NaN where invalid
+    small, _, _, _ = rasters.read_probability(path, 50)
+    p, v = read_probability(path, out_shape=small.shape)
+    assert max(small.shape) == 50
+    np.testing.assert_array_equal(small, np.where(v, p, np.nan))
 
 
 def test_page_is_self_contained(run_html) -> None:
@@ -344,7 +366,7 @@ def test_report_command_for_a_run_and_for_predict_input_outputs(
 
 
 def test_embedded_json_cannot_close_its_script_tag() -> None:
-    text = _json_for_script({"scene": "</script><script>alert(1)</script><!--"})
+    text = json_for_script({"scene": "</script><script>alert(1)</script><!--"})
     assert "<" not in text
     assert json.loads(text)["scene"] == "</script><script>alert(1)</script><!--"
 

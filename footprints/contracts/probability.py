@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 import rasterio
 import rasterio.shutil
+from rasterio.enums import Resampling
 from rasterio.windows import Window
 
 COG_BLOCK = 512  # internal tile size of the probability COG
@@ -31,15 +32,33 @@ def encode_probability(prob: np.ndarray, prob_dtype: str) -> np.ndarray:
     raise ValueError(f"prob_dtype must be 'uint8' or 'float16', got {prob_dtype!r}")
 
 
-def read_probability(path: str | Path, window: Window | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """(probability float32 in [0, 1], valid bool) of a probability raster written by `predict_scene`."""
-    with rasterio.open(path) as src:
-        values = src.read(1, window=window)
-        valid = src.read_masks(1, window=window) > 0
+def decode_probability(values: np.ndarray) -> np.ndarray:
+    """Stored values -> probability float32: value / 255 for uint8 rasters, the value itself for float ones.
+
+    The one raw-to-probability rule of every reader of the raster (evaluate's, the report's).
+    """
     prob = values.astype(np.float32)
     if values.dtype == np.uint8:
         prob /= UINT8_SCALE
-    return prob, valid
+    return prob
+
+
+def read_probability(
+    path: str | Path, window: Window | None = None, out_shape: tuple[int, int] | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """(probability float32 in [0, 1], valid bool) of a probability raster written by `predict_scene`.
+
+    `out_shape` (height, width): a decimated read (from the COG's overviews where they fit): values
+    averaged, the mask by nearest neighbour, so that a valid pixel is one the mask keeps at that scale.
+    """
+    with rasterio.open(path) as src:
+        if out_shape is None:
+            values = src.read(1, window=window)
+            valid = src.read_masks(1, window=window) > 0
+        else:
+            values = src.read(1, window=window, out_shape=out_shape, resampling=Resampling.average)
+            valid = src.read_masks(1, window=window, out_shape=out_shape, resampling=Resampling.nearest) > 0
+    return decode_probability(values), valid
 
 
 def raster_profile(width: int, height: int, transform: Any, crs: Any, prob_dtype: str,

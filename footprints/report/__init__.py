@@ -21,7 +21,8 @@ from .gather import (
     report_for_run,
     run_report,
 )
-from .html import MAX_BYTES, MAX_SIDE, ReportScene, check_report_path, is_footprints_report, write_report
+from .html import MAX_BYTES, MAX_SIDE, check_report_path, is_footprints_report, write_report
+from .scene import ReportScene
 from .selection import MAX_SCENES
 
 __all__ = [

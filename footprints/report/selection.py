@@ -1,7 +1,8 @@
 """Which scenes a report page shows: at most `MAX_SCENES`, however many the run has.
 
-A page inlines its scenes' footprints whole; xView2's 933 test scenes of ~300 buildings each would make
-it hundreds of MB and the report process would hold them all. So the page shows a fixed number of
+A page inlines its scenes' footprints whole, so a page of every scene of a large run (xView2's test split)
+would grow with the run, and the report process would hold them all (to see by how much: the `bytes` of
+`write_report`'s summary with `max_scenes` raised to the run's scene count). So the page shows a fixed number of
 scenes, chosen deterministically from the small per-scene records alone (no footprint file is opened for
 a scene that is not shown):
 
