@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 from pathlib import Path
 
 import numpy as np
@@ -78,3 +79,45 @@ def test_checkpoint_kinds_are_checked_naming_the_file(tmp_path: Path) -> None:
         load_checkpoint(clf, kind="segmenter")
     with pytest.raises(InputError, match="missing.pt: checkpoint not found"):
         load_checkpoint(tmp_path / "missing.pt")
+
+
+def test_tile_scene_record_reads_and_rewrites_every_version_unchanged(tmp_path: Path) -> None:
+    """`tile/scenes/<scene>.json` through its one reader and writer: the stage's record and an older one
+    (no `patch_geotiffs`: it has the GeoTIFFs) rewrite to the same bytes; the freshness rule is the same."""
+    from footprints.contracts.tile_records import read_scene_record, read_tile_classes, write_scene_record
+
+    write_synthetic_dataset(tmp_path / "data", n_scenes=2, seed=0, size=64, geotiff=False)
+    cfg = load_config(None, [f"data.root={tmp_path / 'data'}", f"output_root={tmp_path / 'out'}",
+                             f"data.geotransforms={tmp_path / 'data' / 'truth_transforms.json'}",
+                             "tile.size=32", "tile.stride=32", "cluster.workers=0"])
+    run_stage("tile", cfg)
+    paths = RunPaths.of(cfg)
+    path = sorted((paths.tile / "scenes").glob("*.json"))[0]
+    raw = read_record(path)
+    record = read_scene_record(path)
+    assert record is not None and record.key == raw["key"] and record.files == raw["files"]
+    assert record.image_file == raw["image_file"] and record.rows is None and record.has_geotiffs
+    assert list(raw)[-6:] == ["params", "patches", "location_id", "patch_geotiffs", "key", "files"]
+    assert record.is_fresh(path, raw["key"]) and not record.is_fresh(path, "another key")
+    before = path.read_bytes()
+    covered = [path.parent / name for name in raw["files"]]
+    write_scene_record(path, record, covered)
+    assert path.read_bytes() == before
+
+    old = {k: v for k, v in raw.items() if k != "patch_geotiffs"}  # a record from before the option
+    path.write_text(json.dumps(old, indent=2) + "\n")
+    before = path.read_bytes()
+    record = read_scene_record(path)
+    assert record is not None and record.patch_geotiffs is None and record.has_geotiffs
+    write_scene_record(path, record, covered)
+    assert path.read_bytes() == before  # not given a field it never had
+    assert run_stage("tile", cfg)["scenes_already_done"] == 2 and path.read_bytes() == before
+
+    assert record.lists_intact(path, [f"{path.stem}.csv"]) and not record.lists_intact(path, ["absent.npy"])
+    (path.parent / f"{path.stem}.csv").write_text("truncated")
+    assert not read_scene_record(path).is_fresh(path, raw["key"]) and not is_fresh(path, raw["key"])
+    path.write_text("{not json")
+    assert read_scene_record(path) is None and read_scene_record(tmp_path / "absent.json") is None
+
+    assert read_tile_classes(paths.tile_summary) == read_record(paths.tile_summary)["classes"]
+    assert read_tile_classes(tmp_path / "absent.json") == ["background", "building"]  # tiled before K classes

@@ -24,7 +24,7 @@ from footprints.contracts.patches import load_patch
 from footprints.contracts.paths import RunPaths
 from footprints.errors import StageError
 from footprints.stages import tile as tile_stage
-from footprints.stages.tile import assign_splits, scene_windows, valid_window, window_offsets
+from footprints.stages.tile import assign_splits, patch_offsets, patch_windows, valid_window
 from footprints.synth import write_synthetic_dataset
 
 run_tile = tile_stage.run
@@ -76,13 +76,13 @@ def padded_cut(full: np.ndarray, row: int, col: int, size: int, fill: int) -> np
 
 
 def test_windows_cover_everything_and_pad_the_edge() -> None:
-    assert window_offsets(1024, 256, 256) == [0, 256, 512, 768]
-    assert len(scene_windows(1024, 1024, 256, 256)) == 16
-    assert window_offsets(438, 256, 128) == [0, 128, 256]  # last window overhangs: padded, not dropped
-    assert window_offsets(100, 256, 256) == [0]  # smaller than one patch: one padded patch
-    assert window_offsets(257, 256, 256) == [0, 256]
-    assert window_offsets(0, 256, 256) == []
-    wins = scene_windows(438, 406, 256, 128)
+    assert patch_offsets(1024, 256, 256) == [0, 256, 512, 768]
+    assert len(patch_windows(1024, 1024, 256, 256)) == 16
+    assert patch_offsets(438, 256, 128) == [0, 128, 256]  # last window overhangs: padded, not dropped
+    assert patch_offsets(100, 256, 256) == [0]  # smaller than one patch: one padded patch
+    assert patch_offsets(257, 256, 256) == [0, 256]
+    assert patch_offsets(0, 256, 256) == []
+    wins = patch_windows(438, 406, 256, 128)
     covered = np.zeros((406, 438), dtype=int)
     for w in wins:
         covered[int(w.row_off) : int(w.row_off) + 256, int(w.col_off) : int(w.col_off) + 256] += 1
@@ -214,7 +214,7 @@ def test_spacenet_rio_masks_and_georeference(tmp_path, shared_dir) -> None:
         valid = scene_rgb.any(axis=0)  # image nodata: all-zero pixels
         scene_mask = np.where(valid, (raw >= 128).astype(np.uint8), 255).astype(np.uint8)
         h, w = raw.shape
-        assert len(rows) == len(window_offsets(h, 256, 128)) * len(window_offsets(w, 256, 128))
+        assert len(rows) == len(patch_offsets(h, 256, 128)) * len(patch_offsets(w, 256, 128))
         for _, row in rows.iterrows():
             image, mask = load_patch(tile_dir, row)
             with rasterio.open(tile_dir / row["mask_path"]) as ds:

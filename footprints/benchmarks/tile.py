@@ -16,8 +16,8 @@ import rasterio
 from ..config import Config, DataConfig
 from ..contracts.patches import PATCH_PROFILE
 from ..contracts.paths import RunPaths
+from ..stages.tile import patch_windows
 from ..stages.tile import run as run_tile
-from ..stages.tile import scene_windows
 from ..synth import write_synthetic_dataset
 
 log = logging.getLogger(__name__)
@@ -46,7 +46,7 @@ def bench_tile(cfg: Config) -> dict[str, Any]:
             out.mkdir()
             for img in images:
                 with rasterio.Env(), rasterio.open(img) as ds:
-                    for win in scene_windows(ds.width, ds.height, size, stride):
+                    for win in patch_windows(ds.width, ds.height, size, stride):
                         rgb = ds.read([1, 2, 3], window=win, boundless=True, fill_value=0)
                         mask = np.zeros((1, size, size), dtype=np.uint8)
                         t = ds.window_transform(win)

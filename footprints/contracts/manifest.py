@@ -123,8 +123,8 @@ def split_sources(tile_dir: str | Path, data_cfg: Any, split: str) -> list[Any]:
     import dataclasses
 
     from ..sources import discover_scenes
-    from .freshness import read_record
     from .paths import RunPaths
+    from .tile_records import read_scene_record
 
     ids = split_scene_ids(tile_dir, split)
     if not ids:
@@ -134,11 +134,11 @@ def split_sources(tile_dir: str | Path, data_cfg: Any, split: str) -> list[Any]:
     for sid in ids:
         src = found.get(sid)
         if src is None:  # a band: the image it cuts, and which rows
-            record = read_record(RunPaths(Path(tile_dir).parent).scene_record(sid)) or {}
-            image = Path(str(record.get("image_file", "")))
+            record = read_scene_record(RunPaths(Path(tile_dir).parent).scene_record(sid))
+            image = Path(record.image_file if record is not None else "")
             whole = next((s for s in found.values() if s.image.name == image.name), None)
-            if whole is not None and record.get("rows"):
-                src = dataclasses.replace(whole, rows=tuple(record["rows"]))
+            if whole is not None and record is not None and record.rows:
+                src = dataclasses.replace(whole, rows=record.rows)
         if src is None or src.scene_id != sid:
             missing.append(sid)
         else:

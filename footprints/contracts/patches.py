@@ -194,16 +194,15 @@ def build_store(tile_dir: str | Path, scene_id: str, rows: list[dict[str, Any]])
 def store_is_intact(tile_dir: str | Path, scene_id: str) -> bool:
     """True when the scene's record (`tile/scenes/<scene>.json`) lists its shard and every shard file has the
     recorded size: the freshness rule, applied to the store alone."""
-    from .freshness import files_intact, read_record
     from .paths import RunPaths
+    from .tile_records import read_scene_record
 
     record_path = RunPaths(Path(tile_dir).parent).scene_record(scene_id)
-    record = read_record(record_path)
+    record = read_scene_record(record_path)
     if record is None:
         return False
     names = [os.path.relpath(p, record_path.parent) for p in store_paths(tile_dir, scene_id)]
-    listed = record.get("files") or {}
-    return all(n in listed for n in names) and files_intact(record_path, record, names)
+    return record.lists_intact(record_path, names)
 
 
 class PatchStore:

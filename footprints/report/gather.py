@@ -20,6 +20,7 @@ from affine import Affine
 
 from ..contracts.freshness import read_record
 from ..contracts.paths import RunPaths, ScenePaths, check_output_text
+from ..contracts.tile_records import read_scene_record
 from ..errors import StageError, printable
 from .html import MAX_BYTES, MAX_SIDE, ReportScene, check_report_path, write_report
 from .selection import MAX_SCENES, choose_scenes
@@ -137,7 +138,8 @@ def report_for_run(
     bases = [Path.cwd(), run.root.parent.parent, run.root.parent, run.root]
     scenes = []
     for sid in ids:
-        meta = read_record(run.scene_record(sid)) or {}
+        tiled = read_scene_record(run.scene_record(sid))
+        meta = tiled.scene if tiled is not None else {}
         image = _resolve(str(meta["image_file"]), bases) if meta.get("image_file") else None
         transform, crs = scene_image_georef(meta) if image is not None else (None, None)
         sp = ScenePaths(pred_dir, sid)

@@ -34,10 +34,11 @@ from ..backbone import LAYER_CHANNELS, hypercolumn_channels, load_backbone, reso
 from ..blocks import prefetched
 from ..config import Config
 from ..contracts import features_store
-from ..contracts.freshness import digest, is_fresh, read_record, unmark, write_record
+from ..contracts.freshness import digest, is_fresh, unmark, write_record
 from ..contracts.manifest import PATCH_COLUMNS, SPLITS, read_manifest
 from ..contracts.patches import PatchStore
 from ..contracts.paths import RunPaths
+from ..contracts.tile_records import read_scene_record, read_tile_classes
 from ..device import resolve_device
 from ..errors import InputError, StageError
 from ..hypercolumns import RunningStats, gather_hypercolumns, patch_rng, sample_pixels
@@ -227,8 +228,7 @@ def run(cfg: Config, overwrite: bool = False) -> dict[str, Any]:
     manifest = read_manifest(tile_dir, PATCH_COLUMNS)
     layers = resolve_layers(cfg.backbone.layers)
     channels = hypercolumn_channels(layers)
-    # the classes the tile stage labelled the patches with (a run tiled before K classes: the two of old)
-    classes = list((read_record(paths.tile_summary) or {}).get("classes") or ["background", "building"])
+    classes = read_tile_classes(paths.tile_summary)  # the classes the tile stage labelled the patches with
     k = len(classes)
     settings = {**_settings(cfg, layers), "classes": classes}
     shard_size = max(1, cfg.features.shard_patches)
@@ -342,6 +342,6 @@ def _scene_keys(paths: RunPaths, manifest: Any) -> dict[str, str]:
     """The tile record key of every scene in the manifest: re-tiled patches invalidate their shards."""
     keys = {}
     for sid in manifest["scene_id"].unique():
-        record = read_record(paths.scene_record(sid)) or {}
-        keys[str(sid)] = str(record.get("key", ""))
+        record = read_scene_record(paths.scene_record(sid))
+        keys[str(sid)] = record.key if record is not None else ""
     return keys

@@ -13,13 +13,13 @@ Layout under `outputs/<name>/tile/` (`footprints.contracts`):
   (`tiling_params`, the scene key): turning them on for a scene tiled without them re-tiles that scene
   under the same key (same pixels), so features and models stay fresh.
 - `scenes/<scene>.csv` (its manifest rows) and `scenes/<scene>.json` (scene metadata and its freshness
-  record, written last and covering the patches and the store: a rerun skips a scene whose record matches
+  record, `footprints.contracts.tile_records`, written last and covering the patches and the store: a rerun skips a scene whose record matches
   the tiling parameters and whose files are intact, and an interrupted run resumes after the last finished
   scene).
 - `manifest.csv` (every row plus `split`) and `summary.json`.
 
-Windows cover the whole scene: offsets 0, stride, 2*stride, ... until a window reaches the far edge;
-the last row/column of windows is padded, never dropped. `valid_*` columns give the part of a patch
+Patches cover the whole scene (`patch_windows`): offsets 0, stride, 2*stride, ... until a patch reaches the
+far edge; the last row/column of patches is padded, never dropped. `valid_*` columns give the part of a patch
 inside the scene, in patch pixel coordinates.
 """
 
@@ -57,6 +57,7 @@ from ..contracts.patches import (
     write_patch,
 )
 from ..contracts.paths import RunPaths
+from ..contracts.tile_records import TileSceneRecord, read_scene_record, write_scene_record
 from ..errors import StageError, as_input_error
 from ..scenes import crs_string, open_scene
 from ..sources import SceneSource, discover_scenes
@@ -69,20 +70,22 @@ log = logging.getLogger(__name__)
 # windows and splits (pure functions)
 
 
-def window_offsets(length: int, size: int, stride: int) -> list[int]:
-    """Offsets 0, stride, ... covering [0, length): the last window may overhang (padding), none is dropped."""
+def patch_offsets(length: int, size: int, stride: int) -> list[int]:
+    """Offsets 0, stride, ... covering [0, length): the last patch may overhang (padding), none is dropped.
+
+    The tile stage's grid of patches; inference's overlapping windows are another (`WindowGrid`)."""
     if length <= 0:
         return []
     n = math.ceil(max(length - size, 0) / stride) + 1
     return [i * stride for i in range(n)]
 
 
-def scene_windows(width: int, height: int, size: int, stride: int) -> list[Window]:
+def patch_windows(width: int, height: int, size: int, stride: int) -> list[Window]:
     """Row-major patch windows (size x size) covering a width x height scene."""
     return [
         Window(col, row, size, size)
-        for row in window_offsets(height, size, stride)
-        for col in window_offsets(width, size, stride)
+        for row in patch_offsets(height, size, stride)
+        for col in patch_offsets(width, size, stride)
     ]
 
 
@@ -147,10 +150,6 @@ def assign_folds(groups: Iterable[str], folds: int, fold: int, seed: int) -> dic
 # one scene
 
 
-# ---------------------------------------------------------------------------------------------------
-# one scene
-
-
 def tiling_params(data_cfg: DataConfig, tile_cfg: TileConfig) -> dict[str, Any]:
     """What a scene's patches depend on: a change re-tiles the scene even without --overwrite.
 
@@ -189,9 +188,12 @@ def tile_scene(source: SceneSource, data_cfg: DataConfig, tile_cfg: TileConfig, 
     params = tiling_params(data_cfg, tile_cfg)
     key = digest(params)
     record = paths.scene_record(sid)
-    if not overwrite and is_fresh(record, key) and _has_wanted_geotiffs(record, tile_cfg):
+    saved = read_scene_record(record)
+    # fresh, and with the GeoTIFF patches when they are wanted
+    if (not overwrite and saved is not None and saved.is_fresh(record, key)
+            and (saved.has_geotiffs or not tile_cfg.patch_geotiffs)):
         if tile_cfg.patch_store:
-            _add_store(paths, sid, key)
+            _add_store(paths, sid, saved)
         return SceneResult(sid, "done", -1)
     unmark(record)  # first: a crash below leaves the scene "not done"
     patch_dir = paths.patch_dir(sid)
@@ -206,7 +208,7 @@ def tile_scene(source: SceneSource, data_cfg: DataConfig, tile_cfg: TileConfig, 
     with contextlib.ExitStack() as stack:
         stack.enter_context(rasterio.Env())
         scene = stack.enter_context(open_scene(source, data_cfg, tile_cfg))
-        windows = scene_windows(scene.width, scene.height, size, tile_cfg.stride)
+        windows = patch_windows(scene.width, scene.height, size, tile_cfg.stride)
         store = (stack.enter_context(StoreWriter(store_dir(paths.tile, sid), len(windows), size))
                  if tile_cfg.patch_store and windows else None)
         crs, crs_text = scene.crs, crs_string(scene.crs)
@@ -248,24 +250,16 @@ def tile_scene(source: SceneSource, data_cfg: DataConfig, tile_cfg: TileConfig, 
     rows_path = paths.scene_rows(sid)
     write_rows(rows_path, rows, SCENE_COLUMNS)
     tifs = [paths.tile / r[k] for r in rows for k in ("image_path", "mask_path")] if geotiffs else []
-    write_record(record, key, [rows_path, *tifs, *store_files], **meta, params=params, patches=len(rows),
-                 location_id=source.location_id, patch_geotiffs=geotiffs)
+    done = TileSceneRecord(key=key, scene=meta, params=params, patches=len(rows),
+                           location_id=source.location_id, patch_geotiffs=geotiffs)
+    write_scene_record(record, done, [rows_path, *tifs, *store_files])
     return SceneResult(sid, "tiled", len(rows), time.perf_counter() - t0)
 
 
-def _has_wanted_geotiffs(record_path: Path, tile_cfg: TileConfig) -> bool:
-    """False when `tile.patch_geotiffs` asks for the GeoTIFF patches and the scene was tiled without them
-    (its record says `patch_geotiffs: false`; a record from before the option always has them)."""
-    if not tile_cfg.patch_geotiffs:
-        return True
-    return bool((read_record(record_path) or {}).get("patch_geotiffs", True))
-
-
-def _add_store(paths: RunPaths, sid: str, key: str) -> None:
+def _add_store(paths: RunPaths, sid: str, record: TileSceneRecord) -> None:
     """Give a fresh scene tiled before the patch store existed its shard (from its GeoTIFFs), and list the
     shard in its record under the same key: nothing downstream (features, models) becomes stale."""
-    record = read_record(paths.scene_record(sid)) or {}
-    listed = dict(record.get("files") or {})
+    listed = dict(record.files)
     folder = paths.scene_record(sid).parent
     wanted = [os.path.relpath(p, folder) for p in store_paths(paths.tile, sid)]
     if all(name in listed for name in wanted):
@@ -275,8 +269,7 @@ def _add_store(paths: RunPaths, sid: str, key: str) -> None:
         return
     t0 = time.perf_counter()
     store_files = build_store(paths.tile, sid, rows)
-    extra = {k: v for k, v in record.items() if k not in ("key", "files")}
-    write_record(paths.scene_record(sid), key, [folder / name for name in listed] + store_files, **extra)
+    write_scene_record(paths.scene_record(sid), record, [folder / name for name in listed] + store_files)
     log.info("tile: %s: patch store written from its %d GeoTIFF patches (%.1f s)", sid, len(rows),
              time.perf_counter() - t0)
 
