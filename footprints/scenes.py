@@ -6,10 +6,8 @@ file (GeoJSON/GPKG, any CRS) or a mask raster on the image grid. `open_scene` tu
 window handed to the reader is in output-grid pixels and may reach outside the scene (boundless):
 pixels outside the scene or equal to nodata come back as `valid=False`, RGB 0, mask 255.
 
-Bad input raises `InputError(path, reason)` naming the offending file (image, label or mask).
-
-Long: the reader, its resampling to a target GSD and the GSD and size checks of untrusted scenes share one
-output grid and change together (issue 24 regroups the scene modules).
+Bad input raises `InputError(path, reason)` naming the offending file (image, label or mask). Where the
+scene lies and its output grid are `footprints.scene_grid`; the reader reads pixels and labels on it.
 """
 
 from __future__ import annotations
@@ -28,18 +26,9 @@ from rasterio.windows import Window
 
 from .config import DataConfig, TileConfig
 from .errors import InputError, one_line, printable
-from .geo import pixel_size_m
-from .georef import WGS84, GeorefError, fit_affine, load_geotransforms, residual_px
-from .labels import (
-    LabelSource,
-    MaskGrid,
-    MaskLabels,
-    PolygonLabels,
-    XView2Label,
-    read_vector_polygons,
-    read_xview2_label,
-)
-from .rasters import check_local, check_regular_file, open_raster, sniff_raster
+from .labels import LabelSource, MaskGrid, MaskLabels, PolygonLabels, read_vector_polygons, read_xview2_label
+from .rasters import check_regular_file, open_raster, sniff_raster
+from .scene_grid import crs_string, georeference, output_grid
 from .sources import SceneSource
 from .targets import ClassScheme, halo_px, instance_target
 
@@ -52,26 +41,8 @@ IN_MEMORY_MAX_PX = 40_000_000
 _STATS_SIDE = 1024
 # pixels per strip when looking for a valid pixel in a large 8-bit scene (bounded memory at any width)
 _STRIP_PX = 1 << 23
-# resampling to `tile.target_gsd` enlarges a scene at most this much per side (16x the pixels): beyond it
-# the image holds nothing the model could use (a 10 m scene for a 0.5 m model is 20x: a 64 px image at
-# 1 km would become 128,000 px wide), and the work, memory and disk grow with the square of the factor.
-# Shrinking (a 5 cm drone scene for a 0.5 m model) is not bounded: it only ever makes the scene smaller.
-MAX_UPSAMPLE = 4.0
-# world files, and those GDAL reads beside each plain image format
-_WORLD_FILES = (".tfw", ".tifw", ".tiffw", ".jgw", ".jpgw", ".jpegw", ".pgw", ".pngw", ".wld", ".j2w")
-_WORLD_FILES_READ = {"PNG": (".pgw", ".pngw", ".wld"), "JPEG": (".jgw", ".jpgw", ".wld")}
 # a scene whose own GSD is more than this factor from the model's gets a warning (`gsd_warning`)
 GSD_WARN_FACTOR = 2.0
-
-
-# ---------------------------------------------------------------------------------------------------
-# reading
-
-
-def gsd_metres(transform: Affine, crs: CRS | None, width: int, height: int) -> float | None:
-    """Ground sample distance in true metres at the scene centre (geometric mean of x and y); None in pixel
-    space. A Web Mercator pixel of 1 unit at 60 N is 0.5 m (`geo.pixel_size_m`)."""
-    return pixel_size_m(transform, crs, width, height)
 
 
 class SceneReader:
@@ -138,45 +109,14 @@ class SceneReader:
         xview2 = None
         if self._label_kind == "xview2":
             xview2 = read_xview2_label(src.label, (ds.width, ds.height), img)
-        src_transform, crs = self._georeference(xview2)
+        src_transform, crs, self.georef_rms_px = georeference(src, cfg, ds, xview2, self._warn)
 
-        # output grid (target GSD)
-        native_gsd = gsd_metres(src_transform, crs, ds.width, ds.height)
-        if native_gsd is not None and not (math.isfinite(native_gsd) and native_gsd > 0):
-            raise InputError(img, f"its georeference gives a pixel size of {native_gsd} m (a degenerate "
-                             "geotransform, or coordinates outside the valid area of its CRS)")
-        if native_gsd is None and xview2 is not None:
-            native_gsd = xview2.gsd_m
-        self.native_gsd_m = native_gsd
-        target = tile_cfg.target_gsd if tile_cfg is not None else None
-        out_w, out_h = ds.width, ds.height
-        if target:
-            if native_gsd is None:
-                self._warn(f"{img}: no ground sample distance known (pixel space); tile.target_gsd ignored")
-            else:
-                scale = native_gsd / target
-                out_w, out_h = max(1, round(ds.width * scale)), max(1, round(ds.height * scale))
-                if scale > MAX_UPSAMPLE:
-                    raise InputError(img, f"ground sample distance {native_gsd:.4g} m is {scale:.4g}x coarser "
-                                     f"than the model's {target:g} m (tile.target_gsd): it would be enlarged from "
-                                     f"{ds.width}x{ds.height} to {out_w}x{out_h} px; more than {MAX_UPSAMPLE:g}x "
-                                     f"per side is refused (use imagery of {MAX_UPSAMPLE * target:g} m or finer, or "
-                                     "a model trained at this resolution)")
-        self.width, self.height = out_w, out_h
-        self._sx, self._sy = ds.width / out_w, ds.height / out_h  # source pixels per output pixel
-        self.scale = 1.0 / math.sqrt(self._sx * self._sy)
-        self._resampled = (out_w, out_h) != (ds.width, ds.height)
-        self.transform = src_transform @ Affine.scale(self._sx, self._sy)
-        self.crs = crs
-        self.gsd_m = native_gsd * math.sqrt(self._sx * self._sy) if native_gsd is not None else None
-        # a band of rows (SceneSource.rows): the scene is that band; output rows count from its top
-        self._row_off = 0
-        if src.rows is not None:
-            r0, r1 = round(src.rows[0] * out_h), round(src.rows[1] * out_h)
-            if not 0 <= r0 < r1 <= out_h:
-                raise InputError(img, f"row band {src.rows} is empty for a scene of {out_h} rows")
-            self._row_off, self.height = r0, r1 - r0
-            self.transform = self.transform @ Affine.translation(0, r0)
+        # output grid (target GSD, a band of rows)
+        grid = output_grid(img, (ds.width, ds.height), src_transform, crs, xview2,
+                           tile_cfg.target_gsd if tile_cfg is not None else None, src.rows, self._warn)
+        self.width, self.height, self.transform, self.crs = grid.width, grid.height, grid.transform, grid.crs
+        self.native_gsd_m, self.gsd_m, self.scale = grid.native_gsd_m, grid.gsd_m, grid.scale
+        self._sx, self._sy, self._resampled, self._row_off = grid.sx, grid.sy, grid.resampled, grid.row_off
 
         # labels on the output grid
         if xview2 is not None:
@@ -190,8 +130,8 @@ class SceneReader:
             self.labels = PolygonLabels(src.label, read_vector_polygons(src.label, self.crs, self.transform,
                                                                         layer=cfg.label_layer))
         elif src.mask is not None:
-            grid = MaskGrid(ds.width, ds.height, self._sx, self._sy, self._resampled, self._row_off)
-            self.labels = MaskLabels(src.mask, grid, cfg.mask_threshold, ds.transform, img)
+            mask_grid = MaskGrid(ds.width, ds.height, self._sx, self._sy, self._resampled, self._row_off)
+            self.labels = MaskLabels(src.mask, mask_grid, cfg.mask_threshold, ds.transform, img)
 
         # pixels: small scenes in memory at once; statistics (stretch, emptiness) from them
         if self.width * self.height <= IN_MEMORY_MAX_PX and ds.width * ds.height <= IN_MEMORY_MAX_PX:
@@ -244,73 +184,6 @@ class SceneReader:
         if bad:
             raise InputError(self.source.image, f"has {ds.count} bands; data.bands asks for band(s) {bad}")
         return bands
-
-    def _georeference(self, label: XView2Label | None) -> tuple[Affine, CRS | None]:
-        """Source-grid transform and CRS: a GeoTIFF's own, the geotransforms override, a PNG/JPEG's own (a
-        world file with a CRS in its `.aux.xml`), or the fit of an xView2 label's vertices."""
-        src, cfg, ds = self.source, self._data_cfg, self._ds
-        override = None
-        if cfg.geotransforms:
-            check_local(cfg.geotransforms, "data.geotransforms")
-            try:
-                table = load_geotransforms(cfg.geotransforms)
-            except ValueError as err:
-                raise InputError(cfg.geotransforms, str(err)) from None
-            override = table.get(src.image.name) or table.get(src.image.stem)
-        if not self._is_plain:
-            if ds.crs is None and override is None:
-                raise InputError(src.image, "GeoTIFF has no CRS (cannot place its patches on the map)")
-            if override is not None:
-                return override
-            if ds.transform.is_identity:
-                raise InputError(src.image, "GeoTIFF has a CRS but no geotransform")
-            return ds.transform, ds.crs
-        pairs = label.vertex_pairs() if label is not None else None
-        own = None
-        if ds.crs is not None and not ds.transform.is_identity:
-            own = (ds.transform, ds.crs)  # a world file (.pgw/.jgw/.wld) and a CRS (.aux.xml) beside it
-        if override is not None or own is not None:
-            transform, crs = override if override is not None else own
-            which = "the geotransforms entry" if override is not None else "the image's world file and CRS"
-            if pairs is not None and len(pairs[0]):
-                self.georef_rms_px = residual_px(transform, *pairs)[0]
-                if self.georef_rms_px > cfg.max_residual_px:
-                    self._warn(f"{src.label}: the labels' lng_lat vertices lie {self.georef_rms_px:.2f} px "
-                               f"(RMS) from {which}; {which} is used anyway")
-            return transform, crs
-        if label is None:
-            self._warn(f"{src.image}: {self._no_georeference()}: tiled in pixel space (no CRS); give "
-                       "data.geotransforms to place it on the map")
-            return Affine.identity(), None
-        if pairs is None or len(pairs[0]) == 0:
-            raise InputError(src.label, "cannot georeference: no lng_lat vertices paired with xy vertices "
-                             "(give data.geotransforms for this scene)")
-        try:
-            fit = fit_affine(*pairs)
-        except GeorefError as err:
-            raise InputError(src.label, f"cannot georeference: {err}") from None
-        self.georef_rms_px = fit.rms_px
-        if fit.rms_px > cfg.max_residual_px:
-            raise InputError(src.label, f"georeference residual {fit.rms_px:.2f} px RMS exceeds "
-                             f"data.max_residual_px {cfg.max_residual_px:g} ({fit.n_points} vertices)")
-        return fit.transform, WGS84
-
-    def _no_georeference(self) -> str:
-        """Why a PNG/JPEG without labels has no georeference, in a few words."""
-        ds, img = self._ds, self.source.image
-        if not ds.transform.is_identity:
-            return "no labels, and its world file has no CRS beside it (add one in a .aux.xml)"
-        stem = img.name.rsplit(".", 1)[0]
-        try:
-            beside = sorted(p for p in img.parent.iterdir() if p.name.startswith(stem + "."))
-        except OSError:
-            beside = []
-        unread = [p.name for p in beside
-                  if p.suffix.lower() in _WORLD_FILES and p.suffix.lower() not in _WORLD_FILES_READ[ds.driver]]
-        if unread:
-            return (f"no labels, and {printable(unread[0])} is not a world file GDAL reads for a "
-                    f"{ds.driver} (it reads {', '.join(_WORLD_FILES_READ[ds.driver])})")
-        return "no labels and no georeference"
 
     # -- pixels ------------------------------------------------------------------------------------
 
@@ -571,14 +444,6 @@ def gsd_warning(reader: SceneReader, model_gsd: float | None) -> str | None:
     return (f"{image}: ground sample distance {native:.4g} m is {1 / ratio:.4g}x finer than the model's "
             f"{model_gsd:g} m and is not resampled: its buildings look {1 / ratio:.4g}x larger than the model "
             "learnt; expect poor footprints (a checkpoint with tile.target_gsd resamples)")
-
-
-def crs_string(crs: CRS | None) -> str:
-    """'EPSG:xxxx' when the CRS has a code, WKT otherwise, '' for pixel space."""
-    if crs is None:
-        return ""
-    epsg = crs.to_epsg()
-    return f"EPSG:{epsg}" if epsg else crs.to_wkt()
 
 
 def open_scene(source: SceneSource, data_cfg: DataConfig, tile_cfg: TileConfig | None = None) -> SceneReader:

@@ -105,3 +105,38 @@ def test_ints_widen_to_float_and_round_trip_through_dict() -> None:
     assert isinstance(cfg.classifier.lr, float)
     again = config_from_dict(cfg.to_dict())
     assert again.to_dict() == cfg.to_dict()
+
+
+def test_every_numeric_key_has_a_range() -> None:
+    """`checks.RANGES` bounds every int/float key (and list of them); a new key without a range fails here."""
+    import dataclasses
+    import typing
+
+    from footprints.config import RANGES
+
+    def numeric(tp) -> bool:
+        args = typing.get_args(tp)
+        if typing.get_origin(tp) is list:
+            return numeric(args[0])
+        if type(None) in args:
+            return any(numeric(a) for a in args if a is not type(None))
+        return tp in (int, float)
+
+    def keys(cls, prefix: str = ""):
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            if f.metadata.get("internal"):
+                continue
+            if dataclasses.is_dataclass(hints[f.name]):
+                yield from keys(hints[f.name], f"{prefix}{f.name}.")
+            elif numeric(hints[f.name]):
+                yield prefix + f.name
+
+    assert set(keys(Config)) == set(RANGES)
+
+
+def test_benchmark_sizes_are_not_config_keys() -> None:
+    """`footprints bench predict` takes its scene sizes as options; a config that sets them is refused."""
+    for key in ("predict.bench_scene_px", "predict.bench_model_px"):
+        with pytest.raises(ConfigError, match=f"unknown key '{key}'"):
+            load_config(None, [f"{key}=512"])

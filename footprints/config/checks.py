@@ -1,0 +1,136 @@
+"""The checks that types alone cannot express: the range of every numeric key, the run name and output
+folder, and cross-key rules (stride within size, folds, class weights per target class).
+
+Only configs being loaded are checked (a checkpoint's stored config is rebuilt as it was).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from .build import _show
+from .schema import CONFIG_VERSION, Config, ConfigError
+
+INT64_MAX = 2**63 - 1  # numpy's and torch's integers: no integer key may exceed it
+SEED_MAX = 2**32 - 1  # scikit-learn (random_state) and numpy's legacy RandomState take 32-bit seeds
+
+# The allowed range of every numeric key (lists: of each element): (low, high), None = unbounded, both
+# inclusive; `OPEN` marks an exclusive bound. tests/test_config.py checks that no numeric key is missing.
+OPEN = 1e-12
+RANGES: dict[str, tuple[float | None, float | None]] = {
+    "version": (1, CONFIG_VERSION), "seed": (0, SEED_MAX),
+    "data.mask_threshold": (1, None), "data.max_residual_px": (OPEN, None), "data.bands": (1, None),
+    "data.stretch_percentiles": (0, 100), "data.nodata": (None, None),
+    "tile.size": (16, 8192), "tile.stride": (1, None), "tile.target_gsd": (OPEN, None), "tile.folds": (2, 100),
+    "tile.fold": (0, None), "tile.split_ratios": (0, None), "tile.val_band": (0, 0.9),
+    "tile.border_m": (OPEN, 20), "tile.contact_m": (OPEN, 50),
+    "features.per_class": (1, None), "features.batch_size": (1, None), "features.shard_patches": (1, None),
+    "features.prefetch": (1, 64),
+    "classifier.hidden": (1, None), "classifier.dropout": (0, 0.99), "classifier.epochs": (1, None),
+    "classifier.batch_size": (1, None), "classifier.lr": (OPEN, 1), "classifier.weight_decay": (0, None),
+    "classifier.step_size": (1, None), "classifier.gamma": (OPEN, 1), "classifier.class_weights": (OPEN, None),
+    "classifier.shuffle_buffer": (1, None),
+    "segmenter.epochs": (0, None), "segmenter.batch_size": (1, None), "segmenter.lr": (OPEN, 1),
+    "segmenter.weight_decay": (0, None), "segmenter.step_size": (1, None), "segmenter.gamma": (OPEN, 1),
+    "segmenter.stride": (1, 2), "segmenter.class_weights": (OPEN, None), "segmenter.num_workers": (0, 256),
+    "segmenter.checkpoint_every": (0, None), "segmenter.overlays": (0, 1000),
+    "segmenter.max_steps_per_epoch": (0, None),
+    "predict.overlap": (0, 0.95), "predict.batch_size": (1, None), "predict.block_size": (64, None),
+    "predict.threshold": (OPEN, 1), "predict.min_area_m2": (0, None), "predict.threshold_grid": (OPEN, 1),
+    "predict.calibration_scenes": (1, None),
+    "predict.min_area_grid": (0, None), "predict.seed_threshold": (OPEN, 1),
+    "predict.seed_threshold_grid": (OPEN, 1), "predict.hole_area_m2": (0, None), "predict.simplify_px": (0, 10),
+    "evaluate.iou_threshold": (OPEN, 1), "evaluate.overlays": (0, 1000),
+    "cluster.workers": (0, 1024), "cluster.threads_per_worker": (1, 1024), "cluster.slurm.cores": (1, None),
+    "cluster.slurm.processes": (1, None), "cluster.slurm.jobs": (1, None), "cluster.slurm.adaptive_min": (0, None),
+    "cluster.slurm.adaptive_max": (1, None), "cluster.slurm.startup_timeout": (0, None),
+}
+
+
+def _get(cfg: Config, dotted: str) -> Any:
+    node: Any = cfg
+    for part in dotted.split("."):
+        node = getattr(node, part)
+    return node
+
+
+def _bound(x: float) -> str:
+    return str(x) if isinstance(x, int) else f"{x:g}"
+
+
+def _check_ranges(cfg: Config) -> None:
+    """Every numeric key within its RANGES entry: finite, and integers within 64 bits (what numpy and torch
+    hold). Only for configs being loaded (a checkpoint's stored config is rebuilt as it was)."""
+    for key, (lo, hi) in RANGES.items():
+        value = _get(cfg, key)
+        for v in value if isinstance(value, list) else [value]:
+            if v is None:
+                continue
+            if isinstance(v, float) and not math.isfinite(v):
+                raise ConfigError(f"{cfg.source}: {key}: expected a finite number, got {_show(value)}")
+            low_ok = lo is None or (v > 0 if lo == OPEN else v >= lo)
+            if not low_ok or (hi is not None and v > hi):
+                low = "-inf" if lo is None else ("0 (exclusive)" if lo == OPEN else _bound(lo))
+                high = "inf" if hi is None else _bound(hi)
+                raise ConfigError(f"{cfg.source}: {key}: must be in [{low}, {high}], got {_show(value)}")
+            if isinstance(v, int) and not -INT64_MAX - 1 <= v <= INT64_MAX:
+                raise ConfigError(f"{cfg.source}: {key}: must fit in 64 bits (at most {INT64_MAX}), got {_show(value)}")
+
+
+NAME_MAX = 100  # characters of a run name (a folder name, with room for `-fold<k>` and the stage names)
+
+
+def _check_paths(cfg: Config) -> None:
+    """`name` is one plain folder name, so that every path derived from it stays inside `output_root`."""
+    src = cfg.source
+    name = cfg.name
+    plain = all(c.isascii() and (c.isalnum() or c in "-_.") for c in name)
+    if not plain or not name or name.startswith(".") or len(name) > NAME_MAX:
+        raise ConfigError(f"{src}: name: must be a plain folder name (ASCII letters, digits, '-', '_', '.'; no "
+                          f"leading '.'; at most {NAME_MAX} characters), got {_show(name)}")
+    root = cfg.output_root
+    if not root.strip() or any(not c.isprintable() for c in root):
+        raise ConfigError(f"{src}: output_root: must be a folder path without control characters, got {_show(root)}")
+    if root.startswith("~"):
+        raise ConfigError(f"{src}: output_root: '~' is not expanded here (it would make a folder named '~'); "
+                          f"write the full path, got {_show(root)}")
+
+
+def _check(cfg: Config) -> None:
+    """Value ranges, then cross-field checks that types alone cannot express."""
+    _check_ranges(cfg)
+    src = cfg.source
+    _check_paths(cfg)
+    if cfg.tile.size <= 0:
+        raise ConfigError(f"{src}: tile.size: must be positive, got {cfg.tile.size}")
+    if not 0 < cfg.tile.stride <= cfg.tile.size:
+        raise ConfigError(f"{src}: tile.stride: must be in 1..tile.size ({cfg.tile.size}), got {cfg.tile.stride}")
+    if len(cfg.tile.split_ratios) != 3 or any(r < 0 for r in cfg.tile.split_ratios) or sum(cfg.tile.split_ratios) <= 0:
+        raise ConfigError(f"{src}: tile.split_ratios: expected three non-negative numbers (train, val, test)")
+    # with validation bands inside the training scenes, two folds suffice (two scenes, each tested once)
+    min_folds = 2 if cfg.tile.val_band > 0 else 3
+    if cfg.tile.split_mode == "kfold" and not (cfg.tile.folds >= min_folds and 0 <= cfg.tile.fold < cfg.tile.folds):
+        raise ConfigError(f"{src}: tile.fold: needs tile.folds >= {min_folds} and 0 <= fold < folds, got "
+                          f"fold {cfg.tile.fold} of {cfg.tile.folds}")
+    if not (cfg.tile.patch_store or cfg.tile.patch_geotiffs):
+        raise ConfigError(f"{src}: tile.patch_store and tile.patch_geotiffs are both false: the patches would "
+                          "be written nowhere (keep the patch store on)")
+    if not 0 <= cfg.tile.val_band < 1:
+        raise ConfigError(f"{src}: tile.val_band: must be in [0, 1), got {cfg.tile.val_band}")
+    if cfg.segmenter.stride not in (1, 2):
+        raise ConfigError(f"{src}: segmenter.stride: must be 1 or 2, got {cfg.segmenter.stride}")
+    if not 0 <= cfg.predict.overlap < 1:
+        raise ConfigError(f"{src}: predict.overlap: must be in [0, 1), got {cfg.predict.overlap}")
+    from ..targets import SCHEMES
+
+    classes = SCHEMES[cfg.tile.target].classes
+    for key in ("classifier.class_weights", "segmenter.class_weights"):
+        section, attr = key.split(".")
+        weights = getattr(getattr(cfg, section), attr)
+        if weights is not None and (len(weights) != len(classes) or min(weights) <= 0):
+            raise ConfigError(f"{src}: {key}: expected {len(classes)} positive numbers {list(classes)} "
+                              f"(tile.target {cfg.tile.target}), got {weights}")
+    if cfg.features.per_class <= 0:
+        raise ConfigError(f"{src}: features.per_class: must be positive, got {cfg.features.per_class}")
+

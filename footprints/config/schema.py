@@ -1,0 +1,233 @@
+"""What a config may hold: one small dataclass per stage, every key typed and with its default.
+
+`build` turns a mapping into these dataclasses, `checks` bounds their values, `yaml_source` reads them from
+YAML; the package's `__init__` re-exports the public names.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+CONFIG_VERSION = 1
+
+
+class ConfigError(ValueError):
+    """A configuration problem, with a message that names the file and the key."""
+
+
+@dataclass
+class DataConfig:
+    root: str = "data/demo"
+    format: Literal["xview2", "geotiff"] = "xview2"
+    # xView2 layout: <root>/<subset>/{images,labels}; an empty list means <root>/{images,labels}
+    subsets: list[str] = field(default_factory=list)
+    images_dir: str = "images"
+    labels_dir: str = "labels"
+    # GeoTIFF labels: "vector" (GeoJSON/GPKG in labels_dir, any CRS) or "mask" (raster in masks_dir)
+    label_format: Literal["json", "vector", "mask"] = "json"
+    masks_dir: str = "masks"
+    # mask rasters: pixel values >= this are buildings (SpaceNet masks use 255)
+    mask_threshold: int = 1
+    image_glob: str = ""  # "" = *.png for xview2, *.tif for geotiff
+    use_post_disaster: bool = False
+    geotransforms: str | None = None  # JSON {"<img_name>": [6 GDAL geotransform numbers]}
+    max_residual_px: float = 1.0
+    bands: list[int] = field(default_factory=lambda: [1, 2, 3])
+    stretch_percentiles: list[float] = field(default_factory=lambda: [2.0, 98.0])
+    nodata: float | None = None  # overrides the raster's declared nodata value
+    # the layer of a multi-layer vector label file (e.g. a GeoPackage) that holds the buildings (a file
+    # without it is refused, naming its layers); None = the file's only layer, or of several the one polygon
+    # layer named like building/footprint (or the only polygon layer), said in a warning, else refused
+    label_layer: str | None = None
+
+
+@dataclass
+class TileConfig:
+    size: int = 256
+    stride: int = 256
+    target_gsd: float | None = None  # metres; None keeps the native resolution
+    # "random": scene-level split by split_ratios and seed; "subset": xView2 subsets map to splits;
+    # "kfold": scenes shuffled by seed into `folds` folds, fold `fold` is test, the next one val
+    split_mode: Literal["random", "subset", "kfold"] = "random"
+    folds: int = 5
+    fold: int = 0
+    split_ratios: list[float] = field(default_factory=lambda: [0.7, 0.15, 0.15])
+    # > 0: the validation split is the bottom `val_band` of the rows of every training scene (for datasets
+    # of a few large scenes, e.g. two xView2 scenes tested one against the other)
+    val_band: float = 0.0
+    # what the models learn per pixel (footprints.targets): "binary" (background, building), "border"
+    # (background, interior, border), "contact" (border + the gaps between close buildings)
+    target: Literal["binary", "border", "contact"] = "border"
+    border_m: float = 1.0  # width of the border class inside each outline, metres
+    contact_m: float = 2.0  # background within this distance of two buildings is contact, metres
+    subset_splits: dict[str, str] = field(
+        default_factory=lambda: {"train": "train", "tier3": "train", "hold": "val", "test": "test"}
+    )
+    # also write the patch store (contiguous uint8 arrays per scene, read by training and features)
+    patch_store: bool = True
+    # also write two GeoTIFFs per patch (image and mask, for GIS users); nothing that trains or predicts
+    # reads them when the patch store is on. Off for xView2: ~300,000 small files on a shared file system
+    patch_geotiffs: bool = True
+
+
+@dataclass
+class BackboneConfig:
+    # "imagenet" (torchvision, when it imports), "random", or a path to a state dict (.pth)
+    weights: str = "random"
+    normalization: Literal["torchvision", "caffe"] = "torchvision"
+    # "all" (input + 13 conv layers), "pool" (the 5 layers before each pooling), or a list of names
+    layers: Any = "all"
+
+
+@dataclass
+class FeaturesConfig:
+    per_class: int = 16
+    batch_size: int = 8  # patches per backbone batch
+    shard_patches: int = 256  # patches per output shard
+    device: str = "auto"  # auto | cpu | cuda
+    prefetch: int = 2  # batches read and sampled ahead by the reader thread while the device works
+
+
+@dataclass
+class ClassifierConfig:
+    hidden: int = 1024
+    dropout: float = 0.5
+    epochs: int = 20
+    batch_size: int = 256
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    step_size: int = 10
+    gamma: float = 0.5
+    class_weights: list[float] | None = None  # override: one weight per class of tile.target
+    # weights from the training masks' class frequencies: inverse (N / (K n_c)), its square root, or none
+    class_weighting: Literal["inverse", "sqrt", "none"] = "sqrt"
+    baseline: bool = True  # scikit-learn logistic regression beside the MLP
+    device: str = "auto"
+    # samples held in memory at once while training (shuffle buffer, filled from feature shards read in a
+    # seeded order): bounds the stage's memory whatever the number of samples (4,227 float32 = 16.9 KB each)
+    shuffle_buffer: int = 65536
+
+
+@dataclass
+class SegmenterConfig:
+    epochs: int = 18
+    batch_size: int = 8
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    step_size: int = 6
+    gamma: float = 0.5
+    stride: int = 2  # stride of the first two 1x1 convs (the seed's head); 1 allowed
+    train_backbone: bool = False
+    augment: bool = True
+    class_weights: list[float] | None = None
+    class_weighting: Literal["inverse", "sqrt", "none"] = "sqrt"
+    num_workers: int = 0  # data-loader worker processes (CUDA only)
+    amp: bool = True  # bf16/fp16 autocast on CUDA; ignored on CPU
+    channels_last: bool = True  # CUDA only
+    deterministic: bool = False
+    checkpoint_every: int = 0  # steps between mid-epoch checkpoints; 0 = end of epoch only
+    overlays: int = 3  # validation overlays written per epoch
+    device: str = "auto"
+    max_steps_per_epoch: int = 0  # 0 = a full pass; >0 caps an epoch (benchmarks, smoke runs)
+    compile: bool = False  # torch.compile the segmenter (the head has no graph break)
+
+
+# the grid (predict.<value>) that calibration searches for each setting it chooses (predict.<key>)
+GRID_KEYS = {"threshold": "threshold_grid", "seed_threshold": "seed_threshold_grid", "min_area_m2": "min_area_grid"}
+
+
+@dataclass
+class PredictConfig:
+    checkpoint: str = ""  # "" = outputs/<name>/train-segmenter/best.pt
+    split: str = "test"
+    overlap: float = 0.25
+    batch_size: int = 8
+    block_size: int = 2048  # rows/cols of scene processed at once (bounded memory)
+    tta_flips: bool = False
+    threshold: float | None = None  # None = chosen on the validation split
+    min_area_m2: float | None = None  # None = chosen on the validation split
+    # at most this many validation scenes (a seeded sample) are predicted and vectorised for calibration
+    calibration_scenes: int = 32
+    # below 0.3 (and seed_threshold_grid below 0.5): on both real datasets validation chose 0.3 and 0.5 at the
+    # lower edges of grids that stopped there (README, Joplin)
+    threshold_grid: list[float] = field(default_factory=lambda: [0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8])
+    min_area_grid: list[float] = field(default_factory=lambda: [0.0, 10.0, 20.0, 40.0, 60.0, 80.0, 120.0, 160.0])
+    # one polygon per building: a seeded watershed splits touching buildings ("components": no split)
+    instances: Literal["watershed", "components"] = "watershed"
+    seed_threshold: float | None = None  # None = chosen on the validation split
+    seed_threshold_grid: list[float] = field(default_factory=lambda: [0.3, 0.5, 0.7, 0.9])
+    regularize: bool = True  # right angles and aligned walls (buildingregulariser); raw outlines kept
+    hole_area_m2: float = 4.0
+    simplify_px: float = 1.0
+    prob_dtype: Literal["uint8", "float16"] = "uint8"
+    device: str = "auto"
+    amp: bool = True  # bf16 (else fp16) autocast on CUDA; ignored on CPU
+    compile: bool = False  # torch.compile the segmenter for inference
+
+
+@dataclass
+class EvaluateConfig:
+    iou_threshold: float = 0.5
+    overlays: int = 3
+
+
+@dataclass
+class SlurmClusterConfig:
+    queue: str | None = None
+    account: str | None = None
+    cores: int = 4
+    processes: int = 1
+    memory: str = "16GB"
+    walltime: str = "01:00:00"
+    job_extra_directives: list[str] = field(default_factory=list)
+    job_script_prologue: list[str] = field(default_factory=list)
+    local_directory: str | None = None
+    log_directory: str = "logs/dask"
+    jobs: int = 2
+    adaptive_min: int | None = None
+    adaptive_max: int | None = None
+    python: str | None = None  # interpreter on the compute nodes; None = this one
+    # network interface of the scheduler and workers (e.g. "ib0"; "lo" for a one-node cluster); None = default
+    interface: str | None = None
+    job_name: str = "footprints-dask"
+    # seconds to wait for the first worker job to start before giving up with a clear error; 0 = forever
+    startup_timeout: float = 1800.0
+
+
+@dataclass
+class ClusterConfig:
+    kind: Literal["local", "slurm"] = "local"
+    workers: int = 2  # LocalCluster workers; 0 = run in this process (debugging)
+    threads_per_worker: int = 1
+    memory_limit: str = "auto"
+    slurm: SlurmClusterConfig = field(default_factory=SlurmClusterConfig)
+
+
+@dataclass
+class Config:
+    name: str = "demo"
+    version: int = CONFIG_VERSION
+    output_root: str = "outputs"
+    seed: int = 0
+    data: DataConfig = field(default_factory=DataConfig)
+    tile: TileConfig = field(default_factory=TileConfig)
+    backbone: BackboneConfig = field(default_factory=BackboneConfig)
+    features: FeaturesConfig = field(default_factory=FeaturesConfig)
+    classifier: ClassifierConfig = field(default_factory=ClassifierConfig)
+    segmenter: SegmenterConfig = field(default_factory=SegmenterConfig)
+    predict: PredictConfig = field(default_factory=PredictConfig)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    source: str = field(default="<defaults>", metadata={"internal": True})
+    # the YAML file this config was loaded from (None: the built-in defaults, with or without --set)
+    config_file: str | None = field(default=None, metadata={"internal": True})
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain dict (YAML/JSON/torch-checkpoint safe) of every key, without internal fields."""
+        out = dataclasses.asdict(self)
+        out.pop("source", None)
+        out.pop("config_file", None)
+        return out
+
