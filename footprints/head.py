@@ -17,27 +17,26 @@ sums are sampled. conv2 and conv3 then run on the grid. The feature normaliser (
 folded into conv1's weights and bias at every forward (`folded_conv1`), not into its parameters: conv1
 keeps the MLP's fc1 in standardised units, so that dense training takes steps of the size the MLP's
 training took. Folded parameters diverge: Adam moves every weight by about lr, which in standardised
-units is lr x std, and hypercolumn channel stds on real imagery range from 1e-5 to ~370 (measured on
-Joplin with the shared weights: dense loss 0.30 -> 6.7 in one epoch at lr 1e-4 folded; 0.30 -> 0.28 in
-two epochs standardised). `NaiveHead` is the straightforward reference (the seed's head);
-tests prove both give the same numbers and gradients.
+units is lr x std, and hypercolumn channel stds on real imagery span many orders of magnitude (the
+features stage's `stats.npz` holds them: compare the smallest and largest `std`); with folded
+parameters the dense loss rose where standardised ones lowered it (train-segmenter's `history.json`
+has `train_loss` per epoch; configs/xview2-joplin.md keeps the figures). `NaiveHead` is the
+straightforward reference (the seed's head); tests prove both give the same numbers and gradients.
 
 Layout, for speed on CPU: everything after the backbone is channels last, a (positions, channels)
 row-major matrix with positions = B x n_rows x n_cols, so each layer is a single `addmm` (bias fused)
 with the `nn.Conv2d` weights viewed as matrices (state dict unchanged, gradients land in them); the
 1024-channel sums of the coarse layers are resampled by small GEMMs with cached per-axis
-interpolation matrices over contiguous rows of channels (gathers and their index_add backward are an
-order of magnitude slower); ReLUs run in place. What remains is ~212 GFLOP of large GEMMs per
+interpolation matrices over contiguous rows of channels (gathers and their index_add backward are much
+slower: see `_resample`); ReLUs run in place. What remains is ~212 GFLOP of large GEMMs per
 forward + backward (conv2 ~102, conv1 ~110), no frozen-activation gradient is computed.
 
-Measured (`footprints bench head`, 4 patches x 4,227 channels x 256 px, hidden 1024, stride 2, forward
-+ backward, 2-core AMD EPYC with nothing else running): 10.4x and 10.7x faster in two runs (naive 16.1-16.6
-s, factorised 1.55 s), 25.6x less peak memory (naive 9.1 GiB, factorised 0.36 GiB), logits equal within
-1e-6 relative. With other jobs on the machine the ratio swings (7.9x-11.3x seen at load 2.3-3.5). The naive
-head's cost is conv1 on the full 128x128 output of its first stride-2 conv over the 4,227-channel
-hypercolumn (~1,100 GFLOP forward + weight gradient).
-
-`footprints bench head` (`footprints.benchmarks.head`) measures both on one input.
+The naive head's cost is conv1 on the full 128x128 output of its first stride-2 conv over the
+4,227-channel hypercolumn (~1,100 GFLOP forward + weight gradient), and its memory the hypercolumn itself.
+`footprints bench head` (`footprints.benchmarks.head`) measures both heads on one input (4 patches x 4,227
+channels x 256 px, hidden 1024, forward + backward) and prints the speed-up, the peak-memory ratio and
+how far the logits differ; run it on an otherwise idle machine, since other jobs make the ratio swing.
+The README's throughput table keeps the latest figures.
 
 Compilable: the per-axis interpolation matrices are looked up in `_tap_cache` by (axis size, source
 pixels, device, dtype), built outside any traced path (`prepare`, or on first use by a function dynamo
@@ -120,7 +119,7 @@ def _sample_axis(x: torch.Tensor, dim: int, taps: _Taps) -> torch.Tensor:
     """Resample dimension `dim` (not the last) of x with `_axis_taps` taps, as a GEMM on contiguous
     data: every dimension after `dim` is folded into the GEMM's columns (x must be contiguous from
     `dim` on), every one before it into its batch. Gathers (index_select) and their index_add
-    backward are an order of magnitude slower on CPU for these tensors."""
+    backward are much slower on CPU for these tensors (see `_resample` for how to time them)."""
     if isinstance(taps, slice):
         return x[(slice(None),) * dim + (taps,)]
     lead, n_in, tail = x.shape[:dim], x.shape[dim], x.shape[dim + 1:]
@@ -157,7 +156,8 @@ def _resample(x: torch.Tensor, rows: slice | torch.Tensor, cols: slice | torch.T
     """Apply per-axis resamplers to the last two dims of x (B, C, h, w).
 
     Matrices are applied as GEMMs (einsum): gathering along the last dimension with index_select and
-    its index_add backward are an order of magnitude slower on CPU for (4, 1024, 64, 64) tensors.
+    its index_add backward are much slower on CPU for (4, 1024, 64, 64) tensors (time forward + backward
+    of both on such a tensor with `torch.utils.benchmark.Timer` to see by how much).
     """
     if isinstance(rows, slice):
         x = x[:, :, rows]

@@ -2,14 +2,20 @@
 
 glibc's malloc serves large blocks from its heap once it has seen a few of them freed (its mmap threshold
 rises dynamically up to 32 MB), and a heap fragmented by tensors of varying sizes grows its high-water mark
-step after step: train-segmenter's peak resident memory rose from 801 MB over 4 training steps to 1,042 MB
-over 12 on the same run (2-core CPU). A fixed threshold keeps blocks of 1 MB and more as their own memory
-maps, returned to the system when freed: the same run peaked at 757 and 795 MB.
+step after step: without a fixed threshold, train-segmenter's peak resident memory keeps rising with the
+number of training steps. A fixed threshold keeps blocks of 1 MB and more as their own memory maps,
+returned to the system when freed, and the peak stays nearly flat.
 
-The price is CPU time (each large block is mapped and zeroed afresh): on the demo, train-classifier took 61 s
-against 49 s and train-segmenter steps 7.4 s against 6.3 s (2-core CPU). A 4 MB threshold (with a 256 MB
-trim threshold) was between the two on both counts (841 MB after 12 steps, 55 s). A user who prefers speed
-sets `MALLOC_MMAP_THRESHOLD_` (e.g. 33554432), which wins.
+The price is CPU time (each large block is mapped and zeroed afresh): train-classifier and train-segmenter's
+steps run slower than with glibc's dynamic threshold; a 4 MB threshold (with a 256 MB trim threshold) lies
+between the two on both counts. A user who prefers speed sets `MALLOC_MMAP_THRESHOLD_` (e.g. 33554432),
+which wins.
+
+To measure: run a stage (e.g. `footprints train-segmenter --config configs/demo.yaml --set
+segmenter.max_steps_per_epoch=4`, then 12) under `/usr/bin/time -v` (its "Maximum resident set size" and
+elapsed time), once as it is and once with `MALLOC_MMAP_THRESHOLD_=33554432` (the dynamic threshold's
+ceiling, fixed) in the environment; `footprints bench scale` prints each stage's peak resident memory.
+configs/xview2.md keeps the figures.
 """
 
 from __future__ import annotations

@@ -58,7 +58,8 @@ _KNOWN = ((b"<VRTDataset", "a GDAL VRT (XML that points at other files or URLs)"
           (b"BM", "a BMP image"))
 # an image declaring more than this many bytes per byte of file is refused (when it declares more than
 # `_BOMB_MIN_BYTES`): deflate (PNG, most GeoTIFFs) cannot compress more than ~1032:1, JPEG far less, and
-# real imagery, even a mosaic that is 99% nodata, stays below a few hundred to one
+# real imagery, even a mosaic that is mostly nodata, stays well below that (an image's ratio: width x height
+# x bands x bytes per sample, from `gdalinfo`, over the file's size)
 MAX_COMPRESSION = 1000
 _BOMB_MIN_BYTES = 1 << 30
 # the network file systems (/vsicurl/, /vsis3/, ...) accept only this file name while we open: none

@@ -13,9 +13,10 @@ as it is), tolerances in pixels of the scene's ground sample distance `pixel_siz
   optional alignment of a building's direction with its neighbours' (`align_neighbours`).
 - Never leaves its building: the result is clipped to the raw outline buffered by `max_outside_px`
   (mitred: corners stay square) minus the raw outlines of touching neighbours, and reduced to its largest
-  polygon. The default, 2 px, not 1: a segmentation's raw outline cuts square corners (on blurred
-  rectangles no true rectangle lies within raw + 1 px, 2/3 within raw + 2 px), so a 1-px clip notches
-  nearly every corner it squares.
+  polygon. The default, 2 px, not 1: a segmentation's raw outline cuts square corners, so the true
+  rectangle rarely lies within raw + 1 px and a 1-px clip notches nearly every corner it squares (to check,
+  threshold blurred rotated rectangles, vectorise them and count the true rectangles that lie within the
+  raw outline buffered by 1 px, then by 2 px).
 - Touching buildings (split by the watershed) never overlap: each one's limit excludes its neighbours'
   raw outlines, and where two claim the same corner outside both, `shapely.coverage_clean` gives it to one.
   Their walls are regularised independently, so a shared wall may open by up to about `max_outside_px`;
@@ -23,8 +24,10 @@ as it is), tolerances in pixels of the scene's ground sample distance `pixel_siz
 - Kept raw: an outline the library drops, or one that is empty, invalid, or whose IoU with the raw outline
   falls below `min_iou`; the count is logged and in `attrs["regularize"]`.
 
-Speed: the library is pure Python per polygon: about 1 ms per building on one core (19,559 blurred rotated
-rectangles in 20 s; 2-3 ms on a loaded machine); `num_cores` > 1 uses its process pool (fork).
+Speed: the library is pure Python per polygon, so its time grows with the number of buildings, one core
+by default; `num_cores` > 1 uses its process pool (fork). The log line (and `attrs["regularize"]`) gives
+the seconds and the time per polygon of each call; `footprints bench vectorize` times it on ~3,000
+synthetic buildings (`regularized_ratio`, `regularize_seconds`).
 """
 
 from __future__ import annotations

@@ -59,7 +59,8 @@ def bench_head(cfg: Any) -> dict[str, Any]:
 def full_float32() -> Iterator[None]:
     """Matrix products in full float32 (TF32 off in cuBLAS and cuDNN, `highest` matmul precision), restored
     after: the equality check then means the same on a CPU and on a GPU (TF32 keeps 10 mantissa bits,
-    which alone gave max_rel_diff ~1e-3 on an H200)."""
+    which alone lifts `max_rel_diff` far above float32 rounding: call `_compare_heads` outside this context
+    on a GPU to see by how much)."""
     saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32,
              torch.get_float32_matmul_precision())
     torch.backends.cuda.matmul.allow_tf32 = False
@@ -99,10 +100,11 @@ def compare_heads(
     seed's way of building the hypercolumn; writing the layers into one preallocated tensor instead
     would halve it.
 
-    `grad_rel_err` is ~1e-3, not ~1e-6 like the logits: a few of the 16.7 M conv2 outputs lie within
-    float32 rounding of 0, so their ReLU goes different ways in the two float32 computations (4 against a
-    float64 reference in one check, enough for 5e-4), and each flip moves one term of a conv2
-    weight-gradient sum. In float64 the gradients agree to 1e-10 (tests/test_head.py).
+    `grad_rel_err` is orders of magnitude above `max_rel_diff` (the benchmark prints both): a few of the
+    16.7 M conv2 outputs lie within float32 rounding of 0, so their ReLU goes different ways in the two
+    float32 computations (count them by comparing each head's conv2 pre-activation signs with a float64
+    reference), and each flip moves one term of a conv2 weight-gradient sum. In float64 the gradients agree
+    to 1e-10 (tests/test_head.py).
 
     Everything runs in full float32 (`full_float32`: no TF32 on a GPU).
     """

@@ -53,8 +53,10 @@ COLUMNS = ["scene", "area_m2", "mean_prob", "max_prob"]
 LAYER = "footprints"  # the GeoPackage layer name
 RAW_LAYER = "footprints_raw"  # the outlines before regularisation, beside them
 GEOJSON_PRECISION = 7  # decimal degrees: 1e-7 deg ~ 1 cm, far below any pixel
-# rows per GeoPackage append of a streamed layer: each append is a SQLite transaction synced to disk (~0.1 s),
-# so scenes are gathered up to this many rows (a few MB, whatever the number of scenes) before one is made
+# rows per GeoPackage append of a streamed layer: each append is a SQLite transaction synced to disk, a fixed
+# cost far above a row's (time `pyogrio.write_dataframe(gdf, path, layer=..., append=True)` of a few rows
+# to see it), so scenes are gathered up to this many rows (a few MB, whatever the number of scenes) before
+# one is made
 GPKG_BATCH_ROWS = 20_000
 # the largest scale error (|k - 1|, linear) a merged GeoPackage may have at any of its scenes: 0.1% at the
 # edge of a UTM zone, 0.2% about 4 degrees of longitude from its central meridian at the equator

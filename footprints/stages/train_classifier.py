@@ -7,7 +7,8 @@ The loss. Samples are drawn class-balanced per patch, so their class frequencies
 Each sample therefore carries `w`, the number of mask pixels it stands for; the loss weights sample i by
 `class_weight[y_i] * w_i` (normalised per batch), which is an unbiased estimate of the class-weighted
 cross entropy over every pixel of the training masks: the objective the dense segmenter trains on later.
-Plain class weights on balanced samples would count the class imbalance twice (a ~20x building prior).
+Plain class weights on balanced samples would count the class imbalance twice (a building prior of the
+background-to-building pixel ratio, `class_pixels` in metrics.json).
 
 Model selection: the epoch with the best validation building IoU, estimated for the dense masks (sampled
 validation pixels weighted by `w`). Metrics on the sampled pixels unweighted are reported beside it, as
