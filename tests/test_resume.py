@@ -58,7 +58,8 @@ def test_sigkill_at_any_point_then_resume_gives_identical_weights(tmp_path):
     state = load(cut_dir / "last.pt")
     assert (state["epoch"], state["step"], state["sampler"]["position"]) == (0, 1, 3)
 
-    # (without --load_saved_model an unfinished run is refused: tests/test_training.py)
+    # (without --load_saved_model an unfinished run is refused: tests/test_training.py; every branch of that
+    # decision: tests/test_resume_decision.py)
 
     # 2. at the epoch boundary: all of epoch 1 trained and checkpointed, killed during its validation
     p = run_cli(config, *cut, "--load_saved_model", hook="3:SIGKILL:validation")

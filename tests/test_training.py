@@ -25,6 +25,7 @@ from footprints.errors import InputError, Preempted, StageError
 from footprints.losses import class_weights_from_counts, weighted_ce_sums
 from footprints.runner import run_stage
 from footprints.stages import train_segmenter as train_stage
+from footprints.training.trainer import masked_target
 from footprints.training_data import (
     GlobalBatchSampler,
     apply_augment,
@@ -113,7 +114,7 @@ def test_weighted_loss_sums_equal_cross_entropy_and_ignore_stand_in_samples():
     expected = F.cross_entropy(logits, target, weight=weight, ignore_index=255)
     assert torch.allclose(loss_sum / weight_sum, expected, rtol=1e-6)
     # a stand-in sample (real = 0) contributes nothing
-    masked = train_stage._masked_target(target, torch.tensor([1, 0, 1]))
+    masked = masked_target(target, torch.tensor([1, 0, 1]))
     s2, w2 = weighted_ce_sums(logits, masked, weight)
     s_ref, w_ref = weighted_ce_sums(logits[[0, 2]], target[[0, 2]], weight)
     assert torch.allclose(s2, s_ref) and torch.allclose(w2, w_ref)

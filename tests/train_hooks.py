@@ -17,7 +17,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from footprints.stages.train_segmenter import TrainingHooks  # noqa: E402
+from footprints.training.trainer import TrainingHooks  # noqa: E402
 
 
 class SignalAt(TrainingHooks):

@@ -1,0 +1,1 @@
+"""Dense training of the segmenter: the resume decision, the model set-up and the trainer's loop."""
