@@ -123,6 +123,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("name", choices=list(BENCHMARKS), help="which benchmark")
     p.add_argument("--classifier-gb", dest="classifier_gb", type=float, metavar="G",
                    help="scale: instead of the stage sizes, train-classifier on G GB of synthetic feature shards")
+    p.add_argument("--scene-px", dest="scene_px", type=int, metavar="N",
+                   help="predict: the synthetic scene's side in pixels (default 8192)")
+    p.add_argument("--model-px", dest="model_px", type=int, metavar="N",
+                   help="predict: the side of the top-left square the network runs on (default 0: all of it)")
     return parser
 
 
@@ -194,7 +198,8 @@ def _dispatch(args: argparse.Namespace, stage_options: dict[str, Any]) -> dict[s
     if args.command == "bench":
         from .benchmarks import run_benchmark
 
-        options = {"classifier_gb": args.classifier_gb} if args.classifier_gb is not None else {}
+        # only the options given: each belongs to one benchmark, which has its own defaults
+        options = {k: v for k in ("classifier_gb", "scene_px", "model_px") if (v := getattr(args, k)) is not None}
         result = run_benchmark(args.name, cfg, **options)
         print(json.dumps(result), flush=True)  # the last line: one JSON object for scripts
         return None

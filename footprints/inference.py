@@ -122,8 +122,9 @@ def _touching(origins: np.ndarray, start: int, stop: int, tile_size: int) -> np.
 
 
 @dataclass
-class Grid:
-    """The scene-anchored window grid of one scene."""
+class WindowGrid:
+    """The prediction windows of one scene: anchored at its top-left pixel, `stride` apart, the last window of
+    each axis flush with the right/bottom edge (`window_origins`). Not the tile stage's patch grid."""
 
     width: int
     height: int
@@ -152,7 +153,7 @@ class WindowCache:
     width, never by the area. The probabilities stay where they were computed (on the device).
     """
 
-    def __init__(self, grid: Grid, block_size: int):
+    def __init__(self, grid: WindowGrid, block_size: int):
         self._last: dict[tuple[int, int], int] = {}
         self._store: dict[tuple[int, int], Any] = {}
         self._block = 0
@@ -229,7 +230,7 @@ class _Halo:
         return self.valid_px == 0
 
 
-def _read_halo(reader: Any, block: Window, grid: Grid, pin: bool = False) -> _Halo:
+def _read_halo(reader: Any, block: Window, grid: WindowGrid, pin: bool = False) -> _Halo:
     t = grid.tile_size
     r0, c0 = int(block.row_off), int(block.col_off)
     rows = _touching(grid.rows, r0, r0 + int(block.height), t)
@@ -251,7 +252,7 @@ def _read_halo(reader: Any, block: Window, grid: Grid, pin: bool = False) -> _Ha
 
 
 @torch.inference_mode()
-def _infer_block(halo: _Halo, model: Model, grid: Grid, weights: torch.Tensor, *, batch_size: int,
+def _infer_block(halo: _Halo, model: Model, grid: WindowGrid, weights: torch.Tensor, *, batch_size: int,
                  tta_flips: bool, scheme: ClassScheme, autocast: torch.dtype | None,
                  cache: WindowCache | None) -> tuple[torch.Tensor, torch.Tensor, int]:
     """Blend one block on the device: (prob float32 (bands, h, w) with 0 on invalid pixels, valid bool
@@ -308,7 +309,7 @@ def predict_block(
     reader: Any,
     model: Model,
     block: Window,
-    grid: Grid,
+    grid: WindowGrid,
     *,
     batch_size: int = 8,
     tta_flips: bool = False,
@@ -415,7 +416,7 @@ def predict_scene(
     on_cuda = device.type == "cuda"
     width, height = int(reader.width), int(reader.height)
     stride = window_stride(tile_size, overlap)
-    grid = Grid(width, height, tile_size, stride)
+    grid = WindowGrid(width, height, tile_size, stride)
     weights = torch.as_tensor(ramp_weights(tile_size, stride), dtype=torch.float32, device=device)
     profile = raster_profile(width, height, reader.transform, reader.crs, prob_dtype, bands_of(scheme))
     blocks = list(iter_blocks(width, height, block_size))

@@ -21,8 +21,8 @@ import rasterio
 import shapely
 import torch
 from affine import Affine
+from checkpoint_fixtures import red_checkpoint
 from rasterio.windows import Window
-from torch import nn
 from train_fixtures import load, make_project
 
 from footprints.config import ConfigError, DataConfig, TileConfig, load_config
@@ -72,18 +72,12 @@ def bright_square_scene(path: Path, offset: int = 20) -> Path:
     return write_tif(path, rgb)
 
 
-class RedModel(nn.Module):
-    """p = red / 255, pixel by pixel."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        p = (x[:, 0] / 255.0).clamp(1e-6, 1 - 1e-6)
-        return torch.stack([torch.zeros_like(p), torch.log(p / (1 - p))], dim=1)
-
-
 def predict_cfg(tmp_path: Path):
+    """The model: a real checkpoint whose building probability is red / 255 (tests/checkpoint_fixtures.py)."""
     return load_config(None, [f"output_root={tmp_path / 'outputs'}", "cluster.workers=0", "predict.threshold=0.5",
                               "predict.min_area_m2=0", "predict.overlap=0.25", "predict.batch_size=4",
-                              "predict.instances=components", "predict.regularize=false"])
+                              "predict.instances=components", "predict.regularize=false",
+                              f"predict.checkpoint={red_checkpoint(tmp_path / 'model')}"])
 
 
 # ------------------------------------------------------------------------------------------ data lost
@@ -94,7 +88,7 @@ def test_1_same_file_name_in_two_input_folders_gives_two_scenes(tmp_path: Path, 
     b = bright_square_scene(tmp_path / "B" / "scene.tif", offset=50)
     with caplog.at_level(logging.WARNING):
         out = run_predict(predict_cfg(tmp_path), inputs=[str(a.parent), str(b.parent)],
-                          output=str(tmp_path / "fp.geojson"), model=RedModel(), meta={"tile_size": 64})
+                          output=str(tmp_path / "fp.geojson"))
     assert out["scenes"] == 2 and out["polygons"] == 2
     merged = pyogrio.read_dataframe(tmp_path / "fp.geojson")
     assert sorted(merged["scene"]) == ["A__scene", "B__scene"]
@@ -105,7 +99,7 @@ def test_1_same_file_name_in_two_input_folders_gives_two_scenes(tmp_path: Path, 
 def test_8_the_same_scene_given_twice_is_predicted_once(tmp_path: Path):
     a = bright_square_scene(tmp_path / "A" / "scene.tif")
     out = run_predict(predict_cfg(tmp_path), inputs=[str(a), str(a.parent), str(a)],
-                      output=str(tmp_path / "fp.geojson"), model=RedModel(), meta={"tile_size": 64})
+                      output=str(tmp_path / "fp.geojson"))
     assert out["scenes"] == 1 and out["polygons"] == 1
 
 
@@ -327,8 +321,7 @@ def test_16_temporaries_of_a_killed_predict_are_removed_on_rerun(tmp_path: Path)
     stale = [out_dir / ".scene_prob.x1y2.tif.part.blocks", out_dir / ".scene.q9.part.gpkg"]
     for f in stale:
         f.write_bytes(b"half a file")
-    run_predict(predict_cfg(tmp_path), inputs=[str(scene)], output=str(tmp_path / "fp.geojson"), model=RedModel(),
-                meta={"tile_size": 64})
+    run_predict(predict_cfg(tmp_path), inputs=[str(scene)], output=str(tmp_path / "fp.geojson"))
     assert not any(f.exists() for f in stale)
     assert not [p.name for p in out_dir.iterdir() if p.name.startswith(".")]
     record = json.loads((out_dir / "scene.json").read_text())

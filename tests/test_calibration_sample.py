@@ -15,12 +15,13 @@ from typing import Any
 
 import pytest
 
+from footprints import calibration_store
+from footprints.calibration_store import calibration_sample, resolve_calibration
 from footprints.config import Config, DataConfig
 from footprints.contracts.manifest import MANIFEST_COLUMNS, write_rows
 from footprints.contracts.paths import RunPaths
 from footprints.sources import SceneSource
-from footprints.stages import predict as predict_stage
-from footprints.stages.predict import build_settings, calibration_sample, resolve_calibration
+from footprints.stages.predict import build_settings
 
 
 def _run(tmp_path: Path, n_val: int, cap: int, seed: int = 0) -> Config:
@@ -61,7 +62,7 @@ def scored(monkeypatch: pytest.MonkeyPatch) -> list[str]:
                    for t in thresholds for s in seed_thresholds for a in min_areas]
         return {"scene_id": source.scene_id, "pixel": pixel, "polygon": polygon}
 
-    monkeypatch.setattr(predict_stage, "calibrate_source", fake_calibrate_source)
+    monkeypatch.setattr(calibration_store, "calibrate_source", fake_calibrate_source)
     return calls
 
 

@@ -19,11 +19,10 @@ import pytest
 import rasterio
 import rasterio.features
 import shapely
-import torch
 from affine import Affine
+from checkpoint_fixtures import red_checkpoint
 from pyproj import Transformer
 from rasterio.windows import Window
-from torch import nn
 
 from footprints.config import DataConfig, TileConfig, load_config
 from footprints.errors import InputError
@@ -57,20 +56,13 @@ def red_squares(size: int = 96, squares: tuple[tuple[int, int, int], ...] = ((20
     return rgb
 
 
-class RedModel(nn.Module):
-    """p = red / 255, pixel by pixel."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        p = (x[:, 0] / 255.0).clamp(1e-6, 1 - 1e-6)
-        return torch.stack([torch.zeros_like(p), torch.log(p / (1 - p))], dim=1)
-
-
 def predict(tmp_path: Path, inputs: list, min_area: float = 0.0, name: str = "fp") -> dict:
     cfg = load_config(None, [f"output_root={tmp_path / 'outputs'}", "cluster.workers=0", "predict.threshold=0.5",
                              f"predict.min_area_m2={min_area}", "predict.overlap=0.25", "predict.batch_size=4",
                              "predict.instances=components", "predict.regularize=false"])
+    # the model: a real checkpoint whose building probability is red / 255 (tests/checkpoint_fixtures.py)
     return run_predict(cfg, inputs=[str(p) for p in inputs], output=str(tmp_path / f"{name}.geojson"),
-                       model=RedModel(), meta={"tile_size": 64})
+                       checkpoint=str(red_checkpoint(tmp_path / "model")))
 
 
 def errors(caplog) -> list[str]:

@@ -22,7 +22,8 @@ import pytest
 import shapely
 import torch
 from affine import Affine
-from test_predict import TILE, RedModel, _write_tif
+from checkpoint_fixtures import red_checkpoint, sibling_folder
+from test_inference import TILE, _write_tif
 
 from footprints.cli import main
 from footprints.config import Config, DataConfig, load_config
@@ -40,22 +41,27 @@ PORTUGAL = ("EPSG:32629", Affine(0.5, 0, 535000.0, 0, -0.5, 4372000.0))  # lon -
 
 # ---------------------------------------------------------------------------------------------- helpers
 def red_scene(path: Path, offset: int = 20, transform: Affine = UTM31, crs: str = "EPSG:32631") -> Path:
-    """A 96 x 96 px scene with one red 20 x 20 px building (RedModel finds exactly it)."""
+    """A 96 x 96 px scene with one red 20 x 20 px building (the red checkpoint finds exactly it)."""
     rgb = np.full((3, 96, 96), 30, np.uint8)
     rgb[0, offset : offset + 20, offset : offset + 20] = 230
     return _write_tif(path, rgb, transform, crs)
+
+
+def red_model(tmp_path: Path) -> Path:
+    """The model: a real checkpoint whose building probability is red / 255 (tests/checkpoint_fixtures.py),
+    beside `tmp_path` (these tests list and snapshot its files)."""
+    return red_checkpoint(sibling_folder(tmp_path))
 
 
 def quick_cfg(tmp_path: Path, *extra: str) -> Config:
     """Files given without a config file (the defaults with --set), fixed threshold: no calibration."""
     return load_config(None, [f"output_root={tmp_path / 'outputs'}", "cluster.workers=0", "predict.threshold=0.5",
                               "predict.min_area_m2=0", "predict.batch_size=4", "predict.instances=components",
-                              "predict.regularize=false", *extra])
+                              "predict.regularize=false", f"predict.checkpoint={red_model(tmp_path)}", *extra])
 
 
 def predict(cfg: Config, inputs: list[Path], output: Path | None = None, **kw: Any) -> dict[str, Any]:
-    return run_predict(cfg, inputs=[str(p) for p in inputs], output=str(output) if output else None,
-                       model=kw.pop("model", RedModel()), meta={"tile_size": TILE}, **kw)
+    return run_predict(cfg, inputs=[str(p) for p in inputs], output=str(output) if output else None, **kw)
 
 
 def snapshot(*folders: Path) -> dict[str, bytes]:
@@ -159,7 +165,7 @@ def test_1_in_the_run_folder_a_scene_named_like_a_run_file_is_refused_and_the_ot
         tmp_path: Path, caplog: pytest.LogCaptureFixture, reserved: str):
     cfg = _run_with_test_split(tmp_path, [reserved, "good"])
     with caplog.at_level(logging.ERROR):
-        out = run_predict(cfg, model=RedModel(), meta={"tile_size": TILE})
+        out = run_predict(cfg)
     assert (out["scenes"], out["failed"]) == (1, 1)
     errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
     assert len(errors) == 1 and f"{reserved}.tif: scene id '{reserved}'" in errors[0] and "rename" in errors[0]
@@ -218,7 +224,7 @@ def test_2_through_the_command_line_it_is_one_line_and_exit_2(tmp_path: Path, ca
     image, label = labelled_scene(tmp_path)
     before = label.read_bytes()
     code, line = cli(capsys, "predict", "--set", f"output_root={tmp_path / 'o'}", "--set", "cluster.workers=0",
-                     "--input", str(image), "--output", str(label), model=RedModel(), meta={"tile_size": TILE})
+                     "--checkpoint", str(red_model(tmp_path)), "--input", str(image), "--output", str(label))
     assert code == 2 and str(label) in line and "scene" in line
     assert label.read_bytes() == before
 
@@ -362,8 +368,8 @@ def test_7_output_that_is_an_existing_folder_is_refused_before_any_scene(tmp_pat
 @pytest.mark.parametrize("bad", ["fp\x00.geojson", "fp\n.geojson", "a\nb/fp.geojson", "fp\r.geojson"])
 def test_7_output_with_a_nul_or_a_newline_is_refused_in_one_line(tmp_path: Path, bad: str, capsys):
     scene = red_scene(tmp_path / "images" / "s.tif")
-    code, line = cli(capsys, "predict", "--set", f"output_root={tmp_path / 'o'}", "--input", str(scene),
-                     "--output", str(tmp_path / bad), model=RedModel(), meta={"tile_size": TILE})
+    code, line = cli(capsys, "predict", "--set", f"output_root={tmp_path / 'o'}", "--checkpoint",
+                     str(red_model(tmp_path)), "--input", str(scene), "--output", str(tmp_path / bad))
     assert code == 2 and "control character" in line and repr(str(tmp_path / bad)) in line
     assert sorted(p.name for p in tmp_path.iterdir()) == ["images"]
 
@@ -377,22 +383,28 @@ def test_7_output_into_folders_that_do_not_exist_yet_makes_them(tmp_path: Path):
 
 
 def test_7_output_into_a_read_only_folder_is_one_line_before_any_scene(tmp_path: Path,
-                                                                       read_only_dir: tuple[Path, str]):
+                                                                       read_only_dir: tuple[Path, str],
+                                                                       monkeypatch: pytest.MonkeyPatch):
     scene = red_scene(tmp_path / "images" / "s.tif")
     ro, reason = read_only_dir
 
-    class Counting(RedModel):
-        calls = 0
+    from footprints.segmenter import Segmenter
 
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            Counting.calls += 1
-            return super().forward(x)
+    calls = []  # the windows of every forward pass of the checkpoint's model
+    forward = Segmenter.forward
 
+    def counting(model: Segmenter, x: torch.Tensor) -> torch.Tensor:
+        calls.append(len(x))
+        return forward(model, x)
+
+    monkeypatch.setattr(Segmenter, "forward", counting)
     with pytest.raises(StageError) as err:
-        predict(quick_cfg(tmp_path), [scene], output=ro / "fp.geojson", model=Counting())
+        predict(quick_cfg(tmp_path), [scene], output=ro / "fp.geojson")
     line = one_line(err.value)
     assert str(ro) in line and reason in line, line
-    assert Counting.calls == 0  # refused before the model ran on any scene
+    assert calls == []  # refused before the model ran on any scene
+    predict(quick_cfg(tmp_path), [scene], output=tmp_path / "fp.geojson")
+    assert calls  # the same run into a folder that can be written runs it
 
 
 @pytest.mark.parametrize("kind", ["geojson", "gpkg"])
@@ -534,11 +546,11 @@ def test_7_run_mode_output_onto_a_scenes_own_file_is_refused(tmp_path: Path):
     cfg = _run_with_test_split(tmp_path, ["s1", "s2"])
     predict_dir = RunPaths.of(cfg).predict
     with pytest.raises(StageError) as err:
-        run_predict(cfg, output=str(predict_dir / "s1.geojson"), model=RedModel(), meta={"tile_size": TILE})
+        run_predict(cfg, output=str(predict_dir / "s1.geojson"))
     assert "s1" in one_line(err.value) and "own output" in str(err.value)
     assert not predict_dir.exists() or not any(predict_dir.iterdir())
     with pytest.raises(StageError) as err:  # nor onto the run's summary
-        run_predict(cfg, output=str(predict_dir / "summary.json"), model=RedModel(), meta={"tile_size": TILE})
+        run_predict(cfg, output=str(predict_dir / "summary.json"))
     assert "summary" in one_line(err.value)
 
 

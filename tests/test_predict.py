@@ -1,7 +1,8 @@
-"""Predict: window grid and blending, blocked == whole, COG output, georeference round trip, calibration.
+"""The predict stage: georeference round trip, pixel-space scenes, calibration, reruns, real checkpoints.
 
-Most tests inject stand-in models (plain nn.Modules) so that they do not depend on training; one runs
-the real Segmenter (tiny: pool layers, hidden 16) through a checkpoint file.
+The stage loads real segmenter checkpoints: `RedModel`'s twin (tests/checkpoint_fixtures.py: building
+probability = red / 255, checked against `RedModel` below) and a tiny random one (pool layers, hidden 16).
+Inference itself (windows, blending, blocks) is tests/test_inference.py's.
 """
 
 from __future__ import annotations
@@ -18,96 +19,21 @@ import rasterio
 import shapely
 import torch
 from affine import Affine
+from checkpoint_fixtures import red_checkpoint
 from pyproj import Transformer
 from rasterio import features
-from rasterio.windows import Window
 from shapely.geometry import Polygon, box, mapping
-from torch import nn
+from test_inference import TILE, UTM, RedModel, _reader, _texture, _write_tif
 
 from footprints.calibration import choose_calibration
-from footprints.config import Config, DataConfig, TileConfig
+from footprints.calibration_store import resolve_calibration
+from footprints.config import Config, DataConfig
 from footprints.contracts.manifest import MANIFEST_COLUMNS, write_rows
 from footprints.contracts.paths import RunPaths
 from footprints.contracts.probability import read_probability
-from footprints.inference import (
-    Grid,
-    predict_block,
-    predict_scene,
-    ramp_weights,
-    window_origins,
-    window_stride,
-)
-from footprints.scenes import open_scene
-from footprints.sources import SceneSource
-from footprints.stages.predict import build_settings, resolve_calibration
+from footprints.inference import predict_scene
+from footprints.stages.predict import checkpoint_settings
 from footprints.stages.predict import run as run_predict
-
-TILE = 64  # test windows: small and fast
-
-# ---------------------------------------------------------------------------------------------------
-# stand-in models: rgb float (B, 3, H, W) in 0..255 -> logits (B, 2, H, W)
-
-
-def _logits(p: torch.Tensor) -> torch.Tensor:
-    p = p.clamp(1e-6, 1 - 1e-6)
-    return torch.stack([torch.zeros_like(p), torch.log(p / (1 - p))], dim=1)
-
-
-class ConstantModel(nn.Module):
-    def __init__(self, p: float):
-        super().__init__()
-        self.p = p
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _logits(torch.full_like(x[:, 0], self.p))
-
-
-class RedModel(nn.Module):
-    """p = red / 255, pixel by pixel (a painted building comes back exactly where it was painted)."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _logits(x[:, 0] / 255.0)
-
-
-class ContextModel(nn.Module):
-    """Depends on a 9x9 neighbourhood with zero padding, so a window's border pixels differ by window."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        m = nn.functional.avg_pool2d(x[:, :1], 9, stride=1, padding=4, count_include_pad=True)[:, 0]
-        return _logits(torch.sigmoid((m - 100.0) / 30.0))
-
-
-class PositionModel(nn.Module):
-    """p grows from 0.2 to 0.8 left to right inside every window: an unblended mosaic jumps at each seam."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = x.shape[-1]
-        ramp = 0.2 + 0.6 * torch.arange(w, dtype=torch.float32) / (w - 1)
-        return _logits(ramp.expand(x.shape[0], x.shape[-2], w).clone())
-
-
-# ---------------------------------------------------------------------------------------------------
-# scenes
-
-
-def _write_tif(path: Path, rgb: np.ndarray, transform: Affine, crs: str | None) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    profile = {"driver": "GTiff", "width": rgb.shape[2], "height": rgb.shape[1], "count": 3, "dtype": "uint8",
-               "transform": transform}
-    if crs:
-        profile["crs"] = crs
-    with rasterio.open(path, "w", **profile) as dst:
-        dst.write(rgb)
-    return path
-
-
-def _texture(h: int, w: int, seed: int = 0) -> np.ndarray:
-    rng = np.random.default_rng(seed)
-    return rng.integers(1, 255, size=(3, h, w), dtype=np.uint8)  # no 0: 0 is nodata
-
-
-def _reader(path: Path):
-    return open_scene(SceneSource(path), DataConfig(format="geotiff"), TileConfig(size=TILE, stride=TILE))
 
 
 def _cfg(tmp_path: Path, **predict) -> Config:
@@ -121,160 +47,15 @@ def _cfg(tmp_path: Path, **predict) -> Config:
     return cfg
 
 
-UTM = Affine(0.5, 0, 448000.0, 0, -0.5, 5411000.0)  # 0.5 m pixels, UTM 31N (near Paris)
-
-
 # ---------------------------------------------------------------------------------------------------
-# the grid and the weights
-
-
-@pytest.mark.parametrize("length", [1, 63, 64, 65, 200, 1024])
-def test_window_grid_covers_every_pixel_with_the_overlap_asked(length: int):
-    stride = window_stride(TILE, 0.25)
-    assert stride == 48  # 25% of 64 px overlap
-    o = window_origins(length, TILE, stride)
-    assert o[0] == 0
-    assert o[-1] == max(0, length - TILE)  # the last window is flush with the edge (or the only one)
-    assert np.all(np.diff(o) <= stride) and np.all(np.diff(o) > 0)
-    covered = np.zeros(length, bool)
-    for r in o:
-        covered[r : r + TILE] = True
-    assert covered.all()
-
-
-def test_ramp_weights_sum_to_one_across_a_regular_overlap():
-    stride = window_stride(TILE, 0.25)
-    w = ramp_weights(TILE, stride)[TILE // 2]  # one row through the middle
-    total = np.zeros(stride * 4 + TILE)
-    for k in range(5):
-        total[k * stride : k * stride + TILE] += w
-    inner = total[TILE : stride * 4]  # where two windows always meet or one covers alone
-    np.testing.assert_allclose(inner, 1.0, atol=1e-12)
-    assert w.min() > 0 and w.max() == 1.0
-
-
-# ---------------------------------------------------------------------------------------------------
-# seams, blocks, COG
-
-
-@pytest.mark.parametrize("prob_dtype", ["uint8", "float16"])
-def test_constant_model_gives_constant_raster_across_blocks_and_windows(tmp_path: Path, prob_dtype: str):
-    scene = _write_tif(tmp_path / "s.tif", _texture(230, 170), UTM, "EPSG:32631")
-    with _reader(scene) as reader:
-        out = predict_scene(reader, ConstantModel(0.6), tmp_path / "p.tif", tile_size=TILE, overlap=0.25,
-                            batch_size=3, block_size=50, prob_dtype=prob_dtype)
-    assert out["grid_windows"] == 5 * 4 and out["windows"] == 20  # 20 blocks, yet every window runs once
-    with rasterio.open(tmp_path / "p.tif") as src:
-        raw = src.read(1)
-    if prob_dtype == "uint8":
-        assert raw.dtype == np.uint8 and np.all(raw == 153)  # 0.6 * 255, every pixel
-    else:
-        assert np.all(np.abs(raw - 0.6) < 1e-3) and np.ptp(raw) == 0  # float16 storage, one value
-
-
-def test_scene_smaller_than_a_window_and_flips_averaged(tmp_path: Path):
-    scene = _write_tif(tmp_path / "s.tif", _texture(20, 30), UTM, "EPSG:32631")
-    with _reader(scene) as reader:
-        out = predict_scene(reader, PositionModel(), tmp_path / "p.tif", tile_size=TILE, tta_flips=True,
-                            prob_dtype="float16")
-    assert out["windows"] == 1
-    prob, valid = read_probability(tmp_path / "p.tif")
-    assert prob.shape == (20, 30) and valid.all()
-    ramp = 0.2 + 0.6 * np.arange(TILE) / (TILE - 1)
-    want = (2 * ramp + ramp[::-1]) / 3  # identity and vertical flip see the ramp, the horizontal flip reverses it
-    np.testing.assert_allclose(prob[7], want[:30], atol=1e-3)
-
-
-def test_tapered_blending_leaves_no_seam_where_an_unblended_mosaic_jumps(tmp_path: Path):
-    scene = _write_tif(tmp_path / "s.tif", _texture(64, 300), UTM, "EPSG:32631")
-    with _reader(scene) as reader:
-        predict_scene(reader, PositionModel(), tmp_path / "p.tif", tile_size=TILE, overlap=0.25, block_size=128,
-                      prob_dtype="float16")
-    prob, _ = read_probability(tmp_path / "p.tif")
-    step = np.abs(np.diff(prob[32].astype(np.float64)))
-    # inside a window the model rises 0.6/63 per px; the seams of a mosaic would jump by ~0.45
-    assert step.max() < 0.05, step.max()
-    np.testing.assert_allclose(prob, np.broadcast_to(prob[:1], prob.shape), atol=1e-3)  # rows agree
-    # the same windows with flat weights (a plain average) keep a step at every window border
-    with _reader(scene) as reader:
-        grid = Grid(300, 64, TILE, window_stride(TILE, 0.25))
-        flat, _, _ = predict_block(reader, PositionModel(), Window(0, 0, 300, 64), grid,
-                                   weights=np.ones((TILE, TILE)))
-    assert flat.shape == (1, 64, 300)  # one band: the building probability of a two-class model
-    assert np.abs(np.diff(flat[0, 32].astype(np.float64))).max() > 0.1
-
-
-def test_blocked_result_equals_whole_scene_result(tmp_path: Path):
-    rgb = _texture(210, 190, seed=3)
-    rgb[:, :30, :40] = 0  # a nodata corner
-    scene = _write_tif(tmp_path / "s.tif", rgb, UTM, "EPSG:32631")
-    outs = {}
-    for block in (4096, 70, 97):
-        with _reader(scene) as reader:
-            predict_scene(reader, ContextModel(), tmp_path / f"b{block}.tif", tile_size=TILE, overlap=0.3,
-                          batch_size=5, block_size=block, prob_dtype="float16", tta_flips=True)
-        outs[block] = read_probability(tmp_path / f"b{block}.tif")
-    whole, valid = outs[4096]
-    assert np.ptp(whole[valid]) > 0.2  # a non-trivial probability field
-    assert not valid[:30, :40].any() and valid[30:, :].all() and valid[:, 40:].all()
-    for block in (70, 97):
-        np.testing.assert_array_equal(outs[block][0], whole)
-        np.testing.assert_array_equal(outs[block][1], valid)
-
-
-def test_work_alongside_the_cog_sees_what_the_cog_holds(tmp_path: Path):
-    """`alongside` (predict vectorises there while the COG is written) reads the same probabilities, mask,
-    transform and CRS as the finished COG; its result comes back, and nothing temporary is left."""
-    from footprints.vectorize import polygons_from_probability
-
-    rgb = _texture(300, 260, seed=5)
-    rgb[:, :40, :50] = 0  # a nodata corner: the mask must come through too
-    scene = _write_tif(tmp_path / "s.tif", rgb, UTM, "EPSG:32631")
-    seen = {}
-
-    def alongside(path: Path):
-        with rasterio.open(path) as src:
-            seen.update(values=src.read(), mask=src.read_masks(1), transform=src.transform, crs=src.crs)
-        return polygons_from_probability(path, threshold=0.5)
-
-    with _reader(scene) as reader:
-        out = predict_scene(reader, ContextModel(), tmp_path / "p.tif", tile_size=TILE, block_size=128,
-                            alongside=alongside)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["p.tif", "s.tif"]
-    with rasterio.open(tmp_path / "p.tif") as src:
-        np.testing.assert_array_equal(seen["values"], src.read())
-        np.testing.assert_array_equal(seen["mask"], src.read_masks(1))
-        assert seen["transform"] == src.transform and seen["crs"] == src.crs
-    assert not seen["mask"][:40, :50].any() and seen["mask"][40:].all()
-    from_cog = polygons_from_probability(tmp_path / "p.tif", threshold=0.5)
-    assert len(from_cog) > 0 and len(out["alongside"]) == len(from_cog)
-    assert shapely.equals(from_cog.geometry.union_all(), out["alongside"].geometry.union_all())
-
-
-def test_probability_raster_is_a_cog_on_the_scene_grid(tmp_path: Path):
-    scene = _write_tif(tmp_path / "s.tif", _texture(600, 1100), UTM, "EPSG:32631")
-    with _reader(scene) as reader:
-        predict_scene(reader, ConstantModel(0.25), tmp_path / "p.tif", tile_size=TILE, block_size=512)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["p.tif", "s.tif"]  # no temporary left behind
-    with rasterio.open(tmp_path / "p.tif") as src:
-        assert src.tags(ns="IMAGE_STRUCTURE").get("LAYOUT") == "COG"
-        assert src.profile["tiled"] and src.block_shapes[0] == (512, 512)
-        assert src.overviews(1)  # 1100 px > one 512 px block: overviews exist
-        assert src.crs.to_epsg() == 32631
-        assert src.transform.almost_equals(UTM)
-        assert (src.width, src.height) == (1100, 600)
-        assert src.dtypes[0] == "uint8" and np.all(src.read(1) == 64)  # round(0.25 * 255)
-
-
-# ---------------------------------------------------------------------------------------------------
-# georeference round trip through the whole stage (stand-in model), in UTM and in lon/lat
+# georeference round trip through the whole stage (the red checkpoint), in UTM and in lon/lat
 
 
 L_SHAPE_PX = Polygon([(20, 30), (90, 30), (90, 60), (50, 60), (50, 110), (20, 110)])  # (col, row)
 
 
 def _painted_scene(path: Path, transform: Affine, crs: str) -> Polygon:
-    """A scene with L_SHAPE_PX painted red (p = 0.9 under RedModel) on dark ground (p ~ 0.16)."""
+    """A scene with L_SHAPE_PX painted red (p = 0.9 under the red checkpoint) on dark ground (p ~ 0.16)."""
     rgb = np.full((3, 140, 150), 40, np.uint8)
     inside = features.rasterize([(mapping(L_SHAPE_PX), 1)], out_shape=(140, 150), transform=Affine.identity())
     rgb[0][inside == 1] = 230
@@ -290,9 +71,8 @@ def _painted_scene(path: Path, transform: Affine, crs: str) -> Polygon:
 )
 def test_georeference_round_trip_within_one_pixel(tmp_path: Path, crs: str, transform: Affine):
     truth = _painted_scene(tmp_path / "images" / "scene.tif", transform, crs)
-    cfg = _cfg(tmp_path, threshold=0.5, min_area_m2=0.0)
-    out = run_predict(cfg, inputs=[str(tmp_path / "images" / "scene.tif")], output=str(tmp_path / "fp.geojson"),
-                      model=RedModel(), meta={"tile_size": TILE})
+    cfg = _cfg(tmp_path, threshold=0.5, min_area_m2=0.0, checkpoint=str(red_checkpoint(tmp_path / "model")))
+    out = run_predict(cfg, inputs=[str(tmp_path / "images" / "scene.tif")], output=str(tmp_path / "fp.geojson"))
     assert out["scenes"] == 1 and out["polygons"] == 1 and out["failed"] == 0
     raw = json.loads(Path(out["geojson"]).read_text())
     assert "crs" not in raw and len(raw["features"]) == 1
@@ -324,11 +104,11 @@ def test_png_without_labels_gives_pixel_space_output_and_a_warning(tmp_path: Pat
     with rasterio.open(tmp_path / "images" / "x_pre_disaster.png", "w", driver="PNG", width=120, height=100,
                        count=3, dtype="uint8") as dst:
         dst.write(rgb)
-    cfg = _cfg(tmp_path, threshold=0.5, min_area_m2=0.0)
+    cfg = _cfg(tmp_path, threshold=0.5, min_area_m2=0.0, checkpoint=str(red_checkpoint(tmp_path / "model")))
     with caplog.at_level(logging.WARNING):
-        out = run_predict(cfg, inputs=[str(tmp_path / "images")], model=RedModel(), meta={"tile_size": TILE})
+        out = run_predict(cfg, inputs=[str(tmp_path / "images")])
     assert any("polygons are in pixel coordinates" in r.getMessage() for r in caplog.records
-               if r.levelno == logging.WARNING and r.name == "footprints.stages.predict")
+               if r.levelno == logging.WARNING and r.name == "footprints.scene_prediction")
     raw = json.loads(Path(out["geojson"]).read_text())
     assert len(raw["features"]) == 1
     got = Polygon(raw["features"][0]["geometry"]["coordinates"][0])
@@ -403,8 +183,9 @@ def _calibration_dataset(tmp_path: Path) -> Config:
 
 def test_calibration_grid_search_on_val_picks_the_crafted_best_and_is_used(tmp_path: Path, caplog):
     cfg = _calibration_dataset(tmp_path)
+    cfg.predict.checkpoint = str(red_checkpoint(tmp_path / "model"))
     with caplog.at_level(logging.WARNING, logger="footprints"):
-        out = run_predict(cfg, model=RedModel(), meta={"tile_size": TILE})
+        out = run_predict(cfg)
     cal = json.loads((RunPaths.of(cfg).stage("predict") / "calibration.json").read_text())
     # 0.5 finds the 4 buildings (p 0.55), 5 m2 drops the 2.25 m2 blobs; 0.7 would keep only blobs
     assert (cal["threshold"], cal["min_area_m2"]) == (0.5, 5.0)
@@ -416,11 +197,15 @@ def test_calibration_grid_search_on_val_picks_the_crafted_best_and_is_used(tmp_p
     assert by_point[(0.5, 0.0)]["polygon_fp"] == 6 and by_point[(0.7, 5.0)]["polygon_tp"] == 0
     assert (out["threshold"], out["min_area_m2"]) == (0.5, 5.0)
     assert out["scenes"] == 1 and out["polygons"] == 4  # the test scene, with the calibrated settings
+    summary = json.loads(RunPaths.of(cfg).predict_summary.read_text())
+    assert summary == out  # the run's split: the stage returns its record
+    assert list(summary) == ["geojson", "gpkg", "scenes", "failed", "skipped", "polygons", "threshold", "seed_threshold",
+                             "min_area_m2", "calibration", "scene_dir", "seconds", "split", "key", "files"]
     assert len(pyogrio.read_dataframe(out["gpkg"], layer="footprints")) == 4
     # stored: a second resolution reads the file instead of searching again
-    settings = build_settings(cfg, None, {"tile_size": TILE}, {}, "injected-model")
-    again = resolve_calibration(cfg, settings, None, model=RedModel())
-    assert again["source"].endswith("calibration.json") and again["threshold"] == 0.5
+    ckpt = Path(cfg.predict.checkpoint)
+    again = resolve_calibration(cfg, checkpoint_settings(cfg, ckpt), ckpt)
+    assert again["source"] == str(RunPaths.of(cfg).calibration) and again["threshold"] == 0.5
 
 
 def test_rerun_skips_done_scenes_revectorises_on_new_threshold_and_reports_a_bad_scene(tmp_path: Path, caplog):
@@ -428,8 +213,8 @@ def test_rerun_skips_done_scenes_revectorises_on_new_threshold_and_reports_a_bad
     for i in range(2):
         _painted_scene(images / f"s{i}.tif", UTM @ Affine.translation(200 * i, 0), "EPSG:32631")
     (images / "broken.tif").write_bytes(b"II*\x00 not a tiff")
-    cfg = _cfg(tmp_path, threshold=0.5, min_area_m2=0.0)
-    kw = {"inputs": [str(images)], "model": RedModel(), "meta": {"tile_size": TILE}}
+    cfg = _cfg(tmp_path, threshold=0.5, min_area_m2=0.0, checkpoint=str(red_checkpoint(tmp_path / "model")))
+    kw = {"inputs": [str(images)]}
     with caplog.at_level(logging.ERROR):
         first = run_predict(cfg, **kw)
     assert (first["scenes"], first["failed"], first["skipped"]) == (2, 1, 0)
@@ -445,6 +230,11 @@ def test_rerun_skips_done_scenes_revectorises_on_new_threshold_and_reports_a_bad
     assert third["skipped"] == 0 and third["polygons"] == 0 and prob.stat().st_mtime_ns == mtime
     marker = json.loads((Path(third["scene_dir"]) / "s0.json").read_text())
     assert marker["prob_reused"] is True and marker["vector"]["threshold"] == 0.95
+    # the record's layout is that of earlier versions (their runs stay fresh)
+    assert list(marker) == ["scene_id", "prob_key", "prob", "vector", "polygons", "crs", "area_km2", "vector_seconds",
+                            "geojson", "gpkg", "prob_reused", "key", "files"]
+    assert list(marker["vector"]) == ["threshold", "seed_threshold", "min_area_m2", "hole_area_m2", "simplify_px",
+                                      "regularize"]
     assert pyogrio.read_info(third["gpkg"], layer="footprints")["features"] == 0  # an empty but valid merged layer
     fourth = run_predict(cfg, overwrite=True, **kw)
     assert fourth["skipped"] == 0 and prob.stat().st_mtime_ns != mtime
@@ -452,6 +242,25 @@ def test_rerun_skips_done_scenes_revectorises_on_new_threshold_and_reports_a_bad
 
 # ---------------------------------------------------------------------------------------------------
 # the real segmenter, from a checkpoint file
+
+
+def test_the_red_checkpoint_is_red_model_on_every_8_bit_value(tmp_path: Path):
+    """The checkpoint the stage tests load gives the probability raster RedModel gives, byte for byte, on a
+    scene holding every red value (and every green and blue one, which both ignore)."""
+    from footprints.segmenter import load_segmenter
+
+    rgb = np.stack([np.tile(np.arange(256, dtype=np.uint8), (96, 1)), _texture(96, 256, 1)[1],
+                    _texture(96, 256, 2)[2]])
+    scene = _write_tif(tmp_path / "s.tif", rgb, UTM, "EPSG:32631")
+    model, meta = load_segmenter(red_checkpoint(tmp_path / "model"))
+    assert meta["tile_size"] == TILE
+    for name, m in (("red", RedModel()), ("checkpoint", model)):
+        with _reader(scene) as reader:
+            predict_scene(reader, m, tmp_path / f"{name}.tif", tile_size=TILE, overlap=0.25, block_size=64)
+    with rasterio.open(tmp_path / "red.tif") as a, rasterio.open(tmp_path / "checkpoint.tif") as b:
+        want, got = a.read(1), b.read(1)
+    assert sorted(np.unique(want)) == list(range(256))  # p = red / 255: every 8-bit probability
+    np.testing.assert_array_equal(got, want)
 
 
 def test_real_segmenter_checkpoint_predicts_and_blocks_agree(tmp_path: Path):
@@ -473,143 +282,3 @@ def test_real_segmenter_checkpoint_predicts_and_blocks_agree(tmp_path: Path):
     whole, _ = read_probability(tmp_path / "whole.tif")
     # same windows, other batches: equal up to float rounding in the convolutions (one uint8 step)
     assert np.abs(blocked - whole).max() <= 1 / 255 + 1e-6
-
-
-# ---------------------------------------------------------------------------------------------------
-# bounded memory
-
-
-class SyntheticReader:
-    """A large scene generated on the fly (no file): rgb from the pixel coordinates, all valid."""
-
-    def __init__(self, size: int):
-        self.width = self.height = size
-        self.transform, self.crs, self.scene_id = UTM, rasterio.crs.CRS.from_epsg(32631), "big"
-
-    def read(self, window: Window) -> tuple[np.ndarray, np.ndarray]:
-        r = np.arange(int(window.row_off), int(window.row_off + window.height))[:, None]
-        c = np.arange(int(window.col_off), int(window.col_off + window.width))[None, :]
-        v = ((r * 7 + c * 3) % 251).astype(np.uint8)
-        return np.broadcast_to(v, (3, *v.shape)).copy(), np.ones(v.shape, bool)
-
-
-def _peak_bytes(size: int, path: Path) -> tuple[int, dict]:
-    import tracemalloc
-
-    tracemalloc.start()
-    try:
-        # blocks of 576 px, a multiple of the window stride (96): every interior block reads the same halo,
-        # so the two scenes below differ in area only, not in the largest halo a block reads
-        out = predict_scene(SyntheticReader(size), RedModel(), path, tile_size=128, overlap=0.25, batch_size=16,
-                            block_size=576)
-        return tracemalloc.get_traced_memory()[1], out
-    finally:
-        tracemalloc.stop()
-
-
-def test_memory_is_bounded_by_the_block_not_the_scene(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
-    import footprints.inference as inference
-
-    size = 2880
-    # one block at a time (no read-ahead, no write-behind): how many blocks the pipeline's threads hold at
-    # a given moment depends on timing, and a 4-block scene does not always fill the queues
-    with monkeypatch.context() as m:
-        m.setattr(inference, "READ_AHEAD", 0)
-        m.setattr(inference, "WRITE_BEHIND", 0)
-        small, _ = _peak_bytes(1152, tmp_path / "small_sync.tif")
-        big, _ = _peak_bytes(size, tmp_path / "big_sync.tif")
-    # 6.25 times the pixels, the same peak (numpy/torch allocations: block + halo buffers, one batch)
-    assert big < 1.3 * small, (big, small)
-    # pipelined (the defaults): at most READ_AHEAD + WRITE_BEHIND blocks more than one at a time
-    peak, out = _peak_bytes(size, tmp_path / "big.tif")
-    assert peak < (1 + inference.READ_AHEAD + inference.WRITE_BEHIND) * small, (peak, small)
-    assert peak < size * size * 4 / 1.5  # less than the scene's float32 probabilities alone
-    assert out["valid_px"] == size * size
-    with rasterio.open(tmp_path / "big.tif") as src:
-        assert src.overviews(1) and src.tags(ns="IMAGE_STRUCTURE")["LAYOUT"] == "COG"
-        corner = src.read(1, window=Window(size - 96, size - 96, 96, 96))
-    rc = np.arange(size - 96, size)
-    want = ((rc[:, None] * 7 + rc[None, :] * 3) % 251).astype(np.uint8)
-    assert np.abs(corner.astype(int) - want).max() <= 1  # pointwise model: blending returns the value
-
-
-# ---------------------------------------------------------------------------------------------------
-# nodata is skipped, progress is reported
-
-
-class CountingModel(nn.Module):
-    """RedModel that counts the windows it sees."""
-
-    def __init__(self):
-        super().__init__()
-        self.windows = 0
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        self.windows += x.shape[0]
-        return _logits(x[:, 0] / 255.0)
-
-
-def test_windows_and_blocks_without_a_valid_pixel_are_never_run(tmp_path: Path):
-    rgb = np.zeros((3, 700, 900), np.uint8)  # nodata (0) everywhere but one small patch of ground
-    rgb[:, 300:340, 610:660] = _texture(40, 50, seed=5)
-    scene = _write_tif(tmp_path / "s.tif", rgb, UTM, "EPSG:32631")
-    outs = {}
-    for block in (4096, 128):
-        model = CountingModel()
-        with _reader(scene) as reader:
-            out = predict_scene(reader, model, tmp_path / f"b{block}.tif", tile_size=TILE, overlap=0.25,
-                                block_size=block, prob_dtype="float16")
-        outs[block] = read_probability(tmp_path / f"b{block}.tif")
-        grid = Grid(900, 700, TILE, window_stride(TILE, 0.25))
-        touching = sum(1 for r in grid.rows for c in grid.cols if r < 340 and r + TILE > 300 and c < 660
-                       and c + TILE > 610)
-        assert model.windows == out["windows"] == touching  # only the windows that see the valid patch
-        assert out["skipped_windows"] == grid.n_windows - touching and out["valid_px"] == 40 * 50
-        if block == 128:
-            assert out["empty_blocks"] > 30  # most blocks read, none of their windows run
-    prob, valid = outs[4096]
-    assert valid.sum() == 40 * 50 and valid[300:340, 610:660].all()
-    assert np.all(prob[~valid] == 0)  # invalid pixels: probability 0, masked
-    np.testing.assert_array_equal(outs[128][0], prob)
-    np.testing.assert_array_equal(outs[128][1], valid)
-
-
-def test_progress_is_logged_for_scenes_of_several_blocks_when_stderr_is_no_terminal(tmp_path, caplog,
-                                                                                      monkeypatch):
-    import footprints.inference as inference
-
-    monkeypatch.setattr(inference, "PROGRESS_LOG_S", 0.0)
-    with caplog.at_level(logging.INFO, logger="footprints.inference"):
-        predict_scene(SyntheticReader(512), RedModel(), tmp_path / "p.tif", tile_size=TILE, block_size=128)
-    lines = [r.getMessage() for r in caplog.records if r.name == "footprints.inference"]
-    assert any("of 121 windows" in m and "skipped as nodata" in m for m in lines), lines
-    assert lines[-1].startswith("big: 121 windows run, 0 skipped")
-    caplog.clear()
-    with caplog.at_level(logging.INFO, logger="footprints.inference"):  # one block: nothing to report
-        predict_scene(SyntheticReader(200), RedModel(), tmp_path / "q.tif", tile_size=TILE, block_size=512)
-    assert not [r for r in caplog.records if r.name == "footprints.inference"]
-
-
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device here")
-def test_cuda_autocast_pipeline_blocked_equals_whole_scene(tmp_path: Path):
-    from footprints.backbone import hypercolumn_channels, resolve_layers
-    from footprints.segmenter import build_segmenter
-
-    layers = resolve_layers("pool")
-    meta = {"layers": layers, "in_channels": hypercolumn_channels(layers), "hidden": 16, "stride": 2,
-            "backbone": {"weights": "random", "normalization": "torchvision"}}
-    torch.manual_seed(0)
-    model = build_segmenter(meta).cuda().eval()
-    rgb = _texture(300, 260, seed=3)
-    rgb[:, :40, :60] = 0
-    scene = _write_tif(tmp_path / "s.tif", rgb, UTM, "EPSG:32631")
-    outs = {}
-    for block in (4096, 96):
-        with _reader(scene) as reader:
-            out = predict_scene(reader, model, tmp_path / f"b{block}.tif", tile_size=TILE, overlap=0.25,
-                                batch_size=4, block_size=block, prob_dtype="float16", device="cuda")
-        assert out["autocast"] in ("bfloat16", "float16")
-        outs[block] = read_probability(tmp_path / f"b{block}.tif")
-    # the same windows in other batches: autocast kernels may round differently per batch; blending is exact
-    assert np.abs(outs[96][0] - outs[4096][0]).max() <= 2e-2
-    np.testing.assert_array_equal(outs[96][1], outs[4096][1])

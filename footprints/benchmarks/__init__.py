@@ -22,6 +22,8 @@ BENCHMARKS: dict[str, str] = {
     "features": "footprints.benchmarks.features:bench_features",
     "scale": "footprints.benchmarks.scale:bench_scale",
 }
+# the options of the benchmarks that take some (the CLI's --classifier-gb, --scene-px, --model-px)
+OPTIONS: dict[str, tuple[str, ...]] = {"scale": ("classifier_gb",), "predict": ("scene_px", "model_px")}
 
 
 def sync(device: Any) -> None:
@@ -33,13 +35,15 @@ def sync(device: Any) -> None:
 
 
 def run_benchmark(name: str, cfg: Any, **options: Any) -> dict[str, Any]:
-    """Run benchmark `name` (with its own `options`, e.g. `classifier_gb` of `scale`); returns the dict the CLI
+    """Run benchmark `name` (with its own `options`, those of `OPTIONS`); returns the dict the CLI
     prints as the last line of output."""
     if name not in BENCHMARKS:
         raise FootprintsError(f"bench: unknown benchmark {name!r} (known: {', '.join(BENCHMARKS)})")
     module, func = BENCHMARKS[name].split(":")
-    if options and name != "scale":
-        raise FootprintsError(f"bench {name}: takes no option {', '.join(sorted(options))} (only bench scale does)")
+    unknown = sorted(set(options) - set(OPTIONS.get(name, ())))
+    if unknown:
+        takes = ", ".join(f"bench {n}" for n in OPTIONS)
+        raise FootprintsError(f"bench {name}: takes no option {', '.join(unknown)} (only {takes} take options)")
     result = getattr(importlib.import_module(module), func)(cfg, **options)
     return {"bench": name, **{k: v for k, v in result.items() if k != "bench"}}
 

@@ -1,24 +1,30 @@
 """`footprints bench predict`: whole-scene inference on a large synthetic scene, three ways in one run.
 
+Each way runs the predict stage's own code (`footprints.scene_prediction`, `footprints.inference`) with
+the settings the stage would give a checkpoint of this model (`stages.predict.build_settings`):
+
 - `km2_per_hour`: end to end, the real segmenter (random weights, all 14 layers, hidden 1024, the classes of
   `tile.target`): reading, inference, blending, the probability COG, and vectorising (`predict.instances`:
-  the seeded watershed for K-class models) while the COG is written, as the predict stage does.
-  Regularisation (a per-polygon post-process) is not included.
-- `model_only_km2_per_hour`: the network alone (forward + sync, same autocast and batch) on the same windows,
-  already on the device: what the pipeline could reach if everything around the model were free. Like the I/O
-  rate, the better of two passes (one before and one after the end-to-end run).
+  the seeded watershed for K-class models) while the COG is written (`predict_probability` with the
+  stage's `Vectoriser` alongside). Regularisation (a per-polygon post-process) is not included.
+- `model_only_km2_per_hour`: the network alone (`inference.predict_tensor`: forward and softmax, + sync, same
+  autocast and batch) on the windows of the same `WindowGrid`, already on the device: what the pipeline
+  could reach if everything around the model were free. Like the I/O rate, the better of two passes (one
+  before and one after the end-to-end run).
 - `io_km2_per_hour`: the same pipeline with a null model (fixed logits, no computation): reading, window
   copies, probabilities, blending, writing the COG and vectorising alone, over the whole scene.
 
-The scene is `predict.bench_scene_px` square at 0.5 m (UTM), a tiled, deflate-compressed 3-band GeoTIFF made by
-the bench: textured ground and bright roofs (about 900 per km2). The real network runs on the top-left
-`predict.bench_model_px` square of it (0 = all of it: on a 2-core CPU the whole 8192 px scene costs the
-model ~15 minutes per pass, hence the option). Windows of 256 px at `predict.overlap`, batches of
-`predict.batch_size`, blocks of `predict.block_size`, autocast per `predict.amp` on CUDA.
+The scene is `--scene-px` square (default 8192) at 0.5 m (UTM), a tiled, deflate-compressed 3-band GeoTIFF
+made by the bench: textured ground and bright roofs (about 900 per km2). The real network runs on the
+top-left `--model-px` square of it (default 0 = all of it; on a CPU the model's passes dominate the run:
+the log says how long each took). Windows of 256 px at `predict.overlap`, batches of `predict.batch_size`,
+blocks of `predict.block_size`, flips and storage per `predict.tta_flips` / `predict.prob_dtype`,
+autocast per `predict.amp` on CUDA.
 """
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 import platform
@@ -34,18 +40,23 @@ import torch
 from rasterio.windows import Window
 
 from ..backbone import hypercolumn_channels, resolve_layers
-from ..config import Config, DataConfig, TileConfig
+from ..config import Config, DataConfig
+from ..contracts.predict_records import VectorSettings
 from ..device import resolve_device
-from ..inference import amp_dtype, predict_scene, window_origins, window_stride
+from ..errors import FootprintsError
+from ..inference import WindowGrid, amp_dtype, predict_tensor, window_stride
+from ..scene_prediction import PredictSettings, Vectoriser, predict_probability
 from ..scenes import open_scene
 from ..segmenter import build_segmenter, compile_segmenter
 from ..sources import SceneSource
-from ..targets import SCHEMES, ClassScheme
-from ..vectorize import polygons_from_probability
+from ..stages.predict import build_settings
+from ..targets import SCHEMES
 from . import sync
 
 log = logging.getLogger(__name__)
 GSD, TILE = 0.5, 256
+SCENE_PX = (256, 65536)  # the range of --scene-px
+MODEL_PX = (0, 65536)  # of --model-px (0: the whole scene)
 
 
 def _device_name(device: torch.device) -> str:
@@ -119,66 +130,73 @@ def write_scene(path: Path, size: int, seed: int = 0) -> None:
             dst.write(rgb, window=Window(0, r0, size, h))
 
 
-def _end_to_end(reader: Any, model: torch.nn.Module, out: Path, cfg: Config, scheme: ClassScheme,
-                device: torch.device) -> dict[str, Any]:
+def _settings(cfg: Config, data: DataConfig, classes: tuple[str, ...]) -> PredictSettings:
+    """What the predict stage would give a checkpoint of 256 px windows with `classes` (no config file, no
+    stored config): the config's predict keys, the bench scene's data settings."""
+    bcfg = copy.deepcopy(cfg)
+    bcfg.data, bcfg.config_file = data, None
+    return build_settings(bcfg, None, {"tile_size": TILE, "target_gsd": None, "classes": list(classes)}, {}, "bench")
+
+
+def _vector(cfg: Config, settings: PredictSettings) -> VectorSettings:
+    """The polygons' settings without a calibration: the config's, else threshold 0.5 (seed 0.7 for the
+    watershed of K-class models) and no minimum area."""
+    pcfg = cfg.predict
+    watershed = settings.watershed and settings.scheme.needs_instances
+    seed_t = (pcfg.seed_threshold if pcfg.seed_threshold is not None else 0.7) if watershed else None
+    return VectorSettings(threshold=pcfg.threshold or 0.5, seed_threshold=seed_t, min_area_m2=pcfg.min_area_m2 or 0.0,
+                          hole_area_m2=settings.hole_area_m2, simplify_px=settings.simplify_px,
+                          regularize=settings.regularize)
+
+
+def _end_to_end(reader: Any, model: Any, out: Path, settings: PredictSettings, vector: VectorSettings,
+                amp: bool) -> dict[str, Any]:
     """Probability COG and polygons of one scene, vectorised as predict does (alongside the COG's writing);
     returns timings and counts."""
-    pcfg = cfg.predict
-    watershed = pcfg.instances == "watershed" and scheme.needs_instances
-    seed_t = (pcfg.seed_threshold if pcfg.seed_threshold is not None else 0.7) if watershed else None
-    vectorise_s = 0.0
-
-    def vectorise(path: Path) -> Any:
-        nonlocal vectorise_s
-        t = time.perf_counter()
-        polys = polygons_from_probability(path, threshold=pcfg.threshold or 0.5,
-                                          min_area_m2=pcfg.min_area_m2 or 0.0, hole_area_m2=pcfg.hole_area_m2,
-                                          simplify_px=pcfg.simplify_px, block_size=pcfg.block_size, scene="bench",
-                                          pixel_size_m=GSD, seed_threshold=seed_t)
-        vectorise_s = time.perf_counter() - t
-        return polys
-
+    vectorise = Vectoriser(vector, settings.block_size, "bench", GSD)
     t0 = time.perf_counter()
-    summary = predict_scene(reader, model, out, tile_size=TILE, overlap=pcfg.overlap, batch_size=pcfg.batch_size,
-                            block_size=pcfg.block_size, device=device, scheme=scheme, amp=pcfg.amp, progress=False,
-                            alongside=vectorise)
+    summary = predict_probability(reader, model, out, settings, alongside=vectorise, amp=amp, progress=False)
     seconds = time.perf_counter() - t0
     km2 = reader.width * reader.height * GSD * GSD / 1e6
-    return {"seconds": seconds, "vectorise_s": vectorise_s, "polygons": len(summary["alongside"]),
+    return {"seconds": seconds, "vectorise_s": vectorise.seconds, "polygons": len(summary["alongside"]),
             "windows": summary["windows"], "km2": km2, "km2_per_hour": km2 / (seconds / 3600.0)}
 
 
-def _model_only(reader: Any, model: torch.nn.Module, cfg: Config, device: torch.device) -> dict[str, Any]:
-    """The network alone on every window of `reader`'s grid, the pixels already on the device."""
-    stride = window_stride(TILE, cfg.predict.overlap)
-    rows = window_origins(reader.height, TILE, stride)
-    cols = window_origins(reader.width, TILE, stride)
+def _model_only(reader: Any, model: Any, settings: PredictSettings, device: torch.device,
+                amp: bool) -> dict[str, Any]:
+    """The network alone on every window of `reader`'s window grid, the pixels already on the device."""
+    grid = WindowGrid(reader.width, reader.height, TILE, window_stride(TILE, settings.overlap))
     rgb, _ = reader.read(Window(0, 0, reader.width, reader.height))
     scene = torch.from_numpy(rgb).to(device)
-    origins = [(int(r), int(c)) for r in rows for c in cols]
-    autocast = amp_dtype(device, cfg.predict.amp)
-    bs = cfg.predict.batch_size
+    origins = [(int(r), int(c)) for r in grid.rows for c in grid.cols]
+    autocast = amp_dtype(device, amp)
+    bs = settings.batch_size
+
+    def batch(chunk: list[tuple[int, int]]) -> torch.Tensor:
+        x = torch.stack([scene[:, r : r + TILE, c : c + TILE] for r, c in chunk]).float()
+        return predict_tensor(model, x, settings.tta_flips, settings.scheme, autocast)
+
     with torch.inference_mode():
-        warm = torch.stack([scene[:, r : r + TILE, c : c + TILE] for r, c in origins[:bs]]).float()
-        with torch.autocast(device.type, dtype=autocast, enabled=autocast is not None):
-            model(warm)
+        batch(origins[:bs])  # warm-up
         sync(device)
         t0 = time.perf_counter()
         for i in range(0, len(origins), bs):
-            x = torch.stack([scene[:, r : r + TILE, c : c + TILE] for r, c in origins[i : i + bs]]).float()
-            with torch.autocast(device.type, dtype=autocast, enabled=autocast is not None):
-                model(x)
+            batch(origins[i : i + bs])
         sync(device)
         seconds = time.perf_counter() - t0
     km2 = reader.width * reader.height * GSD * GSD / 1e6
     return {"seconds": seconds, "windows": len(origins), "km2_per_hour": km2 / (seconds / 3600.0)}
 
 
-def bench_predict(cfg: Config) -> dict[str, Any]:
-    """The three rates of the module docstring, on one synthetic scene, in one run (`footprints bench predict`)."""
+def bench_predict(cfg: Config, scene_px: int = 8192, model_px: int = 0) -> dict[str, Any]:
+    """The three rates of the module docstring on one synthetic `scene_px` scene, the network on its top-left
+    `model_px` (0: all of it), in one run (`footprints bench predict --scene-px N --model-px M`)."""
+    for name, value, (lo, hi) in (("--scene-px", scene_px, SCENE_PX), ("--model-px", model_px, MODEL_PX)):
+        if not lo <= value <= hi:
+            raise FootprintsError(f"bench predict: {name} must be in [{lo}, {hi}], got {value}")
     pcfg = cfg.predict
-    size = pcfg.bench_scene_px
-    model_px = pcfg.bench_model_px or size
+    size = scene_px
+    model_px = model_px or size
     device = resolve_device(pcfg.device)
     scheme = SCHEMES[cfg.tile.target]
     layers = resolve_layers("all")
@@ -196,23 +214,24 @@ def bench_predict(cfg: Config) -> dict[str, Any]:
         t0 = time.perf_counter()
         write_scene(scene_path, size, cfg.seed)
         log.info("bench predict: %d px scene written in %.1f s", size, time.perf_counter() - t0)
-        data_cfg = DataConfig(root=tmp, format="geotiff")
-        tile_cfg = TileConfig(size=TILE, stride=TILE)
+        settings = _settings(cfg, DataConfig(root=tmp, format="geotiff"), scheme.classes)
+        vector = _vector(cfg, settings)
 
         def io() -> dict[str, Any]:
-            with open_scene(SceneSource(scene_path), data_cfg, tile_cfg) as reader:
-                return _end_to_end(reader, null, Path(tmp) / "null_prob.tif", cfg, scheme, device)
+            with open_scene(SceneSource(scene_path), settings.data, settings.tile) as reader:
+                run = _end_to_end(reader, null, Path(tmp) / "null_prob.tif", settings, vector, pcfg.amp)
+            log.info("bench predict: null model %.1f s (%.0f km2/h)", run["seconds"], run["km2_per_hour"])
+            return run
 
         io_runs = [io()]
-        log.info("bench predict: null model %.1f s (%.0f km2/h)", io_runs[0]["seconds"], io_runs[0]["km2_per_hour"])
-        with open_scene(SceneSource(scene_path), data_cfg, tile_cfg) as reader:
+        with open_scene(SceneSource(scene_path), settings.data, settings.tile) as reader:
             region = _Crop(reader, model_px) if model_px < size else reader
-            alone_runs = [_model_only(region, model, cfg, device)]
+            alone_runs = [_model_only(region, model, settings, device, pcfg.amp)]
             log.info("bench predict: model alone %.1f s on %d windows (%.1f km2/h)", alone_runs[0]["seconds"],
                      alone_runs[0]["windows"], alone_runs[0]["km2_per_hour"])
-            e2e = _end_to_end(region, model, Path(tmp) / "prob.tif", cfg, scheme, device)
+            e2e = _end_to_end(region, model, Path(tmp) / "prob.tif", settings, vector, pcfg.amp)
             log.info("bench predict: end to end %.1f s (%.1f km2/h)", e2e["seconds"], e2e["km2_per_hour"])
-            alone_runs.append(_model_only(region, model, cfg, device))
+            alone_runs.append(_model_only(region, model, settings, device, pcfg.amp))
             log.info("bench predict: model alone again %.1f s (%.1f km2/h)", alone_runs[1]["seconds"],
                      alone_runs[1]["km2_per_hour"])
         io_runs.append(io())  # again after the model

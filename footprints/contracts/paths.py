@@ -116,6 +116,31 @@ class RunPaths:
     def calibration(self) -> Path:
         return self.predict / "calibration.json"
 
+    @property
+    def predict_summary(self) -> Path:
+        """The record of the merged layers of the run's split (`contracts.predict_records.PredictSummary`)."""
+        return self.predict / "summary.json"
+
+    @property
+    def footprints_geojson(self) -> Path:
+        """Every scene's footprints of the run's split, merged (RFC 7946)."""
+        return self.predict / "footprints.geojson"
+
+    @property
+    def footprints_gpkg(self) -> Path:
+        """The merged footprints as a GeoPackage, beside the GeoJSON."""
+        return self.footprints_geojson.with_suffix(".gpkg")
+
+    @property
+    def calibration_scenes(self) -> Path:
+        """The probability rasters of the validation scenes the calibration scored."""
+        return self.predict / "val"
+
+    @property
+    def input_footprints(self) -> Path:
+        """The merged GeoJSON of `predict --input` without `--output` (its scenes in `footprints_scenes/`)."""
+        return self.predict / "input" / "footprints.geojson"
+
     # ---- evaluate
     @property
     def evaluate(self) -> Path:

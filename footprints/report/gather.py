@@ -20,6 +20,7 @@ from affine import Affine
 
 from ..contracts.freshness import read_record
 from ..contracts.paths import RunPaths, ScenePaths, check_output_text
+from ..contracts.predict_records import read_predict_scene_record
 from ..contracts.tile_records import read_scene_record
 from ..errors import StageError, printable
 from .html import MAX_BYTES, MAX_SIDE, ReportScene, check_report_path, write_report
@@ -38,10 +39,9 @@ def predicted_scenes(folder: Path) -> dict[str, int | None]:
     """`predicted_scene_ids` -> the number of polygons its marker records (None where it does not)."""
     found: dict[str, int | None] = {}
     for marker in folder.glob("*.json"):
-        meta = read_record(marker)
-        if meta and meta.get("scene_id") == marker.stem:
-            n = meta.get("polygons")
-            found[marker.stem] = int(n) if isinstance(n, (int, float)) else None
+        record = read_predict_scene_record(marker)
+        if record is not None and record.scene_id == marker.stem:
+            found[marker.stem] = None if record.polygons is None else int(record.polygons)
     for p in folder.glob("*_prob.tif"):
         found.setdefault(p.name[: -len("_prob.tif")], None)
     return found
@@ -133,7 +133,7 @@ def report_for_run(
     all_ids = sorted(set(counts) | set(per_scene))
     ids = choose_scenes(((sid, per_scene.get(sid)) for sid in all_ids), max_scenes)
     splits = _splits(run, ids)
-    merged = pred_dir / "footprints.geojson"
+    merged = run.footprints_geojson
     # recorded paths are relative to where the pipeline ran: usually the checkout holding outputs/
     bases = [Path.cwd(), run.root.parent.parent, run.root.parent, run.root]
     scenes = []

@@ -39,6 +39,7 @@ from ..contracts.footprint_files import (
 from ..contracts.freshness import digest, file_digest, is_fresh, read_record, unmark, write_record
 from ..contracts.manifest import split_sources
 from ..contracts.paths import RunPaths, ScenePaths, reserved_scene_id
+from ..contracts.predict_records import PredictSummary, read_predict_scene_record, read_predict_summary
 from ..errors import InputError, StageError, as_input_error
 from ..matching import match_polygons, polygon_scores, split_merge_counts
 from ..metrics import pixel_metrics
@@ -78,16 +79,17 @@ def evaluate_scene(source: Any, cfg: Config, pred_dir: str, out_dir: str, overla
     for p in (sp.prob, sp.gpkg, sp.record):
         if not p.is_file():
             raise InputError(p, "missing prediction (run the predict stage on this split)")
-    vector = (read_record(sp.record) or {}).get("vector")
-    if not vector:
+    record = read_predict_scene_record(sp.record)
+    vector = record.vector if record is not None else None
+    if vector is None:
         raise InputError(sp.record, "unfinished prediction (rerun the predict stage)")
     with open_scene(source, cfg.data, cfg.tile) as reader:
         if not reader.has_labels:
             raise InputError(source.image, "no labels: nothing to evaluate against")
-        threshold = float(vector["threshold"])
+        threshold = float(vector.threshold)
         tp, fp, fn, tn = pixel_counts(reader, sp.prob, [threshold], BLOCK)[threshold].tolist()
         crs = metric_crs(reader)
-        truth = truth_polygons(reader, float(vector["hole_area_m2"]), float(vector["simplify_px"]), BLOCK)
+        truth = truth_polygons(reader, float(vector.hole_area_m2), float(vector.simplify_px), BLOCK)
         pred_layer = read_footprints(sp.gpkg, crs)
         pred = np.asarray(pred_layer.geometry.values, dtype=object)
         match = match_polygons(pred, truth, cfg.evaluate.iou_threshold)
@@ -100,8 +102,8 @@ def evaluate_scene(source: Any, cfg: Config, pred_dir: str, out_dir: str, overla
     return {
         "scene_id": source.scene_id,
         "threshold": threshold,
-        "seed_threshold": vector.get("seed_threshold"),
-        "min_area_m2": vector.get("min_area_m2"),
+        "seed_threshold": vector.seed_threshold,
+        "min_area_m2": vector.min_area_m2,
         "pixel": pixel_metrics(tp, fp, fn, tn),
         "polygon": {**polygon_scores(match.tp, match.fp, match.fn), "n_truth": len(truth), "n_pred": len(pred),
                     "mean_matched_iou": float(np.mean([m[2] for m in match.pairs])) if match.pairs else None,
@@ -143,12 +145,13 @@ def _evaluate_item(item: tuple[Any, bool], **kwargs: Any) -> dict[str, Any]:
 # the stage
 
 
-def _predicted(paths: RunPaths) -> dict[str, Any]:
+def _predicted(paths: RunPaths) -> PredictSummary:
     """The predict stage's summary of the run (which split, which threshold)."""
-    summary_path = paths.predict / "summary.json"
-    summary = read_record(summary_path)
+    summary = read_predict_summary(paths.predict_summary)
     if summary is None:
-        raise StageError(f"{summary_path}: no predictions (run the predict stage first)")
+        raise StageError(f"{paths.predict_summary}: no predictions (run the predict stage first)")
+    if summary.split is None:
+        raise StageError(f"{paths.predict_summary}: no split recorded (rerun the predict stage)")
     return summary
 
 
@@ -226,7 +229,7 @@ def run(cfg: Config, overwrite: bool = False) -> dict[str, Any]:
     paths = RunPaths.of(cfg)
     pred_dir, out_dir, metrics_path = paths.predict, paths.evaluate, paths.metrics
     predicted = _predicted(paths)
-    split = predicted["split"]
+    split = predicted.split
     sources = split_sources(paths.tile, cfg.data, split)
     if not sources:
         raise StageError(f"no scenes in split {split!r} of the tile manifest")
@@ -265,14 +268,14 @@ def run(cfg: Config, overwrite: bool = False) -> dict[str, Any]:
         "split": split,
         "threshold": first["threshold"],
         "seed_threshold": first.get("seed_threshold"),
-        "threshold_source": predicted.get("calibration") or "config",
+        "threshold_source": predicted.calibration or "config",
         "min_area_m2": first["min_area_m2"],
         "iou_threshold": cfg.evaluate.iou_threshold,
         "match_rule": f"greedy one-to-one by decreasing IoU, match when IoU >= {cfg.evaluate.iou_threshold}",
         "overall": overall_metrics(per_scene),
         "per_scene": per_scene,
         "skipped": skipped,
-        "geojson": str(predicted.get("geojson", pred_dir / "footprints.geojson")),
+        "geojson": str(predicted.geojson if predicted.geojson is not None else paths.footprints_geojson),
         "metrics_path": str(metrics_path),
         "report": str(out_dir / "report.md"),
     }
