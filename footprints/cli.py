@@ -178,7 +178,7 @@ class _ConsoleFormatter(logging.Formatter):
 
 def _dispatch(args: argparse.Namespace, stage_options: dict[str, Any]) -> dict[str, Any] | None:
     if args.command == "synth":
-        from .synth import write_synthetic_dataset
+        from .synth_dataset import write_synthetic_dataset
 
         if args.subsets is not None and args.scenes is not None:
             raise ConfigError("synth: give --scenes or --subsets, not both (--subsets sets the scene count)")

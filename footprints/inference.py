@@ -26,9 +26,6 @@ writer thread (encoding, GeoTIFF writing), which the next block's inference does
 COG copy then runs on a thread of its own while the caller's `alongside` work (predict's vectorising) reads
 the finished intermediate. Progress:
 a bar over windows on a terminal, a log line every 30 s otherwise, for scenes of more than a few blocks.
-
-Long: one job, whole-scene inference; the window grid, the blending, the block cache and the pipeline share
-their geometry and state, and split into modules they would only pass it back and forth.
 """
 
 from __future__ import annotations

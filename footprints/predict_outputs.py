@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from .atomic import is_temporary
-from .contracts.footprint_files import is_footprints_file
+from .contracts.footprint_ownership import is_footprints_file
 from .contracts.paths import FileSet, ScenePaths, check_writable, path_key, reserved_scene_id
 from .contracts.predict_records import read_predict_scene_record
 from .errors import InputError, StageError, printable

@@ -66,7 +66,7 @@ def test_weighted_loss_is_class_weighted_cross_entropy_over_the_pixels_samples_s
 @pytest.fixture(scope="module")
 def synthetic_run(tmp_path_factory):
     """Synthetic scenes -> real tile stage -> features -> train-classifier (random backbone, small)."""
-    from footprints.synth import write_synthetic_dataset
+    from footprints.synth_dataset import write_synthetic_dataset
 
     root = tmp_path_factory.mktemp("clf")
     write_synthetic_dataset(root / "data", n_scenes=8, seed=1, size=128, geotiff=False)

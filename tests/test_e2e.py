@@ -9,7 +9,7 @@ import pyogrio
 import pytest
 
 from footprints.cli import main
-from footprints.synth import write_synthetic_dataset
+from footprints.synth_dataset import write_synthetic_dataset
 
 pytestmark = pytest.mark.slow
 

@@ -24,7 +24,7 @@ from footprints.sources import discover_scenes
 from footprints.stages.evaluate import overall_metrics
 from footprints.stages.evaluate import run as run_evaluate
 from footprints.stages.tile import run as run_tile
-from footprints.synth import write_synthetic_dataset
+from footprints.synth_dataset import write_synthetic_dataset
 from footprints.vectorize import polygons_from_probability
 
 

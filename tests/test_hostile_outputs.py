@@ -256,7 +256,7 @@ def test_3_report_of_predictions_that_do_not_exist_is_one_line(tmp_path: Path, c
 # ------------------------------------------------------------------ 4. --set does not change predict's mode
 def _demo_run_with_a_validation_scene(tmp_path: Path) -> Path:
     """./outputs/demo (the defaults' run) with a labelled validation scene in ./data/demo."""
-    from footprints.synth import write_synthetic_dataset
+    from footprints.synth_dataset import write_synthetic_dataset
 
     demo = tmp_path / "data" / "demo"
     write_synthetic_dataset(demo, n_scenes=2, seed=0, size=128, geotiff=False)

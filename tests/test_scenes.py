@@ -17,7 +17,7 @@ from footprints.config import DataConfig, TileConfig
 from footprints.errors import InputError
 from footprints.scenes import open_scene
 from footprints.sources import SceneSource, discover_scenes, sources_from_paths
-from footprints.synth import write_synthetic_dataset
+from footprints.synth_dataset import write_synthetic_dataset
 
 
 @pytest.fixture(scope="module")

@@ -276,7 +276,7 @@ def test_tile_and_predict_on_slurm_dask_workers_match_in_process(
     from footprints.config import load_config
     from footprints.contracts.probability import read_probability
     from footprints.runner import run_stage
-    from footprints.synth import write_synthetic_dataset
+    from footprints.synth_dataset import write_synthetic_dataset
 
     for key in [k for k in list(__import__("os").environ) if k not in slurm_env]:
         monkeypatch.delenv(key)

@@ -14,7 +14,7 @@ from footprints.contracts.paths import RunPaths
 from footprints.runner import run_stage
 from footprints.scenes import open_scene
 from footprints.sources import discover_scenes
-from footprints.synth import write_synthetic_dataset
+from footprints.synth_dataset import write_synthetic_dataset
 from footprints.targets import SCHEMES, building_of, instance_target, scheme_for
 
 

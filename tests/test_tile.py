@@ -25,7 +25,7 @@ from footprints.contracts.paths import RunPaths
 from footprints.errors import StageError
 from footprints.stages import tile as tile_stage
 from footprints.stages.tile import assign_splits, patch_offsets, patch_windows, valid_window
-from footprints.synth import write_synthetic_dataset
+from footprints.synth_dataset import write_synthetic_dataset
 
 run_tile = tile_stage.run
 

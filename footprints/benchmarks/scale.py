@@ -110,7 +110,7 @@ def bench_scale(cfg: Config, classifier_gb: float | None = None) -> dict[str, An
     many GB of synthetic features); returns the figures (the CLI prints them as the last line)."""
     if classifier_gb is not None:
         return bench_classifier_memory(cfg, classifier_gb)
-    from ..synth import write_synthetic_dataset
+    from ..synth_dataset import write_synthetic_dataset
 
     root = Path(cfg.output_root) / "bench-scale"
     shutil.rmtree(root, ignore_errors=True)

@@ -37,6 +37,8 @@ PROB_CLASSES: tuple[tuple[float, float, str], ...] = (
     (0.9, 1.0, "128,0,38"),
 )
 # match categories: value -> (label, fill RGBA or None for outline only, outline RGB, dashed)
+STYLE_MARK = "(written by footprints)"  # ends the description of every style footprints adds: how its files are known
+
 MATCH_COLOURS = {
     "TP": ("TP: prediction matched to a truth (IoU >= threshold)", "26,150,65,110", "0,104,55", False),
     "FP": ("FP: prediction with no matching truth", "215,25,28,110", "165,0,38", False),
@@ -223,7 +225,7 @@ def add_layer_style(
                         name,
                         qml,
                         _sld(kind, layer),
-                        description or f"footprints: {kind} colours (written by footprints)",
+                        description or f"footprints: {kind} colours {STYLE_MARK}",
                         now,
                     ),
                 )

@@ -28,7 +28,7 @@ class RasterPlacement:
     """Where a scene's rasters lie: georeferenced (crs) or pixel space, and the transform and size of the
     raster it was read from (the probability raster; the image for a scene without one).
 
-    Not `inference.Grid` (predict's window grid over a scene): this is what the page needs to place a
+    Not `inference.WindowGrid` (predict's window grid over a scene): this is what the page needs to place a
     scene's pictures and to lay pixel-space scenes side by side.
     """
 
