@@ -29,7 +29,7 @@
 if [ -n "${SLURM_JOB_ID:-}" ]; then
   # first thing: with a short --time the pre-timeout warning can come at once, before the trainer has a
   # handler for it (an untrapped USR1 kills this shell, and python until it installs its handler): record it
-  # in a file that the trainer checks at every step as well as its signal flag (footprints/signals.py)
+  # in a file that the trainer checks at every step as well as its signal flag (footprints/training/signals.py)
   FOOTPRINTS_STOP_FILE="${TMPDIR:-/tmp}/footprints-stop-${SLURM_JOB_ID}-${SLURM_RESTART_COUNT:-0}-$$"
   trap ': > "$FOOTPRINTS_STOP_FILE"' USR1
   export FOOTPRINTS_STOP_FILE

@@ -60,7 +60,7 @@ def _json_default(obj: Any) -> Any:
 
 def is_temporary(path: Path) -> bool:
     """A temporary file of `atomic_path` (or of a writer that uses its naming): `.<name>.<...>.part...` or
-    `.<name>.<...>.tmp`; never a lock file (`*.lock`, see footprints.lock)."""
+    `.<name>.<...>.tmp`; never a lock file (`*.lock`, see footprints.runtime.lock)."""
     name = path.name
     return name.startswith(".") and (".part" in name or name.endswith(".tmp")) and not name.endswith(".lock")
 
@@ -68,7 +68,7 @@ def is_temporary(path: Path) -> bool:
 def remove_stale_temporaries(folder: str | Path) -> int:
     """Delete the temporary files a killed process left under `folder`; returns how many.
 
-    Call it only while holding the folder's lock (`footprints.lock.hold`): then no live run writes there,
+    Call it only while holding the folder's lock (`footprints.runtime.lock.hold`): then no live run writes there,
     and a live run's temporary file is never taken for a killed run's. Symbolic links are removed as links,
     never followed."""
     import shutil

@@ -178,7 +178,7 @@ class _ConsoleFormatter(logging.Formatter):
 
 def _dispatch(args: argparse.Namespace, stage_options: dict[str, Any]) -> dict[str, Any] | None:
     if args.command == "synth":
-        from .synth_dataset import write_synthetic_dataset
+        from .synth.dataset import write_synthetic_dataset
 
         if args.subsets is not None and args.scenes is not None:
             raise ConfigError("synth: give --scenes or --subsets, not both (--subsets sets the scene count)")
@@ -252,14 +252,14 @@ def exit_process(code: int) -> None:
 
 
 def _one_of_several_ranks() -> bool:
-    from .distributed import dist_from_env
+    from .training.distributed import dist_from_env
 
     return dist_from_env().enabled
 
 
 def entry() -> None:
     """The installed `footprints` script."""
-    from .heap import bound_heap_growth
+    from .runtime.heap import bound_heap_growth
 
     bound_heap_growth()
     exit_process(main())

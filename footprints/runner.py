@@ -23,8 +23,8 @@ from .atomic import is_temporary, write_json, write_text
 from .config import Config
 from .contracts import paths as P
 from .errors import Preempted, StageError
-from .lock import hold, hold_output
-from .signals import StopSignals
+from .runtime.lock import hold, hold_output
+from .training.signals import StopSignals
 
 log = logging.getLogger("footprints")
 
@@ -43,7 +43,7 @@ def run_stage(stage: str, cfg: Config, **options: Any) -> dict[str, Any]:
     """Run one stage by its name with its options (overwrite, load_saved_model, checkpoint, inputs, ...).
 
     One run per output folder at a time: the main process holds the run folder's lock
-    (`<output_root>/<name>/.footprints.lock`, footprints.lock) for the whole stage, and `predict --input
+    (`<output_root>/<name>/.footprints.runtime.lock`, footprints.runtime.lock) for the whole stage, and `predict --input
     ... --output FILE` holds the lock of FILE's outputs; a second run stops at once with one line naming the
     first. Other ranks of a data-parallel job and dask/SLURM workers never take it (they work under the
     main process's).

@@ -22,9 +22,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from footprints.backbone import NORMALIZATION
 from footprints.contracts.checkpoints import save_checkpoint
-from footprints.segmenter import Segmenter, build_segmenter
+from footprints.model.backbone import NORMALIZATION
+from footprints.model.segmenter import Segmenter, build_segmenter
 
 TILE = 64  # the checkpoint's tile size: the prediction windows of the predict tests
 EPS = 1e-6  # RedModel clamps p to [EPS, 1 - EPS]

@@ -124,4 +124,4 @@ def test_the_graph_sees_function_level_imports() -> None:
     graph = import_graph()
     assert "footprints.stages.tile" in graph["footprints.runner"] or any(
         t.startswith("footprints.stages") for t in graph["footprints.runner"])
-    assert "footprints.segmenter" in graph["footprints.scene_prediction"]  # imported inside model_for
+    assert "footprints.model.segmenter" in graph["footprints.prediction.scene"]  # imported inside model_for

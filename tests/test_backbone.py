@@ -7,7 +7,8 @@ import logging
 import pytest
 import torch
 
-from footprints.backbone import (
+from footprints.errors import FootprintsError, InputError
+from footprints.model.backbone import (
     CONV_LAYERS,
     LAYER_CHANNELS,
     LAYER_SCALE,
@@ -16,7 +17,6 @@ from footprints.backbone import (
     load_backbone,
     resolve_layers,
 )
-from footprints.errors import FootprintsError, InputError
 
 # torchvision.models.vgg16().features: conv modules at these indices, (out, in) channels
 TV_CONVS = {0: (64, 3), 2: (64, 64), 5: (128, 64), 7: (128, 128), 10: (256, 128), 12: (256, 256),

@@ -29,10 +29,10 @@ from footprints.config import ConfigError, DataConfig, TileConfig, load_config
 from footprints.contracts.features_store import load_features
 from footprints.contracts.paths import RunPaths
 from footprints.errors import InputError, StageError, describe_failure
-from footprints.labels import PolygonLabels
 from footprints.runner import run_stage
-from footprints.scenes import open_scene
-from footprints.sources import SceneSource
+from footprints.scenes.labels import PolygonLabels
+from footprints.scenes.reader import open_scene
+from footprints.scenes.sources import SceneSource
 from footprints.stages.predict import build_settings
 from footprints.stages.predict import run as run_predict
 
@@ -174,7 +174,7 @@ def test_6_segmenter_epochs_0_is_the_exact_conversion_with_a_checkpoint(tmp_path
 
 
 def test_6_more_folds_than_scenes_is_refused(tmp_path: Path):
-    from footprints.synth_dataset import write_synthetic_dataset
+    from footprints.synth.dataset import write_synthetic_dataset
 
     write_synthetic_dataset(tmp_path / "d", n_scenes=3, seed=0, size=64, geotiff=False)
     cfg = load_config(None, [f"data.root={tmp_path / 'd'}", f"output_root={tmp_path / 'o'}", "cluster.workers=0",
@@ -220,7 +220,7 @@ def test_10_batch_size_0_is_one_line_exit_2():
 
 
 def test_11_tile_into_a_read_only_output_root_is_one_line(tmp_path: Path, read_only_dir: tuple[Path, str]):
-    from footprints.synth_dataset import write_synthetic_dataset
+    from footprints.synth.dataset import write_synthetic_dataset
 
     write_synthetic_dataset(tmp_path / "data", n_scenes=1, seed=0, size=64, geotiff=False)
     out, reason = read_only_dir
@@ -251,8 +251,8 @@ def test_12_a_truncated_shard_is_recomputed_and_never_read(tmp_path: Path):
 
 
 def test_13_predict_on_a_png_without_georeference_is_pixel_space_with_a_warning(tmp_path: Path):
-    from footprints.backbone import hypercolumn_channels, resolve_layers
-    from footprints.segmenter import build_segmenter
+    from footprints.model.backbone import hypercolumn_channels, resolve_layers
+    from footprints.model.segmenter import build_segmenter
 
     layers = resolve_layers("pool")
     meta = {"layers": layers, "in_channels": hypercolumn_channels(layers), "hidden": 8, "stride": 2,
@@ -279,7 +279,7 @@ def test_14_a_full_disk_says_so(tmp_path: Path):
         "no space left on device")
     if os.geteuid() != 0 or subprocess.run(["mount", "--version"], capture_output=True).returncode != 0:
         pytest.skip("mounting a tiny file system needs root")
-    from footprints.synth_dataset import write_synthetic_dataset
+    from footprints.synth.dataset import write_synthetic_dataset
 
     write_synthetic_dataset(tmp_path / "data", n_scenes=2, seed=0, size=256, geotiff=False)
     small = tmp_path / "small"
@@ -300,7 +300,7 @@ def test_14_a_full_disk_says_so(tmp_path: Path):
 
 
 def test_15_a_bad_scene_on_dask_workers_is_one_line_without_dask_noise(tmp_path: Path):
-    from footprints.synth_dataset import write_synthetic_dataset
+    from footprints.synth.dataset import write_synthetic_dataset
 
     write_synthetic_dataset(tmp_path / "data", n_scenes=2, seed=0, size=64, geotiff=False)
     bad = next((tmp_path / "data" / "labels").glob("*.json"))
@@ -329,7 +329,7 @@ def test_16_temporaries_of_a_killed_predict_are_removed_on_rerun(tmp_path: Path)
 
 
 def test_15_with_verbose_the_traceback_goes_to_the_debug_log_not_the_terminal(tmp_path: Path):
-    from footprints.synth_dataset import write_synthetic_dataset
+    from footprints.synth.dataset import write_synthetic_dataset
 
     write_synthetic_dataset(tmp_path / "data", n_scenes=2, seed=0, size=64, geotiff=False)
     bad = next((tmp_path / "data" / "labels").glob("*.json"))

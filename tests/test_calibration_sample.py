@@ -16,11 +16,11 @@ from typing import Any
 import pytest
 
 from footprints import calibration_store
-from footprints.calibration_store import calibration_sample, resolve_calibration
 from footprints.config import Config, DataConfig
 from footprints.contracts.manifest import MANIFEST_COLUMNS, write_rows
 from footprints.contracts.paths import RunPaths
-from footprints.sources import SceneSource
+from footprints.prediction.calibration import calibration_sample, resolve_calibration
+from footprints.scenes.sources import SceneSource
 from footprints.stages.predict import build_settings
 
 

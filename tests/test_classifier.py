@@ -16,10 +16,10 @@ from footprints.contracts.features_store import load_features
 from footprints.contracts.manifest import read_manifest
 from footprints.contracts.paths import RunPaths
 from footprints.errors import StageError
-from footprints.losses import class_weights_from_counts, resolve_class_weights, weighted_ce_sums
-from footprints.metrics import confusion, pixel_metrics
-from footprints.mlp import mlp_from_checkpoint
+from footprints.model.losses import class_weights_from_counts, resolve_class_weights, weighted_ce_sums
+from footprints.model.mlp import mlp_from_checkpoint
 from footprints.runner import run_stage
+from footprints.scoring.metrics import confusion, pixel_metrics
 
 
 def _weighted_loss(logits, y, w, cw):
@@ -66,7 +66,7 @@ def test_weighted_loss_is_class_weighted_cross_entropy_over_the_pixels_samples_s
 @pytest.fixture(scope="module")
 def synthetic_run(tmp_path_factory):
     """Synthetic scenes -> real tile stage -> features -> train-classifier (random backbone, small)."""
-    from footprints.synth_dataset import write_synthetic_dataset
+    from footprints.synth.dataset import write_synthetic_dataset
 
     root = tmp_path_factory.mktemp("clf")
     write_synthetic_dataset(root / "data", n_scenes=8, seed=1, size=128, geotiff=False)

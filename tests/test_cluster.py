@@ -21,8 +21,8 @@ import numpy as np
 import pytest
 
 from footprints.atomic import atomic_path
-from footprints.cluster import map_scenes
 from footprints.config import ClusterConfig, SlurmClusterConfig
+from footprints.runtime.cluster import map_scenes
 
 TESTS = Path(__file__).resolve().parent
 
@@ -107,7 +107,7 @@ def test_lost_worker_costs_only_its_scene(tmp_path: Path) -> None:
 
 def _heartbeat_failure() -> logging.LogRecord:
     """The record distributed logs when a heartbeat fails: ERROR, with the exception's traceback."""
-    from footprints.dask_logging import HEARTBEAT_FAILURE
+    from footprints.runtime.dask_logging import HEARTBEAT_FAILURE
 
     try:
         raise OSError("Stream is closed")
@@ -118,7 +118,7 @@ def _heartbeat_failure() -> logging.LogRecord:
 
 def _emit_heartbeat_failure() -> tuple[bool, str]:
     """In a worker: log the heartbeat failure through distributed's logger; (filter installed, what shows)."""
-    from footprints.dask_logging import installed_on_this_worker
+    from footprints.runtime.dask_logging import installed_on_this_worker
 
     logger = logging.getLogger("distributed.worker")
     stream = io.StringIO()
@@ -135,8 +135,8 @@ def _emit_heartbeat_failure() -> tuple[bool, str]:
 def test_workers_log_a_lost_heartbeat_as_one_line_and_not_while_closing() -> None:
     """dask's shutdown race (a heartbeat in flight as the cluster closes) once ended a good CI run with a
     traceback on stderr; every worker gets a filter: one warning line while running, nothing while closing."""
-    from footprints.cluster import dask_client
-    from footprints.dask_logging import HeartbeatFilter
+    from footprints.runtime.cluster import dask_client
+    from footprints.runtime.dask_logging import HeartbeatFilter
 
     with dask_client(ClusterConfig(kind="local", workers=2)) as client:
         shown = client.run(_emit_heartbeat_failure)

@@ -18,7 +18,7 @@ from footprints.contracts.manifest import MANIFEST_COLUMNS, read_manifest
 from footprints.contracts.paths import RunPaths
 from footprints.errors import InputError, StageError
 from footprints.runner import run_stage
-from footprints.synth_dataset import write_synthetic_dataset
+from footprints.synth.dataset import write_synthetic_dataset
 
 
 def _header(path: Path) -> list[str]:

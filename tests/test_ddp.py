@@ -80,7 +80,7 @@ def test_two_rank_ddp_matches_one_process_and_stops_together(tmp_path):
     print(f"largest |DDP - single| weight difference: {worst:.3g}")
     assert worst < 1e-6, f"DDP and single-process weights differ by {worst}"
     # and the runs did train: the head moved far more than the two runs differ
-    from footprints.segmenter import segmenter_from_classifier
+    from footprints.model.segmenter import segmenter_from_classifier
 
     initial = segmenter_from_classifier(tmp_path / "outputs" / "single" / "train-classifier" / "best.pt")[0]
     moved = max((a["model"][k] - v).abs().max().item() for k, v in initial.state_dict().items() if k.startswith("head."))
@@ -101,7 +101,7 @@ def test_a_blocked_teardown_does_not_hold_a_finished_rank(monkeypatch, caplog):
 
     import torch.distributed as dist
 
-    from footprints.distributed import DistInfo, shutdown
+    from footprints.training.distributed import DistInfo, shutdown
 
     calls: list[str] = []
     release = threading.Event()
@@ -109,7 +109,7 @@ def test_a_blocked_teardown_does_not_hold_a_finished_rank(monkeypatch, caplog):
     monkeypatch.setattr(dist, "barrier", lambda: calls.append("barrier"))
     monkeypatch.setattr(dist, "destroy_process_group", lambda: (calls.append("destroy"), release.wait()))
     try:
-        with caplog.at_level("WARNING", logger="footprints.distributed"):
+        with caplog.at_level("WARNING", logger="footprints.training.distributed"):
             shutdown(DistInfo(1, 2, 1, "slurm"), completed=True, timeout_s=0.2)
         assert calls == ["barrier", "destroy"]
         assert "rank 1: leaving the process group did not finish" in caplog.text

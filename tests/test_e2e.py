@@ -9,7 +9,7 @@ import pyogrio
 import pytest
 
 from footprints.cli import main
-from footprints.synth_dataset import write_synthetic_dataset
+from footprints.synth.dataset import write_synthetic_dataset
 
 pytestmark = pytest.mark.slow
 
@@ -76,7 +76,7 @@ def test_every_stage_runs_in_order_on_tiny_synthetic_scenes(tmp_path: Path, caps
                 if p.is_file() and not p.relative_to(out).parts[0].startswith(".")}
 
     before = outputs()
-    assert {".footprints.lock", ".tile.files.json"} <= {p.name for p in out.iterdir()}
+    assert {".footprints.runtime.lock", ".tile.files.json"} <= {p.name for p in out.iterdir()}
     assert main(["all", "--config", str(cfg)]) == 0
     after = outputs()
     assert after == before, sorted(str(p.relative_to(out)) for p in after if after[p] != before.get(p))

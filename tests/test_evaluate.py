@@ -16,16 +16,16 @@ from footprints.contracts.footprint_files import write_geojson, write_gpkg
 from footprints.contracts.freshness import write_record
 from footprints.contracts.manifest import read_manifest
 from footprints.contracts.paths import RunPaths, ScenePaths
-from footprints.geo import metric_crs_for
-from footprints.matching import match_polygons, polygon_scores
-from footprints.scenes import open_scene
-from footprints.scoring import truth_polygons
-from footprints.sources import discover_scenes
+from footprints.polygons.vectorize import polygons_from_probability
+from footprints.scenes.geo import metric_crs_for
+from footprints.scenes.reader import open_scene
+from footprints.scenes.sources import discover_scenes
+from footprints.scoring.matching import match_polygons, polygon_scores
+from footprints.scoring.scene import truth_polygons
 from footprints.stages.evaluate import overall_metrics
 from footprints.stages.evaluate import run as run_evaluate
 from footprints.stages.tile import run as run_tile
-from footprints.synth_dataset import write_synthetic_dataset
-from footprints.vectorize import polygons_from_probability
+from footprints.synth.dataset import write_synthetic_dataset
 
 
 def finish_predictions(pred_dir: Path, ids: list[str], split: str = "test") -> None:

@@ -9,7 +9,7 @@ import pytest
 from affine import Affine
 from shapely.geometry import Polygon
 
-from footprints.georef import (
+from footprints.scenes.georef import (
     GeorefError,
     check_spread,
     fit_affine,

@@ -6,10 +6,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from footprints.backbone import LAYER_CHANNELS, LAYER_SCALE, hypercolumn_channels, resolve_layers
 from footprints.benchmarks.head import compare_heads
-from footprints.head import DenseHead, NaiveHead, evaluated_positions, sample_bilinear, upsample_grid
-from footprints.mlp import MLP
+from footprints.model.backbone import LAYER_CHANNELS, LAYER_SCALE, hypercolumn_channels, resolve_layers
+from footprints.model.head import DenseHead, NaiveHead, evaluated_positions, sample_bilinear, upsample_grid
+from footprints.model.mlp import MLP
 
 
 def rel_diff(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -1,4 +1,4 @@
-"""`footprints.heap`: large blocks go back to the system when freed, so peak memory does not creep up."""
+"""`footprints.runtime.heap`: large blocks go back to the system when freed, so peak memory does not creep up."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import pytest
 PROBE = """
 import sys, numpy as np, psutil
 if sys.argv[1] == "fix":
-    from footprints.heap import bound_heap_growth
+    from footprints.runtime.heap import bound_heap_growth
     assert bound_heap_growth()
 p = psutil.Process()
 a = np.ones(20_000_000 // 8); del a  # a 20 MB block freed: glibc raises its mmap threshold to 20 MB
@@ -37,7 +37,7 @@ def test_a_freed_block_returns_to_the_system_only_with_the_fixed_threshold():
 
 
 def test_children_inherit_the_threshold_and_a_users_setting_wins(monkeypatch):
-    from footprints.heap import MMAP_THRESHOLD, bound_heap_growth
+    from footprints.runtime.heap import MMAP_THRESHOLD, bound_heap_growth
 
     monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_", raising=False)
     bound_heap_growth()

@@ -24,7 +24,7 @@ from footprints import runner
 from footprints.cli import main
 from footprints.config import SEED_MAX, ConfigError, load_config
 from footprints.errors import StageError
-from footprints.lock import FolderBusy, hold, lock_path
+from footprints.runtime.lock import FolderBusy, hold, lock_path
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -214,7 +214,7 @@ def test_every_seed_the_config_accepts_is_one_numpy_torch_and_scikit_learn_take(
     import torch
     from sklearn.utils import check_random_state
 
-    from footprints.training_data import derive_seed
+    from footprints.training.data import derive_seed
 
     seed = load_config(None, [f"seed={SEED_MAX}"]).seed
     np.random.default_rng(seed)
@@ -560,7 +560,7 @@ def test_predict_output_in_a_folder_that_cannot_be_written(tmp_path: Path, read_
 
 
 def test_predict_cleanup_outside_the_runner_never_removes_a_live_runs_temporary(tmp_path: Path, fake: Path) -> None:
-    from footprints.lock import remove_output_temporaries
+    from footprints.runtime.lock import remove_output_temporaries
 
     output = tmp_path / "result" / "fp.geojson"
     scenes = tmp_path / "result" / "fp_scenes"

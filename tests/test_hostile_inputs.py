@@ -26,11 +26,11 @@ from rasterio.windows import Window
 
 from footprints.config import DataConfig, TileConfig, load_config
 from footprints.errors import InputError
-from footprints.geo import metric_crs_for
-from footprints.scenes import gsd_warning, open_scene
-from footprints.sources import SceneSource, discover_scenes, sources_from_paths
+from footprints.polygons.vectorize import polygons_from_probability
+from footprints.scenes.geo import metric_crs_for
+from footprints.scenes.reader import gsd_warning, open_scene
+from footprints.scenes.sources import SceneSource, discover_scenes, sources_from_paths
 from footprints.stages.predict import run as run_predict
-from footprints.vectorize import polygons_from_probability
 
 UTM = Affine(0.5, 0, 500000.0, 0, -0.5, 6650000.0)  # zone 33N, near 60 N
 GEOTIFF = DataConfig(format="geotiff", label_format="vector")

@@ -256,7 +256,7 @@ def test_3_report_of_predictions_that_do_not_exist_is_one_line(tmp_path: Path, c
 # ------------------------------------------------------------------ 4. --set does not change predict's mode
 def _demo_run_with_a_validation_scene(tmp_path: Path) -> Path:
     """./outputs/demo (the defaults' run) with a labelled validation scene in ./data/demo."""
-    from footprints.synth_dataset import write_synthetic_dataset
+    from footprints.synth.dataset import write_synthetic_dataset
 
     demo = tmp_path / "data" / "demo"
     write_synthetic_dataset(demo, n_scenes=2, seed=0, size=128, geotiff=False)
@@ -388,7 +388,7 @@ def test_7_output_into_a_read_only_folder_is_one_line_before_any_scene(tmp_path:
     scene = red_scene(tmp_path / "images" / "s.tif")
     ro, reason = read_only_dir
 
-    from footprints.segmenter import Segmenter
+    from footprints.model.segmenter import Segmenter
 
     calls = []  # the windows of every forward pass of the checkpoint's model
     forward = Segmenter.forward
@@ -555,7 +555,7 @@ def test_7_run_mode_output_onto_a_scenes_own_file_is_refused(tmp_path: Path):
 
 
 def test_7_evaluate_names_a_reserved_scene_id_instead_of_a_missing_prediction(tmp_path: Path):
-    from footprints.sources import SceneSource
+    from footprints.scenes.sources import SceneSource
     from footprints.stages.evaluate import evaluate_scene
 
     src = SceneSource(red_scene(tmp_path / "images" / "summary.tif"))

@@ -1,4 +1,4 @@
-"""Stage `features` and `footprints.hypercolumns`: sampling, sparse hypercolumn gathering, streaming stats, shards and resuming."""
+"""Stage `features` and `footprints.model.hypercolumns`: sampling, sparse hypercolumn gathering, streaming stats, shards and resuming."""
 
 from __future__ import annotations
 
@@ -10,11 +10,11 @@ import torch
 import torch.nn.functional as F
 from fake_tiles import write_fake_tiles
 
-from footprints.backbone import CONV_LAYERS, hypercolumn_channels, load_backbone
 from footprints.config import load_config
 from footprints.contracts.features_store import load_features
 from footprints.contracts.paths import RunPaths
-from footprints.hypercolumns import RunningStats, gather_hypercolumns, patch_rng, sample_pixels
+from footprints.model.backbone import CONV_LAYERS, hypercolumn_channels, load_backbone
+from footprints.model.hypercolumns import RunningStats, gather_hypercolumns, patch_rng, sample_pixels
 from footprints.stages.features import run as extract_features
 
 ALL = ["input", *CONV_LAYERS]

@@ -1,4 +1,4 @@
-"""Whole-scene inference (`footprints.inference`): the window grid and its weights, blending without seams,
+"""Whole-scene inference (`footprints.polygons.inference`): the window grid and its weights, blending without seams,
 blocked == whole scene, the COG, bounded memory, nodata never run, progress.
 
 The tests give `predict_scene` stand-in models (plain nn.Modules, rgb float (B, 3, H, W) in 0..255 -> logits
@@ -21,7 +21,7 @@ from torch import nn
 
 from footprints.config import DataConfig, TileConfig
 from footprints.contracts.probability import read_probability
-from footprints.inference import (
+from footprints.polygons.inference import (
     WindowGrid,
     predict_block,
     predict_scene,
@@ -29,8 +29,8 @@ from footprints.inference import (
     window_origins,
     window_stride,
 )
-from footprints.scenes import open_scene
-from footprints.sources import SceneSource
+from footprints.scenes.reader import open_scene
+from footprints.scenes.sources import SceneSource
 
 TILE = 64  # test windows: small and fast
 
@@ -205,7 +205,7 @@ def test_blocked_result_equals_whole_scene_result(tmp_path: Path):
 def test_work_alongside_the_cog_sees_what_the_cog_holds(tmp_path: Path):
     """`alongside` (predict vectorises there while the COG is written) reads the same probabilities, mask,
     transform and CRS as the finished COG; its result comes back, and nothing temporary is left."""
-    from footprints.vectorize import polygons_from_probability
+    from footprints.polygons.vectorize import polygons_from_probability
 
     rgb = _texture(300, 260, seed=5)
     rgb[:, :40, :50] = 0  # a nodata corner: the mask must come through too
@@ -280,7 +280,7 @@ def _peak_bytes(size: int, path: Path) -> tuple[int, dict]:
 
 
 def test_memory_is_bounded_by_the_block_not_the_scene(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
-    import footprints.inference as inference
+    import footprints.polygons.inference as inference
 
     size = 2880
     # one block at a time (no read-ahead, no write-behind): how many blocks the pipeline's threads hold at
@@ -348,24 +348,24 @@ def test_windows_and_blocks_without_a_valid_pixel_are_never_run(tmp_path: Path):
 
 def test_progress_is_logged_for_scenes_of_several_blocks_when_stderr_is_no_terminal(tmp_path, caplog,
                                                                                       monkeypatch):
-    import footprints.inference as inference
+    import footprints.polygons.inference as inference
 
     monkeypatch.setattr(inference, "PROGRESS_LOG_S", 0.0)
-    with caplog.at_level(logging.INFO, logger="footprints.inference"):
+    with caplog.at_level(logging.INFO, logger="footprints.polygons.inference"):
         predict_scene(SyntheticReader(512), RedModel(), tmp_path / "p.tif", tile_size=TILE, block_size=128)
-    lines = [r.getMessage() for r in caplog.records if r.name == "footprints.inference"]
+    lines = [r.getMessage() for r in caplog.records if r.name == "footprints.polygons.inference"]
     assert any("of 121 windows" in m and "skipped as nodata" in m for m in lines), lines
     assert lines[-1].startswith("big: 121 windows run, 0 skipped")
     caplog.clear()
-    with caplog.at_level(logging.INFO, logger="footprints.inference"):  # one block: nothing to report
+    with caplog.at_level(logging.INFO, logger="footprints.polygons.inference"):  # one block: nothing to report
         predict_scene(SyntheticReader(200), RedModel(), tmp_path / "q.tif", tile_size=TILE, block_size=512)
-    assert not [r for r in caplog.records if r.name == "footprints.inference"]
+    assert not [r for r in caplog.records if r.name == "footprints.polygons.inference"]
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device here")
 def test_cuda_autocast_pipeline_blocked_equals_whole_scene(tmp_path: Path):
-    from footprints.backbone import hypercolumn_channels, resolve_layers
-    from footprints.segmenter import build_segmenter
+    from footprints.model.backbone import hypercolumn_channels, resolve_layers
+    from footprints.model.segmenter import build_segmenter
 
     layers = resolve_layers("pool")
     meta = {"layers": layers, "in_channels": hypercolumn_channels(layers), "hidden": 16, "stride": 2,

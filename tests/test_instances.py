@@ -15,8 +15,8 @@ from pyproj import CRS
 from scipy import ndimage
 from skimage.draw import polygon as draw_polygon
 
-from footprints.regularize import regularize_footprints
-from footprints.vectorize import polygons_from_probability
+from footprints.polygons.regularize import regularize_footprints
+from footprints.polygons.vectorize import polygons_from_probability
 
 # 0.5 m pixels in UTM 23S (Rio de Janeiro)
 RIO = Affine(0.5, 0, 684000.0, 0, -0.5, 7466000.0)
@@ -341,7 +341,7 @@ def test_regularise_a_lonlat_layer_and_an_empty_one():
 def test_pass_two_on_worker_threads_gives_the_same_pieces_in_the_same_order():
     """The windows of pass 2 are labelled on worker threads (the watershed releases the GIL) and gathered in
     order: pieces, statistics and group ids are identical for any number of workers."""
-    from footprints.instances import instance_pieces
+    from footprints.polygons.instances import instance_pieces
 
     prob, seed, valid = _scene(np.random.default_rng(11))
 

@@ -14,7 +14,7 @@ from sklearn.metrics import (
     recall_score,
 )
 
-from footprints.metrics import confusion, metrics_from_labels, pixel_metrics
+from footprints.scoring.metrics import confusion, metrics_from_labels, pixel_metrics
 
 
 @pytest.fixture

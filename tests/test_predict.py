@@ -25,13 +25,13 @@ from rasterio import features
 from shapely.geometry import Polygon, box, mapping
 from test_inference import TILE, UTM, RedModel, _reader, _texture, _write_tif
 
-from footprints.calibration import choose_calibration
-from footprints.calibration_store import resolve_calibration
 from footprints.config import Config, DataConfig
 from footprints.contracts.manifest import MANIFEST_COLUMNS, write_rows
 from footprints.contracts.paths import RunPaths
 from footprints.contracts.probability import read_probability
-from footprints.inference import predict_scene
+from footprints.polygons.inference import predict_scene
+from footprints.prediction.calibration import resolve_calibration
+from footprints.scoring.calibration import choose_calibration
 from footprints.stages.predict import checkpoint_settings
 from footprints.stages.predict import run as run_predict
 
@@ -108,7 +108,7 @@ def test_png_without_labels_gives_pixel_space_output_and_a_warning(tmp_path: Pat
     with caplog.at_level(logging.WARNING):
         out = run_predict(cfg, inputs=[str(tmp_path / "images")])
     assert any("polygons are in pixel coordinates" in r.getMessage() for r in caplog.records
-               if r.levelno == logging.WARNING and r.name == "footprints.scene_prediction")
+               if r.levelno == logging.WARNING and r.name == "footprints.prediction.scene")
     raw = json.loads(Path(out["geojson"]).read_text())
     assert len(raw["features"]) == 1
     got = Polygon(raw["features"][0]["geometry"]["coordinates"][0])
@@ -247,7 +247,7 @@ def test_rerun_skips_done_scenes_revectorises_on_new_threshold_and_reports_a_bad
 def test_the_red_checkpoint_is_red_model_on_every_8_bit_value(tmp_path: Path):
     """The checkpoint the stage tests load gives the probability raster RedModel gives, byte for byte, on a
     scene holding every red value (and every green and blue one, which both ignore)."""
-    from footprints.segmenter import load_segmenter
+    from footprints.model.segmenter import load_segmenter
 
     rgb = np.stack([np.tile(np.arange(256, dtype=np.uint8), (96, 1)), _texture(96, 256, 1)[1],
                     _texture(96, 256, 2)[2]])

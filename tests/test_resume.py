@@ -5,7 +5,7 @@ Every run is a real `python -m footprints.cli train-segmenter` process. The kill
 the hooks of tests/train_hooks.py (the process signals itself at a chosen global step and place): 2 epochs
 of 3 steps (8 train patches, global batch 3, so the last batch is short), checkpoint after every step.
 The patches are read from the patch store (memory-mapped shards), as after a real `footprints tile`, with
-the augmentation applied to whole batches (`footprints.training_data.augment_batch`).
+the augmentation applied to whole batches (`footprints.training.data.augment_batch`).
 """
 
 from __future__ import annotations

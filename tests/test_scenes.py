@@ -15,9 +15,9 @@ from shapely import wkt as shp_wkt
 
 from footprints.config import DataConfig, TileConfig
 from footprints.errors import InputError
-from footprints.scenes import open_scene
-from footprints.sources import SceneSource, discover_scenes, sources_from_paths
-from footprints.synth_dataset import write_synthetic_dataset
+from footprints.scenes.reader import open_scene
+from footprints.scenes.sources import SceneSource, discover_scenes, sources_from_paths
+from footprints.synth.dataset import write_synthetic_dataset
 
 
 @pytest.fixture(scope="module")
@@ -135,7 +135,7 @@ def test_uint16_single_band_stretch_and_nodata(tmp_path) -> None:
 def test_emptiness_of_a_large_8bit_scene_is_exact(tmp_path, monkeypatch) -> None:
     """A scene too large for memory, 8-bit: no decimated read (it would decode every block), strips until the
     first valid pixel instead; a scene valid in its last row only is not empty, an all-nodata one is."""
-    import footprints.scenes as scenes_mod
+    import footprints.scenes.reader as scenes_mod
 
     monkeypatch.setattr(scenes_mod, "IN_MEMORY_MAX_PX", 0)
     monkeypatch.setattr(scenes_mod.SceneReader, "_read_raw_decimated", lambda self: pytest.fail("decimated read"))
@@ -185,7 +185,7 @@ def test_target_gsd_on_geographic_scene(shared_dir) -> None:
 @pytest.mark.parametrize("target_gsd", [None, 0.8])
 def test_windowed_path_equals_in_memory_path(synth, monkeypatch, target_gsd) -> None:
     """Large scenes are read window by window; the result must be the in-memory result, pixel for pixel."""
-    import footprints.scenes as scenes_mod
+    import footprints.scenes.reader as scenes_mod
 
     root = synth / "geotiff"
     cfg = DataConfig(root=str(root), format="geotiff", label_format="vector")

@@ -7,11 +7,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from footprints.backbone import VGG16Features, hypercolumn_channels, load_backbone, resolve_layers
 from footprints.errors import InputError
-from footprints.head import NaiveHead, evaluated_positions
-from footprints.mlp import MLP
-from footprints.segmenter import Segmenter, build_segmenter, load_segmenter, segmenter_from_classifier
+from footprints.model.backbone import VGG16Features, hypercolumn_channels, load_backbone, resolve_layers
+from footprints.model.head import NaiveHead, evaluated_positions
+from footprints.model.mlp import MLP
+from footprints.model.segmenter import Segmenter, build_segmenter, load_segmenter, segmenter_from_classifier
 
 
 def _randomise(module: torch.nn.Module, seed: int) -> None:
@@ -226,8 +226,8 @@ def test_prepared_unprepared_and_compiled_forwards_agree():
 
 @pytest.mark.parametrize("scheme_name", ["binary", "border", "contact"])
 def test_building_and_seed_sums_the_scheme_classes(scheme_name):
-    from footprints.segmenter import building_and_seed
-    from footprints.targets import SCHEMES
+    from footprints.model.segmenter import building_and_seed
+    from footprints.scenes.targets import SCHEMES
 
     scheme = SCHEMES[scheme_name]
     logits = torch.randn(3, scheme.k, 9, 7)

@@ -251,8 +251,8 @@ def _stage_config(root: Path, data: Path, name: str, cluster: dict) -> Path:
 def _segmenter_checkpoint(path: Path) -> Path:
     """A segmenter whose building probability is sigmoid(2 x the sum of the normalised RGB): bright roofs and
     roads become polygons of many shapes (a random head predicts ~0.52 everywhere: nothing to compare)."""
-    from footprints.mlp import MLP
-    from footprints.segmenter import segmenter_from_classifier
+    from footprints.model.mlp import MLP
+    from footprints.model.segmenter import segmenter_from_classifier
 
     mlp = MLP(3, hidden=4, dropout=0.0, mean=torch.zeros(3), std=torch.ones(3))
     with torch.no_grad():
@@ -276,7 +276,7 @@ def test_tile_and_predict_on_slurm_dask_workers_match_in_process(
     from footprints.config import load_config
     from footprints.contracts.probability import read_probability
     from footprints.runner import run_stage
-    from footprints.synth_dataset import write_synthetic_dataset
+    from footprints.synth.dataset import write_synthetic_dataset
 
     for key in [k for k in list(__import__("os").environ) if k not in slurm_env]:
         monkeypatch.delenv(key)

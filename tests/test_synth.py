@@ -17,8 +17,8 @@ from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 from shapely import wkt as shapely_wkt
 
-from footprints.synth import PLACES, make_scene
-from footprints.synth_dataset import metres_per_degree, write_synthetic_dataset
+from footprints.synth.dataset import metres_per_degree, write_synthetic_dataset
+from footprints.synth.scenes import PLACES, make_scene
 
 NAME_RE = re.compile(r"^(?P<disaster>[a-z]+(?:-[a-z]+)*)_(?P<id>\d{8})_pre_disaster$")
 META_KEYS = {"img_name", "width", "height", "gsd", "disaster", "sensor", "capture_date", "off_nadir_angle"}

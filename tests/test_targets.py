@@ -6,16 +6,16 @@ import numpy as np
 import pytest
 from rasterio.windows import Window
 
-import footprints.scenes as scenes_module
+import footprints.scenes.reader as scenes_module
 from footprints.config import DataConfig, TileConfig, load_config
 from footprints.contracts.manifest import class_pixels, read_manifest
 from footprints.contracts.patches import load_patch
 from footprints.contracts.paths import RunPaths
 from footprints.runner import run_stage
-from footprints.scenes import open_scene
-from footprints.sources import discover_scenes
-from footprints.synth_dataset import write_synthetic_dataset
-from footprints.targets import SCHEMES, building_of, instance_target, scheme_for
+from footprints.scenes.reader import open_scene
+from footprints.scenes.sources import discover_scenes
+from footprints.scenes.targets import SCHEMES, building_of, instance_target, scheme_for
+from footprints.synth.dataset import write_synthetic_dataset
 
 
 def _two_houses(gap_px: int) -> np.ndarray:

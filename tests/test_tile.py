@@ -25,7 +25,7 @@ from footprints.contracts.paths import RunPaths
 from footprints.errors import StageError
 from footprints.stages import tile as tile_stage
 from footprints.stages.tile import assign_splits, patch_offsets, patch_windows, valid_window
-from footprints.synth_dataset import write_synthetic_dataset
+from footprints.synth.dataset import write_synthetic_dataset
 
 run_tile = tile_stage.run
 
@@ -604,7 +604,7 @@ def test_without_patch_geotiffs_the_store_alone_feeds_features_and_training(tmp_
     from footprints.contracts.freshness import read_record
     from footprints.contracts.patches import PatchStore, store_is_intact
     from footprints.stages.features import run as extract_features
-    from footprints.training_data import PatchDataset
+    from footprints.training.data import PatchDataset
 
     cfg = make_cfg(tmp_path, xview2_data, **NO_TIFS, **CHEAP_FEATURES)
     summary = run_tile(cfg)

@@ -20,19 +20,19 @@ from train_hooks import SignalAt
 from footprints.config import load_config
 from footprints.contracts import checkpoints as ckpt_io
 from footprints.contracts.manifest import read_manifest
-from footprints.distributed import DistInfo, dist_from_env, first_slurm_host, rendezvous
 from footprints.errors import InputError, Preempted, StageError
-from footprints.losses import class_weights_from_counts, weighted_ce_sums
+from footprints.model.losses import class_weights_from_counts, weighted_ce_sums
 from footprints.runner import run_stage
 from footprints.stages import train_segmenter as train_stage
-from footprints.training.trainer import masked_target
-from footprints.training_data import (
+from footprints.training.data import (
     GlobalBatchSampler,
     apply_augment,
     augment_batch,
     augment_code,
     epoch_permutation,
 )
+from footprints.training.distributed import DistInfo, dist_from_env, first_slurm_host, rendezvous
+from footprints.training.trainer import masked_target
 
 
 def run(cfg, **options):
@@ -182,7 +182,7 @@ def test_stage_trains_and_writes_checkpoints_curves_and_overlays(project, tmp_pa
     assert last["meta"]["class_weights"] == pytest.approx(expected.tolist())
 
     # the head learned, the frozen backbone did not move
-    from footprints.segmenter import segmenter_from_classifier
+    from footprints.model.segmenter import segmenter_from_classifier
 
     torch.manual_seed(0)
     initial, _ = segmenter_from_classifier(tmp_path / "outputs" / "t" / "train-classifier" / "best.pt")
@@ -297,7 +297,7 @@ def test_missing_inputs_are_clear_stage_errors(tmp_path):
 
 
 def test_signal_during_start_up_checkpoints_the_initial_state_and_resume_is_exact(tmp_path, monkeypatch):
-    from footprints.signals import StopSignals
+    from footprints.training.signals import StopSignals
 
     config = make_project(tmp_path)
     cfg = load_config(config, ["segmenter.epochs=1", "segmenter.max_steps_per_epoch=2"])
@@ -346,7 +346,7 @@ def test_patch_store_and_geotiff_patches_give_the_same_batches(tmp_path):
     from store_fixtures import add_patch_store
 
     from footprints.contracts.patches import store_is_intact, store_paths
-    from footprints.training_data import PatchDataset, make_loader, to_device
+    from footprints.training.data import PatchDataset, make_loader, to_device
 
     make_project(tmp_path)
     tile_dir = tmp_path / "outputs" / "t" / "tile"
@@ -378,7 +378,7 @@ def test_patch_store_and_geotiff_patches_give_the_same_batches(tmp_path):
 
 
 def test_augmentation_codes_are_drawn_per_epoch_chunk_and_cached():
-    from footprints.training_data import AUGMENT_CHUNK
+    from footprints.training.data import AUGMENT_CHUNK
 
     a = [augment_code(5, 2, p) for p in range(AUGMENT_CHUNK - 3, AUGMENT_CHUNK + 3)]
     assert a == [augment_code(5, 2, p) for p in range(AUGMENT_CHUNK - 3, AUGMENT_CHUNK + 3)]

@@ -16,8 +16,8 @@ from pyproj import CRS, Geod
 from footprints.benchmarks.vectorize import bench_vectorize
 from footprints.config import Config
 from footprints.contracts.footprint_files import write_geojson, write_gpkg
-from footprints.geo import metric_crs_for, utm_crs_for
-from footprints.vectorize import polygons_from_probability
+from footprints.polygons.vectorize import polygons_from_probability
+from footprints.scenes.geo import metric_crs_for, utm_crs_for
 
 # 0.5 m pixels in UTM 23S, top-left corner in Rio de Janeiro (about 43.2 W, 22.9 S)
 RIO = Affine(0.5, 0, 684000.0, 0, -0.5, 7466000.0)

@@ -14,7 +14,7 @@ from footprints.cli import main
 from footprints.config import load_config
 from footprints.contracts.manifest import read_manifest
 from footprints.contracts.patches import store_is_intact
-from footprints.synth_dataset import write_synthetic_dataset
+from footprints.synth.dataset import write_synthetic_dataset
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "xview2.yaml"
 SPLITS = ("train", "val", "test")

@@ -19,8 +19,8 @@ import torch
 import yaml
 from fake_tiles import write_fake_tiles
 
-from footprints.backbone import hypercolumn_channels
-from footprints.mlp import MLP
+from footprints.model.backbone import hypercolumn_channels
+from footprints.model.mlp import MLP
 
 REPO = Path(__file__).resolve().parents[1]
 LAYERS = ["input", "conv1_1"]  # 67 channels; the backbone stops after its first conv: fast on a CPU
@@ -123,8 +123,8 @@ def load(path: Path) -> dict:
 def tiny_segmenter(hidden: int, tile_size: int) -> tuple[torch.nn.Module, dict]:
     """A tiny real segmenter (random VGG16 pool layers, seeded) and its checkpoint meta: for tests that need a
     checkpoint file predict can load, without training one."""
-    from footprints.backbone import resolve_layers
-    from footprints.segmenter import build_segmenter
+    from footprints.model.backbone import resolve_layers
+    from footprints.model.segmenter import build_segmenter
 
     layers = resolve_layers("pool")
     meta = {"layers": layers, "in_channels": hypercolumn_channels(layers), "hidden": hidden, "stride": 2,

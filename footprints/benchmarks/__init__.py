@@ -55,7 +55,7 @@ def tiled_synthetic(cfg: Any, root: Path, n_scenes: int, stride: int, split_rati
     from ..config import DataConfig
     from ..contracts.paths import RunPaths
     from ..stages.tile import run as run_tile
-    from ..synth_dataset import write_synthetic_dataset
+    from ..synth.dataset import write_synthetic_dataset
 
     write_synthetic_dataset(root / "data", n_scenes=n_scenes, seed=cfg.seed, size=1024, geotiff=True)
     bcfg = copy.deepcopy(cfg)

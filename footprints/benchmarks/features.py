@@ -21,11 +21,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..backbone import load_backbone, resolve_layers
 from ..config import Config
 from ..contracts.manifest import read_manifest
 from ..contracts.patches import PatchStore
-from ..device import resolve_device
+from ..model.backbone import load_backbone, resolve_layers
+from ..model.device import resolve_device
 from ..stages.features import FEATURE_SPLITS
 from ..stages.features import run as run_features
 from . import sync, tiled_synthetic

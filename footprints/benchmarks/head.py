@@ -13,9 +13,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..backbone import LAYER_CHANNELS, LAYER_SCALE, hypercolumn_channels, resolve_layers
-from ..head import DenseHead, NaiveHead, evaluated_positions
-from ..mlp import MLP
+from ..model.backbone import LAYER_CHANNELS, LAYER_SCALE, hypercolumn_channels, resolve_layers
+from ..model.head import DenseHead, NaiveHead, evaluated_positions
+from ..model.mlp import MLP
 from . import sync
 
 log = logging.getLogger(__name__)

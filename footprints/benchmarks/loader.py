@@ -20,9 +20,8 @@ import torch
 
 from ..config import Config
 from ..contracts.manifest import read_manifest
-from ..device import resolve_device
-from ..distributed import DistInfo
-from ..training_data import (
+from ..model.device import resolve_device
+from ..training.data import (
     GlobalBatchSampler,
     HostBuffers,
     PatchDataset,
@@ -30,6 +29,7 @@ from ..training_data import (
     make_loader,
     to_device,
 )
+from ..training.distributed import DistInfo
 from . import sync, tiled_synthetic
 
 log = logging.getLogger(__name__)

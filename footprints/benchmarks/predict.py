@@ -1,6 +1,6 @@
 """`footprints bench predict`: whole-scene inference on a large synthetic scene, three ways in one run.
 
-Each way runs the predict stage's own code (`footprints.scene_prediction`, `footprints.inference`) with
+Each way runs the predict stage's own code (`footprints.prediction.scene`, `footprints.polygons.inference`) with
 the settings the stage would give a checkpoint of this model (`stages.predict.build_settings`):
 
 - `km2_per_hour`: end to end, the real segmenter (random weights, all 14 layers, hidden 1024, the classes of
@@ -39,18 +39,18 @@ import rasterio.transform
 import torch
 from rasterio.windows import Window
 
-from ..backbone import hypercolumn_channels, resolve_layers
 from ..config import Config, DataConfig
 from ..contracts.predict_records import VectorSettings
-from ..device import resolve_device
 from ..errors import FootprintsError
-from ..inference import WindowGrid, amp_dtype, predict_tensor, window_stride
-from ..scene_prediction import PredictSettings, Vectoriser, predict_probability
-from ..scenes import open_scene
-from ..segmenter import build_segmenter, compile_segmenter
-from ..sources import SceneSource
+from ..model.backbone import hypercolumn_channels, resolve_layers
+from ..model.device import resolve_device
+from ..model.segmenter import build_segmenter, compile_segmenter
+from ..polygons.inference import WindowGrid, amp_dtype, predict_tensor, window_stride
+from ..prediction.scene import PredictSettings, Vectoriser, predict_probability
+from ..scenes.reader import open_scene
+from ..scenes.sources import SceneSource
+from ..scenes.targets import SCHEMES
 from ..stages.predict import build_settings
-from ..targets import SCHEMES
 from . import sync
 
 log = logging.getLogger(__name__)

@@ -110,7 +110,7 @@ def bench_scale(cfg: Config, classifier_gb: float | None = None) -> dict[str, An
     many GB of synthetic features); returns the figures (the CLI prints them as the last line)."""
     if classifier_gb is not None:
         return bench_classifier_memory(cfg, classifier_gb)
-    from ..synth_dataset import write_synthetic_dataset
+    from ..synth.dataset import write_synthetic_dataset
 
     root = Path(cfg.output_root) / "bench-scale"
     shutil.rmtree(root, ignore_errors=True)
@@ -189,10 +189,10 @@ def write_synthetic_features(feature_dir: Path, n_samples: int, seed: int, layer
     """Feature shards in the features stage's format (`features_store`), `meta.json` and `stats.npz` last:
     two classes, standard normal noise with the building class shifted by 1 on the first 64 channels, split
     7:1 into train and val. Written shard by shard (memory: one shard); returns meta.json's content."""
-    from ..backbone import LAYER_CHANNELS, hypercolumn_channels, resolve_layers
     from ..contracts import features_store
     from ..contracts.freshness import digest, write_record
-    from ..hypercolumns import RunningStats
+    from ..model.backbone import LAYER_CHANNELS, hypercolumn_channels, resolve_layers
+    from ..model.hypercolumns import RunningStats
 
     names = resolve_layers(layers)
     channels = hypercolumn_channels(names)

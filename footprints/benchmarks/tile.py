@@ -18,7 +18,7 @@ from ..contracts.patches import PATCH_PROFILE
 from ..contracts.paths import RunPaths
 from ..stages.tile import patch_windows
 from ..stages.tile import run as run_tile
-from ..synth_dataset import write_synthetic_dataset
+from ..synth.dataset import write_synthetic_dataset
 
 log = logging.getLogger(__name__)
 

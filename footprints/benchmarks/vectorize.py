@@ -12,8 +12,8 @@ import numpy as np
 import rasterio.features
 from affine import Affine
 
-from ..regularize import regularize_footprints
-from ..vectorize import polygons_from_probability
+from ..polygons.regularize import regularize_footprints
+from ..polygons.vectorize import polygons_from_probability
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +52,7 @@ def bench_vectorize(cfg: Any, repeats: int = 3) -> dict[str, Any]:
     from the probabilities. ratio = ours / bare pixels per second (target >= 0.5), connected components,
     no regularisation. Beside it: `watershed_ratio`, the same with touching buildings split by the seeded
     watershed (seed band: each building's interior), and `regularized_ratio`, watershed + regularisation
-    of its polygons (`footprints.regularize`, one core; timed once, it is the slow part).
+    of its polygons (`footprints.polygons.regularize`, one core; timed once, it is the slow part).
     """
     size = 4096
     prob, seed_band = synthetic_probability(size=size, n_blobs=3000, seed=0, with_seed=True)

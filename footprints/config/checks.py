@@ -122,7 +122,7 @@ def _check(cfg: Config) -> None:
         raise ConfigError(f"{src}: segmenter.stride: must be 1 or 2, got {cfg.segmenter.stride}")
     if not 0 <= cfg.predict.overlap < 1:
         raise ConfigError(f"{src}: predict.overlap: must be in [0, 1), got {cfg.predict.overlap}")
-    from ..targets import SCHEMES
+    from ..scenes.targets import SCHEMES
 
     classes = SCHEMES[cfg.tile.target].classes
     for key in ("classifier.class_weights", "segmenter.class_weights"):

@@ -57,7 +57,7 @@ class TileConfig:
     # > 0: the validation split is the bottom `val_band` of the rows of every training scene (for datasets
     # of a few large scenes, e.g. two xView2 scenes tested one against the other)
     val_band: float = 0.0
-    # what the models learn per pixel (footprints.targets): "binary" (background, building), "border"
+    # what the models learn per pixel (footprints.scenes.targets): "binary" (background, building), "border"
     # (background, interior, border), "contact" (border + the gaps between close buildings)
     target: Literal["binary", "border", "contact"] = "border"
     border_m: float = 1.0  # width of the border class inside each outline, metres

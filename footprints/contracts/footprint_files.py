@@ -42,7 +42,7 @@ import shapely
 
 from ..atomic import atomic_path
 from ..errors import InputError
-from ..geo import as_crs, utm_crs_for, utm_epsg
+from ..scenes.geo import as_crs, utm_crs_for, utm_epsg
 from .gpkg_style import add_layer_style
 
 log = logging.getLogger(__name__)

@@ -122,7 +122,7 @@ def split_sources(tile_dir: str | Path, data_cfg: Any, split: str) -> list[Any]:
     """
     import dataclasses
 
-    from ..sources import discover_scenes
+    from ..scenes.sources import discover_scenes
     from .paths import RunPaths
     from .tile_records import read_scene_record
 

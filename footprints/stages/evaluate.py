@@ -9,8 +9,8 @@ vectorisation) against the truth mask on the same grid, nodata left out; TP/FP/F
 scenes before the ratios are taken (as the xView2 scorer does), giving building IoU, precision, recall,
 F1 (= the xView2 localisation F1) and the two-class mean IU.
 
-Polygon metrics: the footprints of `<scene>.gpkg` against the truth polygons (`footprints.scoring`), matched
-one-to-one at IoU >= `evaluate.iou_threshold` (`footprints.matching`); precision, recall and F1 per scene
+Polygon metrics: the footprints of `<scene>.gpkg` against the truth polygons (`footprints.scoring.scene`), matched
+one-to-one at IoU >= `evaluate.iou_threshold` (`footprints.scoring.matching`); precision, recall and F1 per scene
 and overall (counts summed over scenes).
 """
 
@@ -27,7 +27,6 @@ import shapely
 from rasterio.windows import Window
 
 from ..atomic import write_text
-from ..cluster import map_scenes
 from ..config import Config
 from ..contracts.footprint_files import (
     SceneLayer,
@@ -41,10 +40,11 @@ from ..contracts.manifest import split_sources
 from ..contracts.paths import RunPaths, ScenePaths, reserved_scene_id
 from ..contracts.predict_records import PredictSummary, read_predict_scene_record, read_predict_summary
 from ..errors import InputError, StageError, as_input_error
-from ..matching import match_polygons, polygon_scores, split_merge_counts
-from ..metrics import pixel_metrics
-from ..plots import polygon_rings, write_overlay
-from ..scoring import metric_crs, pixel_counts, truth_polygons
+from ..runtime.cluster import map_scenes
+from ..scoring.matching import match_polygons, polygon_scores, split_merge_counts
+from ..scoring.metrics import pixel_metrics
+from ..scoring.plots import polygon_rings, write_overlay
+from ..scoring.scene import metric_crs, pixel_counts, truth_polygons
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +70,7 @@ def _overlay(reader: Any, truth: np.ndarray, pred: np.ndarray, crs: Any, path: P
 
 def evaluate_scene(source: Any, cfg: Config, pred_dir: str, out_dir: str, overlay: bool) -> dict[str, Any]:
     """Pixel counts and polygon matches of one scene (top-level: runs on dask workers)."""
-    from ..scenes import open_scene
+    from ..scenes.reader import open_scene
 
     reserved = reserved_scene_id(source.scene_id)
     if reserved is not None:  # predict refused it: its record would be the run's summary.json

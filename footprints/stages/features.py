@@ -4,7 +4,7 @@ For every patch of the tile manifest, `features.per_class` pixels of each class 
 are drawn without replacement from the patch mask (never an ignore/nodata pixel; a patch without
 buildings still gives background samples), seeded by the run seed and the patch id so that any shard can
 be recomputed alone. Patches go through the frozen backbone in batches on the device, and only the
-sampled pixels' columns are gathered (`footprints.hypercolumns`). Patches are read from the patch store
+sampled pixels' columns are gathered (`footprints.model.hypercolumns`). Patches are read from the patch store
 (`footprints.contracts.patches`; GeoTIFFs for scenes tiled without one) and sampled, on CUDA by a reader
 thread ahead of the device (pinned memory, non-blocking copies), on the CPU in line; a patch with no valid labelled pixel is
 never sent to the backbone. Each sample carries `w`, the number of
@@ -30,8 +30,6 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from ..backbone import LAYER_CHANNELS, hypercolumn_channels, load_backbone, resolve_layers
-from ..blocks import prefetched
 from ..config import Config
 from ..contracts import features_store
 from ..contracts.freshness import digest, is_fresh, unmark, write_record
@@ -39,9 +37,11 @@ from ..contracts.manifest import PATCH_COLUMNS, SPLITS, read_manifest
 from ..contracts.patches import PatchStore
 from ..contracts.paths import RunPaths
 from ..contracts.tile_records import read_scene_record, read_tile_classes
-from ..device import resolve_device
 from ..errors import InputError, StageError
-from ..hypercolumns import RunningStats, gather_hypercolumns, patch_rng, sample_pixels
+from ..model.backbone import LAYER_CHANNELS, hypercolumn_channels, load_backbone, resolve_layers
+from ..model.device import resolve_device
+from ..model.hypercolumns import RunningStats, gather_hypercolumns, patch_rng, sample_pixels
+from ..polygons.blocks import prefetched
 
 log = logging.getLogger(__name__)
 

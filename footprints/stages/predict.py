@@ -1,8 +1,8 @@
 """Stage 5, predict: whole scenes -> blended building probabilities (COG) -> footprint polygons.
 
 For the test split of the run (or the scenes given with `--input`), per scene (on the dask cluster of
-`footprints.cluster`): the probability raster (`footprints.scene_prediction`, `footprints.inference`), then
-polygons (`footprints.vectorize`) as `<scene>.geojson` (RFC 7946) and `<scene>.gpkg`, and `<scene>.json`
+`footprints.runtime.cluster`): the probability raster (`footprints.prediction.scene`, `footprints.polygons.inference`), then
+polygons (`footprints.polygons.vectorize`) as `<scene>.geojson` (RFC 7946) and `<scene>.gpkg`, and `<scene>.json`
 last, the scene's freshness record (`footprints.contracts.predict_records`). A rerun skips a finished scene,
 re-vectorises one whose threshold or minimum area changed, and redoes one whose model or inference
 parameters changed. The merged `footprints.geojson` and `footprints.gpkg` cover every scene; for the run's
@@ -12,13 +12,13 @@ Where the files go: the test split's scenes in `<run>/predict/` beside the merge
 is a name of the run's own files, `footprints`/`summary`/`calibration`, is refused with one line); the
 scenes of `--input` always in their own folder `<stem>_scenes/` beside the merged `<stem>.geojson`
 (`--output`, default `<run>/predict/input/footprints.geojson`), so no scene name can meet the run's files.
-Before any scene is predicted the outputs are checked (`footprints.predict_outputs.check_outputs`): never
+Before any scene is predicted the outputs are checked (`footprints.prediction.outputs.check_outputs`): never
 an input image, label or mask, never a file of the run (checkpoint, calibration, summary), never an
 existing file footprints did not write, always a folder that can be written; each problem is one line
 naming the files.
 
 Threshold and minimum area come from the config, or from a calibration on the validation split
-(`footprints.calibration_store`, stored in `predict/calibration.json` and beside the checkpoint). Scenes
+(`footprints.prediction.calibration`, stored in `predict/calibration.json` and beside the checkpoint). Scenes
 given with `--checkpoint` and `--input` never calibrate: they read the calibration stored beside the
 checkpoint (or the run's, or the config's values), and rewrite none.
 """
@@ -34,8 +34,6 @@ from pathlib import Path
 from typing import Any
 
 from ..atomic import remove_stale_temporaries
-from ..calibration_store import checkpoint_calibration, resolve_calibration
-from ..cluster import map_scenes
 from ..config import Config, DataConfig, TileConfig, config_from_dict
 from ..contracts.checkpoints import load_checkpoint
 from ..contracts.footprint_files import RAW_LAYER, merge_outputs, write_geojson, write_gpkg
@@ -52,11 +50,13 @@ from ..contracts.predict_records import (
     write_predict_summary,
 )
 from ..errors import FootprintsError, InputError, StageError, printable
-from ..geo import metric_crs_for
-from ..predict_outputs import check_outputs, distinct_ids
-from ..scene_prediction import PredictSettings, Vectoriser, ensure_probability, log_scene_error
-from ..sources import SceneSource
-from ..targets import SCHEMES
+from ..prediction.calibration import checkpoint_calibration, resolve_calibration
+from ..prediction.outputs import check_outputs, distinct_ids
+from ..prediction.scene import PredictSettings, Vectoriser, ensure_probability, log_scene_error
+from ..runtime.cluster import map_scenes
+from ..scenes.geo import metric_crs_for
+from ..scenes.sources import SceneSource
+from ..scenes.targets import SCHEMES
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +73,7 @@ def predict_source(
     """One scene: probability COG, then polygons as `<scene>.geojson` (RFC 7946) and `<scene>.gpkg`
     (layer `footprints`, and `footprints_raw` with the outlines before regularisation). Returns the scene's
     record and whether it was already done (then nothing was written)."""
-    from ..scenes import gsd_warning, open_scene
+    from ..scenes.reader import gsd_warning, open_scene
 
     sp = ScenePaths(Path(out_dir), source.scene_id)
     vector = VectorSettings(threshold=threshold, seed_threshold=seed_threshold, min_area_m2=min_area_m2,
@@ -97,7 +97,7 @@ def predict_source(
         # true metres: where outlines are regularised, and the GeoPackage's CRS
         out_crs = metric_crs_for(reader.transform, reader.crs, reader.width, reader.height)
         if settings.regularize:
-            from ..regularize import regularize_footprints
+            from ..polygons.regularize import regularize_footprints
 
             gdf = regularize_footprints(raw, pixel_size_m=reader.gsd_m, metric_crs=out_crs)
         else:
@@ -218,7 +218,7 @@ def run(
     sources: list[SceneSource] = []
     bad_inputs = 0
     if inputs:
-        from ..sources import sources_from_paths, unique_sources
+        from ..scenes.sources import sources_from_paths, unique_sources
 
         for item in inputs:
             try:

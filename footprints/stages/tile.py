@@ -43,7 +43,6 @@ import rasterio
 from rasterio.transform import array_bounds
 from rasterio.windows import Window
 
-from ..cluster import map_scenes
 from ..config import Config, DataConfig, TileConfig
 from ..contracts.freshness import digest, file_digest, is_fresh, read_record, unmark, write_record
 from ..contracts.manifest import SCENE_COLUMNS, SPLITS, assemble_manifest, read_rows, write_rows
@@ -59,9 +58,10 @@ from ..contracts.patches import (
 from ..contracts.paths import RunPaths
 from ..contracts.tile_records import TileSceneRecord, read_scene_record, write_scene_record
 from ..errors import StageError, as_input_error
-from ..scenes import crs_string, open_scene
-from ..sources import SceneSource, discover_scenes
-from ..targets import SCHEMES
+from ..runtime.cluster import map_scenes
+from ..scenes.reader import crs_string, open_scene
+from ..scenes.sources import SceneSource, discover_scenes
+from ..scenes.targets import SCHEMES
 
 log = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """Stage `train-classifier`: the shallow class-weighted MLP on sampled hypercolumns, and a baseline.
 
-Class weights (`footprints.losses`) come from the training masks (features/meta.json `class_pixels`), or
+Class weights (`footprints.model.losses`) come from the training masks (features/meta.json `class_pixels`), or
 from `classifier.class_weights` when set.
 
 The loss. Samples are drawn class-balanced per patch, so their class frequencies are not the masks'.
@@ -32,14 +32,14 @@ from ..contracts import features_store
 from ..contracts.checkpoints import save_checkpoint
 from ..contracts.freshness import digest, is_fresh, read_record, unmark, write_record
 from ..contracts.paths import RunPaths
-from ..device import resolve_device
 from ..errors import StageError
-from ..losses import resolve_class_weights, weighted_ce_sums
-from ..metrics import confusion, pixel_metrics
-from ..mlp import MLP
-from ..plots import write_learning_curve
-from ..targets import ClassScheme, scheme_for
-from ..training_data import derive_seed
+from ..model.device import resolve_device
+from ..model.losses import resolve_class_weights, weighted_ce_sums
+from ..model.mlp import MLP
+from ..scenes.targets import ClassScheme, scheme_for
+from ..scoring.metrics import confusion, pixel_metrics
+from ..scoring.plots import write_learning_curve
+from ..training.data import derive_seed
 
 log = logging.getLogger(__name__)
 

@@ -20,9 +20,9 @@ from typing import Any
 import torch
 
 from ..config import Config
-from ..device import resolve_device
-from ..distributed import dist_from_env, init_distributed, shutdown
-from ..signals import StopSignals
+from ..model.device import resolve_device
+from ..training.distributed import dist_from_env, init_distributed, shutdown
+from ..training.signals import StopSignals
 from ..training.trainer import Trainer, TrainingHooks
 
 __all__ = ["TrainingHooks", "run"]  # TrainingHooks: what callers of `run` subclass (tests/train_hooks.py)

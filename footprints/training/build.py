@@ -22,12 +22,12 @@ from ..config import Config
 from ..contracts.checkpoints import restore_rng
 from ..contracts.manifest import class_pixels
 from ..contracts.paths import RunPaths
-from ..distributed import DistInfo
 from ..errors import InputError, StageError
-from ..inference import amp_dtype
-from ..losses import resolve_class_weights
-from ..segmenter import build_segmenter, scheme_of, segmenter_from_classifier
-from ..training_data import derive_seed
+from ..model.losses import resolve_class_weights
+from ..model.segmenter import build_segmenter, scheme_of, segmenter_from_classifier
+from ..polygons.inference import amp_dtype
+from .data import derive_seed
+from .distributed import DistInfo
 
 # the stage's logger: the lines keep the name they had before the trainer left the stage module
 log = logging.getLogger("footprints.stages.train_segmenter")
@@ -48,7 +48,7 @@ class Built:
     amp_dtype: torch.dtype | None
     meta: dict[str, Any]  # the checkpoint's model description
     class_weight: torch.Tensor
-    scheme: Any  # the label scheme (`footprints.segmenter.scheme_of`)
+    scheme: Any  # the label scheme (`footprints.model.segmenter.scheme_of`)
     building: torch.Tensor  # the building classes' indices
 
 

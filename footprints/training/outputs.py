@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 
 from ..contracts.patches import IGNORE
-from ..plots import write_learning_curve, write_overlay
+from ..scoring.plots import write_learning_curve, write_overlay
 
 # what a run writes in <run>/train-segmenter (besides the `overlays` folder): cleared before a fresh run
 OUTPUT_FILES = ("last.pt", "best.pt", "history.json", "metrics.json", "learning_curve.png")

@@ -5,7 +5,7 @@ What makes a resume exact (same final weights as an uninterrupted run, on CPU wi
 `segmenter.deterministic: true`; `tests/test_resume.py` kills runs at chosen points and compares):
 
 - The patch order and each sample's augmentation are functions of (seed, epoch, position)
-  (`footprints.training_data`), so the sampler's state is just a position in the epoch's permutation.
+  (`footprints.training.data`), so the sampler's state is just a position in the epoch's permutation.
   The loader only reads (whole batches from the memory-mapped patch store, in persistent workers with
   pinned memory on CUDA); the augmentation codes travel with the batch and are applied on the device to
   the whole batch, with the same result as per sample: what a step sees depends on neither the workers
@@ -17,7 +17,7 @@ What makes a resume exact (same final weights as an uninterrupted run, on CPU wi
   a completed step, atomically (`footprints.contracts.checkpoints`); loading a checkpoint puts every one
   of them back (`footprints.training.build`).
 
-Data-parallel training (DDP, `footprints.distributed`): `segmenter.batch_size` is the GLOBAL batch. Each
+Data-parallel training (DDP, `footprints.training.distributed`): `segmenter.batch_size` is the GLOBAL batch. Each
 global batch is split across ranks by position, and the loss is a sum over the rank's pixels divided by
 the all-reduced class-weight total of the whole global batch (times the world size, which DDP's gradient
 averaging divides out). The gradient is therefore that of the weighted mean over the global batch, as in
@@ -52,12 +52,11 @@ from ..contracts.freshness import file_digest
 from ..contracts.manifest import PATCH_COLUMNS, read_manifest
 from ..contracts.patches import IGNORE
 from ..contracts.paths import RunPaths
-from ..distributed import DistInfo, all_sum, barrier
 from ..errors import Preempted, StageError
-from ..losses import weighted_ce_sums
-from ..segmenter import building_and_seed
-from ..signals import StopSignals
-from ..training_data import (
+from ..model.losses import weighted_ce_sums
+from ..model.segmenter import building_and_seed
+from .build import build_model
+from .data import (
     GlobalBatchSampler,
     HostBuffers,
     PatchDataset,
@@ -66,9 +65,10 @@ from ..training_data import (
     make_loader,
     to_device,
 )
-from .build import build_model
+from .distributed import DistInfo, all_sum, barrier
 from .outputs import Overlay, clear_outputs, stage_summary, write_history_curve, write_overlays
 from .resume import Action, Facts, LastCheckpoint, decide
+from .signals import StopSignals
 
 # the stage's logger: the lines keep the name they had before the trainer left the stage module
 log = logging.getLogger("footprints.stages.train_segmenter")
@@ -322,7 +322,7 @@ class Trainer:
     def validate(self, epoch: int, done: dict[str, Any], label: int | None = None) -> dict[str, Any] | None:
         """Validation loss and pixel metrics over the val split; overlays of the first few patches, named by
         `label` (default epoch + 1; 0 for the converted classifier before any training)."""
-        from ..metrics import confusion, pixel_metrics
+        from ..scoring.metrics import confusion, pixel_metrics
 
         if len(self.val_set) == 0:
             return None

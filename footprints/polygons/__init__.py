@@ -1,0 +1,1 @@
+"""Probabilities to polygons: windowed whole-scene inference, blocks, vectorising, watershed instances, regularised outlines."""

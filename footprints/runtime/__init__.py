@@ -1,0 +1,1 @@
+"""How a run runs: dask clusters (local or SLURM) and their logging, the heap setting, run and output locks."""

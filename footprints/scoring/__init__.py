@@ -1,0 +1,1 @@
+"""Scoring: polygon matching, pixel and polygon metrics, one scene against its truth, threshold calibration, plots."""
