@@ -151,7 +151,7 @@ class PredictConfig:
     # at most this many validation scenes (a seeded sample) are predicted and vectorised for calibration
     calibration_scenes: int = 32
     # below 0.3 (and seed_threshold_grid below 0.5): on both real datasets validation chose 0.3 and 0.5 at the
-    # lower edges of grids that stopped there (README, Joplin)
+    # lower edges of grids that stopped there (configs/xview2-joplin.md)
     threshold_grid: list[float] = field(default_factory=lambda: [0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8])
     min_area_grid: list[float] = field(default_factory=lambda: [0.0, 10.0, 20.0, 40.0, 60.0, 80.0, 120.0, 160.0])
     # one polygon per building: a seeded watershed splits touching buildings ("components": no split)

@@ -8,7 +8,7 @@ and optionally a GeoTIFF variant of the same pixels in the scene's UTM zone with
 
 Each scene is drawn from its own generator seeded by (seed, scene index): the same seed gives the same bytes.
 A scene is textured ground made of a few blended land-cover colours, yards, paved lots and small clutter
-in roof and ground colours (hard negatives), roads, trees, and buildings (`synth_buildings`): detached
+in roof and ground colours (hard negatives), roads, trees, and buildings (`synth.buildings`): detached
 rectangles, L-shapes and courtyard buildings (a polygon with a hole), semi-detached pairs and terraces of
 3-6 houses that share walls, and neighbours 0.5-1.5 m apart. Every building is its own instance polygon,
 as in xView2: touching houses are separate polygons sharing the wall's edge exactly (no pixel belongs to
@@ -19,7 +19,7 @@ coordinates follow xView2: x = column, y = row, (0, 0) the top-left image corner
 (row r, col c) is (c + 0.5, r + 0.5). Label WKT carries courtyards as interior rings (in `xy` and `lng_lat`
 alike; GeoJSON holes are clockwise, exteriors counter-clockwise, RFC 7946).
 
-The files a data set is written as (xView2 layout, GeoTIFF variant, georeference) are `synth_dataset`'s.
+The files a data set is written as (xView2 layout, GeoTIFF variant, georeference) are `synth.dataset`'s.
 """
 
 from __future__ import annotations
