@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from footprints import calibration_store
+from footprints.prediction import calibration as calibration_store
 from footprints.config import Config, DataConfig
 from footprints.contracts.manifest import MANIFEST_COLUMNS, write_rows
 from footprints.contracts.paths import RunPaths
