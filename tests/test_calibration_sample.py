@@ -14,11 +14,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
-from footprints.prediction import calibration as calibration_store
 from footprints.config import Config, DataConfig
 from footprints.contracts.manifest import MANIFEST_COLUMNS, write_rows
 from footprints.contracts.paths import RunPaths
+from footprints.prediction import calibration as calibration_store
 from footprints.prediction.calibration import calibration_sample, resolve_calibration
 from footprints.scenes.sources import SceneSource
 from footprints.stages.predict import build_settings
