@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
 from footprints.config import Config, DataConfig
 from footprints.contracts.manifest import MANIFEST_COLUMNS, write_rows
 from footprints.contracts.paths import RunPaths
