@@ -327,12 +327,14 @@ def fold_config(cfg: Config, fold: int) -> Config:
 
 def pool_folds(folds: list[dict[str, Any]]) -> dict[str, Any]:
     """Pooled metrics over the test scenes of every fold (counts summed over scenes, then the ratios)."""
-    from .stages.evaluate import overall_metrics
+    from .stages.evaluate import overall_metrics, source_metrics
 
     per_scene: dict[str, Any] = {}
     for result in folds:
         per_scene.update(result["per_scene"])
-    return {"scenes": len(per_scene), "pooled": overall_metrics(per_scene)}
+    pooled = {"scenes": len(per_scene), "pooled": overall_metrics(per_scene)}
+    by_source = source_metrics(per_scene)  # several data sources: each one's pooled over its test scenes
+    return {**pooled, "per_source": by_source} if by_source else pooled
 
 
 def run_cv(cfg: Config, overwrite: bool = False) -> dict[str, Any]:
@@ -353,7 +355,8 @@ def _cv_summary(cfg: Config, results: list[dict[str, Any]]) -> dict[str, Any]:
              for k, r in enumerate(results)]
     out_dir = P.RunPaths.of(cfg).cv
     summary = {"name": cfg.name, "folds": cfg.tile.folds, "seed": cfg.seed, "scenes": pooled["scenes"],
-               "pooled": pooled["pooled"], "per_fold": folds,
+               "pooled": pooled["pooled"], **({"per_source": pooled["per_source"]} if "per_source" in pooled else {}),
+               "per_fold": folds,
                "backbone": {"weights": cfg.backbone.weights, "normalization": cfg.backbone.normalization}}
     if cfg.backbone.weights == "random":
         summary["warning"] = "backbone weights are random"
@@ -363,6 +366,10 @@ def _cv_summary(cfg: Config, results: list[dict[str, Any]]) -> dict[str, Any]:
     print(f"cross-validation {cfg.name}: {cfg.tile.folds} folds, {summary['scenes']} test scenes pooled | pixel "
           f"building IoU {px['building_iou']:.3f}, F1 {px['f1']:.3f} | polygon F1@0.5 {pg['f1']:.3f} "
           f"(P {pg['precision']:.3f}, R {pg['recall']:.3f})\nreport: {out_dir / 'report.md'}", flush=True)
+    for source, s in summary.get("per_source", {}).items():
+        print(f"  source {source}: {s['scenes']} test scenes pooled | pixel building IoU "
+              f"{s['pixel']['building_iou']:.3f}, F1 {s['pixel']['f1']:.3f} | polygon F1@0.5 {s['polygon']['f1']:.3f} "
+              f"(P {s['polygon']['precision']:.3f}, R {s['polygon']['recall']:.3f})", flush=True)
     return summary
 
 
@@ -384,4 +391,8 @@ def _cv_report(s: dict[str, Any]) -> str:
     lines.append(f"| **pooled** | {s['scenes']} | **{p['pixel']['building_iou']:.3f}** | {p['pixel']['f1']:.3f} | "
                  f"**{p['polygon']['f1']:.3f}** | {f(p['polygon'].get('merges'))} | {f(p['polygon'].get('splits'))} "
                  "| | | |")
+    for source, q in s.get("per_source", {}).items():  # each data source pooled over its test scenes
+        lines.append(f"| pooled, source **{source}** | {q['scenes']} | {q['pixel']['building_iou']:.3f} | "
+                     f"{q['pixel']['f1']:.3f} | {q['polygon']['f1']:.3f} | {f(q['polygon'].get('merges'))} | "
+                     f"{f(q['polygon'].get('splits'))} | | | |")
     return "\n".join(lines) + "\n"

@@ -7,10 +7,11 @@ Only configs being loaded are checked (a checkpoint's stored config is rebuilt a
 from __future__ import annotations
 
 import math
+import re
 from typing import Any
 
 from .build import _show
-from .schema import CONFIG_VERSION, Config, ConfigError
+from .schema import CONFIG_VERSION, Config, ConfigError, DataConfig
 
 INT64_MAX = 2**63 - 1  # numpy's and torch's integers: no integer key may exceed it
 SEED_MAX = 2**32 - 1  # scikit-learn (random_state) and numpy's legacy RandomState take 32-bit seeds
@@ -27,7 +28,7 @@ RANGES: dict[str, tuple[float | None, float | None]] = {
     "tile.border_m": (OPEN, 20), "tile.contact_m": (OPEN, 50),
     "features.per_class": (1, None), "features.batch_size": (1, None), "features.shard_patches": (1, None),
     "features.prefetch": (1, 64),
-    "classifier.hidden": (1, None), "classifier.dropout": (0, 0.99), "classifier.epochs": (1, None),
+    "classifier.hidden": (1, None), "classifier.dropout": (0, 0.99), "classifier.epochs": (0, None),
     "classifier.batch_size": (1, None), "classifier.lr": (OPEN, 1), "classifier.weight_decay": (0, None),
     "classifier.step_size": (1, None), "classifier.gamma": (OPEN, 1), "classifier.class_weights": (OPEN, None),
     "classifier.shuffle_buffer": (1, None),
@@ -63,19 +64,29 @@ def _check_ranges(cfg: Config) -> None:
     """Every numeric key within its RANGES entry: finite, and integers within 64 bits (what numpy and torch
     hold). Only for configs being loaded (a checkpoint's stored config is rebuilt as it was)."""
     for key, (lo, hi) in RANGES.items():
-        value = _get(cfg, key)
-        for v in value if isinstance(value, list) else [value]:
-            if v is None:
-                continue
-            if isinstance(v, float) and not math.isfinite(v):
-                raise ConfigError(f"{cfg.source}: {key}: expected a finite number, got {_show(value)}")
-            low_ok = lo is None or (v > 0 if lo == OPEN else v >= lo)
-            if not low_ok or (hi is not None and v > hi):
-                low = "-inf" if lo is None else ("0 (exclusive)" if lo == OPEN else _bound(lo))
-                high = "inf" if hi is None else _bound(hi)
-                raise ConfigError(f"{cfg.source}: {key}: must be in [{low}, {high}], got {_show(value)}")
-            if isinstance(v, int) and not -INT64_MAX - 1 <= v <= INT64_MAX:
-                raise ConfigError(f"{cfg.source}: {key}: must fit in 64 bits (at most {INT64_MAX}), got {_show(value)}")
+        _check_range(cfg.source, key, _get(cfg, key), lo, hi)
+    # a data source's keys have the ranges of the `data:` keys they override
+    for i, entry in enumerate(cfg.data.sources):
+        for key, (lo, hi) in RANGES.items():
+            section, _, attr = key.partition(".")
+            if section == "data" and hasattr(entry, attr):
+                _check_range(cfg.source, f"data.sources[{i}].{attr}", getattr(entry, attr), lo, hi)
+
+
+def _check_range(source: str, key: str, value: Any, lo: float | None, hi: float | None) -> None:
+    """`value` (a number, a list of them, or None) within [lo, hi] (`OPEN`: exclusive 0), finite, 64-bit."""
+    for v in value if isinstance(value, list) else [value]:
+        if v is None:
+            continue
+        if isinstance(v, float) and not math.isfinite(v):
+            raise ConfigError(f"{source}: {key}: expected a finite number, got {_show(value)}")
+        low_ok = lo is None or (v > 0 if lo == OPEN else v >= lo)
+        if not low_ok or (hi is not None and v > hi):
+            low = "-inf" if lo is None else ("0 (exclusive)" if lo == OPEN else _bound(lo))
+            high = "inf" if hi is None else _bound(hi)
+            raise ConfigError(f"{source}: {key}: must be in [{low}, {high}], got {_show(value)}")
+        if isinstance(v, int) and not -INT64_MAX - 1 <= v <= INT64_MAX:
+            raise ConfigError(f"{source}: {key}: must fit in 64 bits (at most {INT64_MAX}), got {_show(value)}")
 
 
 NAME_MAX = 100  # characters of a run name (a folder name, with room for `-fold<k>` and the stage names)
@@ -97,11 +108,41 @@ def _check_paths(cfg: Config) -> None:
                           f"write the full path, got {_show(root)}")
 
 
+# a data source's name: letters and digits, single '-' or '_' between them, so that the scene ids it prefixes
+# (`<name>__<scene>`) are unambiguous and every path they name stays a plain file name
+SOURCE_NAME = re.compile(r"[A-Za-z0-9]+(?:[-_][A-Za-z0-9]+)*")
+
+
+def _check_sources(cfg: Config) -> None:
+    """`data.sources`: every entry named (a plain id, no two alike) and rooted; `data.root` left out."""
+    src, sources = cfg.source, cfg.data.sources
+    if not sources:
+        return
+    # with sources each names its own root: a `data.root` beside them would be silently ignored (it is told
+    # from its default value: a config that spells out the default root is not caught)
+    if cfg.data.root != DataConfig().root:
+        raise ConfigError(f"{src}: data.root and data.sources are both set: each source names its own root "
+                          f"(data.sources[i].root); leave data.root out (got {_show(cfg.data.root)})")
+    seen: dict[str, int] = {}
+    for i, entry in enumerate(sources):
+        name = entry.name
+        if not SOURCE_NAME.fullmatch(name) or len(name) > NAME_MAX:
+            raise ConfigError(f"{src}: data.sources[{i}].name: must be a plain id (ASCII letters and digits, "
+                              f"single '-' or '_' between them; at most {NAME_MAX} characters), got {_show(name)}")
+        if name in seen:
+            raise ConfigError(f"{src}: data.sources[{i}].name: {name!r} is also the name of data.sources"
+                              f"[{seen[name]}]; give every source its own name")
+        seen[name] = i
+        if not entry.root.strip():
+            raise ConfigError(f"{src}: data.sources[{i}].root: required (the folder of source {name!r})")
+
+
 def _check(cfg: Config) -> None:
     """Value ranges, then cross-field checks that types alone cannot express."""
     _check_ranges(cfg)
     src = cfg.source
     _check_paths(cfg)
+    _check_sources(cfg)
     if cfg.tile.size <= 0:
         raise ConfigError(f"{src}: tile.size: must be positive, got {cfg.tile.size}")
     if not 0 < cfg.tile.stride <= cfg.tile.size:
@@ -131,6 +172,12 @@ def _check(cfg: Config) -> None:
         if weights is not None and (len(weights) != len(classes) or min(weights) <= 0):
             raise ConfigError(f"{src}: {key}: expected {len(classes)} positive numbers {list(classes)} "
                               f"(tile.target {cfg.tile.target}), got {weights}")
+    if cfg.classifier.init_from is not None and not cfg.classifier.init_from.strip():
+        raise ConfigError(f"{src}: classifier.init_from: expected a checkpoint path or null, got ''")
+    # 0 epochs is a fine-tuning's parent as it is (evaluated on this run's validation split); from scratch it
+    # would be an untrained model
+    if cfg.classifier.epochs == 0 and cfg.classifier.init_from is None:
+        raise ConfigError(f"{src}: classifier.epochs: must be in [1, inf] (0 only with classifier.init_from), got 0")
     if cfg.features.per_class <= 0:
         raise ConfigError(f"{src}: features.per_class: must be positive, got {cfg.features.per_class}")
 

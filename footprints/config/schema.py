@@ -18,6 +18,31 @@ class ConfigError(ValueError):
 
 
 @dataclass
+class SourceConfig:
+    """One entry of `data.sources`: a labelled source with its own `name` (a plain id that prefixes its scene
+    ids, `<name>__<scene>`) and `root`; every other key, when set, overrides the `data:` section's value for
+    this source's scenes (None = the `data:` value)."""
+
+    name: str = ""
+    root: str = ""
+    format: Literal["xview2", "geotiff"] | None = None
+    subsets: list[str] | None = None
+    images_dir: str | None = None
+    labels_dir: str | None = None
+    label_format: Literal["json", "vector", "mask"] | None = None
+    masks_dir: str | None = None
+    mask_threshold: int | None = None
+    image_glob: str | None = None
+    use_post_disaster: bool | None = None
+    geotransforms: str | None = None
+    max_residual_px: float | None = None
+    bands: list[int] | None = None
+    stretch_percentiles: list[float] | None = None
+    nodata: float | None = None
+    label_layer: str | None = None
+
+
+@dataclass
 class DataConfig:
     root: str = "data/demo"
     format: Literal["xview2", "geotiff"] = "xview2"
@@ -41,6 +66,9 @@ class DataConfig:
     # without it is refused, naming its layers); None = the file's only layer, or of several the one polygon
     # layer named like building/footprint (or the only polygon layer), said in a warning, else refused
     label_layer: str | None = None
+    # several labelled sources in one run (footprints.scenes.sources): each with its own root, format and
+    # label options; replaces `root` (a config sets one or the other). Empty: the one source under `root`
+    sources: list[SourceConfig] = field(default_factory=list)
 
 
 @dataclass
@@ -108,6 +136,10 @@ class ClassifierConfig:
     # samples held in memory at once while training (shuffle buffer, filled from feature shards read in a
     # seeded order): bounds the stage's memory whatever the number of samples (4,227 float32 = 16.9 KB each)
     shuffle_buffer: int = 65536
+    # fine-tuning: start from this checkpoint's MLP (a train-classifier best.pt, or a train-segmenter
+    # best.pt/last.pt whose head converts back exactly) instead of random weights; it must share this run's
+    # backbone, layers and classes (footprints.training.finetune). None = train from scratch
+    init_from: str | None = None
 
 
 @dataclass
@@ -165,6 +197,9 @@ class PredictConfig:
     device: str = "auto"
     amp: bool = True  # bf16 (else fp16) autocast on CUDA; ignored on CPU
     compile: bool = False  # torch.compile the segmenter for inference
+    # read a scene whose GSD lies outside the model's training scenes' range (5% tolerance) at their median
+    # GSD (the checkpoint's `training_gsd`, footprints.contracts.model_gsd); false: at its own GSD
+    match_model_gsd: bool = True
 
 
 @dataclass

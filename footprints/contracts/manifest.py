@@ -49,26 +49,42 @@ def read_rows(path: Path) -> list[dict[str, Any]]:
         return list(csv.DictReader(fh))
 
 
-def assemble_manifest(tile_dir: Path, scene_ids: Sequence[str], splits: dict[str, str]) -> dict[str, dict[str, int]]:
+Totals = dict[str, dict[str, int]]  # split -> scenes, patches, building_px, background_px
+
+
+def _no_totals() -> Totals:
+    return {s: {"scenes": 0, "patches": 0, "building_px": 0, "background_px": 0} for s in SPLITS}
+
+
+def assemble_manifest(tile_dir: Path, scene_ids: Sequence[str], splits: dict[str, str]) -> Totals:
     """Concatenate the per-scene CSVs (in the given order), add `split`, write `manifest.csv` atomically, one
     scene at a time (memory holds one scene's rows, whatever the number of scenes). Returns per split the
     number of scenes and patches and the building and background pixels."""
-    totals = {s: {"scenes": 0, "patches": 0, "building_px": 0, "background_px": 0} for s in SPLITS}
+    return assemble_manifest_by_group(tile_dir, scene_ids, splits, {})[0]
+
+
+def assemble_manifest_by_group(tile_dir: Path, scene_ids: Sequence[str], splits: dict[str, str],
+                               groups: dict[str, str]) -> tuple[Totals, dict[str, Totals]]:
+    """`assemble_manifest`, with the same totals for each group of scenes too (`groups`: scene id -> group,
+    e.g. its data source; scenes in no group count in the overall totals only)."""
+    totals = _no_totals()
+    by_group: dict[str, Totals] = {g: _no_totals() for g in dict.fromkeys(groups.values())}
     with atomic_path(Path(tile_dir) / "manifest.csv", suffix=".tmp") as tmp, open(tmp, "w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=MANIFEST_COLUMNS, extrasaction="ignore")
         writer.writeheader()
         for sid in scene_ids:
             rows = read_rows(Path(tile_dir) / "scenes" / f"{sid}.csv")
             split = splits[sid]
-            t = totals[split]  # one of SPLITS: the tile stage assigns nothing else
-            t["scenes"] += 1 if rows else 0
+            # one of SPLITS: the tile stage assigns nothing else
+            for t in [totals[split]] + ([by_group[groups[sid]][split]] if sid in groups else []):
+                t["scenes"] += 1 if rows else 0
+                t["patches"] += len(rows)
+                t["building_px"] += sum(int(row["building_px"]) for row in rows)
+                t["background_px"] += sum(int(row["background_px"]) for row in rows)
             for row in rows:
                 row["split"] = split
-                t["patches"] += 1
-                t["building_px"] += int(row["building_px"])
-                t["background_px"] += int(row["background_px"])
             writer.writerows(rows)
-    return totals
+    return totals, by_group
 
 
 # what the stages that read patches need of each row (the patch store, its GeoTIFF fallback, the split): with
@@ -133,10 +149,11 @@ def split_sources(tile_dir: str | Path, data_cfg: Any, split: str) -> list[Any]:
     out, missing = [], []
     for sid in ids:
         src = found.get(sid)
-        if src is None:  # a band: the image it cuts, and which rows
+        if src is None:  # a band: the image it cuts (of its data source, when several), and which rows
             record = read_scene_record(RunPaths(Path(tile_dir).parent).scene_record(sid))
             image = Path(record.image_file if record is not None else "")
-            whole = next((s for s in found.values() if s.image.name == image.name), None)
+            owner = record.data_source if record is not None else None
+            whole = next((s for s in found.values() if s.image.name == image.name and s.source_name == owner), None)
             if whole is not None and record is not None and record.rows:
                 src = dataclasses.replace(whole, rows=record.rows)
         if src is None or src.scene_id != sid:
@@ -144,8 +161,9 @@ def split_sources(tile_dir: str | Path, data_cfg: Any, split: str) -> list[Any]:
         else:
             out.append(src)
     if missing:
+        where = "the roots of data.sources" if getattr(data_cfg, "sources", None) else data_cfg.root
         log.warning("%d %s scene(s) of the tile manifest are no longer under %s: %s", len(missing), split,
-                    data_cfg.root, ", ".join(sorted(missing)[:5]))
+                    where, ", ".join(sorted(missing)[:5]))
     return sorted(out, key=lambda s: s.scene_id)
 
 

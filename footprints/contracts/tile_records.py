@@ -3,9 +3,9 @@
 A scene record is the scene's metadata and its freshness record (`footprints.contracts.freshness`), written
 last by the tile stage: the scene's description (`SceneReader.metadata()`: image, size, transform, CRS,
 GSD, the band of rows it cuts, ...), then `params` (the tiling parameters its key digests), `patches`,
-`location_id`, `patch_geotiffs`, `key` and `files`. `write_scene_record` is its one writer and
-`read_scene_record` its one reader; the JSON keys, their order and their values are the same as when the
-stage wrote the dict itself, so runs tiled before stay fresh.
+`location_id`, `patch_geotiffs`, `data_source` (only for a scene of `data.sources`), `key` and `files`.
+`write_scene_record` is its one writer and `read_scene_record` its one reader; the JSON keys, their order
+and their values are the same as when the stage wrote the dict itself, so runs tiled before stay fresh.
 
 Records of every version read: the description is kept as written (a mapping, whatever keys that version
 gave it), and a field an older record lacks reads as None and is not written back (a record from before
@@ -23,7 +23,7 @@ from typing import Any
 from .freshness import FILES, KEY, files_intact, read_record, write_record
 
 # the stage's own fields, after the scene's description in the file; absent from some older records
-_OWN = ("params", "patches", "location_id", "patch_geotiffs")
+_OWN = ("params", "patches", "location_id", "patch_geotiffs", "data_source")
 # the classes of a run tiled before `tile.target` offered more than two
 TWO_CLASSES = ("background", "building")
 
@@ -38,6 +38,7 @@ class TileSceneRecord:
     patches: int | None = None
     location_id: str | None = None
     patch_geotiffs: bool | None = None  # None: a record from before the option (it has the GeoTIFFs)
+    data_source: str | None = None  # the `data.sources` entry of the scene; None: the one `data.root`
     files: dict[str, int] = field(default_factory=dict)
 
     @property

@@ -29,7 +29,7 @@ from ..errors import InputError, one_line, printable
 from .grid import crs_string, georeference, output_grid
 from .labels import LabelSource, MaskGrid, MaskLabels, PolygonLabels, read_vector_polygons, read_xview2_label
 from .rasters import check_regular_file, open_raster, sniff_raster
-from .sources import SceneSource
+from .sources import SceneSource, scene_config
 from .targets import ClassScheme, halo_px, instance_target
 
 log = logging.getLogger(__name__)
@@ -61,7 +61,9 @@ class SceneReader:
     def __init__(self, source: SceneSource, data_cfg: DataConfig, tile_cfg: TileConfig | None = None):
         self.source = source
         self.scene_id = source.scene_id
-        self._data_cfg = data_cfg
+        # a scene of one of several data sources is read with its source's settings (data.sources[i]),
+        # wherever it is opened (tile, calibration, predict): the source carries them
+        self._data_cfg = scene_config(source, data_cfg)
         self._ds: Any = None
         self.labels: LabelSource | None = None
         self._rgb: np.ndarray | None = None  # in-memory output grid (small scenes)

@@ -11,17 +11,23 @@ their targets anyway, and only real imagery is read from them (`footprints.scene
 UTF-8 keeps its bytes (Python's surrogate escapes); its scene id shows them as `%XX` (`safe_id`) so that every
 output name and message can be written. `data.root` and `--input` must be local paths, not URLs or GDAL
 `/vsi...` paths.
+
+Several sources in one run (`data.sources`): each entry's keys override the `data:` section's for its scenes
+(`source_config`); its scenes carry the source's name (`<name>__<scene>`, also in their location id, so that
+splits group within a source) and that merged config (`SceneSource.data`, what reads them: `scene_config`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..config import DataConfig
+from ..config.schema import SourceConfig
 from ..errors import InputError, printable
 from .rasters import check_local, check_regular_file
 
@@ -47,6 +53,10 @@ class SceneSource:
     rows: tuple[float, float] | None = None
     # the scene's id when its image name is not enough (two folders holding the same file name)
     name: str | None = None
+    # the `data.sources` entry the scene comes from (its name prefixes the scene and location ids), and the
+    # `data:` settings with that entry's keys on top (what reads the scene); None: the one source `data.root`
+    source_name: str | None = None
+    data: DataConfig | None = field(default=None, compare=False, hash=False, repr=False)
 
     @property
     def scene_id(self) -> str:
@@ -54,8 +64,8 @@ class SceneSource:
             return safe_id(self.name)
         stem = safe_id(self.image.stem)
         if self.rows is not None:
-            return f"{stem}__rows{round(100 * self.rows[0]):02d}-{round(100 * self.rows[1]):03d}"
-        return stem
+            stem = f"{stem}__rows{round(100 * self.rows[0]):02d}-{round(100 * self.rows[1]):03d}"
+        return self._prefixed(stem)
 
     @property
     def location_id(self) -> str:
@@ -64,8 +74,11 @@ class SceneSource:
         sid = self.image.stem
         for suffix in ("_pre_disaster", "_post_disaster"):
             if sid.endswith(suffix):
-                return sid[: -len(suffix)]
-        return sid
+                return self._prefixed(sid[: -len(suffix)])
+        return self._prefixed(sid)
+
+    def _prefixed(self, text: str) -> str:
+        return f"{self.source_name}__{text}" if self.source_name else text
 
     def files(self) -> list[str]:
         return [str(p) for p in (self.image, self.label, self.mask) if p is not None]
@@ -168,23 +181,46 @@ def _sources_in(folder: Path, subset: str | None, cfg: DataConfig) -> list[Scene
     return out
 
 
+def source_config(data_cfg: DataConfig, entry: SourceConfig) -> DataConfig:
+    """The `data:` settings of one `data.sources` entry: the section's values with the entry's own on top."""
+    own = {f.name: getattr(entry, f.name) for f in dataclasses.fields(entry)
+           if f.name != "name" and getattr(entry, f.name) is not None}
+    return dataclasses.replace(data_cfg, **own, sources=[])
+
+
+def data_sections(data_cfg: DataConfig) -> list[tuple[str, str | None, DataConfig]]:
+    """(key prefix, name, settings) of each data source: the `data.sources` entries, else `data:` itself."""
+    if not data_cfg.sources:
+        return [("data.", None, data_cfg)]
+    return [(f"data.sources[{i}].", e.name, source_config(data_cfg, e)) for i, e in enumerate(data_cfg.sources)]
+
+
+def scene_config(source: SceneSource, data_cfg: DataConfig) -> DataConfig:
+    """The settings that read `source`: its data source's (`data.sources`), else `data_cfg`."""
+    return source.data if source.data is not None else data_cfg
+
+
 def discover_scenes(data_cfg: DataConfig) -> list[SceneSource]:
-    """All scenes under `data.root` (in `data.subsets` folders when given), sorted by subset and name.
+    """All scenes under `data.root` (in `data.subsets` folders when given), sorted by subset and name; with
+    `data.sources`, every source's scenes in the order of the list, their ids prefixed with the source's name.
 
     A labels (or masks) folder that is absent means an unlabelled dataset: its scenes get `label=None`.
     A labels folder that exists but lacks one scene's file keeps the expected path, so that opening the
     scene reports the missing file by name.
     """
-    check_local(data_cfg.root, "data.root")
-    root = Path(data_cfg.root)
-    if not root.is_dir():
-        raise InputError(printable(root), "data root not found")
-    sources: list[SceneSource] = []
-    if data_cfg.subsets:
-        for subset in data_cfg.subsets:
-            sources += _sources_in(root / subset, subset, data_cfg)
+    if data_cfg.sources:
+        configs = data_sections(data_cfg)
+        for where, name, cfg in configs:  # every root checked before any folder is listed
+            check_local(cfg.root, f"{where}root")
+            if not Path(cfg.root).is_dir():
+                raise InputError(printable(cfg.root), f"root of data source {name!r} ({where}root) not found")
+        sources = [dataclasses.replace(s, source_name=name, data=cfg)
+                   for _, name, cfg in configs for s in _discover_root(cfg)]
     else:
-        sources = _sources_in(root, None, data_cfg)
+        check_local(data_cfg.root, "data.root")
+        if not Path(data_cfg.root).is_dir():
+            raise InputError(printable(Path(data_cfg.root)), "data root not found")
+        sources = _discover_root(data_cfg)
     seen: dict[str, SceneSource] = {}
     unique = []
     for src in sources:
@@ -195,6 +231,19 @@ def discover_scenes(data_cfg: DataConfig) -> list[SceneSource]:
         seen[src.scene_id] = src
         unique.append(src)
     return unique
+
+
+def _discover_root(data_cfg: DataConfig) -> list[SceneSource]:
+    """The scenes under one root (an existing folder), in its `subsets` folders when given."""
+    root = Path(data_cfg.root)
+    if data_cfg.subsets:
+        return [s for subset in data_cfg.subsets for s in _sources_in(root / subset, subset, data_cfg)]
+    return _sources_in(root, None, data_cfg)
+
+
+def source_names(sources: list[SceneSource]) -> list[str]:
+    """The data sources the scenes come from, in order of first appearance (empty: the one `data.root`)."""
+    return list(dict.fromkeys(s.source_name for s in sources if s.source_name))
 
 
 def sources_from_paths(paths: list[str | Path], data_cfg: DataConfig) -> list[SceneSource]:
@@ -239,7 +288,6 @@ def unique_sources(sources: list[SceneSource]) -> list[SceneSource]:
     """Each image once, each scene id once: the same file given twice is kept once (with a warning); two
     different files with the same name (`A/scene.tif`, `B/scene.tif`) get ids that say their folder
     (`A__scene`, `B__scene`), so that neither overwrites the other's outputs."""
-    import dataclasses
     from collections import Counter
 
     seen: dict[Path, SceneSource] = {}

@@ -12,10 +12,14 @@ F1 (= the xView2 localisation F1) and the two-class mean IU.
 Polygon metrics: the footprints of `<scene>.gpkg` against the truth polygons (`footprints.scoring.scene`), matched
 one-to-one at IoU >= `evaluate.iou_threshold` (`footprints.scoring.matching`); precision, recall and F1 per scene
 and overall (counts summed over scenes).
+
+Several data sources (`data.sources`): every figure also per source (`per_source`, counts summed over the
+source's scenes), in metrics.json and report.md.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import math
@@ -36,11 +40,12 @@ from ..contracts.footprint_files import (
     write_geojson,
 )
 from ..contracts.freshness import digest, file_digest, is_fresh, read_record, unmark, write_record
-from ..contracts.manifest import split_sources
+from ..contracts.manifest import split_scene_ids, split_sources
 from ..contracts.paths import RunPaths, ScenePaths, reserved_scene_id
 from ..contracts.predict_records import PredictSummary, read_predict_scene_record, read_predict_summary
 from ..errors import InputError, StageError, as_input_error
 from ..runtime.cluster import map_scenes
+from ..scenes.sources import scene_config
 from ..scoring.matching import match_polygons, polygon_scores, split_merge_counts
 from ..scoring.metrics import pixel_metrics
 from ..scoring.plots import polygon_rings, write_overlay
@@ -83,7 +88,10 @@ def evaluate_scene(source: Any, cfg: Config, pred_dir: str, out_dir: str, overla
     vector = record.vector if record is not None else None
     if vector is None:
         raise InputError(sp.record, "unfinished prediction (rerun the predict stage)")
-    with open_scene(source, cfg.data, cfg.tile) as reader:
+    # the grid predict read the scene on: the model's GSD when predict resampled it (predict.match_model_gsd)
+    gsd = record.prob.get("target_gsd_m") if record is not None else None
+    tile = dataclasses.replace(cfg.tile, target_gsd=float(gsd)) if gsd else cfg.tile
+    with open_scene(source, scene_config(source, cfg.data), tile) as reader:
         if not reader.has_labels:
             raise InputError(source.image, "no labels: nothing to evaluate against")
         threshold = float(vector.threshold)
@@ -101,6 +109,7 @@ def evaluate_scene(source: Any, cfg: Config, pred_dir: str, out_dir: str, overla
             _overlay(reader, truth, pred, crs, overlay_path)
     return {
         "scene_id": source.scene_id,
+        **({"source": source.source_name} if source.source_name else {}),  # its data source, when several
         "threshold": threshold,
         "seed_threshold": vector.seed_threshold,
         "min_area_m2": vector.min_area_m2,
@@ -201,12 +210,40 @@ def render_report(result: dict[str, Any]) -> str:
             f"{_fmt(g['precision'])} | {_fmt(g['recall'])} | {_fmt(g['f1'])} | {_fmt(g.get('merges'))} | "
             f"{_fmt(g.get('splits'))} |"
         )
+    lines += _source_lines(result.get("per_source") or {})
     if result.get("skipped"):
         lines += ["", "## Skipped", ""] + [f"- {s['scene']}: {s['reason']}" for s in result["skipped"]]
     overlays = [Path(s["overlay"]).name for s in result["per_scene"].values() if s.get("overlay")]
     if overlays:
         lines += ["", "## Overlays", ""] + [f"![{n}]({n})" for n in overlays]
     return "\n".join(lines) + "\n"
+
+
+def _source_lines(per_source: dict[str, dict[str, Any]]) -> list[str]:
+    """The report's per-source table (several data sources): each source's counts pooled over its scenes."""
+    if not per_source:
+        return []
+    lines = ["", "## Per source", "", "Counts summed over each source's scenes, as the overall figures are.", "",
+             "| source | scenes | pixel IoU | pixel P | pixel R | pixel F1 | truth | pred | TP | FP | FN | poly P "
+             "| poly R | poly F1 | merges | splits |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for name, s in per_source.items():
+        p, g = s["pixel"], s["polygon"]
+        lines.append(
+            f"| {name} | {s['scenes']} | {_fmt(p['building_iou'])} | {_fmt(p['precision'])} | {_fmt(p['recall'])} | "
+            f"{_fmt(p['f1'])} | {g['n_truth']} | {g['n_pred']} | {g['tp']} | {g['fp']} | {g['fn']} | "
+            f"{_fmt(g['precision'])} | {_fmt(g['recall'])} | {_fmt(g['f1'])} | {_fmt(g.get('merges'))} | "
+            f"{_fmt(g.get('splits'))} |")
+    return lines
+
+
+def source_metrics(per_scene: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """`overall_metrics` of each data source's scenes (`source` of a scene's result), in order of first
+    appearance, with their number of scenes; empty when the scenes come from one `data.root`."""
+    groups: dict[str, dict[str, dict[str, Any]]] = {}
+    for sid, s in per_scene.items():
+        if s.get("source"):
+            groups.setdefault(s["source"], {})[sid] = s
+    return {name: {"scenes": len(group), **overall_metrics(group)} for name, group in groups.items()}
 
 
 def overall_metrics(per_scene: dict[str, dict[str, Any]]) -> dict[str, Any]:
@@ -231,6 +268,11 @@ def run(cfg: Config, overwrite: bool = False) -> dict[str, Any]:
     predicted = _predicted(paths)
     split = predicted.split
     sources = split_sources(paths.tile, cfg.data, split)
+    if not sources and not split_scene_ids(paths.tile, split):
+        # a run with no test split (a model to deploy: every labelled scene trains or validates)
+        log.info("evaluate %s: the run has no %s split (no scene of the tile manifest is in it): nothing to "
+                 "evaluate", cfg.name, split)
+        return {"name": cfg.name, "split": split, "scenes": 0, "evaluated": False}
     if not sources:
         raise StageError(f"no scenes in split {split!r} of the tile manifest")
     records = {s.scene_id: ScenePaths(pred_dir, s.scene_id).record for s in sources}
@@ -273,6 +315,7 @@ def run(cfg: Config, overwrite: bool = False) -> dict[str, Any]:
         "iou_threshold": cfg.evaluate.iou_threshold,
         "match_rule": f"greedy one-to-one by decreasing IoU, match when IoU >= {cfg.evaluate.iou_threshold}",
         "overall": overall_metrics(per_scene),
+        **({"per_source": by_source} if (by_source := source_metrics(per_scene)) else {}),
         "per_scene": per_scene,
         "skipped": skipped,
         "geojson": str(predicted.geojson if predicted.geojson is not None else paths.footprints_geojson),
@@ -320,6 +363,11 @@ def _summary(result: dict[str, Any]) -> None:
         f"{pg['f1']:.3f} (P {pg['precision']:.3f}, R {pg['recall']:.3f}; {pg['tp']} TP, {pg['fp']} FP, "
         f"{pg['fn']} FN; {pg.get('merges', '-')} merges, {pg.get('splits', '-')} splits)"
     )
+    for name, s in (result.get("per_source") or {}).items():
+        text += (f"\n  source {name}: {s['scenes']} scenes | pixel building IoU {s['pixel']['building_iou']:.3f}, "
+                 f"F1 {s['pixel']['f1']:.3f} | polygon F1 {s['polygon']['f1']:.3f} (P {s['polygon']['precision']:.3f}, "
+                 f"R {s['polygon']['recall']:.3f}; {s['polygon']['tp']} TP, {s['polygon']['fp']} FP, "
+                 f"{s['polygon']['fn']} FN)")
     log.info("%s", text)
     print(text, flush=True)
     print(f"metrics: {result['metrics_path']}", flush=True)

@@ -18,6 +18,11 @@ Layout under `outputs/<name>/tile/` (`footprints.contracts`):
   scene).
 - `manifest.csv` (every row plus `split`) and `summary.json`.
 
+Several data sources (`data.sources`): every scene is read with its source's settings and its id is
+`<source>__<scene>`; the split (its ratios, or its folds) is made within each source, so that every source
+with enough scenes is in every split of every fold; `summary.json` counts each source's scenes and patches
+per split under `sources` (a one-root run's summary has no such key).
+
 Patches cover the whole scene (`patch_windows`): offsets 0, stride, 2*stride, ... until a patch reaches the
 far edge; the last row/column of patches is padded, never dropped. `valid_*` columns give the part of a patch
 inside the scene, in patch pixel coordinates.
@@ -45,7 +50,7 @@ from rasterio.windows import Window
 
 from ..config import Config, DataConfig, TileConfig
 from ..contracts.freshness import digest, file_digest, is_fresh, read_record, unmark, write_record
-from ..contracts.manifest import SCENE_COLUMNS, SPLITS, assemble_manifest, read_rows, write_rows
+from ..contracts.manifest import SCENE_COLUMNS, SPLITS, assemble_manifest_by_group, read_rows, write_rows
 from ..contracts.patches import (
     IGNORE,
     StoreWriter,
@@ -60,7 +65,7 @@ from ..contracts.tile_records import TileSceneRecord, read_scene_record, write_s
 from ..errors import StageError, as_input_error
 from ..runtime.cluster import map_scenes
 from ..scenes.reader import crs_string, open_scene
-from ..scenes.sources import SceneSource, discover_scenes
+from ..scenes.sources import SceneSource, data_sections, discover_scenes, scene_config, source_names
 from ..scenes.targets import SCHEMES
 
 log = logging.getLogger(__name__)
@@ -132,16 +137,17 @@ def assign_splits(
     return out
 
 
-def assign_folds(groups: Iterable[str], folds: int, fold: int, seed: int) -> dict[str, str]:
+def assign_folds(groups: Iterable[str], folds: int, fold: int, seed: int, offset: int = 0) -> dict[str, str]:
     """Cross-validation split: groups shuffled by `seed` into `folds` near-equal folds; fold `fold` is
     test, fold `fold + 1` (cyclically) val, the others train. Over fold = 0..folds-1 every group is
-    tested exactly once, always by a model that never saw it.
+    tested exactly once, always by a model that never saw it. `offset` shifts the first group's fold (the
+    folds of several data sources, each assigned on its own, then start where the previous one's ended).
     """
     keys = sorted(set(groups))
     order = np.random.default_rng(seed).permutation(len(keys))
     out = {}
     for rank, idx in enumerate(order):
-        k = rank % folds
+        k = (rank + offset) % folds
         out[keys[idx]] = "test" if k == fold else "val" if k == (fold + 1) % folds else "train"
     return out
 
@@ -185,6 +191,7 @@ def tile_scene(source: SceneSource, data_cfg: DataConfig, tile_cfg: TileConfig, 
     t0 = time.perf_counter()
     paths = RunPaths(Path(tile_dir).parent)
     sid = source.scene_id
+    data_cfg = scene_config(source, data_cfg)  # its data source's settings, when several
     params = tiling_params(data_cfg, tile_cfg)
     key = digest(params)
     record = paths.scene_record(sid)
@@ -251,7 +258,7 @@ def tile_scene(source: SceneSource, data_cfg: DataConfig, tile_cfg: TileConfig, 
     write_rows(rows_path, rows, SCENE_COLUMNS)
     tifs = [paths.tile / r[k] for r in rows for k in ("image_path", "mask_path")] if geotiffs else []
     done = TileSceneRecord(key=key, scene=meta, params=params, patches=len(rows),
-                           location_id=source.location_id, patch_geotiffs=geotiffs)
+                           location_id=source.location_id, patch_geotiffs=geotiffs, data_source=source.source_name)
     write_scene_record(record, done, [rows_path, *tifs, *store_files])
     return SceneResult(sid, "tiled", len(rows), time.perf_counter() - t0)
 
@@ -295,13 +302,21 @@ def _split_for(sources: list[SceneSource], cfg: Config) -> dict[str, str]:
             out[src.scene_id] = split
         return out
     locations = [s.location_id for s in sources]
+    where = "in data.sources" if cfg.data.sources else f"under {cfg.data.root}"
     if tile.split_mode == "kfold" and tile.folds > len(set(locations)):
         raise StageError(f"tile.folds {tile.folds} is more than the {len(set(locations))} scene location(s) "
-                         f"under {cfg.data.root}: some folds would test nothing; lower tile.folds")
-    if tile.split_mode == "kfold":
-        by_loc = assign_folds(locations, tile.folds, tile.fold, cfg.seed)
-    else:
-        by_loc = assign_splits(locations, tile.split_ratios, cfg.seed)
+                         f"{where}: some folds would test nothing; lower tile.folds")
+    # several data sources: each split on its own (its ratios, its folds), so that every source is in every
+    # split (and fold) when it has enough scenes; one source: the whole list, as ever
+    by_loc: dict[str, str] = {}
+    offset = 0
+    for name in source_names(sources) or [None]:
+        group = [s.location_id for s in sources if s.source_name == name]
+        if tile.split_mode == "kfold":
+            by_loc.update(assign_folds(group, tile.folds, tile.fold, cfg.seed, offset))
+            offset += len(set(group))
+        else:
+            by_loc.update(assign_splits(group, tile.split_ratios, cfg.seed))
     return {s.scene_id: by_loc[s.location_id] for s in sources}
 
 
@@ -334,13 +349,18 @@ def run(cfg: Config, overwrite: bool = False) -> dict[str, Any]:
     paths = RunPaths.of(cfg)
     tile_dir = paths.tile
     tile_dir.mkdir(parents=True, exist_ok=True)
-    if cfg.tile.split_mode == "subset" and not cfg.data.subsets:
-        raise StageError("tile.split_mode subset needs data.subsets (the xView2 subset folders)")
+    for where, _, data in data_sections(cfg.data):
+        if cfg.tile.split_mode == "subset" and not data.subsets:
+            raise StageError(f"tile.split_mode subset needs {where}subsets (the xView2 subset folders)")
     sources = discover_scenes(cfg.data)
-    if not sources:
-        raise StageError(f"{cfg.data.root}: no scenes found (data.images_dir {cfg.data.images_dir!r}, "
-                         f"image_glob {cfg.data.image_glob or 'default'!r})")
-    log.info("tile: %d scenes under %s -> %s", len(sources), cfg.data.root, tile_dir)
+    for where, name, data in data_sections(cfg.data):  # a source without scenes: a mistake, not a smaller run
+        if not any(s.source_name == name for s in sources):
+            raise StageError(f"{data.root}: no scenes found ({where}images_dir {data.images_dir!r}, "
+                             f"image_glob {data.image_glob or 'default'!r})")
+    names = source_names(sources)
+    counts = ", ".join(f"{n}: {sum(s.source_name == n for s in sources)}" for n in names)
+    log.info("tile: %d scenes %s -> %s", len(sources),
+             f"from {len(names)} sources ({counts})" if names else f"under {cfg.data.root}", tile_dir)
     masks = [s for s in sources if s.mask is not None]
     if masks and SCHEMES[cfg.tile.target].needs_instances:
         log.warning("tile: %d scene(s) have mask labels (e.g. %s), which hold no instances: their targets use "
@@ -377,15 +397,17 @@ def run(cfg: Config, overwrite: bool = False) -> dict[str, Any]:
         saved = read_record(paths.tile_summary) or {}
         return {**saved, "scenes_tiled_now": tiled, "scenes_already_done": resumed, "up_to_date": True}
     unmark(paths.tile_summary)
-    totals = assemble_manifest(tile_dir, [s.scene_id for s in usable], splits)
+    groups = {s.scene_id: s.source_name for s in usable if s.source_name}
+    totals, by_source = assemble_manifest_by_group(tile_dir, [s.scene_id for s in usable], splits, groups)
     summary = _summary(cfg, sources, usable, skipped, totals, tiled, resumed, time.perf_counter() - t0)
+    if names:  # only with data.sources: a one-root run's summary keeps its keys
+        summary["sources"] = _source_summary(cfg, sources, usable, skipped, by_source)
     summary = write_record(paths.tile_summary, key, [paths.manifest], **summary)
     _log_summary(summary)
     return summary
 
 
-def _summary(cfg: Config, sources: list[SceneSource], usable: list[SceneSource], skipped: list[dict[str, str]],
-             totals: dict[str, dict[str, int]], tiled: int, resumed: int, seconds: float) -> dict[str, Any]:
+def _split_totals(totals: dict[str, dict[str, int]]) -> dict[str, dict[str, Any]]:
     per_split: dict[str, dict[str, Any]] = {}
     for split in SPLITS:
         t = totals.get(split, {})
@@ -397,6 +419,36 @@ def _summary(cfg: Config, sources: list[SceneSource], usable: list[SceneSource],
             "background_px": g,
             "building_frac": b / (b + g) if b + g else 0.0,
         }
+    return per_split
+
+
+def _source_summary(cfg: Config, sources: list[SceneSource], usable: list[SceneSource],
+                    skipped: list[dict[str, str]], by_source: dict[str, dict[str, dict[str, int]]]
+                    ) -> dict[str, dict[str, Any]]:
+    """Per data source: where it is, how it is read, and its scenes and patches per split (warned about: a
+    source missing from a split, which then scores or selects nothing of it)."""
+    skipped_ids = {s["scene_id"] for s in skipped}
+    out: dict[str, dict[str, Any]] = {}
+    for _, name, data in data_sections(cfg.data):
+        mine = [s for s in sources if s.source_name == name]
+        splits = _split_totals(by_source.get(str(name), {}))
+        missing = [split for split in SPLITS if not splits[split]["scenes"]
+                   and any(v[split]["scenes"] for v in by_source.values())]
+        if missing:
+            log.warning("tile: data source %r has no %s scene (%d scene(s) read)", name, " or ".join(missing),
+                        sum(s.source_name == name for s in usable))
+        out[str(name)] = {
+            "root": data.root, "format": data.format, "label_format": data.label_format,
+            "scenes_found": len(mine), "scenes_read": sum(s.source_name == name for s in usable),
+            "scenes_skipped": sum(s.scene_id in skipped_ids for s in mine),
+            "patches": sum(v["patches"] for v in splits.values()), "splits": splits,
+        }
+    return out
+
+
+def _summary(cfg: Config, sources: list[SceneSource], usable: list[SceneSource], skipped: list[dict[str, str]],
+             totals: dict[str, dict[str, int]], tiled: int, resumed: int, seconds: float) -> dict[str, Any]:
+    per_split = _split_totals(totals)
     return {
         "stage": "tile",
         "tile_dir": str(RunPaths.of(cfg).tile),
@@ -426,6 +478,9 @@ def _log_summary(s: dict[str, Any]) -> None:
     for split, v in s["splits"].items():
         log.info("tile: %-5s %3d scenes %6d patches, building pixels %.2f%%", split, v["scenes"], v["patches"],
                  100 * v["building_frac"])
+    for name, v in s.get("sources", {}).items():
+        log.info("tile: source %s: %d scenes read, %d patches (train %d, val %d, test %d scenes)", name,
+                 v["scenes_read"], v["patches"], *(v["splits"][split]["scenes"] for split in SPLITS))
     for sk in s["skipped"]:
         log.info("tile: skipped %s: %s", sk["file"], sk["reason"])
 
