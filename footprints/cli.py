@@ -45,6 +45,12 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
 
 
+def _init_from(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--init_from", "--init-from", dest="init_from", metavar="CHECKPOINT",
+                   help="fine-tune: start the classifier from this model (a train-classifier best.pt or a "
+                   "train-segmenter best.pt/last.pt) instead of random weights; sets classifier.init_from")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="footprints",
@@ -81,6 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(stage, help=helptext, description=helptext)
         _common(p)
         p.add_argument("--overwrite", action="store_true", help="redo work whose outputs already exist")
+        if stage == "train-classifier":
+            _init_from(p)
         if stage == "train-segmenter":
             p.add_argument(
                 "--load_saved_model",
@@ -112,11 +120,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="redo every stage")
     p.add_argument("--load_saved_model", "--load-saved-model", dest="load_saved_model", action="store_true",
                    help="resume segmenter training from last.pt")
+    _init_from(p)
 
     p = sub.add_parser("cv", help="cross-validation over scenes: every stage once per fold (tile.folds), "
                        "test metrics pooled over all scenes")
     _common(p)
     p.add_argument("--overwrite", action="store_true", help="redo every stage of every fold")
+    _init_from(p)
 
     p = sub.add_parser("bench", help="run one benchmark; the last output line is a JSON object")
     _common(p)
@@ -186,7 +196,11 @@ def _dispatch(args: argparse.Namespace, stage_options: dict[str, Any]) -> dict[s
                     else args.scenes if args.scenes is not None else 8)
         return write_synthetic_dataset(args.out, n_scenes=n_scenes, seed=args.seed, size=args.size,
                                        geotiff=args.geotiff, subsets=args.subsets)
-    cfg = load_config(args.config, args.overrides)
+    overrides = list(args.overrides)
+    if getattr(args, "init_from", None) is not None:
+        # after the --set overrides, so the flag wins; JSON-quoted, so the path is read as the string it is
+        overrides.append(f"classifier.init_from={json.dumps(args.init_from)}")
+    cfg = load_config(args.config, overrides)
     if args.command == "all":
         return run_all(cfg, overwrite=args.overwrite, load_saved_model=args.load_saved_model)
     if args.command == "cv":

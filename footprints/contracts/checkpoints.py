@@ -9,10 +9,13 @@ truncated file under the final name.
 Kinds and the keys they must hold:
 
 - `classifier` (train-classifier/best.pt): `model` (MLP state dict), `in_channels`, `layers`, `backbone`
-  ({weights, normalization}), plus `hidden`, `dropout`, `class_weights`, `epoch`, `metrics`, `config`.
+  ({weights, normalization}), plus `hidden`, `dropout`, `class_weights`, `epoch`, `metrics`, `config`;
+  a fine-tuned one (`classifier.init_from`) also `parent`: {path, digest (the file's), kind}; since the
+  record exists, `training_gsd` (its training scenes' GSD: `footprints.contracts.model_gsd`, or None).
 - `segmenter` (train-segmenter/best.pt, last.pt): `model` (Segmenter state dict) and `meta` (everything
   needed to rebuild the architecture and to predict: layers, hidden, stride, classes, backbone, target GSD,
-  tile size, class weights), plus `config`.
+  tile size, class weights; `parent` when the classifier it was converted from was fine-tuned;
+  `training_gsd`, absent from older checkpoints), plus `config`.
 - `training` (last.pt when resuming): a segmenter checkpoint that also holds `epoch`, `step`, `optimizer`,
   `scheduler`, `rng` (every generator's state), `sampler`, `progress`, `history`, `best`.
 """

@@ -26,7 +26,7 @@ from ..errors import InputError, StageError
 from ..runtime.cluster import map_scenes
 from ..scenes.sources import SceneSource
 from ..scoring.calibration import choose_calibration, scene_counts, sum_counts
-from .scene import PredictSettings, ensure_probability, log_scene_error
+from .scene import PredictSettings, ensure_probability, gsd_note, log_scene_error, open_for_model
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +34,14 @@ log = logging.getLogger(__name__)
 def checkpoint_calibration(checkpoint: Path) -> Path:
     """The copy of a calibration stored beside the checkpoint it was made for (`best.calibration.json`)."""
     return checkpoint.with_name(checkpoint.stem + ".calibration.json")
+
+
+def _store_beside(beside: Path, key: str, cal: dict[str, Any]) -> None:
+    """The copy of a calibration beside its checkpoint (a read-only checkpoint folder: the run's is enough)."""
+    try:
+        write_record(beside, key, **{k: v for k, v in cal.items() if k not in ("key", "files")})
+    except OSError as err:
+        log.warning("calibration: cannot write %s (%s)", beside, err.strerror or err)
 
 
 def calibrate_source(
@@ -47,14 +55,15 @@ def calibrate_source(
     overwrite: bool = False,
 ) -> dict[str, Any]:
     """Calibration counts of one labelled validation scene (its probability predicted first, or reused)."""
-    from ..scenes.reader import open_scene
-
-    with open_scene(source, settings.data, settings.tile) as reader:
+    # read as predict reads it (at the model's GSD when its own is outside the training scenes')
+    with open_for_model(source, settings) as (reader, scene_settings):
         if not reader.has_labels:
             raise InputError(source.image, "validation scene without labels: cannot calibrate on it")
-        prob_path, *_ = ensure_probability(reader, settings, Path(out_dir), overwrite)
-        return scene_counts(reader, prob_path, thresholds, seed_thresholds, min_areas, iou_threshold,
-                            settings.hole_area_m2, settings.simplify_px, settings.block_size)
+        prob_path, summary, *_ = ensure_probability(reader, scene_settings, Path(out_dir), overwrite)
+        counts = scene_counts(reader, prob_path, thresholds, seed_thresholds, min_areas, iou_threshold,
+                              settings.hole_area_m2, settings.simplify_px, settings.block_size)
+    # the GSDs it was read at, for the line the main process logs (`gsd_note`)
+    return {**counts, "gsd": {k: summary[k] for k in ("target_gsd_m", "native_gsd_m") if k in summary}}
 
 
 def calibration_sample(sources: Sequence[SceneSource], cap: int, seed: int) -> list[SceneSource]:
@@ -118,6 +127,8 @@ def resolve_calibration(
                 cal = read_record(path) or {}
                 log.info("calibration: threshold %.2f, min area %.1f m2 (from %s)", cal["threshold"],
                          cal["min_area_m2"], path)
+                if path == stage_path and beside is not None and search and not is_fresh(beside, key):
+                    _store_beside(beside, key, cal)  # the copy `predict --checkpoint ... --input` reads
                 return {**cal, "source": str(path)}
     val = split_sources(paths.tile, cfg.data, "val") if search and use_run and paths.manifest.is_file() else []
     if not val:
@@ -136,10 +147,12 @@ def resolve_calibration(
         default_t = pcfg.threshold if pcfg.threshold is not None else 0.5
         default_a = pcfg.min_area_m2 if pcfg.min_area_m2 is not None else 0.0
         default_s = seeds[-1] if seeds[0] is not None else None
-        log.warning("calibration: %s and no stored calibration: threshold %.2f, min area %.1f m2 (set "
+        # the values used, each of them (the seed threshold too where the watershed splits buildings)
+        seed_text = "" if default_s is None else f", seed threshold {default_s:.2f}"
+        log.warning("calibration: %s and no stored calibration: threshold %.2f%s, min area %.1f m2 (set "
                     "predict.threshold / predict.min_area_m2 to choose)",
                     "no validation scenes" if search else "--checkpoint with --input does not calibrate",
-                    default_t, default_a)
+                    default_t, seed_text, default_a)
         return {"threshold": default_t, "seed_threshold": default_s, "min_area_m2": default_a, "source": "default"}
     sample = calibration_sample(val, pcfg.calibration_scenes, cfg.seed)
     how = " (a seeded sample, predict.calibration_scenes)" if len(sample) < len(val) else ""
@@ -154,6 +167,9 @@ def resolve_calibration(
             log_scene_error(source, err)
         else:
             parts.append(result)
+            note = gsd_note(source.scene_id, result.get("gsd") or {}, settings)
+            if note:
+                log.info("calibration: %s", note)
     if not parts:
         raise StageError("calibration: no validation scene could be used (see the errors above); set "
                          "predict.threshold and predict.min_area_m2 to skip calibration")
@@ -162,10 +178,7 @@ def resolve_calibration(
                checkpoint=str(checkpoint or ""), checkpoint_key=settings.fingerprint)
     cal = write_record(stage_path, key, **cal)
     if beside is not None:
-        try:
-            write_record(beside, key, **{k: v for k, v in cal.items() if k not in ("key", "files")})
-        except OSError as err:  # a read-only checkpoint folder: the stage copy is enough
-            log.warning("calibration: cannot write %s (%s)", beside, err.strerror or err)
+        _store_beside(beside, key, cal)
     b = cal["best"]
     log.info("calibration: threshold %.2f, seed threshold %s, min area %.1f m2 -> polygon F1 %.3f, pixel F1 "
              "%.3f on %d of %d validation scenes%s", cal["threshold"], cal["seed_threshold"], cal["min_area_m2"],

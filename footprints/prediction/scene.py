@@ -8,21 +8,26 @@ and `footprints bench predict`, so that the benchmark times the stage's own code
 - `predict_probability`: the scene's probability COG with those settings (`footprints.polygons.inference`),
   optionally vectorising alongside its writing;
 - `ensure_probability`: the same, reused when the scene's record says it was made with the same parameters;
+- `open_for_model`: a scene on the grid the model reads it at: resampled to the model's training GSD when
+  its own lies outside the training scenes' range (`predict.match_model_gsd`, `footprints.contracts.model_gsd`);
 - `Vectoriser`: polygons from a probability raster with a scene record's vector settings, timed.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from ..config import DataConfig, TileConfig
 from ..contracts.freshness import digest, is_fresh
+from ..contracts.model_gsd import GSD_TOLERANCE, match_gsd
 from ..contracts.paths import ScenePaths
 from ..contracts.predict_records import (
     PredictSceneRecord,
@@ -34,7 +39,7 @@ from ..errors import FootprintsError, InputError, as_input_error, disk_full
 from ..model.device import resolve_device
 from ..polygons.inference import Model, predict_scene
 from ..polygons.vectorize import polygons_from_probability
-from ..scenes.sources import SceneSource
+from ..scenes.sources import SceneSource, scene_config
 from ..scenes.targets import SCHEMES, ClassScheme, scheme_for
 
 log = logging.getLogger(__name__)
@@ -47,7 +52,7 @@ class PredictSettings:
     checkpoint: str
     fingerprint: str  # identity of the checkpoint: a retrained model invalidates old probabilities
     data: DataConfig
-    tile: TileConfig  # size = the model's tile size, target_gsd = the model's training GSD
+    tile: TileConfig  # size = the model's tile size, target_gsd = the checkpoint's tile.target_gsd
     overlap: float = 0.25
     batch_size: int = 8
     block_size: int = 2048
@@ -59,6 +64,11 @@ class PredictSettings:
     classes: tuple[str, ...] = SCHEMES["binary"].classes  # the model's (its checkpoint meta)
     watershed: bool = True  # split touching buildings (predict.instances)
     regularize: bool = True
+    # (median, min, max) GSD of the model's training scenes, when scenes outside that range are read at the
+    # median (`open_for_model`); None: every scene at `tile.target_gsd` (or its own GSD)
+    model_gsd: tuple[float, float, float] | None = None
+    # the same record, known whether or not it is matched: what a scene's GSD is warned against
+    training_gsd: tuple[float, float, float] | None = None
 
     @property
     def scheme(self) -> ClassScheme:
@@ -73,6 +83,9 @@ class PredictSettings:
             "overlap": self.overlap, "tta_flips": self.tta_flips, "prob_dtype": self.prob_dtype,
             "bands": list(d.bands), "stretch_percentiles": list(d.stretch_percentiles), "nodata": d.nodata,
             "geotransforms": d.geotransforms,
+            # scenes outside the training GSDs are read at their median: a checkpoint without the record, or
+            # predict.match_model_gsd false, keeps the key of before
+            **({"match_model_gsd": list(self.model_gsd)} if self.model_gsd is not None else {}),
         }))  # fmt: skip
 
     @property
@@ -93,6 +106,58 @@ def model_for(settings: PredictSettings) -> Model:
         _MODELS.clear()
         _MODELS[key] = load_segmenter(settings.checkpoint, resolve_device(settings.device))[0]
     return _MODELS[key]
+
+
+@contextmanager
+def open_for_model(source: SceneSource, settings: PredictSettings) -> Iterator[tuple[Any, PredictSettings]]:
+    """The scene opened on the grid the model reads it at, and the settings of that scene: their
+    `tile.target_gsd` is the GSD it was resampled to (so its probability raster's key and record say so).
+
+    With `settings.model_gsd` (and no `tile.target_gsd`, which resamples every scene as before), a scene
+    whose own GSD lies outside the training scenes' range is opened again at their median (its probability
+    raster's summary records both GSDs, and the main process says so in one line, `gsd_note`: a dask
+    worker's INFO lines reach no terminal); a scene too much coarser to enlarge is refused with the option
+    that predicts it as it is. A scene far from the model's GSD gets the reader's warning (`gsd_warning`)."""
+    from ..scenes.reader import gsd_warning, open_scene
+
+    data = scene_config(source, settings.data)  # its data source's settings (data.sources), when several
+    reader = open_scene(source, data, settings.tile)
+    try:
+        native = reader.native_gsd_m
+        target = None
+        if settings.model_gsd is not None and not settings.tile.target_gsd:
+            target = match_gsd(native, settings.model_gsd)
+        if target is not None:
+            reader.close()
+            settings = dataclasses.replace(settings, tile=dataclasses.replace(settings.tile, target_gsd=target))
+            try:
+                reader = open_scene(source, data, settings.tile)
+            except InputError as err:  # enlarged too much (footprints.scenes.grid.MAX_UPSAMPLE)
+                raise InputError(err.path, f"{err.reason}; predict.match_model_gsd=false predicts it at its own "
+                                 "GSD") from None
+        reference = settings.tile.target_gsd
+        if not reference and settings.training_gsd is not None and native is not None:
+            _, lo, hi = settings.training_gsd
+            reference = min(max(native, lo), hi)  # the nearest GSD the model was trained at
+        note = gsd_warning(reader, reference)
+        if note:
+            log.warning("%s", note)
+        yield reader, settings
+    finally:
+        reader.close()
+
+
+def gsd_note(scene_id: str, prob: dict[str, Any], settings: PredictSettings) -> str | None:
+    """The line that says a scene was read at the model's GSD (`open_for_model`), from its probability
+    raster's summary `prob`; None when it was read as the run reads every scene."""
+    target, native = prob.get("target_gsd_m"), prob.get("native_gsd_m")
+    if settings.model_gsd is None or settings.tile.target_gsd or not target:
+        return None
+    _, lo, hi = settings.model_gsd
+    trained = f"{lo:.3g} m" if lo == hi else f"{lo:.3g}-{hi:.3g} m"
+    own = f"{native:.3g} m" if native else "unknown"
+    return (f"{scene_id}: ground sample distance {own}, outside the model's training scenes' {trained} "
+            f"(+-{100 * GSD_TOLERANCE:.0f}%): read at {target:.3g} m (predict.match_model_gsd=false reads it as it is)")
 
 
 def predict_probability(reader: Any, model: Model, path: Path, settings: PredictSettings,
@@ -131,6 +196,9 @@ def ensure_probability(
         log.warning("%s: no georeference: probabilities and polygons are in pixel coordinates", reader.scene_id)
     summary = predict_probability(reader, model_for(settings), sp.prob, settings, alongside)
     beside = summary.pop("alongside", None)
+    if settings.tile.target_gsd:  # the GSD the scene was read at: evaluate reads its truth on the same grid
+        summary["target_gsd_m"] = float(settings.tile.target_gsd)
+        summary["native_gsd_m"] = reader.native_gsd_m
     write_predict_scene_record(sp.record, PredictSceneRecord(reader.scene_id, prob_key, summary), [sp.prob])
     return sp.prob, summary, False, beside
 

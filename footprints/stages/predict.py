@@ -20,7 +20,13 @@ naming the files.
 Threshold and minimum area come from the config, or from a calibration on the validation split
 (`footprints.prediction.calibration`, stored in `predict/calibration.json` and beside the checkpoint). Scenes
 given with `--checkpoint` and `--input` never calibrate: they read the calibration stored beside the
-checkpoint (or the run's, or the config's values), and rewrite none.
+checkpoint (or the run's, or the config's values), and rewrite none. A run with no scene in its split
+(no test split: a model to deploy, every labelled scene trained or validated on) predicts nothing, says so
+in one line, and still calibrates on its validation split, beside the checkpoint.
+
+Scale follows the model: a scene whose ground sample distance lies outside the model's training scenes'
+(the checkpoint's `training_gsd`, `footprints.contracts.model_gsd`) is read at their median GSD, one log
+line per scene (`predict.match_model_gsd`; a checkpoint with `tile.target_gsd` resamples every scene to it).
 """
 
 from __future__ import annotations
@@ -38,7 +44,8 @@ from ..config import Config, DataConfig, TileConfig, config_from_dict
 from ..contracts.checkpoints import load_checkpoint
 from ..contracts.footprint_files import RAW_LAYER, merge_outputs, write_geojson, write_gpkg
 from ..contracts.freshness import digest, file_digest, is_fresh
-from ..contracts.manifest import split_sources
+from ..contracts.manifest import split_scene_ids, split_sources
+from ..contracts.model_gsd import TRAINING_GSD, gsd_range
 from ..contracts.paths import RunPaths, ScenePaths, check_output_text
 from ..contracts.predict_records import (
     PredictSceneRecord,
@@ -52,7 +59,14 @@ from ..contracts.predict_records import (
 from ..errors import FootprintsError, InputError, StageError, printable
 from ..prediction.calibration import checkpoint_calibration, resolve_calibration
 from ..prediction.outputs import check_outputs, distinct_ids
-from ..prediction.scene import PredictSettings, Vectoriser, ensure_probability, log_scene_error
+from ..prediction.scene import (
+    PredictSettings,
+    Vectoriser,
+    ensure_probability,
+    gsd_note,
+    log_scene_error,
+    open_for_model,
+)
 from ..runtime.cluster import map_scenes
 from ..scenes.geo import metric_crs_for
 from ..scenes.sources import SceneSource
@@ -73,8 +87,6 @@ def predict_source(
     """One scene: probability COG, then polygons as `<scene>.geojson` (RFC 7946) and `<scene>.gpkg`
     (layer `footprints`, and `footprints_raw` with the outlines before regularisation). Returns the scene's
     record and whether it was already done (then nothing was written)."""
-    from ..scenes.reader import gsd_warning, open_scene
-
     sp = ScenePaths(Path(out_dir), source.scene_id)
     vector = VectorSettings(threshold=threshold, seed_threshold=seed_threshold, min_area_m2=min_area_m2,
                             hole_area_m2=settings.hole_area_m2, simplify_px=settings.simplify_px,
@@ -84,13 +96,12 @@ def predict_source(
         done = read_predict_scene_record(sp.record)
         if done is not None:
             return done, True
-    with open_scene(source, settings.data, settings.tile) as reader:
-        note = gsd_warning(reader, settings.tile.target_gsd)
-        if note:
-            log.warning("%s", note)
+    # the scene's own settings: its target GSD when it is read at the model's (prob_key says so)
+    with open_for_model(source, settings) as (reader, scene_settings):
         vectorise = Vectoriser(vector, settings.block_size, source.scene_id, reader.gsd_m)
         # a new probability raster is vectorised while its COG is written; a reused one, from the COG
-        prob_path, prob_summary, reused, raw = ensure_probability(reader, settings, sp.folder, overwrite, vectorise)
+        prob_path, prob_summary, reused, raw = ensure_probability(reader, scene_settings, sp.folder, overwrite,
+                                                               vectorise)
         if reused:
             raw = vectorise(prob_path)
         t0 = time.perf_counter()
@@ -105,7 +116,7 @@ def predict_source(
         write_geojson(gdf, sp.geojson)
         write_gpkg(gdf, sp.gpkg, crs=out_crs, more_layers={RAW_LAYER: raw} if settings.regularize else None)
         record = PredictSceneRecord(
-            scene_id=source.scene_id, prob_key=settings.prob_key, prob=prob_summary, vector=vector,
+            scene_id=source.scene_id, prob_key=scene_settings.prob_key, prob=prob_summary, vector=vector,
             polygons=len(gdf), crs="" if reader.crs is None else reader.crs.to_string(), area_km2=_area_km2(reader),
             vector_seconds=vectorise.seconds + time.perf_counter() - t0, geojson=str(sp.geojson),
             gpkg=str(sp.gpkg), prob_reused=reused, key=key,
@@ -156,10 +167,12 @@ def _checkpoint_info(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
 
 def build_settings(cfg: Config, checkpoint: Path | None, meta: dict[str, Any], ckpt_config: dict[str, Any],
                    fingerprint: str) -> PredictSettings:
-    """Worker settings: the model's tile size and GSD from its meta; scene reading from the config given,
-    or, when no config file was given, from the config stored in the checkpoint (band choice, stretch,
-    nodata), with the `data` keys a `--set` changed on top (a `--set` changes only the key it sets; a key
-    --set to its default value cannot be told from one left alone and keeps the checkpoint's)."""
+    """Worker settings: the model's tile size and GSD from its meta (`target_gsd`, and `training_gsd`: the
+    GSDs of its training scenes, which scenes outside them are read at with `predict.match_model_gsd`);
+    scene reading from the config given, or, when no config file was given, from the config stored in the
+    checkpoint (band choice, stretch, nodata), with the `data` keys a `--set` changed on top (a `--set`
+    changes only the key it sets; a key --set to its default value cannot be told from one left alone and
+    keeps the checkpoint's)."""
     data_cfg = cfg.data
     if cfg.config_file is None and ckpt_config.get("data"):
         # how the training scenes were read (bands, stretch, nodata), but never their per-scene
@@ -172,13 +185,18 @@ def build_settings(cfg: Config, checkpoint: Path | None, meta: dict[str, Any], c
     size = int(meta.get("tile_size") or cfg.tile.size)
     target_gsd = meta["target_gsd"] if "target_gsd" in meta else cfg.tile.target_gsd
     pcfg = cfg.predict
+    # the training scenes' GSD (a checkpoint made before the record has none: target_gsd alone, as before);
+    # with a target_gsd every scene is resampled to it anyway
+    trained_at = gsd_range(meta.get(TRAINING_GSD))
+    match = trained_at if pcfg.match_model_gsd and not target_gsd else None
     return PredictSettings(
         checkpoint=str(checkpoint or ""), fingerprint=fingerprint, data=data_cfg,
         tile=TileConfig(size=size, stride=size, target_gsd=target_gsd), overlap=pcfg.overlap,
         batch_size=pcfg.batch_size, block_size=pcfg.block_size, tta_flips=pcfg.tta_flips,
         prob_dtype=pcfg.prob_dtype, device=pcfg.device, hole_area_m2=pcfg.hole_area_m2,
         simplify_px=pcfg.simplify_px, classes=tuple(meta.get("classes") or SCHEMES["binary"].classes),
-        watershed=pcfg.instances == "watershed", regularize=pcfg.regularize,
+        watershed=pcfg.instances == "watershed", regularize=pcfg.regularize, model_gsd=match,
+        training_gsd=trained_at,
     )  # fmt: skip
 
 
@@ -187,6 +205,35 @@ def checkpoint_settings(cfg: Config, checkpoint: Path) -> PredictSettings:
     and the digest of its bytes as the model's fingerprint."""
     meta, ckpt_config = _checkpoint_info(checkpoint)
     return build_settings(cfg, checkpoint, meta, ckpt_config, file_digest(checkpoint))
+
+
+def _calibrate_only(cfg: Config, settings: PredictSettings, ckpt: Path, overwrite: bool, t0: float) -> dict[str, Any]:
+    """A run whose predict split has no scenes (no test split: every labelled scene trains or validates, as
+    a model to deploy is made): nothing to predict, said in one line, but the calibration is made on the
+    validation split and stored beside the checkpoint, where `predict --checkpoint ... --input ...` reads
+    it. The summary records the split with no scene (evaluate then says there is nothing to evaluate)."""
+    pcfg = cfg.predict
+    paths = RunPaths.of(cfg)
+    cal = resolve_calibration(cfg, settings, ckpt, overwrite=overwrite)
+    beside = checkpoint_calibration(ckpt)
+    where = (f"the calibration is stored beside the checkpoint, {beside}" if cal.get("source") not in
+             ("config", "default") and beside.is_file() else f"calibration: {cal.get('source')}")
+    log.info("predict: split %r of %s has no scenes (a run with no %s split): nothing to predict; %s",
+             pcfg.split, paths.tile, pcfg.split, where)
+    seed = cal.get("seed_threshold")
+    key = digest({"scenes": {}, "split": pcfg.split, "calibration": [
+        float(cal["threshold"]), seed, float(cal["min_area_m2"]), cal.get("source")]})
+    record = paths.predict_summary
+    if not overwrite and is_fresh(record, key):
+        saved = read_predict_summary(record)
+        return {**(saved.as_json() if saved is not None else {}), "up_to_date": True}
+    summary = PredictSummary(
+        geojson="", gpkg="", scenes=0, failed=0, skipped=0, polygons=0, threshold=float(cal["threshold"]),
+        seed_threshold=None if seed is None else float(seed), min_area_m2=float(cal["min_area_m2"]),
+        calibration=cal.get("source"), scene_dir=str(paths.predict), seconds=round(time.perf_counter() - t0, 2),
+        split=pcfg.split, key=key,
+    )  # fmt: skip
+    return write_predict_summary(record, summary, []).as_json()
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -234,6 +281,8 @@ def run(
         sources = split_sources(paths.tile, cfg.data, pcfg.split)
         scene_dir = paths.predict
         geojson = out_path or paths.footprints_geojson
+        if not sources and paths.manifest.is_file() and not split_scene_ids(paths.tile, pcfg.split):
+            return _calibrate_only(cfg, settings, ckpt, overwrite, t0)
     gpkg = geojson.with_suffix(".gpkg")
     if not sources:
         where = "the inputs given" if inputs else f"split {pcfg.split!r} of {paths.tile}"
@@ -271,6 +320,9 @@ def run(
         else:
             records.append(result[0])
             skipped += bool(result[1])
+            note = gsd_note(source.scene_id, result[0].prob, settings)
+            if note:
+                log.info("predict: %s", note)
     if not records:
         raise StageError(f"predict: no scene could be predicted ({failed} failed; see the errors above)")
     # the merged layers are up to date when every scene's record is (the run's summary is their record)

@@ -31,6 +31,7 @@ from ..config import Config
 from ..contracts import features_store
 from ..contracts.checkpoints import save_checkpoint
 from ..contracts.freshness import digest, is_fresh, read_record, unmark, write_record
+from ..contracts.model_gsd import TRAINING_GSD, training_gsd
 from ..contracts.paths import RunPaths
 from ..errors import StageError
 from ..model.device import resolve_device
@@ -40,6 +41,7 @@ from ..scenes.targets import ClassScheme, scheme_for
 from ..scoring.metrics import confusion, pixel_metrics
 from ..scoring.plots import write_learning_curve
 from ..training.data import derive_seed
+from ..training.finetune import check_compatible, describe_shift, load_parent
 
 log = logging.getLogger(__name__)
 
@@ -114,8 +116,13 @@ def train_mlp(
     std: np.ndarray,
     class_weights: np.ndarray,
     scheme: ClassScheme,
+    init: dict[str, torch.Tensor] | None = None,
 ) -> tuple[MLP, dict[str, Any]]:
     """Train the MLP with Adam + StepLR; return the best model (on val building IoU) and its record.
+
+    `init` (fine-tuning) is a parent MLP's state dict, normaliser included: training starts from it, and it is
+    evaluated first as epoch 0 (record `start`), so that an epoch must beat the parent on this run's validation
+    split to replace it, as dense epochs must beat the converted classifier.
 
     Each epoch streams the training shards through a shuffle buffer of `classifier.shuffle_buffer` samples
     (pieces of shards in a seeded random order, shuffled within each fill; a split that fits in the buffer
@@ -126,7 +133,10 @@ def train_mlp(
     c = cfg.classifier
     device = resolve_device(c.device, key="classifier.device")
     torch.manual_seed(cfg.seed)
-    model = MLP(train.channels, hidden=c.hidden, dropout=c.dropout, mean=mean, std=std, num_classes=scheme.k).to(device)
+    model = MLP(train.channels, hidden=c.hidden, dropout=c.dropout, mean=mean, std=std, num_classes=scheme.k)
+    if init is not None:
+        model.load_state_dict(init)  # the parent's weights and normaliser (footprints.training.finetune)
+    model = model.to(device)
     opt = torch.optim.Adam(model.parameters(), lr=c.lr, weight_decay=c.weight_decay)
     sched = torch.optim.lr_scheduler.StepLR(opt, step_size=max(1, c.step_size), gamma=c.gamma)
     cw = torch.as_tensor(class_weights, dtype=torch.float32, device=device)
@@ -140,6 +150,16 @@ def train_mlp(
     gen = torch.Generator().manual_seed(cfg.seed)  # the order within each fill
     history: list[dict[str, Any]] = []
     best: dict[str, Any] = {"iou": -1.0}
+    start: dict[str, Any] | None = None
+    if init is not None:
+        loss0, dense0, sampled0 = _evaluate(model, val if has_val else train, cw, eval_batch, scheme, device)
+        start = {"epoch": 0, "train_loss": None, f"{select_on}_loss": loss0,
+                 f"{select_on}_building_iou": dense0["building_iou"],
+                 f"{select_on}_building_iou_sampled": sampled0["building_iou"]}
+        log.info("train-classifier: epoch 0 (the parent model): %s loss %.4f building IoU %.4f (sampled pixels "
+                 "%.4f)", select_on, loss0, dense0["building_iou"], sampled0["building_iou"])
+        best = {"iou": dense0["building_iou"], "epoch": 0, "state": copy.deepcopy(model.state_dict()),
+                "dense": dense0, "sampled": sampled0, "loss": loss0}
     for epoch in range(1, c.epochs + 1):
         model.train()
         pieces = np.random.default_rng(derive_seed(cfg.seed, "classifier", epoch))  # the order of the pieces
@@ -187,6 +207,7 @@ def train_mlp(
         f"{select_on}_sampled_pixels": best["sampled"],
         f"{select_on}_loss": best["loss"],
         "history": history,
+        **({"start": start} if start is not None else {}),
         "device": str(device),
         "shuffle_buffer": int(c.shuffle_buffer),
     }
@@ -272,7 +293,13 @@ def run(cfg: Config, overwrite: bool = False) -> dict[str, Any]:
                                            "step_size", "gamma", "class_weights", "class_weighting", "baseline",
                                            "shuffle_buffer")}
     metrics_path, ckpt_path = paths.classifier_metrics, paths.classifier_checkpoint
-    key = digest({"features": meta.get("key"), "settings": settings, "seed": cfg.seed})
+    # fine-tuning (classifier.init_from): the parent's digest joins the key (a changed parent retrains); a run
+    # without one keeps the key it always had
+    parent = load_parent(c.init_from, own=(paths.classifier, paths.segmenter)) if c.init_from is not None else None
+    if parent is not None:
+        check_compatible(parent, meta, c.hidden)  # before anything is logged or touched
+    key = digest({"features": meta.get("key"), "settings": settings, "seed": cfg.seed,
+                  **({"parent": parent.digest} if parent is not None else {})})
     if not overwrite and is_fresh(metrics_path, key):
         log.info("train-classifier: %s is complete (same features and settings); skipping", out_dir)
         return {**(read_record(metrics_path) or {}), "skipped": True}
@@ -296,7 +323,12 @@ def run(cfg: Config, overwrite: bool = False) -> dict[str, Any]:
     log.info("train-classifier: %d train / %d val samples of %d channels (%.2f GB), a shuffle buffer of %d "
              "samples", train.n, val.n, train.channels, train.n * train.channels * 4 / 1e9, c.shuffle_buffer)
 
-    model, record = train_mlp(cfg, train, val, mean, std, class_weights, scheme)
+    if parent is not None:
+        log.info("train-classifier: fine-tuning the %s model %s (digest %s), with its feature normaliser (%s "
+                 "on this run's training features)", parent.kind, parent.path, parent.digest,
+                 describe_shift(parent, mean, std))
+    model, record = train_mlp(cfg, train, val, mean, std, class_weights, scheme,
+                              init=parent.state if parent is not None else None)
     mlp_seconds = time.perf_counter() - t0
     baseline = None
     if c.baseline:
@@ -322,6 +354,8 @@ def run(cfg: Config, overwrite: bool = False) -> dict[str, Any]:
     }
     if random_backbone:
         metrics["warning"] = "BACKBONE WEIGHTS ARE RANDOM: these metrics do not reflect ImageNet features"
+    if parent is not None:
+        metrics["parent"] = parent.record()
     checkpoint = {
         "model": model.state_dict(),
         "in_channels": int(model.in_channels),
@@ -334,10 +368,14 @@ def run(cfg: Config, overwrite: bool = False) -> dict[str, Any]:
         "epoch": int(record["epoch"]),
         "metrics": _to_python(selected),
         "config": _to_python(cfg.to_dict()),
+        # the training scenes' GSD (median, range): predict reads other scenes at it (predict.match_model_gsd)
+        TRAINING_GSD: training_gsd(paths.tile),
     }
+    if parent is not None:
+        checkpoint["parent"] = parent.record()  # what it was fine-tuned from: path, file digest, kind
     out_dir.mkdir(parents=True, exist_ok=True)
     save_checkpoint(ckpt_path, checkpoint)
-    history = record["history"]
+    history = ([record["start"]] if "start" in record else []) + record["history"]  # the parent: epoch 0
     split = "val" if "val_loss" in history[0] else "train"
     write_learning_curve(
         out_dir / "learning_curve.png", [h["epoch"] for h in history],

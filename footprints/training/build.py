@@ -1,10 +1,11 @@
 """What dense training starts from: the segmenter converted from the classifier, or last.pt restored.
 
 `build_model` makes the model, optimizer, scheduler and AMP scaler, either fresh (the exact 1x1-conv
-conversion of the classifier, its meta completed with the class weights of the training patches and the
-classifier's file digest) or from a checkpoint (every state put back, random generators included), and
-returns where the epoch loop starts. The order of its steps is part of exactness: the generators are
-restored after the optimizer exists and before anything else draws from them.
+conversion of the classifier, its meta completed with the class weights of the training patches, the
+classifier's file digest and, for a fine-tuned classifier, its `parent`) or from a checkpoint (every state
+put back, random generators included), and returns where the epoch loop starts. The order of its steps is
+part of exactness: the generators are restored after the optimizer exists and before anything else draws
+from them.
 """
 
 from __future__ import annotations
@@ -19,8 +20,9 @@ import torch
 from torch import nn
 
 from ..config import Config
-from ..contracts.checkpoints import restore_rng
+from ..contracts.checkpoints import load_checkpoint, restore_rng
 from ..contracts.manifest import class_pixels
+from ..contracts.model_gsd import TRAINING_GSD, training_gsd
 from ..contracts.paths import RunPaths
 from ..errors import InputError, StageError
 from ..model.losses import resolve_class_weights
@@ -125,12 +127,18 @@ def build_model(cfg: Config, info: DistInfo, device: torch.device, paths: RunPat
         model, meta = segmenter_from_classifier(clf, scfg.stride, scfg.train_backbone)
         meta = dict(meta)
         meta["classifier_digest"] = classifier_digest
+        # a fine-tuned classifier's parent (classifier.init_from) is the segmenter's ancestor too
+        parent = load_checkpoint(clf, kind="classifier", mmap=True).get("parent")
+        if parent:
+            meta["parent"] = dict(parent)
         clf_weights = meta["class_weights"]
         meta["class_weights"] = class_weights(cfg, paths, train_rows, int(meta["num_classes"]))
         warn_if_objective_changes(cfg, clf_weights, meta["class_weights"])
         meta["train_backbone"] = bool(scfg.train_backbone)
         meta.setdefault("target_gsd", cfg.tile.target_gsd)
         meta.setdefault("tile_size", cfg.tile.size)
+        # the GSD of this run's training scenes (footprints.contracts.model_gsd), as the classifier records it
+        meta[TRAINING_GSD] = training_gsd(paths.tile)
     else:
         meta = dict(resume["meta"])
         model = build_segmenter(meta, train_backbone=bool(meta.get("train_backbone", False)))
