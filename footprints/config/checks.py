@@ -42,6 +42,7 @@ RANGES: dict[str, tuple[float | None, float | None]] = {
     "predict.calibration_scenes": (1, None),
     "predict.min_area_grid": (0, None), "predict.seed_threshold": (OPEN, 1),
     "predict.seed_threshold_grid": (OPEN, 1), "predict.hole_area_m2": (0, None), "predict.simplify_px": (0, 10),
+    "predict.domain_warn": (OPEN, None),
     "evaluate.iou_threshold": (OPEN, 1), "evaluate.overlays": (0, 1000),
     "cluster.workers": (0, 1024), "cluster.threads_per_worker": (1, 1024), "cluster.slurm.cores": (1, None),
     "cluster.slurm.processes": (1, None), "cluster.slurm.jobs": (1, None), "cluster.slurm.adaptive_min": (0, None),

@@ -200,6 +200,12 @@ class PredictConfig:
     # read a scene whose GSD lies outside the model's training scenes' range (5% tolerance) at their median
     # GSD (the checkpoint's `training_gsd`, footprints.contracts.model_gsd); false: at its own GSD
     match_model_gsd: bool = True
+    # warn when a scene's domain score (footprints.model.domain: how far its mean shallow hypercolumn lies from
+    # the nearest training scene's, in training standard deviations; near 0 for the training scenes) is above
+    # this; None: never warn (the score is still recorded). The geometric midpoint of the two groups measured
+    # with both Joplin folds' models: 512 px chips of the unseen Joplin scene scored at most 0.115, SpaceNet
+    # Rio chips and quarters of the xView2 hurricane-Matthew pair at least 0.217 (ROC AUC 1.0)
+    domain_warn: float | None = 0.16
 
 
 @dataclass

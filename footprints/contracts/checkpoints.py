@@ -11,11 +11,14 @@ Kinds and the keys they must hold:
 - `classifier` (train-classifier/best.pt): `model` (MLP state dict), `in_channels`, `layers`, `backbone`
   ({weights, normalization}), plus `hidden`, `dropout`, `class_weights`, `epoch`, `metrics`, `config`;
   a fine-tuned one (`classifier.init_from`) also `parent`: {path, digest (the file's), kind}; since the
-  record exists, `training_gsd` (its training scenes' GSD: `footprints.contracts.model_gsd`, or None).
+  record exists, `training_gsd` (its training scenes' GSD: `footprints.contracts.model_gsd`, or None);
+  since the out-of-domain check exists, `domain_reference` (what its training pixels looked like:
+  `footprints.model.domain`; absent when there were too few).
 - `segmenter` (train-segmenter/best.pt, last.pt): `model` (Segmenter state dict) and `meta` (everything
   needed to rebuild the architecture and to predict: layers, hidden, stride, classes, backbone, target GSD,
   tile size, class weights; `parent` when the classifier it was converted from was fine-tuned;
-  `training_gsd`, absent from older checkpoints), plus `config`.
+  `training_gsd` and `domain_reference`, absent from older checkpoints; no `domain_reference` when the backbone
+  was trained), plus `config`.
 - `training` (last.pt when resuming): a segmenter checkpoint that also holds `epoch`, `step`, `optimizer`,
   `scheduler`, `rng` (every generator's state), `sampler`, `progress`, `history`, `best`.
 """

@@ -3,7 +3,9 @@
 A scene record (`PredictSceneRecord`) is the freshness record (`footprints.contracts.freshness`) of one
 predicted scene, beside its files: first written over the probability raster alone (`scene_id`,
 `prob_key`, `prob`, with the key ""), then, once the polygons are written, over the raster and both
-layers, with how they were made (`vector`) and what they hold. Predict, evaluate and the report read it.
+layers, with how they were made (`vector`) and what they hold, and the scene's `domain_score` when the
+model could score it (an optional field: older records read with None). Predict, evaluate and the report
+read it.
 
 The run's summary (`PredictSummary`, `predict/summary.json`) is the record of the merged layers of a run's
 split: which split was predicted, with which threshold and calibration; evaluate and predict's rerun read it.
@@ -67,6 +69,9 @@ class PredictSceneRecord:
     prob_reused: bool | None = None
     key: str = ""
     files: dict[str, int] = field(default_factory=dict)
+    # how unlike the model's training scenes the scene looks (`footprints.model.domain`: 0 = its mean pixel is
+    # theirs); None: not scored (a checkpoint without the reference, or a record of before the check)
+    domain_score: float | None = None
 
     @property
     def has_polygons(self) -> bool:
@@ -79,6 +84,8 @@ class PredictSceneRecord:
             out.update(vector=self.vector.as_json(), polygons=self.polygons, crs=self.crs, area_km2=self.area_km2,
                        vector_seconds=self.vector_seconds, geojson=self.geojson, gpkg=self.gpkg,
                        prob_reused=self.prob_reused)
+            if self.domain_score is not None:  # absent, not null: an unscored record is written as before
+                out["domain_score"] = self.domain_score
         return out
 
     def as_json(self) -> dict[str, Any]:
@@ -100,6 +107,7 @@ def read_predict_scene_record(path: str | Path) -> PredictSceneRecord | None:
         return None
     n = raw.get("polygons")
     files = raw.get(FILES)
+    score = raw.get("domain_score")
     return PredictSceneRecord(
         scene_id=raw["scene_id"], prob_key=str(raw.get("prob_key", "")), prob=raw.get("prob") or {},
         vector=VectorSettings.from_json(raw.get("vector")),
@@ -107,6 +115,7 @@ def read_predict_scene_record(path: str | Path) -> PredictSceneRecord | None:
         crs=raw.get("crs"), area_km2=raw.get("area_km2"), vector_seconds=raw.get("vector_seconds"),
         geojson=raw.get("geojson"), gpkg=raw.get("gpkg"), prob_reused=raw.get("prob_reused"),
         key=str(raw.get(KEY, "")), files=files if isinstance(files, dict) else {},
+        domain_score=float(score) if isinstance(score, (int, float)) and not isinstance(score, bool) else None,
     )  # fmt: skip
 
 

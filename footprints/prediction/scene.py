@@ -69,6 +69,10 @@ class PredictSettings:
     model_gsd: tuple[float, float, float] | None = None
     # the same record, known whether or not it is matched: what a scene's GSD is warned against
     training_gsd: tuple[float, float, float] | None = None
+    # the checkpoint holds an out-of-domain reference (`footprints.prediction.domain`): each scene is scored;
+    # neither this nor the warning threshold changes a probability raster (not in `prob_params`)
+    domain: bool = False
+    domain_warn: float | None = None
 
     @property
     def scheme(self) -> ClassScheme:
@@ -93,19 +97,28 @@ class PredictSettings:
         return digest(self.prob_params())
 
 
-# one model per worker process, loaded on first use (map_scenes ships only the checkpoint path)
-_MODELS: dict[tuple[str, str], Any] = {}
+# one model (and its meta) per worker process, loaded on first use (map_scenes ships only the checkpoint path)
+_MODELS: dict[tuple[str, str], tuple[Any, dict[str, Any]]] = {}
 
 
-def model_for(settings: PredictSettings) -> Model:
-    """The segmenter of `settings.checkpoint` on its device, loaded once per process."""
+def _loaded(settings: PredictSettings) -> tuple[Any, dict[str, Any]]:
     key = (settings.checkpoint, settings.device)
     if key not in _MODELS:
         from ..model.segmenter import load_segmenter
 
         _MODELS.clear()
-        _MODELS[key] = load_segmenter(settings.checkpoint, resolve_device(settings.device))[0]
+        _MODELS[key] = load_segmenter(settings.checkpoint, resolve_device(settings.device))
     return _MODELS[key]
+
+
+def model_for(settings: PredictSettings) -> Model:
+    """The segmenter of `settings.checkpoint` on its device, loaded once per process."""
+    return _loaded(settings)[0]
+
+
+def meta_for(settings: PredictSettings) -> dict[str, Any]:
+    """The checkpoint meta of `model_for`'s segmenter (its out-of-domain reference among it)."""
+    return _loaded(settings)[1]
 
 
 @contextmanager

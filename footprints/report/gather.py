@@ -47,6 +47,12 @@ def predicted_scenes(folder: Path) -> dict[str, int | None]:
     return found
 
 
+def _domain_score(record: Path) -> float | None:
+    """A predicted scene's domain score, from its record (None when it has none)."""
+    found = read_predict_scene_record(record)
+    return None if found is None else found.domain_score
+
+
 def _resolve(path_text: str, bases: Sequence[Path]) -> Path | None:
     """A path as the pipeline recorded it (relative to the working directory it ran in), found again."""
     p = Path(path_text)
@@ -153,6 +159,7 @@ def report_for_run(
             matches=_matches_of(run, per_scene.get(sid), bases),
             metrics=per_scene.get(sid),
             split=splits.get(sid),
+            domain_score=_domain_score(sp.record),
         )
         if meta.get("image_file") and image is None:
             scene.notes.append(f"image {meta['image_file']} not found")
@@ -230,6 +237,7 @@ def report_for_predictions(
                 footprints=sp.geojson if sp.geojson.is_file() else (g if g.is_file() else None),
                 prob=sp.prob if sp.prob.is_file() else None,
                 image=images.get(sid),
+                domain_score=_domain_score(sp.record),
             )
         )
     info = {

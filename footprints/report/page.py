@@ -49,9 +49,11 @@ def fmt(x: Any, nd: int = 3) -> str:
 
 
 def metrics_row(
-    label: str, m: Mapping[str, Any] | None, n_fp: int | None, cols: Sequence[str], attrs: str = ""
+    label: str, m: Mapping[str, Any] | None, n_fp: int | None, cols: Sequence[str], attrs: str = "",
+    domain: float | None = None,
 ) -> str:
-    """One row of the metrics table: `label`, then the `cols` of evaluate's metrics `m` (pixel, polygon)."""
+    """One row of the metrics table: `label`, then the `cols` of evaluate's metrics `m` (pixel, polygon) and
+    predict's `domain` score."""
     px = (m or {}).get("pixel") or {}
     pg = (m or {}).get("polygon") or {}
     cells = {
@@ -67,6 +69,7 @@ def metrics_row(
         "FN": fmt(pg.get("fn")),
         "splits": fmt(pg.get("splits")),
         "merges": fmt(pg.get("merges")),
+        "domain score": fmt(domain, 2),
     }
     tds = "".join(f"<td>{cells[c]}</td>" for c in cols)
     return f'<tr{attrs}><th scope="row">{label}</th>{tds}</tr>'
@@ -137,6 +140,8 @@ def render_html(
         cols.append("merges")
     if not any(p.scene.metrics for p in prepared) and not overall:
         cols = ["footprints"]
+    if any(p.scene.domain_score is not None for p in prepared):
+        cols.append("domain score")  # predict's out-of-domain check: near 0 = like the model's training scenes
     head = "".join(f'<th scope="col">{e(c)}</th>' for c in cols)
     rows = []
     if overall:
@@ -148,7 +153,7 @@ def render_html(
         split = f' <span class="split">{e(s.split)}</span>' if s.split else ""
         label = f'<span class="sid">{e(s.scene_id)}</span>{split}{notes}'
         attrs = f' data-scene="{e(s.scene_id, quote=True)}" tabindex="0" title="zoom the map to this scene"'
-        rows.append(metrics_row(label, s.metrics, len(p.pred), cols, attrs))
+        rows.append(metrics_row(label, s.metrics, len(p.pred), cols, attrs, s.domain_score))
     info_items = "".join(
         f"<div><dt>{e(str(k))}</dt><dd>{e(str(v))}</dd></div>"
         for k, v in (info or {}).items()

@@ -20,7 +20,8 @@ class ReportScene:
     filtered on `scene`. `prob`: probability raster. `image`: the scene image; `image_transform`
     (an Affine or 6 GDAL numbers) and `image_crs` georeference an image file that carries none (xView2
     PNGs), for the image's own pixel grid; without them such an image is stretched over the probability
-    raster's extent. `metrics`: evaluate's per-scene entry (`pixel`, `polygon`).
+    raster's extent. `metrics`: evaluate's per-scene entry (`pixel`, `polygon`). `domain_score`: how unlike
+    the model's training scenes predict found it (`footprints.model.domain`), when scored.
     """
 
     scene_id: str
@@ -33,6 +34,7 @@ class ReportScene:
     metrics: Mapping[str, Any] | None = None
     split: str | None = None
     notes: list[str] = field(default_factory=list)
+    domain_score: float | None = None  # predict's (its scene record): near 0 = like the model's training scenes
 
 
 def note(scene: ReportScene, text: str) -> None:

@@ -151,6 +151,7 @@ def scene_payload(p: PreparedScene, r: SceneRasters, dx: float) -> dict[str, Any
         "truth": p.truth,
         "has_matches": p.has_matches,
         "notes": list(s.notes),
+        "domain_score": s.domain_score,
     }
 
 

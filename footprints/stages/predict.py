@@ -27,6 +27,12 @@ in one line, and still calibrates on its validation split, beside the checkpoint
 Scale follows the model: a scene whose ground sample distance lies outside the model's training scenes'
 (the checkpoint's `training_gsd`, `footprints.contracts.model_gsd`) is read at their median GSD, one log
 line per scene (`predict.match_model_gsd`; a checkpoint with `tile.target_gsd` resamples every scene to it).
+
+Out of domain: a checkpoint that stores what its training pixels looked like (`domain_reference`,
+`footprints.model.domain`) gets each scene scored (`footprints.prediction.domain`); the score goes into the
+scene's record, every footprint's `domain_score` and the HTML report, and a scene above `predict.domain_warn`
+(or the model's validation scenes' largest score, when higher) gets one warning line. An older checkpoint
+gives no score and no column.
 """
 
 from __future__ import annotations
@@ -57,7 +63,9 @@ from ..contracts.predict_records import (
     write_predict_summary,
 )
 from ..errors import FootprintsError, InputError, StageError, printable
+from ..model.domain import REFERENCE_KEY, usable_reference, warn_threshold
 from ..prediction.calibration import checkpoint_calibration, resolve_calibration
+from ..prediction.domain import domain_warning, score_for_predict
 from ..prediction.outputs import check_outputs, distinct_ids
 from ..prediction.scene import (
     PredictSettings,
@@ -96,6 +104,7 @@ def predict_source(
         done = read_predict_scene_record(sp.record)
         if done is not None:
             return done, True
+    previous = None if overwrite else read_predict_scene_record(sp.record)  # its domain score, if still valid
     # the scene's own settings: its target GSD when it is read at the model's (prob_key says so)
     with open_for_model(source, settings) as (reader, scene_settings):
         vectorise = Vectoriser(vector, settings.block_size, source.scene_id, reader.gsd_m)
@@ -104,6 +113,7 @@ def predict_source(
                                                                vectorise)
         if reused:
             raw = vectorise(prob_path)
+        score = score_for_predict(reader, scene_settings, previous)
         t0 = time.perf_counter()
         # true metres: where outlines are regularised, and the GeoPackage's CRS
         out_crs = metric_crs_for(reader.transform, reader.crs, reader.width, reader.height)
@@ -113,13 +123,15 @@ def predict_source(
             gdf = regularize_footprints(raw, pixel_size_m=reader.gsd_m, metric_crs=out_crs)
         else:
             gdf = raw
+        if score is not None:  # every footprint of the scene carries it, after the fixed columns
+            gdf, raw = gdf.assign(domain_score=score), raw.assign(domain_score=score)
         write_geojson(gdf, sp.geojson)
         write_gpkg(gdf, sp.gpkg, crs=out_crs, more_layers={RAW_LAYER: raw} if settings.regularize else None)
         record = PredictSceneRecord(
             scene_id=source.scene_id, prob_key=scene_settings.prob_key, prob=prob_summary, vector=vector,
             polygons=len(gdf), crs="" if reader.crs is None else reader.crs.to_string(), area_km2=_area_km2(reader),
             vector_seconds=vectorise.seconds + time.perf_counter() - t0, geojson=str(sp.geojson),
-            gpkg=str(sp.gpkg), prob_reused=reused, key=key,
+            gpkg=str(sp.gpkg), prob_reused=reused, key=key, domain_score=score,
         )  # fmt: skip
     return write_predict_scene_record(sp.record, record, [sp.prob, sp.geojson, sp.gpkg]), False
 
@@ -189,6 +201,7 @@ def build_settings(cfg: Config, checkpoint: Path | None, meta: dict[str, Any], c
     # with a target_gsd every scene is resampled to it anyway
     trained_at = gsd_range(meta.get(TRAINING_GSD))
     match = trained_at if pcfg.match_model_gsd and not target_gsd else None
+    reference = usable_reference(meta.get(REFERENCE_KEY), meta.get("in_channels"))
     return PredictSettings(
         checkpoint=str(checkpoint or ""), fingerprint=fingerprint, data=data_cfg,
         tile=TileConfig(size=size, stride=size, target_gsd=target_gsd), overlap=pcfg.overlap,
@@ -196,7 +209,8 @@ def build_settings(cfg: Config, checkpoint: Path | None, meta: dict[str, Any], c
         prob_dtype=pcfg.prob_dtype, device=pcfg.device, hole_area_m2=pcfg.hole_area_m2,
         simplify_px=pcfg.simplify_px, classes=tuple(meta.get("classes") or SCHEMES["binary"].classes),
         watershed=pcfg.instances == "watershed", regularize=pcfg.regularize, model_gsd=match,
-        training_gsd=trained_at,
+        training_gsd=trained_at, domain=reference is not None,
+        domain_warn=None if reference is None else warn_threshold(reference, pcfg.domain_warn),
     )  # fmt: skip
 
 
@@ -298,6 +312,12 @@ def run(
         raise StageError(f"predict: no scene could be predicted ({bad_inputs} refused; see the errors above)")
     log.info("predict: %d scene(s), tile %d px, overlap %.0f%%, block %d px -> %s", len(sources),
              settings.tile.size, 100 * settings.overlap, settings.block_size, scene_dir)
+    if settings.domain and settings.domain_warn is not None and settings.domain_warn != cfg.predict.domain_warn:
+        log.info("predict: domain warning above %g, the largest score of the model's validation scenes (above "
+                 "predict.domain_warn %g)", settings.domain_warn, cfg.predict.domain_warn)
+    if not settings.domain:
+        log.info("predict: %s holds no out-of-domain reference (made before the check, or its backbone was "
+                 "trained): no domain score", printable(ckpt))
     if inputs and remove_stale_temporaries(scene_dir):  # a run's own folder is cleaned by the runner
         log.info("predict: removed temporary files of an interrupted run from %s", scene_dir)
 
@@ -323,6 +343,9 @@ def run(
             note = gsd_note(source.scene_id, result[0].prob, settings)
             if note:
                 log.info("predict: %s", note)
+            far = domain_warning(source.scene_id, result[0].domain_score, settings.domain_warn)
+            if far:
+                log.warning("predict: %s", far)
     if not records:
         raise StageError(f"predict: no scene could be predicted ({failed} failed; see the errors above)")
     # the merged layers are up to date when every scene's record is (the run's summary is their record)

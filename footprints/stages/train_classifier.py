@@ -35,12 +35,14 @@ from ..contracts.model_gsd import TRAINING_GSD, training_gsd
 from ..contracts.paths import RunPaths
 from ..errors import StageError
 from ..model.device import resolve_device
+from ..model.domain import REFERENCE_KEY
 from ..model.losses import resolve_class_weights, weighted_ce_sums
 from ..model.mlp import MLP
 from ..scenes.targets import ClassScheme, scheme_for
 from ..scoring.metrics import confusion, pixel_metrics
 from ..scoring.plots import write_learning_curve
 from ..training.data import derive_seed
+from ..training.domain_reference import build_reference
 from ..training.finetune import check_compatible, describe_shift, load_parent
 
 log = logging.getLogger(__name__)
@@ -373,6 +375,10 @@ def run(cfg: Config, overwrite: bool = False) -> dict[str, Any]:
     }
     if parent is not None:
         checkpoint["parent"] = parent.record()  # what it was fine-tuned from: path, file digest, kind
+    # what the training pixels looked like, in the model's own standardised units: predict's out-of-domain check
+    reference = build_reference(feat_dir, meta["layers"], model.mean.numpy(), model.std.numpy(), cfg.seed)
+    if reference is not None:
+        checkpoint[REFERENCE_KEY] = reference
     out_dir.mkdir(parents=True, exist_ok=True)
     save_checkpoint(ckpt_path, checkpoint)
     history = ([record["start"]] if "start" in record else []) + record["history"]  # the parent: epoch 0

@@ -2,10 +2,10 @@
 
 `build_model` makes the model, optimizer, scheduler and AMP scaler, either fresh (the exact 1x1-conv
 conversion of the classifier, its meta completed with the class weights of the training patches, the
-classifier's file digest and, for a fine-tuned classifier, its `parent`) or from a checkpoint (every state
-put back, random generators included), and returns where the epoch loop starts. The order of its steps is
-part of exactness: the generators are restored after the optimizer exists and before anything else draws
-from them.
+classifier's file digest, its out-of-domain reference and, for a fine-tuned classifier, its `parent`) or
+from a checkpoint (every state put back, random generators included), and returns where the epoch loop
+starts. The order of its steps is part of exactness: the generators are restored after the optimizer exists
+and before anything else draws from them.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from ..contracts.manifest import class_pixels
 from ..contracts.model_gsd import TRAINING_GSD, training_gsd
 from ..contracts.paths import RunPaths
 from ..errors import InputError, StageError
+from ..model.domain import REFERENCE_KEY
 from ..model.losses import resolve_class_weights
 from ..model.segmenter import build_segmenter, scheme_of, segmenter_from_classifier
 from ..polygons.inference import amp_dtype
@@ -112,6 +113,19 @@ def log_config_changes(cfg: Config, old: dict[str, Any]) -> None:
         log.warning("seed changed since the checkpoint (%s -> %s)", old.get("seed"), cfg.seed)
 
 
+def carry_domain_reference(meta: dict[str, Any], reference: Any, train_backbone: bool) -> None:
+    """The classifier's out-of-domain reference (`footprints.training.domain_reference`) into the segmenter's
+    meta, for predict; not for a segmenter that trains its backbone, whose features then drift from those
+    the reference describes (predict gives its scenes no score rather than a wrong one)."""
+    if reference is None:
+        return
+    if train_backbone:
+        log.info("segmenter.train_backbone: the classifier's out-of-domain reference describes the frozen "
+                 "backbone's features; predict gives this model's scenes no domain score")
+        return
+    meta[REFERENCE_KEY] = reference
+
+
 def build_model(cfg: Config, info: DistInfo, device: torch.device, paths: RunPaths, train_rows: Any,
                 resume: dict[str, Any] | None, classifier_digest: str | None) -> tuple[Built, StartPoint]:
     """The model to train and where to start: converted from the classifier (`resume` None) or restored
@@ -128,9 +142,11 @@ def build_model(cfg: Config, info: DistInfo, device: torch.device, paths: RunPat
         meta = dict(meta)
         meta["classifier_digest"] = classifier_digest
         # a fine-tuned classifier's parent (classifier.init_from) is the segmenter's ancestor too
-        parent = load_checkpoint(clf, kind="classifier", mmap=True).get("parent")
+        clf_state = load_checkpoint(clf, kind="classifier", mmap=True)
+        parent = clf_state.get("parent")
         if parent:
             meta["parent"] = dict(parent)
+        carry_domain_reference(meta, clf_state.get(REFERENCE_KEY), scfg.train_backbone)
         clf_weights = meta["class_weights"]
         meta["class_weights"] = class_weights(cfg, paths, train_rows, int(meta["num_classes"]))
         warn_if_objective_changes(cfg, clf_weights, meta["class_weights"])
