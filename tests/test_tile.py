@@ -110,6 +110,17 @@ def test_assign_splits_deterministic_and_complete() -> None:
 # synthetic xView2: georeference and masks
 
 
+def test_validation_bands_count_as_one_scene_and_a_skipped_band_is_named(tmp_path, xview2_data) -> None:
+    cfg = make_cfg(tmp_path, xview2_data)
+    cfg.tile.val_band = 0.25
+    summary = run_tile(cfg)
+    # the two building-free scenes are skipped whole (every band of theirs), the four others read once each
+    assert (summary["scenes_found"], summary["scenes_read"], summary["scenes_skipped"]) == (6, 4, 2)
+    bands = [s.get("band") for s in summary["skipped"]]
+    assert set(bands) <= {None, "rows 0-75%", "rows 75-100%"} and any(bands)  # a band says which rows it is
+    assert len({(s["file"], s.get("band")) for s in summary["skipped"]}) == len(summary["skipped"])
+
+
 def test_xview2_patches_lie_on_the_scene_and_masks_match(tmp_path, xview2_data) -> None:
     cfg = make_cfg(tmp_path, xview2_data)
     summary = run_tile(cfg)

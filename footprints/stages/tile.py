@@ -340,6 +340,16 @@ def _with_val_bands(sources: list[SceneSource], cfg: Config) -> tuple[list[Scene
     return out, splits
 
 
+def _band_note(src: SceneSource) -> str:
+    """' (rows 75-100%)' for a band of a scene (`tile.val_band`), '' for a whole scene."""
+    return f" (rows {round(100 * src.rows[0])}-{round(100 * src.rows[1])}%)" if src.rows else ""
+
+
+def _scene_count(sources: Iterable[SceneSource]) -> int:
+    """How many scenes `sources` hold: the two bands of a scene (`tile.val_band`) are one scene."""
+    return len({s.image for s in sources})
+
+
 def run(cfg: Config, overwrite: bool = False) -> dict[str, Any]:
     """Tile every discovered scene (in parallel), assemble the manifest and summary; return the summary.
 
@@ -376,8 +386,10 @@ def run(cfg: Config, overwrite: bool = False) -> dict[str, Any]:
         if error is not None:
             bad = as_input_error(error, src.image)
             reason, path = bad.reason, bad.path
-            log.error("%s: %s (scene skipped)", path, reason)
+            log.error("%s%s: %s (%s skipped)", path, _band_note(src), reason, "band" if src.rows else "scene")
             skipped.append({"scene_id": src.scene_id, "file": path, "reason": reason})
+            if src.rows:  # which band of the scene (`tile.val_band`): the other one may have been tiled
+                skipped[-1]["band"] = _band_note(src).strip(" ()")
             continue
         ok_ids.add(src.scene_id)
         if result.status == "done":
@@ -427,7 +439,7 @@ def _source_summary(cfg: Config, sources: list[SceneSource], usable: list[SceneS
                     ) -> dict[str, dict[str, Any]]:
     """Per data source: where it is, how it is read, and its scenes and patches per split (warned about: a
     source missing from a split, which then scores or selects nothing of it)."""
-    skipped_ids = {s["scene_id"] for s in skipped}
+    read = {s.image for s in usable}
     out: dict[str, dict[str, Any]] = {}
     for _, name, data in data_sections(cfg.data):
         mine = [s for s in sources if s.source_name == name]
@@ -436,11 +448,11 @@ def _source_summary(cfg: Config, sources: list[SceneSource], usable: list[SceneS
                    and any(v[split]["scenes"] for v in by_source.values())]
         if missing:
             log.warning("tile: data source %r has no %s scene (%d scene(s) read)", name, " or ".join(missing),
-                        sum(s.source_name == name for s in usable))
+                        _scene_count(s for s in usable if s.source_name == name))
         out[str(name)] = {
             "root": data.root, "format": data.format, "label_format": data.label_format,
-            "scenes_found": len(mine), "scenes_read": sum(s.source_name == name for s in usable),
-            "scenes_skipped": sum(s.scene_id in skipped_ids for s in mine),
+            "scenes_found": _scene_count(mine), "scenes_read": _scene_count(s for s in usable if s.source_name == name),
+            "scenes_skipped": _scene_count(s for s in mine if s.image not in read),
             "patches": sum(v["patches"] for v in splits.values()), "splits": splits,
         }
     return out
@@ -452,11 +464,11 @@ def _summary(cfg: Config, sources: list[SceneSource], usable: list[SceneSource],
     return {
         "stage": "tile",
         "tile_dir": str(RunPaths.of(cfg).tile),
-        "scenes_found": len(sources),
-        "scenes_read": len(usable),
+        "scenes_found": _scene_count(sources),
+        "scenes_read": _scene_count(usable),
         "scenes_tiled_now": tiled,
         "scenes_already_done": resumed,
-        "scenes_skipped": len(skipped),
+        "scenes_skipped": _scene_count(s for s in sources if s.image not in {u.image for u in usable}),
         "skipped": skipped,
         "patches": sum(v["patches"] for v in per_split.values()),
         "splits": per_split,
@@ -482,5 +494,5 @@ def _log_summary(s: dict[str, Any]) -> None:
         log.info("tile: source %s: %d scenes read, %d patches (train %d, val %d, test %d scenes)", name,
                  v["scenes_read"], v["patches"], *(v["splits"][split]["scenes"] for split in SPLITS))
     for sk in s["skipped"]:
-        log.info("tile: skipped %s: %s", sk["file"], sk["reason"])
+        log.info("tile: skipped %s%s: %s", sk["file"], f" ({sk['band']})" if "band" in sk else "", sk["reason"])
 
