@@ -240,6 +240,27 @@ def test_rerun_skips_done_scenes_revectorises_on_new_threshold_and_reports_a_bad
     assert fourth["skipped"] == 0 and prob.stat().st_mtime_ns != mtime
 
 
+def test_predict_amp_and_compile_reach_the_model_and_full_precision_is_another_raster(tmp_path: Path, monkeypatch):
+    """`predict.amp` goes to every window's autocast and `predict.compile` compiles the model once per process
+    (the predict stage used to honour neither; only `bench predict` did)."""
+    import footprints.model.segmenter as segmenter_module
+    import footprints.prediction.scene as scene_module
+
+    amps, compiled = [], []
+    monkeypatch.setattr(scene_module, "predict_scene", lambda *a, **kw: amps.append(kw["amp"]) or predict_scene(*a, **kw))
+    monkeypatch.setattr(segmenter_module, "compile_segmenter",
+                        lambda model, size, device=None: compiled.append(size) or model)  # no compiler on CI
+    _painted_scene(tmp_path / "images" / "s.tif", UTM, "EPSG:32631")
+    cfg = _cfg(tmp_path, threshold=0.5, min_area_m2=0.0, checkpoint=str(red_checkpoint(tmp_path / "model")))
+    first = run_predict(cfg, inputs=[str(tmp_path / "images")])
+    assert amps == [True] and compiled == [] and first["polygons"] == 1
+    key = json.loads((Path(first["scene_dir"]) / "s.json").read_text())["prob_key"]
+    cfg.predict.amp, cfg.predict.compile = False, True
+    second = run_predict(cfg, inputs=[str(tmp_path / "images")])
+    assert amps == [True, False] and compiled == [(TILE, TILE)] and second["skipped"] == 0
+    assert json.loads((Path(second["scene_dir"]) / "s.json").read_text())["prob_key"] != key
+
+
 # ---------------------------------------------------------------------------------------------------
 # the real segmenter, from a checkpoint file
 

@@ -73,6 +73,8 @@ class PredictSettings:
     # neither this nor the warning threshold changes a probability raster (not in `prob_params`)
     domain: bool = False
     domain_warn: float | None = None
+    amp: bool = True  # bf16/fp16 autocast on CUDA (`predict.amp`); ignored on CPU
+    compile: bool = False  # torch.compile the segmenter once per process (`predict.compile`)
 
     @property
     def scheme(self) -> ClassScheme:
@@ -90,6 +92,8 @@ class PredictSettings:
             # scenes outside the training GSDs are read at their median: a checkpoint without the record, or
             # predict.match_model_gsd false, keeps the key of before
             **({"match_model_gsd": list(self.model_gsd)} if self.model_gsd is not None else {}),
+            # full precision on CUDA is another raster; the default (autocast) keeps the key of before
+            **({"amp": False} if not self.amp else {}),
         }))  # fmt: skip
 
     @property
@@ -98,16 +102,22 @@ class PredictSettings:
 
 
 # one model (and its meta) per worker process, loaded on first use (map_scenes ships only the checkpoint path)
-_MODELS: dict[tuple[str, str], tuple[Any, dict[str, Any]]] = {}
+_MODELS: dict[tuple[str, str, bool], tuple[Any, dict[str, Any]]] = {}
 
 
 def _loaded(settings: PredictSettings) -> tuple[Any, dict[str, Any]]:
-    key = (settings.checkpoint, settings.device)
+    key = (settings.checkpoint, settings.device, settings.compile)
     if key not in _MODELS:
         from ..model.segmenter import load_segmenter
 
         _MODELS.clear()
-        _MODELS[key] = load_segmenter(settings.checkpoint, resolve_device(settings.device))
+        device = resolve_device(settings.device)
+        model, meta = load_segmenter(settings.checkpoint, device)
+        if settings.compile:
+            from ..model.segmenter import compile_segmenter
+
+            model = compile_segmenter(model, (settings.tile.size, settings.tile.size), device)
+        _MODELS[key] = (model, meta)
     return _MODELS[key]
 
 
@@ -174,15 +184,16 @@ def gsd_note(scene_id: str, prob: dict[str, Any], settings: PredictSettings) -> 
 
 
 def predict_probability(reader: Any, model: Model, path: Path, settings: PredictSettings,
-                        alongside: Callable[[Path], Any] | None = None, *, amp: bool = True,
+                        alongside: Callable[[Path], Any] | None = None, *, amp: bool | None = None,
                         progress: bool = True) -> dict[str, Any]:
     """The probability COG of `reader`'s scene at `path` with the settings' windows, batches, blocks, flips,
     storage, device and classes (`footprints.polygons.inference.predict_scene`; `alongside` runs on the finished
-    probabilities while the COG is written)."""
+    probabilities while the COG is written); `amp` None: the settings'."""
     return predict_scene(
         reader, model, path, tile_size=settings.tile.size, overlap=settings.overlap,
         batch_size=settings.batch_size, block_size=settings.block_size, tta_flips=settings.tta_flips,
-        prob_dtype=settings.prob_dtype, device=resolve_device(settings.device), scheme=settings.scheme, amp=amp,
+        prob_dtype=settings.prob_dtype, device=resolve_device(settings.device), scheme=settings.scheme,
+        amp=settings.amp if amp is None else amp,
         progress=progress, alongside=alongside,
     )  # fmt: skip
 

@@ -210,7 +210,8 @@ def build_settings(cfg: Config, checkpoint: Path | None, meta: dict[str, Any], c
         simplify_px=pcfg.simplify_px, classes=tuple(meta.get("classes") or SCHEMES["binary"].classes),
         watershed=pcfg.instances == "watershed", regularize=pcfg.regularize, model_gsd=match,
         training_gsd=trained_at, domain=reference is not None,
-        domain_warn=None if reference is None else warn_threshold(reference, pcfg.domain_warn),
+        domain_warn=None if reference is None else warn_threshold(reference, pcfg.domain_warn), amp=pcfg.amp,
+        compile=pcfg.compile,
     )  # fmt: skip
 
 
