@@ -13,7 +13,7 @@ import shapely
 from affine import Affine
 from pyproj import CRS, Geod
 
-from footprints.benchmarks.vectorize import bench_vectorize
+from footprints.benchmarks.vectorize import bench_vectorize, blobs_for
 from footprints.config import Config
 from footprints.contracts.footprint_files import write_geojson, write_gpkg
 from footprints.polygons.vectorize import polygons_from_probability
@@ -250,12 +250,14 @@ def test_pixel_space_without_crs():
 
 
 def test_bench_vectorize_runs():
-    out = bench_vectorize(Config(), repeats=1)
-    assert out["pixels"] == 4096 * 4096
+    cfg = Config()
+    cfg.predict.block_size = 1024  # a quarter of the 2048 px raster: blocks are merged as on a full-size run
+    out = bench_vectorize(cfg, repeats=1, size=2048)
+    assert out["pixels"] == 2048 * 2048 and out["block_size"] == 1024
     # all cleaning drops only blobs under the 5 m2 area limit: the polygon counts are close
     assert 0.9 * out["bare_polygons"] <= out["polygons"] <= out["bare_polygons"]
     # the touching pairs (30% of the blobs) are split by the watershed
-    assert out["watershed_polygons"] >= out["polygons"] + 0.2 * 3000 * 0.3
+    assert out["watershed_polygons"] >= out["polygons"] + 0.2 * blobs_for(2048) * 0.3
     # regularising keeps each building's outline: its median IoU with the raw outline is high
     assert out["regularized_median_iou"] >= 0.8
     assert out["regularized_kept_raw"] < 0.05 * out["watershed_polygons"]

@@ -23,13 +23,12 @@ from ..synth.dataset import write_synthetic_dataset
 log = logging.getLogger(__name__)
 
 
-def bench_tile(cfg: Config) -> dict[str, Any]:
+def bench_tile(cfg: Config, n_scenes: int = 4, scene_size: int = 1024) -> dict[str, Any]:
     """Tile stage throughput vs the I/O floor (plain windowed read + GeoTIFF write of the same windows).
 
-    Builds 4 synthetic 1024 px GeoTIFF scenes with GeoJSON labels in a temp dir; times the stage
-    in-process (workers=0) and the floor in the same run; returns patches per second of each and the ratio.
+    Builds `n_scenes` synthetic `scene_size` px GeoTIFF scenes with GeoJSON labels in a temp dir; times the
+    stage in-process (workers=0) and the floor in the same run; returns patches per second of each and the ratio.
     """
-    n_scenes, scene_size = 4, 1024
     with tempfile.TemporaryDirectory(prefix="bench_tile_") as tmp:
         root = Path(tmp)
         write_synthetic_dataset(root / "data", n_scenes=n_scenes, seed=cfg.seed, size=scene_size, geotiff=True)

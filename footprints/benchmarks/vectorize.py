@@ -43,10 +43,15 @@ def synthetic_probability(size: int = 4096, n_blobs: int = 3000, seed: int = 0, 
     return (prob, interior) if with_seed else prob
 
 
-def bench_vectorize(cfg: Any, repeats: int = 3) -> dict[str, Any]:
+def blobs_for(size: int) -> int:
+    """The bench's number of blobs on a `size` px raster: 3,000 on 4096 px, the same density elsewhere."""
+    return round(3000 * (size / 4096) ** 2)
+
+
+def bench_vectorize(cfg: Any, repeats: int = 3, size: int = 4096) -> dict[str, Any]:
     """Pixels/s of `polygons_from_probability` (all cleaning, `predict.block_size` blocks) vs bare `shapes`.
 
-    All run on the same 4096 x 4096 synthetic raster in one process, interleaved `repeats` times; the best
+    All run on the same `size` x `size` synthetic raster (3,000 blobs on 4096 px, as dense on others) in one process, interleaved `repeats` times; the best
     time of each is kept (the machine is shared, the minimum is the least disturbed). The bare baseline is
     only `rasterio.features.shapes` on the precomputed mask (thresholding not even counted); ours starts
     from the probabilities. ratio = ours / bare pixels per second (target >= 0.5), connected components,
@@ -54,8 +59,7 @@ def bench_vectorize(cfg: Any, repeats: int = 3) -> dict[str, Any]:
     watershed (seed band: each building's interior), and `regularized_ratio`, watershed + regularisation
     of its polygons (`footprints.polygons.regularize`, one core; timed once, it is the slow part).
     """
-    size = 4096
-    prob, seed_band = synthetic_probability(size=size, n_blobs=3000, seed=0, with_seed=True)
+    prob, seed_band = synthetic_probability(size=size, n_blobs=blobs_for(size), seed=0, with_seed=True)
     transform = Affine(0.5, 0, 680000.0, 0, -0.5, 7460000.0)  # 0.5 m pixels in UTM 23S (Rio de Janeiro)
     crs = "EPSG:32723"
     pcfg = getattr(cfg, "predict", None)
