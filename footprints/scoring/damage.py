@@ -1,0 +1,85 @@
+"""Damage grades scored as xView2 scores them (issue 26), from a confusion matrix of the four grades.
+
+xView2's damage score is the harmonic mean of the four grades' F1 (no-damage, minor, major, destroyed),
+each counted over the truth buildings' pixels; its overall score is 0.3 x localisation F1 + 0.7 x damage F1.
+`un-classified` truth is left out, as xView2 leaves it out. The same counts per building (each building
+once, `weights` None) give the per-building figures; with each building's pixel count as its weight they are
+xView2's pixel figures (a building's grade painted over its truth pixels). Beside them: the binary
+damaged/undamaged macro F1 (no-damage against the three damaged grades).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+GRADES = ("no-damage", "minor-damage", "major-damage", "destroyed")
+UNCLASSIFIED = "un-classified"  # xView2's unknown grade: neither trained on nor scored
+LOCALISATION_WEIGHT = 0.3  # xView2's overall score: 0.3 x localisation F1 + 0.7 x damage F1
+
+
+def grade_index(grade: str | int) -> int | None:
+    """The index of a grade name (or an index already), None for `un-classified`; a clear error otherwise."""
+    if isinstance(grade, (int, np.integer)):
+        if not 0 <= int(grade) < len(GRADES):
+            raise ValueError(f"damage grade index {grade} is not in 0..{len(GRADES) - 1}")
+        return int(grade)
+    if grade == UNCLASSIFIED:
+        return None
+    try:
+        return GRADES.index(grade)
+    except ValueError:
+        raise ValueError(f"unknown damage grade {grade!r} (expected one of {', '.join(GRADES)} or "
+                         f"{UNCLASSIFIED})") from None
+
+
+def grade_confusion(truth: Sequence[str | int], predicted: Sequence[str | int],
+                    weights: Sequence[float] | None = None) -> np.ndarray:
+    """(4, 4) float64 counts, rows the truth grade, columns the predicted one; each pair counts its weight
+    (1 per building, or its pixel count). Pairs whose truth is `un-classified` are left out."""
+    if len(truth) != len(predicted) or (weights is not None and len(weights) != len(truth)):
+        raise ValueError(f"grade_confusion: {len(truth)} truths, {len(predicted)} predictions"
+                         + ("" if weights is None else f", {len(weights)} weights"))
+    out = np.zeros((len(GRADES), len(GRADES)))
+    for i, (t, p) in enumerate(zip(truth, predicted, strict=True)):
+        row = grade_index(t)
+        if row is None:
+            continue
+        col = grade_index(p)
+        if col is None:
+            raise ValueError("grade_confusion: a prediction cannot be un-classified")
+        out[row, col] += 1.0 if weights is None else float(weights[i])
+    return out
+
+
+def _f1(tp: float, fp: float, fn: float) -> float:
+    return 2 * tp / (2 * tp + fp + fn) if tp > 0 else 0.0
+
+
+def damage_scores(confusion: np.ndarray) -> dict[str, Any]:
+    """Per-grade precision, recall, F1 and support, xView2's damage F1 (the harmonic mean of the four F1: 0
+    when a grade's F1 is 0) and the damaged/undamaged macro F1, from `grade_confusion`'s matrix."""
+    c = np.asarray(confusion, np.float64)
+    per_grade: dict[str, dict[str, float]] = {}
+    for k, grade in enumerate(GRADES):
+        tp, fp, fn = c[k, k], c[:, k].sum() - c[k, k], c[k, :].sum() - c[k, k]
+        per_grade[grade] = {"precision": tp / (tp + fp) if tp + fp > 0 else 0.0,
+                            "recall": tp / (tp + fn) if tp + fn > 0 else 0.0,
+                            "f1": _f1(tp, fp, fn), "support": float(c[k, :].sum())}
+    f1s = [per_grade[g]["f1"] for g in GRADES]
+    damage_f1 = len(f1s) / sum(1 / f for f in f1s) if all(f > 0 for f in f1s) else 0.0
+    # no-damage (index 0) against the three damaged grades
+    undamaged_tp, damaged_tp = c[0, 0], c[1:, 1:].sum()
+    undamaged_fp, undamaged_fn = c[1:, 0].sum(), c[0, 1:].sum()
+    binary = {"undamaged_f1": _f1(undamaged_tp, undamaged_fp, undamaged_fn),
+              "damaged_f1": _f1(damaged_tp, undamaged_fn, undamaged_fp)}
+    binary["macro_f1"] = (binary["undamaged_f1"] + binary["damaged_f1"]) / 2
+    return {"per_grade": per_grade, "damage_f1": damage_f1, "binary": binary,
+            "confusion": c.tolist(), "grades": list(GRADES)}
+
+
+def xview2_score(localisation_f1: float, damage_f1: float) -> float:
+    """xView2's overall score: 0.3 x localisation F1 + 0.7 x damage F1."""
+    return LOCALISATION_WEIGHT * localisation_f1 + (1 - LOCALISATION_WEIGHT) * damage_f1

@@ -1,0 +1,51 @@
+"""xView2's damage figures from grades (footprints.scoring.damage), checked against counts worked by hand."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from footprints.scoring.damage import GRADES, damage_scores, grade_confusion, xview2_score
+
+
+def test_a_perfect_grading_scores_one_everywhere():
+    truth = list(GRADES) * 2
+    scores = damage_scores(grade_confusion(truth, truth))
+    assert scores["damage_f1"] == 1.0 and scores["binary"]["macro_f1"] == 1.0
+    assert all(g["f1"] == 1.0 and g["support"] == 2 for g in scores["per_grade"].values())
+
+
+def test_counts_per_building_by_hand_unclassified_left_out_and_a_zero_grade_zeroes_the_harmonic_mean():
+    truth = ["no-damage", "no-damage", "minor-damage", "major-damage", "destroyed", "destroyed", "un-classified"]
+    pred = ["no-damage", "minor-damage", "minor-damage", "destroyed", "destroyed", "major-damage", "no-damage"]
+    c = grade_confusion(truth, pred)
+    assert c.tolist() == [[1, 1, 0, 0], [0, 1, 0, 0], [0, 0, 0, 1], [0, 0, 1, 1]]  # the un-classified pair is out
+    s = damage_scores(c)
+    f1 = {g: v["f1"] for g, v in s["per_grade"].items()}
+    assert f1 == pytest.approx({"no-damage": 2 / 3, "minor-damage": 2 / 3, "major-damage": 0.0, "destroyed": 0.5})
+    assert s["per_grade"]["no-damage"]["recall"] == 0.5 and s["per_grade"]["minor-damage"]["precision"] == 0.5
+    assert s["damage_f1"] == 0.0  # xView2's harmonic mean: a grade never found scores the whole 0
+    # no-damage vs damaged: 1 of 2 undamaged found, all 4 damaged called damaged, 1 undamaged called damaged
+    assert s["binary"]["undamaged_f1"] == pytest.approx(2 / 3) and s["binary"]["damaged_f1"] == pytest.approx(8 / 9)
+    assert s["binary"]["macro_f1"] == pytest.approx(7 / 9)
+
+
+def test_pixel_weights_give_xview2s_pixel_figures_and_the_overall_score():
+    truth = ["no-damage", "minor-damage", "major-damage", "destroyed", "minor-damage"]
+    pred = [0, 1, 2, 3, 0]  # indices are grades too
+    c = grade_confusion(truth, pred, weights=[10, 20, 30, 40, 5])  # each building's pixel count
+    assert np.array_equal(c, [[10, 0, 0, 0], [5, 20, 0, 0], [0, 0, 30, 0], [0, 0, 0, 40]])
+    s = damage_scores(c)
+    assert s["damage_f1"] == pytest.approx(4 / (1 / 0.8 + 1 / (40 / 45) + 1 + 1))
+    assert xview2_score(0.8, 0.5) == pytest.approx(0.3 * 0.8 + 0.7 * 0.5)
+
+
+@pytest.mark.parametrize("truth,pred,message", [
+    (["collapsed"], ["destroyed"], "unknown damage grade 'collapsed'"),
+    (["destroyed"], ["un-classified"], "a prediction cannot be un-classified"),
+    (["destroyed"], [7], "damage grade index 7"),
+    (["destroyed", "destroyed"], ["destroyed"], "2 truths, 1 predictions"),
+])
+def test_bad_grades_are_named(truth, pred, message):
+    with pytest.raises(ValueError, match=message):
+        grade_confusion(truth, pred)
