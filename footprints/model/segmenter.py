@@ -157,17 +157,18 @@ def segmenter_from_classifier(
     stride: int = 2,
     train_backbone: bool = False,
     device: str | torch.device = "cpu",
+    where: Path | None = None,
 ) -> tuple[Segmenter, dict[str, Any]]:
     """Exact conversion of a train-classifier checkpoint (dict or path) into a Segmenter, and its meta.
 
     The backbone gets the weights the features were computed with (`ckpt["backbone"]`); the MLP's
-    layers become 1x1 convs with the normaliser folded into conv1 (`DenseHead.from_mlp`).
+    layers become 1x1 convs with the normaliser folded into conv1 (`DenseHead.from_mlp`). `where`: the file
+    a dict was loaded from, named by the errors.
     """
-    path = None
     if not isinstance(ckpt, Mapping):
-        path = Path(ckpt)
-        ckpt = load_checkpoint(path, kind="classifier")
-    where = path if path is not None else Path("<classifier checkpoint>")
+        where = Path(ckpt)
+        ckpt = load_checkpoint(where, kind="classifier")
+    where = where if where is not None else Path("<classifier checkpoint>")
     missing = [k for k in REQUIRED["classifier"] if k not in ckpt]
     if missing:
         raise InputError(where, f"not a classifier checkpoint (missing {missing})")

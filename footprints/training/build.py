@@ -138,11 +138,11 @@ def build_model(cfg: Config, info: DistInfo, device: torch.device, paths: RunPat
             raise StageError(f"{clf}: not found; run train-classifier first")
         # a random backbone (backbone.weights: random) must come out the same on every rank and rerun
         torch.manual_seed(derive_seed(cfg.seed, "init"))
-        model, meta = segmenter_from_classifier(clf, scfg.stride, scfg.train_backbone)
+        clf_state = load_checkpoint(clf, kind="classifier", mmap=True)  # read once: conversion and meta
+        model, meta = segmenter_from_classifier(clf_state, scfg.stride, scfg.train_backbone, where=clf)
         meta = dict(meta)
         meta["classifier_digest"] = classifier_digest
         # a fine-tuned classifier's parent (classifier.init_from) is the segmenter's ancestor too
-        clf_state = load_checkpoint(clf, kind="classifier", mmap=True)
         parent = clf_state.get("parent")
         if parent:
             meta["parent"] = dict(parent)
