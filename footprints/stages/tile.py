@@ -413,7 +413,7 @@ def run(cfg: Config, overwrite: bool = False) -> dict[str, Any]:
     totals, by_source = assemble_manifest_by_group(tile_dir, [s.scene_id for s in usable], splits, groups)
     summary = _summary(cfg, sources, usable, skipped, totals, tiled, resumed, time.perf_counter() - t0)
     if names:  # only with data.sources: a one-root run's summary keeps its keys
-        summary["sources"] = _source_summary(cfg, sources, usable, skipped, by_source)
+        summary["sources"] = _source_summary(cfg, sources, usable, by_source)
     summary = write_record(paths.tile_summary, key, [paths.manifest], **summary)
     _log_summary(summary)
     return summary
@@ -435,24 +435,21 @@ def _split_totals(totals: dict[str, dict[str, int]]) -> dict[str, dict[str, Any]
 
 
 def _source_summary(cfg: Config, sources: list[SceneSource], usable: list[SceneSource],
-                    skipped: list[dict[str, str]], by_source: dict[str, dict[str, dict[str, int]]]
-                    ) -> dict[str, dict[str, Any]]:
+                    by_source: dict[str, dict[str, dict[str, int]]]) -> dict[str, dict[str, Any]]:
     """Per data source: where it is, how it is read, and its scenes and patches per split (warned about: a
     source missing from a split, which then scores or selects nothing of it)."""
-    read = {s.image for s in usable}
     out: dict[str, dict[str, Any]] = {}
     for _, name, data in data_sections(cfg.data):
-        mine = [s for s in sources if s.source_name == name]
+        found = _scene_count(s for s in sources if s.source_name == name)
+        read = _scene_count(s for s in usable if s.source_name == name)
         splits = _split_totals(by_source.get(str(name), {}))
         missing = [split for split in SPLITS if not splits[split]["scenes"]
                    and any(v[split]["scenes"] for v in by_source.values())]
         if missing:
-            log.warning("tile: data source %r has no %s scene (%d scene(s) read)", name, " or ".join(missing),
-                        _scene_count(s for s in usable if s.source_name == name))
+            log.warning("tile: data source %r has no %s scene (%d scene(s) read)", name, " or ".join(missing), read)
         out[str(name)] = {
             "root": data.root, "format": data.format, "label_format": data.label_format,
-            "scenes_found": _scene_count(mine), "scenes_read": _scene_count(s for s in usable if s.source_name == name),
-            "scenes_skipped": _scene_count(s for s in mine if s.image not in read),
+            "scenes_found": found, "scenes_read": read, "scenes_skipped": found - read,  # a scene read in part is read
             "patches": sum(v["patches"] for v in splits.values()), "splits": splits,
         }
     return out
@@ -461,14 +458,15 @@ def _source_summary(cfg: Config, sources: list[SceneSource], usable: list[SceneS
 def _summary(cfg: Config, sources: list[SceneSource], usable: list[SceneSource], skipped: list[dict[str, str]],
              totals: dict[str, dict[str, int]], tiled: int, resumed: int, seconds: float) -> dict[str, Any]:
     per_split = _split_totals(totals)
+    found, read = _scene_count(sources), _scene_count(usable)
     return {
         "stage": "tile",
         "tile_dir": str(RunPaths.of(cfg).tile),
-        "scenes_found": _scene_count(sources),
-        "scenes_read": _scene_count(usable),
+        "scenes_found": found,
+        "scenes_read": read,
         "scenes_tiled_now": tiled,
         "scenes_already_done": resumed,
-        "scenes_skipped": _scene_count(s for s in sources if s.image not in {u.image for u in usable}),
+        "scenes_skipped": found - read,  # a scene with one of its bands read counts as read
         "skipped": skipped,
         "patches": sum(v["patches"] for v in per_split.values()),
         "splits": per_split,
