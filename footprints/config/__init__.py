@@ -20,6 +20,7 @@ from .schema import (
     ClusterConfig,
     Config,
     ConfigError,
+    DamageConfig,
     DataConfig,
     EvaluateConfig,
     FeaturesConfig,
@@ -33,7 +34,7 @@ from .yaml_source import MAX_CONFIG_BYTES, MAX_YAML_DEPTH, MAX_YAML_NODES, load_
 __all__ = [
     "CONFIG_VERSION", "GRID_KEYS", "INT64_MAX", "MAX_CONFIG_BYTES", "MAX_YAML_DEPTH", "MAX_YAML_NODES",
     "NAME_MAX", "OPEN", "RANGES", "SEED_MAX",
-    "BackboneConfig", "ClassifierConfig", "ClusterConfig", "Config", "ConfigError", "DataConfig",
+    "BackboneConfig", "ClassifierConfig", "ClusterConfig", "Config", "ConfigError", "DamageConfig", "DataConfig",
     "EvaluateConfig", "FeaturesConfig", "PredictConfig", "SegmenterConfig", "SlurmClusterConfig", "TileConfig",
     "config_from_dict", "load_config",
 ]

@@ -44,6 +44,9 @@ RANGES: dict[str, tuple[float | None, float | None]] = {
     "predict.seed_threshold_grid": (OPEN, 1), "predict.hole_area_m2": (0, None), "predict.simplify_px": (0, 10),
     "predict.domain_warn": (OPEN, None),
     "evaluate.iou_threshold": (OPEN, 1), "evaluate.overlays": (0, 1000),
+    "damage.pixels_per_building": (1, None), "damage.block_size": (64, None), "damage.hidden": (1, None),
+    "damage.dropout": (0, 0.99), "damage.epochs": (1, None), "damage.batch_size": (1, None),
+    "damage.lr": (OPEN, 1), "damage.weight_decay": (0, None), "damage.val_fraction": (OPEN, 0.9),
     "cluster.workers": (0, 1024), "cluster.threads_per_worker": (1, 1024), "cluster.slurm.cores": (1, None),
     "cluster.slurm.processes": (1, None), "cluster.slurm.jobs": (1, None), "cluster.slurm.adaptive_min": (0, None),
     "cluster.slurm.adaptive_max": (1, None), "cluster.slurm.startup_timeout": (0, None),
@@ -54,6 +57,8 @@ def _get(cfg: Config, dotted: str) -> Any:
     node: Any = cfg
     for part in dotted.split("."):
         node = getattr(node, part)
+        if node is None:  # an optional section that is off (damage: absent)
+            return None
     return node
 
 

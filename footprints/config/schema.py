@@ -215,6 +215,34 @@ class EvaluateConfig:
 
 
 @dataclass
+class DamageConfig:
+    """`damage:` a damage grade on every footprint from pre/post-disaster pairs (footprints.damage). The
+    section turns the damage stages on (`footprints all` and `cv` run train-damage and damage after predict);
+    without it the run has no damage stages."""
+
+    # backbone layers whose hypercolumns are averaged over each building's pixels ("pool": the five layers
+    # before each pooling, 1,472 channels; a preset name or a list, as backbone.layers)
+    layers: Any = "pool"
+    # what the classifier sees per building: the post-disaster hypercolumns, the pre-disaster ones, their
+    # difference (post - pre), or two of them side by side; log(area) is always added
+    inputs: Literal["post", "pre", "diff", "diff+post", "pre+post"] = "diff+post"
+    pixels_per_building: int = 256  # hypercolumns averaged per building (a seeded sample of its pixels)
+    block_size: int = 1024  # scene rows/cols run through the backbone at once (plus a halo of context)
+    hidden: int = 64
+    dropout: float = 0.5
+    epochs: int = 60
+    batch_size: int = 64
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    # weights from the training buildings' grade counts (inverse, its square root, or none)
+    class_weighting: Literal["inverse", "sqrt", "none"] = "inverse"
+    # the validation buildings: this fraction of the labelled buildings of the training scenes, drawn per grade
+    # (seeded), so that every grade is in both parts; test scenes are never used
+    val_fraction: float = 0.25
+    device: str = "auto"
+
+
+@dataclass
 class SlurmClusterConfig:
     queue: str | None = None
     account: str | None = None
@@ -260,6 +288,7 @@ class Config:
     segmenter: SegmenterConfig = field(default_factory=SegmenterConfig)
     predict: PredictConfig = field(default_factory=PredictConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    damage: DamageConfig | None = None  # None: no damage stages
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     source: str = field(default="<defaults>", metadata={"internal": True})
     # the YAML file this config was loaded from (None: the built-in defaults, with or without --set)

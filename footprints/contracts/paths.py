@@ -25,7 +25,10 @@ TRAIN_CLASSIFIER = "train-classifier"
 TRAIN_SEGMENTER = "train-segmenter"
 PREDICT = "predict"
 EVALUATE = "evaluate"
-STAGES = (TILE, FEATURES, TRAIN_CLASSIFIER, TRAIN_SEGMENTER, PREDICT, EVALUATE)
+TRAIN_DAMAGE = "train-damage"
+DAMAGE = "damage"
+STAGES = (TILE, FEATURES, TRAIN_CLASSIFIER, TRAIN_SEGMENTER, PREDICT, TRAIN_DAMAGE, DAMAGE, EVALUATE)
+DAMAGE_STAGES = (TRAIN_DAMAGE, DAMAGE)  # run only when the config has a `damage:` section
 CV = "cv"  # cross-validation summary of `footprints cv`
 REPORT = "report"
 
@@ -140,6 +143,37 @@ class RunPaths:
     def input_footprints(self) -> Path:
         """The merged GeoJSON of `predict --input` without `--output` (its scenes in `footprints_scenes/`)."""
         return self.predict / "input" / "footprints.geojson"
+
+    # ---- damage (a `damage:` section): train-damage/best.pt, damage/ the graded footprints and their scores
+    @property
+    def train_damage(self) -> Path:
+        return self.root / TRAIN_DAMAGE
+
+    @property
+    def damage_checkpoint(self) -> Path:
+        return self.train_damage / "best.pt"
+
+    @property
+    def damage_features(self) -> Path:
+        """Per-building pooled hypercolumns of the training scenes, one file per scene (`<scene>.npz`)."""
+        return self.train_damage / "features"
+
+    @property
+    def damage(self) -> Path:
+        return self.root / DAMAGE
+
+    @property
+    def damage_geojson(self) -> Path:
+        """The test split's footprints (predict's) with their grade: `damage` and `p_<grade>` properties."""
+        return self.damage / "footprints.geojson"
+
+    @property
+    def damage_gpkg(self) -> Path:
+        return self.damage / "footprints.gpkg"
+
+    @property
+    def damage_metrics(self) -> Path:
+        return self.damage / "metrics.json"
 
     # ---- evaluate
     @property
