@@ -28,6 +28,9 @@ _STAGE_HELP = {
     "train-classifier": "train the shallow class-weighted MLP (and a logistic-regression baseline)",
     "train-segmenter": "convert the MLP to 1x1 convolutions and train densely on whole patches",
     "predict": "whole-scene inference into probability GeoTIFFs and footprint polygons (GeoJSON, GPKG)",
+    "train-damage": "train the damage classifier on the training scenes' graded buildings (a damage: section)",
+    "damage": "grade the test split's footprints with the damage model (or, with --pre/--post/--footprints, any "
+              "footprints on any pre/post pair)",
     "evaluate": "pixel IoU/F1, polygon F1 at IoU 0.5 and the xView2 localisation F1 on the test split",
 }
 
@@ -107,6 +110,13 @@ def build_parser() -> argparse.ArgumentParser:
                 help="scenes to predict (GeoTIFF, or xView2 PNG with labels/ beside images/) instead of the test split",
             )
             p.add_argument("--output", help="GeoJSON path for the merged footprints of --input scenes")
+        if stage == "damage":
+            p.add_argument("--checkpoint", help="damage checkpoint (default: the run's train-damage/best.pt)")
+            p.add_argument("--pre", help="pre-disaster scene (GeoTIFF, or an xView2 PNG) to grade footprints on")
+            p.add_argument("--post", help="its post-disaster scene (any CRS: resampled onto the pre scene's grid)")
+            p.add_argument("--footprints", help="footprints to grade (GeoJSON, GeoPackage; any CRS), e.g. "
+                           "OpenStreetMap buildings")
+            p.add_argument("--output", help="GeoJSON path for the graded footprints (a GeoPackage beside it)")
 
     p = sub.add_parser("report", help="write a self-contained offline HTML map report of the run (or of "
                        "predict --input outputs)")
@@ -222,6 +232,13 @@ def _dispatch(args: argparse.Namespace, stage_options: dict[str, Any]) -> dict[s
         opts["load_saved_model"] = args.load_saved_model
     if args.command == "predict":
         opts.update(checkpoint=args.checkpoint, inputs=args.inputs, output=args.output)
+    if args.command == "damage" and any(getattr(args, k) for k in ("pre", "post", "footprints", "output")):
+        from .stages.damage import grade_files
+
+        return grade_files(cfg, checkpoint=args.checkpoint, pre=args.pre, post=args.post,
+                           footprints=args.footprints, output=args.output)
+    if args.command == "damage":
+        opts["checkpoint"] = args.checkpoint
     return run_stage(args.command, cfg, **opts, **stage_options)
 
 

@@ -35,6 +35,8 @@ STAGE_MODULES: dict[str, str] = {
     P.TRAIN_CLASSIFIER: "footprints.stages.train_classifier",
     P.TRAIN_SEGMENTER: "footprints.stages.train_segmenter",
     P.PREDICT: "footprints.stages.predict",
+    P.TRAIN_DAMAGE: "footprints.stages.train_damage",
+    P.DAMAGE: "footprints.stages.damage",
     P.EVALUATE: "footprints.stages.evaluate",
 }
 
@@ -292,10 +294,13 @@ def _discard_replaced(stage: str, aside: Path, owned: dict[str, list[int]]) -> N
 
 
 def run_all(cfg: Config, overwrite: bool = False, load_saved_model: bool = False) -> dict[str, Any]:
-    """Every stage in order; returns each stage's result by name."""
+    """Every stage in order (the damage stages when the config has a `damage:` section); returns each
+    stage's result by name."""
     results: dict[str, Any] = {}
     with _run_lock(cfg):  # no other run gets in between two stages
         for stage in P.STAGES:
+            if stage in P.DAMAGE_STAGES and cfg.damage is None:
+                continue
             log.info("=== stage %s ===", stage)
             opts: dict[str, Any] = {"overwrite": overwrite}
             if stage == P.TRAIN_SEGMENTER:

@@ -19,6 +19,8 @@ Kinds and the keys they must hold:
   tile size, class weights; `parent` when the classifier it was converted from was fine-tuned;
   `training_gsd` and `domain_reference`, absent from older checkpoints; no `domain_reference` when the backbone
   was trained), plus `config`.
+- `damage` (train-damage/best.pt): the grade MLP (`model`, `in_channels`, `hidden`, `dropout`), `grades`,
+  `layers`, `backbone`, `damage` (the damage: section it was trained with), `seed`, `epoch`, `config`.
 - `training` (last.pt when resuming): a segmenter checkpoint that also holds `epoch`, `step`, `optimizer`,
   `scheduler`, `rng` (every generator's state), `sampler`, `progress`, `history`, `best`.
 """
@@ -41,6 +43,7 @@ REQUIRED: dict[str, tuple[str, ...]] = {
     "classifier": ("model", "in_channels", "layers", "backbone"),
     "segmenter": ("model", "meta"),
     "training": ("model", "meta", "epoch", "step", "optimizer", "scheduler", "rng"),
+    "damage": ("model", "in_channels", "layers", "backbone", "grades", "damage"),
 }
 TRAINING_FORMAT = "footprints-segmenter-v1"
 

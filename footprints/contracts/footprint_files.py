@@ -19,8 +19,8 @@
   always the value measured in each scene's own projected CRS, whatever the merged layer's CRS.
 - `is_footprints_file`: whether an existing GeoJSON/GeoPackage is one footprints wrote (a layer with the
   footprint columns, or the QGIS style it adds): outputs replace only such files, never a user's own.
-- Every GeoPackage carries a default QGIS style (`layer_styles`): coloured by match status when the layer
-  has `status` (evaluation), else by `mean_prob`.
+- Every GeoPackage carries a default QGIS style (`layer_styles`): coloured by damage grade when the layer
+  has `damage` (the damage stage), by match status when it has `status` (evaluation), else by `mean_prob`.
 """
 
 from __future__ import annotations
@@ -87,8 +87,9 @@ def _schema_frame(gdf: gpd.GeoDataFrame) -> gpd.GeoDataFrame:
     return gdf[COLUMNS + extra + [gdf.geometry.name]]
 
 
-def write_geojson(gdf: gpd.GeoDataFrame, path: str | Path) -> Path:
-    """Write an RFC 7946 FeatureCollection (EPSG:4326 lon/lat, CCW exterior rings, no `crs` member).
+def write_geojson(gdf: gpd.GeoDataFrame, path: str | Path, schema: bool = True) -> Path:
+    """Write an RFC 7946 FeatureCollection (EPSG:4326 lon/lat, CCW exterior rings, no `crs` member); with
+    `schema` false the layer's own columns as they are (a user's footprints), else the footprint schema's first.
 
     A layer without CRS (pixel space) is written in its own coordinates, with a warning: it is then
     plain GeoJSON, not RFC 7946. Written to a temporary file and renamed.
@@ -98,17 +99,17 @@ def write_geojson(gdf: gpd.GeoDataFrame, path: str | Path) -> Path:
     path = Path(path)
     if gdf.crs is None:
         log.warning("%s: no CRS, writing pixel coordinates (not RFC 7946 georeferenced GeoJSON)", path)
-    out, layer_options = _geojson_layer(gdf)
+    out, layer_options = _geojson_layer(gdf, schema)
     with atomic_path(path) as tmp:
         pyogrio.write_dataframe(out, tmp, layer=path.stem, driver="GeoJSON", layer_options=layer_options,
                                 geometry_type="Polygon" if len(out) == 0 else None)
     return path
 
 
-def _geojson_layer(gdf: gpd.GeoDataFrame) -> tuple[gpd.GeoDataFrame, dict[str, str]]:
+def _geojson_layer(gdf: gpd.GeoDataFrame, schema: bool = True) -> tuple[gpd.GeoDataFrame, dict[str, str]]:
     """The layer as `write_geojson` writes it (schema order, EPSG:4326 or pixel space, oriented rings) and
     GDAL's layer options for it."""
-    gdf = _schema_frame(gdf)
+    gdf = _schema_frame(gdf) if schema else gdf
     if gdf.crs is None:
         layer_options = {"COORDINATE_PRECISION": "3"}
         out = gdf
@@ -122,16 +123,17 @@ def _geojson_layer(gdf: gpd.GeoDataFrame) -> tuple[gpd.GeoDataFrame, dict[str, s
 
 
 def write_gpkg(gdf: gpd.GeoDataFrame, path: str | Path, layer: str = LAYER, crs: Any = None,
-               more_layers: dict[str, gpd.GeoDataFrame] | None = None) -> Path:
+               more_layers: dict[str, gpd.GeoDataFrame] | None = None, schema: bool = True) -> Path:
     """Write a GeoPackage layer in the layer's CRS (or `crs`; a geographic CRS becomes its UTM zone), and
-    `more_layers` (name -> layer, e.g. the raw outlines beside regularised ones) in the same file and CRS.
+    `more_layers` (name -> layer, e.g. the raw outlines beside regularised ones) in the same file and CRS;
+    `schema` as `write_geojson`'s.
 
     An empty layer is written with its schema, so it opens as a valid, empty layer. Atomic.
     """
     import pyogrio
 
     path = Path(path)
-    gdf = _schema_frame(gdf)
+    gdf = _schema_frame(gdf) if schema else gdf
     target = as_crs(crs) if crs is not None else gdf.crs
     if target is not None and target.is_geographic:
         target = utm_crs_for(gdf) if len(gdf) else target
@@ -142,8 +144,8 @@ def write_gpkg(gdf: gpd.GeoDataFrame, path: str | Path, layer: str = LAYER, crs:
                 frame = frame.to_crs(target)
             pyogrio.write_dataframe(frame, tmp, layer=name, driver="GPKG",
                                     geometry_type="Polygon" if len(frame) == 0 else None)
-            # QGIS opens the layer coloured (match status, or probability); before the rename: the
-            # file's size is part of freshness records
+            # QGIS opens the layer coloured (damage grade, match status, or probability); before the
+            # rename: the file's size is part of freshness records
             add_layer_style(tmp, name)
     return path
 

@@ -187,6 +187,7 @@ class XView2Label:
     polygons: list[Any]  # `features.xy`, pixel coordinates of the source image
     lnglat: list[Any] | None  # `features.lng_lat`, paired with `polygons` (same order), or None
     metadata: dict[str, Any] = field(default_factory=dict)
+    properties: list[dict[str, Any]] = field(default_factory=list)  # each building's (uid, subtype: its grade)
 
     def vertex_pairs(self) -> tuple[np.ndarray, np.ndarray] | None:
         """Matching (pixel, lon/lat) vertices of every building, or None without lng_lat features."""
@@ -200,7 +201,8 @@ class XView2Label:
         return float(gsd) if isinstance(gsd, (int, float)) and gsd > 0 else None
 
 
-def _parse_wkt_list(path: Path, items: list, key: str) -> list[tuple[str | None, Any]]:
+def _parse_wkt_list(path: Path, items: list, key: str) -> list[tuple[dict[str, Any], Any]]:
+    """(properties, polygon) of every building of `features.<key>` (other feature types left out)."""
     import shapely
     from shapely import wkt as shp_wkt
 
@@ -219,7 +221,7 @@ def _parse_wkt_list(path: Path, items: list, key: str) -> list[tuple[str | None,
             raise InputError(path, f"invalid WKT in features.{key}[{i}] ({one_line(err)[:120]})") from None
         if geom.geom_type not in ("Polygon", "MultiPolygon"):
             raise InputError(path, f"invalid WKT in features.{key}[{i}]: {geom.geom_type}, not a polygon")
-        out.append((props.get("uid"), geom))
+        out.append((props, geom))
     return out
 
 
@@ -240,8 +242,9 @@ def read_xview2_label(path: Path, image_size: tuple[int, int], image: Path) -> X
     if isinstance(w, int) and isinstance(h, int) and (w, h) != tuple(image_size):
         raise InputError(path, f"label/image size mismatch: label says {w}x{h}, image {image.name} is "
                          f"{image_size[0]}x{image_size[1]}")
-    xy = _parse_wkt_list(path, feats.get("xy", []), "xy")
-    ll = _parse_wkt_list(path, feats.get("lng_lat", []) or [], "lng_lat")
+    xy_items = _parse_wkt_list(path, feats.get("xy", []), "xy")
+    xy = [(p.get("uid"), g) for p, g in xy_items]
+    ll = [(p.get("uid"), g) for p, g in _parse_wkt_list(path, feats.get("lng_lat", []) or [], "lng_lat")]
     polygons = [g for _, g in xy]
     paired: list[Any] | None = None
     if ll:
@@ -252,7 +255,7 @@ def read_xview2_label(path: Path, image_size: tuple[int, int], image: Path) -> X
             paired = [g for _, g in ll]
         else:
             raise InputError(path, f"{len(xy)} xy features but {len(ll)} lng_lat features")
-    return XView2Label(path, polygons, paired, meta if isinstance(meta, dict) else {})
+    return XView2Label(path, polygons, paired, meta if isinstance(meta, dict) else {}, [p for p, _ in xy_items])
 
 
 # vector label formats read (decided from the file's first bytes, then checked against the driver OGR used):

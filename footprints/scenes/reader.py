@@ -27,7 +27,15 @@ from rasterio.windows import Window
 from ..config import DataConfig, TileConfig
 from ..errors import InputError, one_line, printable
 from .grid import crs_string, georeference, output_grid
-from .labels import LabelSource, MaskGrid, MaskLabels, PolygonLabels, read_vector_polygons, read_xview2_label
+from .labels import (
+    LabelSource,
+    MaskGrid,
+    MaskLabels,
+    PolygonLabels,
+    XView2Label,
+    read_vector_polygons,
+    read_xview2_label,
+)
 from .rasters import check_regular_file, open_raster, sniff_raster
 from .sources import SceneSource, scene_config
 from .targets import ClassScheme, halo_px, instance_target
@@ -66,6 +74,7 @@ class SceneReader:
         self._data_cfg = scene_config(source, data_cfg)
         self._ds: Any = None
         self.labels: LabelSource | None = None
+        self.xview2_label: XView2Label | None = None
         self._rgb: np.ndarray | None = None  # in-memory output grid (small scenes)
         self._valid: np.ndarray | None = None
         self._mask_full: np.ndarray | None = None
@@ -121,13 +130,9 @@ class SceneReader:
         self._sx, self._sy, self._resampled, self._row_off = grid.sx, grid.sy, grid.resampled, grid.row_off
 
         # labels on the output grid
+        self.xview2_label = xview2  # its buildings' properties (uid, damage grade) pair with `.polygons`
         if xview2 is not None:
-            polys = xview2.polygons
-            if self._resampled:
-                from shapely import affinity
-
-                polys = [affinity.scale(g, 1 / self._sx, 1 / self._sy, origin=(0, 0)) for g in polys]
-            self.labels = PolygonLabels(src.label, self._band_polygons(polys))
+            self.labels = PolygonLabels(src.label, self.source_to_output(xview2.polygons))
         elif self._label_kind == "vector":
             self.labels = PolygonLabels(src.label, read_vector_polygons(src.label, self.crs, self.transform,
                                                                         layer=cfg.label_layer))
@@ -188,6 +193,15 @@ class SceneReader:
         return bands
 
     # -- pixels ------------------------------------------------------------------------------------
+
+    def source_to_output(self, polys: list[Any]) -> list[Any]:
+        """Outlines in the source image's pixels -> on this scene's output grid (resampled, a row band), in
+        the same order."""
+        if self._resampled:
+            from shapely import affinity
+
+            polys = [affinity.scale(g, 1 / self._sx, 1 / self._sy, origin=(0, 0)) for g in polys]
+        return self._band_polygons(polys)
 
     def _band_polygons(self, polys: list[Any]) -> list[Any]:
         """Outlines on the full output grid -> on this scene's grid (shifted to a row band's top)."""

@@ -68,7 +68,9 @@ def _f1(tp: float, fp: float, fn: float) -> float:
 
 def damage_scores(confusion: np.ndarray) -> dict[str, Any]:
     """Per-grade precision, recall, F1 and support, xView2's damage F1 (the harmonic mean of the four F1: 0
-    when a grade's F1 is 0) and the damaged/undamaged macro F1, from `grade_confusion`'s matrix."""
+    when a grade's F1 is 0) and the damaged/undamaged macro F1, from `grade_confusion`'s matrix (4, 4), or
+    (4, 5) whose last column counts truth that no prediction covered (xView2's pixels outside every
+    predicted building: a miss of the truth grade)."""
     c = np.asarray(confusion, np.float64)
     per_grade: dict[str, dict[str, float]] = {}
     for k, grade in enumerate(GRADES):
@@ -78,11 +80,13 @@ def damage_scores(confusion: np.ndarray) -> dict[str, Any]:
                             "f1": _f1(tp, fp, fn), "support": float(c[k, :].sum())}
     f1s = [per_grade[g]["f1"] for g in GRADES]
     damage_f1 = len(f1s) / sum(1 / f for f in f1s) if all(f > 0 for f in f1s) else 0.0
-    # no-damage (index 0) against the three damaged grades
-    undamaged_tp, damaged_tp = c[0, 0], c[1:, 1:].sum()
-    undamaged_fp, undamaged_fn = c[1:, 0].sum(), c[0, 1:].sum()
-    binary = {"undamaged_f1": _f1(undamaged_tp, undamaged_fp, undamaged_fn),
-              "damaged_f1": _f1(damaged_tp, undamaged_fn, undamaged_fp)}
+    # no-damage (index 0) against the three damaged grades; a fifth column (truth not found) is a miss of both
+    n = len(GRADES)
+    missed = c[:, n:].sum(1) if c.shape[1] > n else np.zeros(n)
+    undamaged_tp, damaged_tp = c[0, 0], c[1:, 1:n].sum()
+    predicted_undamaged, predicted_damaged = c[1:, 0].sum(), c[0, 1:n].sum()  # each the other's false positives
+    binary = {"undamaged_f1": _f1(undamaged_tp, predicted_undamaged, predicted_damaged + missed[0]),
+              "damaged_f1": _f1(damaged_tp, predicted_damaged, predicted_undamaged + missed[1:].sum())}
     binary["macro_f1"] = (binary["undamaged_f1"] + binary["damaged_f1"]) / 2
     return {"per_grade": per_grade, "damage_f1": damage_f1, "binary": binary,
             "confusion": c.tolist(), "grades": list(GRADES)}

@@ -1,0 +1,127 @@
+"""Per-building zoom-out features of a pre/post-disaster pair: hypercolumns averaged over a building's pixels.
+
+The damage classifier sees one vector per building: the hypercolumns (`gather_hypercolumns`, the features
+stage's reader) of the post-disaster scene, of the pre-disaster one, or their difference, averaged over the
+building's pixels, plus log(area). A scene is run through the backbone a block at a time (`block` rows and
+columns, with a halo of context around it, so the activations near a block's edge see what lies beyond it);
+in each block at most `per_building` pixels of every building (a seeded sample, `sample_pixels`' rule: all of
+them when it has fewer) are read, and a building cut by blocks gets the pixel-weighted mean of its parts.
+Memory is bounded by the block, never by the scene.
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+import shapely
+import torch
+from affine import Affine
+from rasterio import features as rio_features
+from rasterio.windows import Window
+from shapely.geometry import box
+
+from .backbone import VGG16Features, hypercolumn_channels
+from .hypercolumns import gather_hypercolumns
+
+HALO_PX = 96  # context around a block: most of conv5_3's receptive field that matters
+INPUTS = ("post", "pre", "diff", "diff+post", "pre+post")
+
+Read = Callable[[Window], tuple[np.ndarray, np.ndarray]]  # window -> (RGB uint8 (3, h, w), valid (h, w))
+
+
+def feature_width(layers: Sequence[str], inputs: str) -> int:
+    """Channels of one building's vector: one or two hypercolumns, plus log(area)."""
+    return hypercolumn_channels(layers) * (2 if "+" in inputs else 1) + 1
+
+
+def combine(pre: np.ndarray, post: np.ndarray, area_m2: np.ndarray, inputs: str) -> np.ndarray:
+    """The classifier's input (n, feature_width) from the pooled pre and post hypercolumns (n, C)."""
+    parts = {"post": post, "pre": pre, "diff": post - pre}
+    chosen = [parts[name] for name in inputs.split("+")]
+    return np.concatenate([*chosen, np.log1p(np.asarray(area_m2, np.float64))[:, None]], axis=1).astype(np.float32)
+
+
+def blocks(width: int, height: int, block: int) -> list[tuple[int, int, int, int]]:
+    """(r0, r1, c0, c1) of the scene's blocks, row by row."""
+    return [(r, min(r + block, height), c, min(c + block, width))
+            for r in range(0, height, block) for c in range(0, width, block)]
+
+
+def pooled_hypercolumns(
+    backbone: VGG16Features, layers: Sequence[str], read_pre: Read, read_post: Read, polygons: Sequence[Any],
+    width: int, height: int, per_building: int, seed: int, block: int = 1024, device: str | torch.device = "cpu",
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(pre (n, C), post (n, C), pixels (n,)) for the n `polygons` (on the scene's pixel grid): each
+    building's mean hypercolumn before and after, and how many of its pixels are valid in both scenes (0: the
+    building lies outside the scene or in nodata; its rows are zeros). A later polygon wins a shared pixel."""
+    n, channels = len(polygons), hypercolumn_channels(layers)
+    sums = {k: np.zeros((n, channels), np.float64) for k in ("pre", "post")}
+    pixels = np.zeros(n, np.int64)
+    if n == 0:
+        return sums["pre"].astype(np.float32), sums["post"].astype(np.float32), pixels
+    tree = shapely.STRtree(list(polygons))  # a block's buildings without a pass over all of them
+    for k, (r0, r1, c0, c1) in enumerate(blocks(width, height, block)):
+        hits = np.sort(tree.query(box(c0, r0, c1, r1), predicate="intersects"))  # sorted: a later polygon wins
+        if not len(hits):
+            continue
+        inside = [(polygons[i], int(i) + 1) for i in hits]
+        # pixel-space polygons, integer translation: the pixels rasterising the whole scene would give
+        ids = rio_features.rasterize(inside, out_shape=(r1 - r0, c1 - c0), transform=Affine.translation(c0, r0),
+                                     fill=0, dtype="int32")
+        if not ids.any():
+            continue
+        h0, h1 = max(r0 - HALO_PX, 0), min(r1 + HALO_PX, height)
+        w0, w1 = max(c0 - HALO_PX, 0), min(c1 + HALO_PX, width)
+        window = Window(w0, h0, w1 - w0, h1 - h0)
+        pre_rgb, pre_ok = read_pre(window)
+        post_rgb, post_ok = read_post(window)
+        ok = (pre_ok & post_ok)[r0 - h0 : r1 - h0, c0 - w0 : c1 - w0]
+        ids = np.where(ok, ids, 0)
+        rng = np.random.default_rng([seed, k])
+        rows, cols, owner, weight = _sample(ids, per_building, rng)
+        if not len(rows):
+            continue
+        rgb = torch.from_numpy(np.stack([pre_rgb, post_rgb])).to(device=device, dtype=torch.float32)
+        with torch.inference_mode():
+            acts = backbone(rgb, layers)
+            r = torch.from_numpy(np.concatenate([rows, rows]) + (r0 - h0))
+            c = torch.from_numpy(np.concatenate([cols, cols]) + (c0 - w0))
+            b = np.repeat([0, 1], len(rows))
+            columns = gather_hypercolumns(acts, layers, r, c, (h1 - h0, w1 - w0), batch=b).double().cpu().numpy()
+        m = len(rows)
+        for key, part in (("pre", columns[:m]), ("post", columns[m:])):
+            np.add.at(sums[key], owner, part * weight[:, None])
+        pixels += np.bincount(ids.ravel(), minlength=n + 1)[1:]
+    safe = np.maximum(pixels, 1)[:, None]
+    return (sums["pre"] / safe).astype(np.float32), (sums["post"] / safe).astype(np.float32), pixels
+
+
+def _sample(ids: np.ndarray, per_building: int, rng: np.random.Generator) -> tuple[np.ndarray, ...]:
+    """(rows, cols, building index, weight) of at most `per_building` pixels of every building in `ids`; the
+    weight is how many of the building's pixels in this block each sampled pixel stands for."""
+    flat = ids.ravel()
+    where = np.flatnonzero(flat)
+    order = where[np.argsort(flat[where], kind="stable")]
+    labels, starts, counts = np.unique(flat[order], return_index=True, return_counts=True)
+    picked, owners, weights = [], [], []
+    for label, start, count in zip(labels, starts, counts, strict=True):
+        members = order[start : start + count]
+        k = min(per_building, count)
+        chosen = members if k == count else rng.choice(members, size=k, replace=False)
+        picked.append(chosen)
+        owners.append(np.full(k, label - 1))
+        weights.append(np.full(k, count / k))
+    if not picked:
+        empty = np.zeros(0, np.int64)
+        return empty, empty, empty, np.zeros(0)
+    idx = np.concatenate(picked)
+    w = ids.shape[1]
+    return idx // w, idx % w, np.concatenate(owners), np.concatenate(weights)
+
+
+def scene_seed(seed: int, scene_id: str) -> int:
+    """A building sample's seed: the run's seed and the scene (the same pixels whatever else is run)."""
+    return (int(seed) * 1_000_003 + zlib.crc32(scene_id.encode())) % (2**32)

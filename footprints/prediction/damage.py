@@ -1,0 +1,150 @@
+"""A pre/post pair's buildings as damage-classifier inputs, and footprints graded by a damage model.
+
+Shared by the `train-damage` stage (the labelled buildings of the training scenes), the `damage` stage (the
+run's footprints and truth buildings of its test scenes) and `footprints damage` (any footprints on any pair).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..config import DamageConfig, DataConfig, TileConfig
+from ..contracts.checkpoints import load_checkpoint
+from ..errors import InputError
+from ..model.backbone import VGG16Features, load_backbone, resolve_layers
+from ..model.damage_features import combine, feature_width, pooled_hypercolumns, scene_seed
+from ..model.mlp import MLP
+from ..scenes.pairs import GradedBuilding, PostOnGrid, graded_buildings, post_source
+from ..scenes.reader import SceneReader, open_scene
+from ..scenes.sources import SceneSource
+from ..scoring.damage import DAMAGE_KEY, GRADES, PROBABILITY_KEYS
+from ..training.damage import probabilities
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class OpenPair:
+    """A pre scene and its post scene on the pre grid (close with `close`)."""
+
+    pre: SceneReader
+    post: SceneReader
+    post_on_grid: PostOnGrid
+
+    def close(self) -> None:
+        self.pre.close()
+        self.post.close()
+
+
+def open_pair(pre_src: SceneSource, post_src: SceneSource | None, data_cfg: DataConfig,
+              tile_cfg: TileConfig | None) -> OpenPair:
+    """Open a pair; `post_src` None: the xView2-named twin of `pre_src` (`post_source`). A post scene without
+    its label file is opened unlabelled (graded, not trained on). Bad input: `InputError` naming the file."""
+    post_src = post_src if post_src is not None else post_source(pre_src)
+    if post_src is None:
+        raise InputError(pre_src.image, "not named as a pre-disaster scene (<name>_pre_disaster.<ext>): its "
+                         "post-disaster scene cannot be found")
+    if not post_src.image.exists():
+        raise InputError(post_src.image, f"post-disaster scene missing (the pair of {pre_src.image.name})")
+    if post_src.label is not None and not post_src.label.exists():
+        post_src = dataclasses.replace(post_src, label=None)
+    pre = open_scene(pre_src, data_cfg, tile_cfg)
+    try:
+        post = open_scene(post_src, data_cfg, tile_cfg)
+    except BaseException:
+        pre.close()
+        raise
+    try:
+        return OpenPair(pre, post, PostOnGrid(pre, post))
+    except BaseException:
+        pre.close()
+        post.close()
+        raise
+
+
+def pair_vectors(pair: OpenPair, polygons: Sequence[Any], backbone: VGG16Features, layers: Sequence[str],
+                 cfg: DamageConfig, seed: int, device: str | torch.device = "cpu") -> tuple[np.ndarray, np.ndarray]:
+    """(vectors (n, feature_width), valid pixels (n,)) of buildings given on the pre scene's pixel grid."""
+    pre = pair.pre
+    pre_h, post_h, pixels = pooled_hypercolumns(
+        backbone, layers, pre.read, pair.post_on_grid.read, polygons, pre.width, pre.height,
+        cfg.pixels_per_building, scene_seed(seed, pre.scene_id), cfg.block_size, device)
+    area_m2 = pixels * float(pre.gsd_m or 1.0) ** 2
+    return combine(pre_h, post_h, area_m2, cfg.inputs), pixels
+
+
+def labelled_buildings(pair: OpenPair) -> list[GradedBuilding] | None:
+    """The graded buildings of the pair's post label (None: it has no grades)."""
+    return graded_buildings(pair.post, pair.pre)
+
+
+# ---------------------------------------------------------------------------------------------------
+# the model
+
+
+@dataclass
+class DamageModel:
+    mlp: MLP
+    layers: list[str]
+    cfg: DamageConfig
+    backbone: VGG16Features
+    seed: int
+    device: torch.device
+    checkpoint: dict[str, Any]
+
+    def grade(self, pair: OpenPair, polygons: Sequence[Any]) -> tuple[np.ndarray, np.ndarray]:
+        """(probabilities (n, 4), valid pixels (n,)) of buildings on the pre scene's pixel grid."""
+        x, pixels = pair_vectors(pair, polygons, self.backbone, self.layers, self.cfg, self.seed, self.device)
+        return probabilities(self.mlp, x), pixels
+
+
+def damage_checkpoint(mlp: MLP, cfg: DamageConfig, layers: Sequence[str], backbone: dict[str, Any], seed: int,
+                      record: dict[str, Any], config: dict[str, Any]) -> dict[str, Any]:
+    """What train-damage saves (`footprints.contracts.checkpoints`: a plain dict, weights_only-loadable)."""
+    return {"model": mlp.state_dict(), "in_channels": int(mlp.in_channels),
+            "hidden": int(mlp.hidden), "dropout": float(mlp.dropout_p), "grades": list(GRADES),
+            "layers": list(layers), "backbone": dict(backbone), "damage": dataclasses.asdict(cfg), "seed": int(seed),
+            "epoch": int(record["epoch"]), "config": config}
+
+
+def load_damage_model(path: str | Path, device: str | torch.device = "cpu") -> DamageModel:
+    """The damage model of a train-damage checkpoint; a clear error for another kind of checkpoint."""
+    ckpt = load_checkpoint(path, kind="damage")
+    if list(ckpt["grades"]) != list(GRADES):
+        raise InputError(Path(path), f"damage checkpoint of other grades {list(ckpt['grades'])[:6]}")
+    cfg = DamageConfig(**{k: v for k, v in ckpt["damage"].items() if k in {f.name for f in dataclasses.fields(DamageConfig)}})
+    layers = resolve_layers(ckpt["layers"])
+    if feature_width(layers, cfg.inputs) != int(ckpt["in_channels"]):
+        raise InputError(Path(path), f"damage checkpoint is inconsistent: {ckpt['in_channels']} inputs for layers "
+                         f"{layers} and inputs {cfg.inputs!r}")
+    mlp = MLP(int(ckpt["in_channels"]), int(ckpt["hidden"]), float(ckpt["dropout"]), num_classes=len(GRADES))
+    try:
+        mlp.load_state_dict(ckpt["model"])
+    except RuntimeError as err:
+        raise InputError(Path(path), f"damage checkpoint's weights do not fit its model ({str(err).splitlines()[0]})") from None
+    device = torch.device(device)
+    weights = str(ckpt["backbone"]["weights"])
+    if weights not in ("random", "imagenet") and not Path(weights).is_file():
+        raise InputError(Path(path), f"the damage model needs the backbone weights it was trained with, {weights}, "
+                         "which are not there")
+    backbone = load_backbone(weights, ckpt["backbone"]["normalization"], device)
+    return DamageModel(mlp.eval().to(device), layers, cfg, backbone, int(ckpt.get("seed", 0)), device, ckpt)
+
+
+def graded_columns(prob: np.ndarray, pixels: np.ndarray) -> dict[str, list[Any]]:
+    """The properties a graded footprint gains: `damage` (the likeliest grade; None where the building has no
+    valid pixel in both scenes) and one probability per grade (4 decimals)."""
+    out: dict[str, list[Any]] = {DAMAGE_KEY: [GRADES[int(i)] if p > 0 else None
+                                              for i, p in zip(prob.argmax(1) if len(prob) else [], pixels, strict=True)]}
+    for k, grade in enumerate(GRADES):
+        out[PROBABILITY_KEYS[grade]] = [round(float(v), 4) if p > 0 else None
+                                        for v, p in zip(prob[:, k] if len(prob) else [], pixels, strict=True)]
+    return out

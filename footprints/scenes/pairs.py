@@ -1,0 +1,165 @@
+"""Pre/post-disaster pairs: the post scene of a pre scene, its pixels on the pre scene's grid, its grades.
+
+- `post_source`: the post-disaster twin of a pre-disaster scene in the xView2 layout
+  (`images/<x>_pre_disaster.png` -> `images/<x>_post_disaster.png`, `labels/<x>_post_disaster.json`); a
+  GeoTIFF source names its post scenes the same way.
+- `PostOnGrid`: the post scene read window by window on the pre scene's output grid. An xView2 PNG pair
+  shares one pixel grid (the post PNG is the same size, pixel for pixel); a georeferenced pair in any CRS is
+  resampled (bilinear) onto the pre grid, and one that does not overlap the pre scene is refused.
+- `graded_buildings`: every building of a post scene's xView2 label with its damage grade (`subtype`) on the
+  pre grid. A post label naming a building the pre label lacks is refused: the two labels of one place
+  describe the same buildings. (Damage labels are read from xView2 JSON only; a post scene without them is
+  graded, not trained on.)
+
+Bad files raise `InputError` naming them (one line), as every reader of this package does.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from rasterio.windows import Window
+
+from ..errors import InputError
+from ..scoring.damage import GRADES, UNCLASSIFIED
+from .reader import SceneReader
+from .sources import SceneSource
+
+log = logging.getLogger(__name__)
+
+PRE, POST = "_pre_disaster", "_post_disaster"
+
+
+def post_source(pre: SceneSource) -> SceneSource | None:
+    """The post-disaster scene beside `pre` (same folders, `_pre_disaster` -> `_post_disaster` in the file
+    names), or None when `pre`'s image is not named as a pre-disaster scene. The files may be missing: opening
+    them says so."""
+    stem = pre.image.stem
+    if not stem.endswith(PRE):
+        return None
+    post_stem = stem[: -len(PRE)] + POST
+    image = pre.image.with_name(post_stem + pre.image.suffix)
+    label = pre.label.with_name(post_stem + pre.label.suffix) if pre.label is not None else None
+    return dataclasses.replace(pre, image=image, label=label, mask=None, name=None)
+
+
+def _same_grid(pre: SceneReader, post: SceneReader) -> bool:
+    if (pre.width, pre.height) != (post.width, post.height) or pre.crs is None or post.crs is None:
+        return False
+    return pre.crs == post.crs and pre.transform.almost_equals(post.transform, precision=1e-9 * max(
+        abs(pre.transform.a), 1e-12))
+
+
+class PostOnGrid:
+    """The post scene's RGB on the pre scene's output grid, window by window (see the module docstring)."""
+
+    def __init__(self, pre: SceneReader, post: SceneReader):
+        self.pre, self.post = pre, post
+        plain = post.source.image.suffix.lower() in (".png", ".jpg", ".jpeg")
+        if plain or _same_grid(pre, post) or pre.crs is None or post.crs is None:
+            # xView2 PNGs (and scenes without a CRS) share the pre scene's pixel grid: same size, same pixels
+            if (post.width, post.height) != (pre.width, pre.height):
+                raise InputError(post.source.image, f"post-disaster scene is {post.width}x{post.height} px, its "
+                                 f"pre-disaster scene {pre.source.image.name} {pre.width}x{pre.height} px: a pair "
+                                 "must share one grid")
+            self.resample = False
+        else:
+            self._check_overlap()
+            self.resample = True
+
+    def _check_overlap(self) -> None:
+        from rasterio.warp import transform_bounds
+
+        pre, post = self.pre, self.post
+        pb = _bounds(pre)
+        qb = transform_bounds(post.crs, pre.crs, *_bounds(post))
+        w = min(pb[2], qb[2]) - max(pb[0], qb[0])
+        h = min(pb[3], qb[3]) - max(pb[1], qb[1])
+        if w <= 0 or h <= 0:
+            raise InputError(post.source.image, f"post-disaster scene does not overlap its pre-disaster scene "
+                             f"{pre.source.image.name}")
+        share = w * h / ((pb[2] - pb[0]) * (pb[3] - pb[1]))
+        if share < 0.99:
+            log.warning("%s: the post-disaster scene covers %.0f%% of its pre-disaster scene %s; buildings outside "
+                        "it are graded from the pre scene alone", post.source.image, 100 * share, pre.source.image.name)
+
+    def read(self, window: Window) -> tuple[np.ndarray, np.ndarray]:
+        """RGB uint8 (3, h, w) and validity (h, w) of the post scene on the pre grid's `window`."""
+        if not self.resample:
+            return self.post.read(window)
+        from rasterio.warp import Resampling, reproject, transform_bounds
+        from rasterio.windows import from_bounds
+
+        pre, post = self.pre, self.post
+        h, w = int(window.height), int(window.width)
+        dst_transform = pre.window_transform(window)
+        left, top = dst_transform * (0, 0)
+        right, bottom = dst_transform * (w, h)
+        bounds = transform_bounds(pre.crs, post.crs, min(left, right), min(top, bottom), max(left, right),
+                                  max(top, bottom))
+        src = from_bounds(*bounds, transform=post.transform).round_offsets().round_lengths()
+        src = Window(src.col_off - 2, src.row_off - 2, src.width + 4, src.height + 4)  # the bilinear taps
+        rgb, valid = post.read(src)
+        out = np.zeros((3, h, w), np.uint8)
+        ok = np.zeros((h, w), np.uint8)
+        src_transform = post.window_transform(src)
+        reproject(rgb, out, src_transform=src_transform, src_crs=post.crs, dst_transform=dst_transform,
+                  dst_crs=pre.crs, resampling=Resampling.bilinear)
+        reproject(valid.astype(np.uint8), ok, src_transform=src_transform, src_crs=post.crs,
+                  dst_transform=dst_transform, dst_crs=pre.crs, resampling=Resampling.nearest)
+        return out, ok.astype(bool)
+
+
+def _bounds(reader: SceneReader) -> tuple[float, float, float, float]:
+    t = reader.transform
+    xs, ys = zip(*(t * (c, r) for c, r in ((0, 0), (reader.width, 0), (0, reader.height),
+                                           (reader.width, reader.height))), strict=True)
+    return min(xs), min(ys), max(xs), max(ys)
+
+
+def _grade_of(path: Path, where: str, value: Any) -> str | None:
+    """A label's grade: one of GRADES, None for un-classified; a clear error otherwise."""
+    if value == UNCLASSIFIED:
+        return None
+    if value not in GRADES:
+        raise InputError(path, f"{where}: {'no damage grade (subtype)' if value is None else 'unknown damage grade '}"
+                         f"{'' if value is None else repr(str(value)[:40])} (expected one of {', '.join(GRADES)} or "
+                         f"{UNCLASSIFIED})")
+    return str(value)
+
+
+@dataclasses.dataclass(frozen=True)
+class GradedBuilding:
+    uid: str
+    grade: str | None  # None: un-classified (neither trained on nor scored)
+    polygon: Any  # on the pre scene's output grid (pixels)
+
+
+def graded_buildings(post: SceneReader, pre: SceneReader) -> list[GradedBuilding] | None:
+    """The buildings of a post scene's xView2 label with their grades, on the pre scene's grid; None when the
+    post scene has no xView2 label or its label carries no grades (a post scene to grade, not to train on).
+    A building the pre label lacks (by uid) is refused, naming the post label."""
+    label = post.xview2_label
+    if label is None or not label.properties or all("subtype" not in p for p in label.properties):
+        return None
+    path = label.path
+    grades, uids = [], []
+    for i, props in enumerate(label.properties):
+        uid = props.get("uid")
+        if not isinstance(uid, str) or not uid:
+            raise InputError(path, f"features.xy[{i}] has no building uid")
+        uids.append(uid)
+        grades.append(_grade_of(path, f"features.xy[{i}]", props.get("subtype")))
+    if pre.xview2_label is not None:
+        known = {p.get("uid") for p in pre.xview2_label.properties}
+        extra = [u for u in uids if u not in known]
+        if extra:
+            raise InputError(path, f"{len(extra)} building(s) absent from the pre-disaster label "
+                             f"{pre.xview2_label.path.name} (e.g. uid {extra[0][:40]})")
+    polygons = post.source_to_output(label.polygons)  # the pair shares one pixel grid (PostOnGrid checks)
+    return [GradedBuilding(u, g, p) for u, g, p in zip(uids, grades, polygons, strict=True)
+            if p is not None and not p.is_empty]

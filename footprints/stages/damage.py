@@ -1,0 +1,257 @@
+"""Stage `damage` (a config with a `damage:` section): a damage grade on every footprint of the test split, and
+the damage scores where the post scenes are graded; also `footprints damage --pre --post --footprints`.
+
+Per test scene (the pre-disaster scenes of predict's split) and its post-disaster twin:
+- predict's footprints (`predict/<scene>.gpkg`) graded by the damage model (train-damage/best.pt, or
+  `--checkpoint`): `damage/scenes/<scene>.geojson` and `.gpkg`, every footprint with its properties plus
+  `damage` and the four grades' probabilities (`footprints.scoring.damage.PROBABILITY_KEYS`); merged into
+  `damage/footprints.geojson` and `damage/footprints.gpkg` (its default QGIS style colours by grade);
+- when the post label grades its buildings: the truth buildings graded too (per-building confusion: the
+  grading alone, on the true outlines), and xView2's pixel scores of the graded footprints (each truth
+  building pixel against the grade of the footprint over it, or "not found"; localisation F1 over the same
+  pixels), in `damage/metrics.json` (pooled, and per scene).
+
+Each scene's outcome is recorded last (`damage/scenes/<scene>.json`, with the key of the model, predict's
+footprints and the pair's files): a rerun skips the finished scenes, so a killed stage resumes; a bad pair is
+one error line and the other scenes complete.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..atomic import write_json
+from ..config import Config, config_from_dict
+from ..contracts.footprint_files import LAYER, merge_outputs, read_footprints, write_geojson, write_gpkg
+from ..contracts.freshness import digest, file_digest, is_fresh, read_record, write_record
+from ..contracts.paths import RunPaths, ScenePaths, check_output_text
+from ..errors import InputError, StageError, printable
+from ..prediction.damage import DamageModel, graded_columns, labelled_buildings, load_damage_model, open_pair
+from ..scenes.sources import SceneSource, sources_from_paths
+from ..scoring.damage import DAMAGE_KEY, GRADES, damage_scores, grade_confusion, xview2_score
+from .train_damage import pre_scenes
+
+log = logging.getLogger(__name__)
+
+NOT_FOUND = len(GRADES)  # the pixel confusion's fifth column: a truth pixel under no graded footprint
+
+
+def run(cfg: Config, overwrite: bool = False, checkpoint: str | None = None) -> dict[str, Any]:
+    """The `damage` stage; returns metrics.json's content."""
+    if cfg.damage is None:
+        raise StageError("damage: the config has no damage: section (add one to grade damage)")
+    paths = RunPaths.of(cfg)
+    t0 = time.perf_counter()
+    ckpt = Path(checkpoint) if checkpoint else paths.damage_checkpoint
+    model_key = file_digest(ckpt) if ckpt.is_file() else ""
+    model = load_damage_model(ckpt)
+    scene_dir = paths.damage / "scenes"
+    scene_dir.mkdir(parents=True, exist_ok=True)
+    scenes = pre_scenes(cfg, paths, (cfg.predict.split,))
+    results, failed = [], []
+    for src in scenes:
+        predicted = ScenePaths(paths.predict, src.scene_id).gpkg
+        record = scene_dir / f"{src.scene_id}.json"
+        key = digest({"model": model_key, "footprints": _file_key(predicted), "scene": [
+            _file_key(p) for p in (src.image, src.label)]})
+        if not overwrite and is_fresh(record, key):
+            results.append(read_record(record))
+            continue
+        try:
+            results.append(_grade_scene(src, cfg, model, predicted, scene_dir, record, key))
+        except InputError as err:
+            log.error("damage: %s", printable(err))
+            failed.append({"scene": src.scene_id, "reason": printable(err)})
+    if not scenes:
+        log.warning("damage: no pre-disaster scene in split %r; nothing graded", cfg.predict.split)
+    layers = [{"scene_id": r["scene"], "crs": r["crs"], "geojson": r["geojson"], "gpkg": r["gpkg"]} for r in results]
+    polygons = merge_outputs(layers, paths.damage_geojson, paths.damage_gpkg)
+    metrics = _pooled(results)
+    metrics.update({"checkpoint": str(ckpt), "scenes": len(results), "failed": failed, "polygons": polygons,
+                    "seconds": round(time.perf_counter() - t0, 2)})
+    write_json(paths.damage_metrics, metrics)
+    _log_summary(metrics)
+    return metrics
+
+
+def _file_key(path: Path | None) -> list[Any]:
+    if path is None:
+        return []
+    try:
+        st = path.stat()
+        return [str(path), st.st_size, st.st_mtime_ns]
+    except OSError:
+        return [str(path)]
+
+
+def _grade_scene(src: SceneSource, cfg: Config, model: DamageModel, predicted: Path, scene_dir: Path,
+                 record: Path, key: str) -> dict[str, Any]:
+    import geopandas as gpd
+
+    pair = open_pair(src, None, cfg.data, cfg.tile)
+    try:
+        pre = pair.pre
+        if not predicted.is_file():
+            raise InputError(predicted, "no footprints of predict for this scene (run predict first)")
+        footprints = read_footprints(predicted, pre.crs)
+        pixel_polys = _to_pixels(footprints.geometry.values, pre)
+        prob, pixels = model.grade(pair, pixel_polys)
+        graded = footprints.assign(**graded_columns(prob, pixels))
+        out = {"scene": src.scene_id, "crs": str(pre.crs or ""), "footprints": len(graded),
+               "counts": _counts(graded[DAMAGE_KEY]), "ungraded": int((pixels == 0).sum())}
+        truth = labelled_buildings(pair)
+        if truth is not None:
+            truth_prob, truth_px = model.grade(pair, [b.polygon for b in truth])
+            scored = [(b.grade, GRADES[int(p.argmax())]) for b, p, n in zip(truth, truth_prob, truth_px, strict=True)
+                      if b.grade is not None and n > 0]
+            out["per_building"] = grade_confusion([t for t, _ in scored], [p for _, p in scored]).tolist()
+            out["truth_counts"] = _counts([b.grade for b in truth])
+            out["pixel"], out["localisation"] = _pixel_confusion(pre, truth, pixel_polys, graded[DAMAGE_KEY].tolist())
+    finally:
+        pair.close()
+    geojson, gpkg = scene_dir / f"{src.scene_id}.geojson", scene_dir / f"{src.scene_id}.gpkg"
+    graded = gpd.GeoDataFrame(graded, geometry=graded.geometry.name, crs=footprints.crs)
+    write_geojson(graded, geojson)
+    write_gpkg(graded, gpkg)
+    out.update(geojson=str(geojson), gpkg=str(gpkg))
+    return write_record(record, key, [geojson, gpkg], **out)
+
+
+def _to_pixels(geoms: Any, reader: Any) -> list[Any]:
+    """Geometries in the scene's CRS -> on its pixel grid (the inverse of its transform)."""
+    from shapely import affinity
+
+    inv = ~reader.transform
+    return [affinity.affine_transform(g, [inv.a, inv.b, inv.d, inv.e, inv.c, inv.f]) for g in geoms]
+
+
+def _counts(grades: Any) -> dict[str, int]:
+    values = list(grades)
+    return {g: sum(1 for v in values if v == g) for g in GRADES}
+
+
+def _pixel_confusion(pre: Any, truth: list[Any], footprints: list[Any], grades: list[str | None]
+                     ) -> tuple[list[list[float]], list[float]]:
+    """xView2's pixels: (the (4, 5) confusion of every graded truth building pixel against the grade of the
+    footprint over it, or NOT_FOUND; the localisation counts [tp, fp, fn] of building pixels)."""
+    from rasterio import features
+    from rasterio.windows import Window
+
+    shape = (pre.height, pre.width)
+
+    def burn(shapes: list[tuple[Any, int]]) -> np.ndarray:
+        shapes = [(g, v) for g, v in shapes if g is not None and not g.is_empty]
+        return features.rasterize(shapes, out_shape=shape, fill=0, dtype="uint8") if shapes else np.zeros(shape, np.uint8)
+
+    valid = pre.truth_mask(Window(0, 0, pre.width, pre.height)) != 255
+    truth_grade = burn([(b.polygon, GRADES.index(b.grade) + 1) for b in truth if b.grade is not None])
+    truth_any = burn([(b.polygon, 1) for b in truth]).astype(bool) & valid
+    found = burn([(g, GRADES.index(k) + 1 if k in GRADES else NOT_FOUND + 1) for g, k in zip(footprints, grades,
+                                                                                             strict=True)])
+    predicted_any = (found > 0) & valid
+    sel = (truth_grade > 0) & valid
+    rows = truth_grade[sel].astype(np.int64) - 1
+    cols = np.where((found[sel] > 0) & (found[sel] <= NOT_FOUND), found[sel].astype(np.int64) - 1, NOT_FOUND)
+    confusion = np.zeros((len(GRADES), len(GRADES) + 1))
+    np.add.at(confusion, (rows, cols), 1.0)
+    tp = float((truth_any & predicted_any).sum())
+    return confusion.tolist(), [tp, float((predicted_any & ~truth_any).sum()), float((truth_any & ~predicted_any).sum())]
+
+
+def _pooled(results: list[dict[str, Any]]) -> dict[str, Any]:
+    """The scores over every scene (confusions summed), per scene, and the grade counts."""
+    out: dict[str, Any] = {"counts": {g: sum(r["counts"][g] for r in results) for g in GRADES},
+                           "per_building": None, "pixel": None, "xview2": None, "truth_counts": None}
+    labelled = [r for r in results if "per_building" in r]
+    if labelled:
+        out["per_building"] = damage_scores(np.sum([r["per_building"] for r in labelled], axis=0))
+        out["pixel"] = damage_scores(np.sum([r["pixel"] for r in labelled], axis=0))
+        tp, fp, fn = np.sum([r["localisation"] for r in labelled], axis=0)
+        loc = 2 * tp / (2 * tp + fp + fn) if tp > 0 else 0.0
+        out["xview2"] = {"localisation_f1": loc, "damage_f1": out["pixel"]["damage_f1"],
+                         "score": xview2_score(loc, out["pixel"]["damage_f1"])}
+        out["truth_counts"] = {g: sum(r["truth_counts"][g] for r in labelled) for g in GRADES}
+    out["per_scene"] = {r["scene"]: {k: r[k] for k in ("footprints", "counts", "ungraded") if k in r}
+                        | ({"damage_f1": damage_scores(r["per_building"])["damage_f1"]} if "per_building" in r else {})
+                        for r in results}
+    return out
+
+
+def _log_summary(m: dict[str, Any]) -> None:
+    counts = ", ".join(f"{g} {n}" for g, n in m["counts"].items())
+    log.info("damage: %d scene(s), %d footprints graded (%s)", m["scenes"], m["polygons"], counts)
+    if m["per_building"] is not None:
+        b, x = m["per_building"], m["xview2"]
+        log.info("damage: truth buildings: damage F1 %.3f, damaged/undamaged macro F1 %.3f | xView2 pixels: "
+                 "localisation F1 %.3f, damage F1 %.3f, score %.3f", b["damage_f1"], b["binary"]["macro_f1"],
+                 x["localisation_f1"], x["damage_f1"], x["score"])
+
+
+# ---------------------------------------------------------------------------------------------------
+# footprints damage --pre --post --footprints --output
+
+
+def grade_files(cfg: Config, checkpoint: str | None, pre: str | None, post: str | None, footprints: str | None,
+                output: str | None) -> dict[str, Any]:
+    """Grade any footprints (GeoJSON, GeoPackage; any CRS) on a pre/post pair: `output` (GeoJSON, RFC 7946)
+    and a GeoPackage beside it hold every footprint with its own properties plus the grade's."""
+    missing = [f"--{k}" for k, v in (("pre", pre), ("post", post), ("footprints", footprints), ("output", output))
+               if not v]
+    if missing:
+        raise StageError(f"damage: give --pre, --post, --footprints and --output together (missing {', '.join(missing)})")
+    ckpt = Path(checkpoint) if checkpoint else RunPaths.of(cfg).damage_checkpoint
+    out = check_output_text(output)
+    if out.suffix.lower() not in (".geojson", ".json"):
+        raise InputError(out, "--output must be a GeoJSON file (.geojson); a GeoPackage is written beside it")
+    model = load_damage_model(ckpt)
+    run_cfg = config_from_dict(model.checkpoint["config"])  # how the model's scenes were read
+    pre_src, = sources_from_paths([pre], run_cfg.data)
+    post_src, = sources_from_paths([post], run_cfg.data)
+    user = _read_user_footprints(Path(footprints))
+    pair = open_pair(pre_src, post_src, run_cfg.data, run_cfg.tile)
+    try:
+        layer = user.to_crs(pair.pre.crs) if pair.pre.crs is not None and user.crs is not None else user
+        prob, pixels = model.grade(pair, _to_pixels(layer.geometry.values, pair.pre))
+    finally:
+        pair.close()
+    graded = user.assign(**graded_columns(prob, pixels))
+    for path in (out, out.with_suffix(".gpkg")):
+        if Path(footprints).resolve() == path.resolve():
+            raise InputError(path, "is the --footprints file: give another --output")
+    write_geojson(graded, out, schema=False)
+    write_gpkg(graded, out.with_suffix(".gpkg"), schema=False)
+    counts = _counts(graded[DAMAGE_KEY])
+    outside = int((pixels == 0).sum())
+    log.info("damage: %d footprints graded (%s)%s -> %s", len(graded) - outside, ", ".join(f"{g} {n}" for g, n in
+             counts.items()), f"; {outside} outside the pair or in nodata, left without a grade" if outside else "", out)
+    return {"footprints": len(graded), "counts": counts, "ungraded": outside, "output": str(out)}
+
+
+def _read_user_footprints(path: Path) -> Any:
+    import pyogrio
+
+    if not path.is_file():
+        raise InputError(path, "footprints file not found")
+    try:
+        gdf = pyogrio.read_dataframe(path, layer=LAYER if _has_layer(path, LAYER) else None)
+    except Exception as err:  # noqa: BLE001 - any GDAL failure is a bad input file
+        raise InputError(path, f"cannot read footprints ({' '.join(str(err).split())[:160]})") from None
+    polygonal = gdf.geometry.geom_type.isin(["Polygon", "MultiPolygon"])
+    if not polygonal.all():
+        log.warning("%s: %d feature(s) that are not polygons left out", path, int((~polygonal).sum()))
+        gdf = gdf[polygonal]
+    return gdf
+
+
+def _has_layer(path: Path, name: str) -> bool:
+    import pyogrio
+
+    try:
+        return name in [str(n) for n, _ in pyogrio.list_layers(path)]
+    except Exception:  # noqa: BLE001 - read_dataframe says what is wrong with the file
+        return False

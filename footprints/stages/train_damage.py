@@ -1,0 +1,183 @@
+"""Stage `train-damage` (a config with a `damage:` section): the damage classifier, from the training scenes'
+labelled buildings -> train-damage/best.pt.
+
+Which scenes: the pre-disaster scenes of the run's train and validation splits (the tile manifest's; a scene
+cut into bands by `tile.val_band` counts once, whole), each with its post-disaster twin (`footprints.scenes.
+pairs`). A pair whose post label has no grades is left out of training (said once); a bad pair (post scene
+missing, of another size, not overlapping, labels of buildings the pre label lacks) is one error line naming
+the file, and the other scenes go on. Test scenes are never read here.
+
+Per scene, the buildings' vectors (`footprints.prediction.damage.pair_vectors`: pooled zoom-out hypercolumns,
+log area) are written to `train-damage/features/<scene>.npz` with the key of what made them (the scene's
+files, the backbone, the damage settings, the seed): a rerun reuses a scene whose key holds, so a killed
+stage resumes scene by scene; `--overwrite` redoes everything. The classifier (`footprints.training.damage`)
+is then trained and selected on the validation buildings' damage F1; metrics.json is its freshness record.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..atomic import atomic_path
+from ..config import Config
+from ..contracts.checkpoints import save_checkpoint
+from ..contracts.freshness import digest, is_fresh, read_record, unmark, write_record
+from ..contracts.manifest import read_manifest
+from ..contracts.paths import RunPaths
+from ..errors import InputError, StageError, printable
+from ..model.backbone import load_backbone, resolve_layers
+from ..model.device import resolve_device
+from ..prediction.damage import damage_checkpoint, labelled_buildings, open_pair, pair_vectors
+from ..scenes.pairs import post_source
+from ..scenes.sources import SceneSource, discover_scenes
+from ..scoring.damage import GRADES
+from ..training.damage import train_damage_mlp, validation_split
+
+log = logging.getLogger(__name__)
+
+_BAND = re.compile(r"__rows\d{2}-\d{3}$")
+
+
+def scene_splits(paths: RunPaths) -> dict[str, str]:
+    """scene id (a whole scene's, bands folded into it) -> its split in the tile manifest."""
+    table = read_manifest(paths.tile, ["scene_id", "split"]).drop_duplicates()
+    return {_BAND.sub("", str(sid)): str(split) for sid, split in zip(table["scene_id"], table["split"], strict=True)}
+
+
+def pre_scenes(cfg: Config, paths: RunPaths, splits: tuple[str, ...]) -> list[SceneSource]:
+    """The run's pre-disaster scenes of `splits`, in discovery order."""
+    by_scene = scene_splits(paths)
+    return [s for s in discover_scenes(cfg.data) if by_scene.get(s.scene_id) in splits and post_source(s) is not None]
+
+
+def _file_key(path: Path | None) -> list[Any]:
+    if path is None:
+        return []
+    try:
+        st = path.stat()
+    except OSError:
+        return [str(path)]
+    return [str(path), st.st_size, st.st_mtime_ns]
+
+
+def _scene_key(src: SceneSource, settings: dict[str, Any]) -> str:
+    post = post_source(src)
+    files = [_file_key(p) for p in (src.image, src.label, post.image if post else None, post.label if post else None)]
+    return digest({"files": files, "settings": settings})
+
+
+def _write_scene(path: Path, arrays: dict[str, Any]) -> None:
+    with atomic_path(path) as tmp, open(tmp, "wb") as fh:
+        np.savez(fh, **arrays)
+
+
+def _read_scene(path: Path, key: str) -> dict[str, np.ndarray] | None:
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            if str(z["key"]) != key:
+                return None
+            return {k: z[k] for k in ("x", "y", "uid", "labelled")}
+    except Exception:  # noqa: BLE001 - absent, damaged or foreign: the scene is simply redone
+        return None
+
+
+def run(cfg: Config, overwrite: bool = False) -> dict[str, Any]:
+    """The `train-damage` stage; returns metrics.json's content."""
+    d = cfg.damage
+    if d is None:
+        raise StageError("train-damage: the config has no damage: section (add one to grade damage)")
+    paths = RunPaths.of(cfg)
+    t0 = time.perf_counter()
+    layers = resolve_layers(d.layers)
+    backbone_cfg = {"weights": cfg.backbone.weights, "normalization": cfg.backbone.normalization}
+    settings = {"layers": layers, "inputs": d.inputs, "pixels_per_building": d.pixels_per_building,
+                "block_size": d.block_size, "backbone": backbone_cfg, "seed": cfg.seed,
+                "target_gsd": cfg.tile.target_gsd}
+    scenes = pre_scenes(cfg, paths, ("train", "val"))
+    keys = {s.scene_id: _scene_key(s, settings) for s in scenes}
+    train_settings = {k: getattr(d, k) for k in ("hidden", "dropout", "epochs", "batch_size", "lr", "weight_decay",
+                                                 "class_weighting", "val_fraction")}
+    key = digest({"scenes": keys, "train": train_settings, "seed": cfg.seed})
+    metrics_path = paths.train_damage / "metrics.json"
+    if not overwrite and is_fresh(metrics_path, key):
+        log.info("train-damage: %s is complete (same scenes and settings); skipping", paths.train_damage)
+        return {**(read_record(metrics_path) or {}), "skipped": True}
+    unmark(metrics_path)
+    if not scenes:
+        raise StageError(f"train-damage: no pre-disaster training scene (<name>_pre_disaster) in {paths.tile}'s "
+                         "train and validation splits")
+
+    device = resolve_device(d.device, key="damage.device")
+    backbone = None
+    parts, skipped, unlabelled = [], [], []
+    paths.damage_features.mkdir(parents=True, exist_ok=True)
+    for i, src in enumerate(scenes):
+        file = paths.damage_features / f"{src.scene_id}.npz"
+        part = None if overwrite else _read_scene(file, keys[src.scene_id])
+        if part is None:
+            try:
+                if backbone is None:
+                    backbone = load_backbone(cfg.backbone.weights, cfg.backbone.normalization, device)
+                part = _scene_features(src, cfg, backbone, layers, device)
+            except InputError as err:
+                log.error("train-damage: %s", printable(err))
+                skipped.append({"scene": src.scene_id, "reason": printable(err)})
+                continue
+            _write_scene(file, {**part, "key": np.array(keys[src.scene_id])})
+            log.info("train-damage: scene %d/%d %s: %d graded buildings", i + 1, len(scenes), src.scene_id,
+                     int((part["y"] >= 0).sum()))
+        if not bool(part["labelled"]):
+            unlabelled.append(src.scene_id)
+        elif len(part["y"]):
+            parts.append(part)
+    if unlabelled:
+        log.info("train-damage: %d scene(s) without damage grades left out of training (e.g. %s)", len(unlabelled),
+                 unlabelled[0])
+    x = np.concatenate([p["x"] for p in parts]) if parts else np.zeros((0, 1), np.float32)
+    y = np.concatenate([p["y"] for p in parts]) if parts else np.zeros(0, np.int64)
+    keep = y >= 0  # un-classified and buildings with no valid pixel: neither trained on nor scored
+    x, y = x[keep], y[keep]
+    if len(np.unique(y)) < 2:
+        raise StageError(f"train-damage: the training scenes hold {len(y)} graded building(s) of "
+                         f"{len(np.unique(y))} grade(s); at least two grades are needed")
+    val = validation_split(y, d.val_fraction, cfg.seed)
+    log.info("train-damage: %d buildings (%s) from %d scene(s): %d train, %d validation", len(y),
+             ", ".join(f"{g} {int((y == k).sum())}" for k, g in enumerate(GRADES)), len(parts), int((~val).sum()),
+             int(val.sum()))
+    model, record = train_damage_mlp(d, x[~val], y[~val], x[val], y[val], cfg.seed)
+    ckpt_path = paths.damage_checkpoint
+    # the backbone by absolute path: the checkpoint grades footprints from any folder (`footprints damage`)
+    weights = Path(cfg.backbone.weights)
+    stored = {**backbone_cfg, "weights": str(weights.resolve()) if weights.is_file() else cfg.backbone.weights}
+    save_checkpoint(ckpt_path, damage_checkpoint(model, d, layers, stored, cfg.seed, record, cfg.to_dict()))
+    selected = record.get("val") or record.get("train")
+    log.info("train-damage: epoch %d, validation damage F1 %.3f, damaged/undamaged macro F1 %.3f -> %s",
+             record["epoch"], selected["damage_f1"], selected["binary"]["macro_f1"], ckpt_path)
+    metrics = {"settings": {**settings, **train_settings}, "scenes": len(parts), "skipped": skipped,
+               "unlabelled_scenes": unlabelled, **record, "seconds": round(time.perf_counter() - t0, 2)}
+    if cfg.backbone.weights == "random":
+        metrics["warning"] = "BACKBONE WEIGHTS ARE RANDOM: these metrics do not reflect ImageNet features"
+    return write_record(metrics_path, key, [ckpt_path], **metrics)
+
+
+def _scene_features(src: SceneSource, cfg: Config, backbone: Any, layers: list[str], device: Any) -> dict[str, Any]:
+    """The vectors and grades (-1: un-classified) of one training pair's labelled buildings."""
+    pair = open_pair(src, None, cfg.data, cfg.tile)
+    try:
+        buildings = labelled_buildings(pair)
+        if buildings is None:
+            return {"x": np.zeros((0, 1), np.float32), "y": np.zeros(0, np.int64), "uid": np.zeros(0, "U1"),
+                    "labelled": np.array(False)}
+        x, pixels = pair_vectors(pair, [b.polygon for b in buildings], backbone, layers, cfg.damage, cfg.seed,
+                                 device)
+    finally:
+        pair.close()
+    y = np.array([GRADES.index(b.grade) if b.grade is not None and p > 0 else -1
+                  for b, p in zip(buildings, pixels, strict=True)], np.int64)
+    return {"x": x, "y": y, "uid": np.array([b.uid for b in buildings]), "labelled": np.array(True)}
