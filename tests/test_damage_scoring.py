@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from footprints.scoring.damage import GRADES, damage_scores, grade_confusion, xview2_score
+from footprints.scenes.grades import GRADES
+from footprints.scoring.damage import damage_scores, grade_confusion, xview2_score
 
 
 def test_a_perfect_grading_scores_one_everywhere():

@@ -7,25 +7,28 @@ sqlite3, creating the table the way QGIS does (through GDAL: FID `id`, the same 
 registering it in `gpkg_contents` as an `attributes` table, so the file stays a valid GeoPackage that GDAL,
 pyogrio and QGIS all read.
 
-Two styles: `probability` (graduated colours on `mean_prob`, for predicted footprints) and `match`
+Three styles: `probability` (graduated colours on `mean_prob`, for predicted footprints), `match`
 (categories TP / FP / FN on `status`, or on `kind` + `status` when the layer mixes predictions and truths,
-as `evaluate/matches` does).
+as `evaluate/matches` does) and `damage` (categories on the xView2 grade of `damage/footprints.gpkg`'s
+`damage` field: green / yellow / orange / red, grey for any other value).
 """
 
 from __future__ import annotations
 
 import logging
 import sqlite3
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from contextlib import closing
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Literal
 from xml.sax.saxutils import escape, quoteattr
 
+from ..scenes.grades import DAMAGE_KEY, GRADE_COLOURS
+
 log = logging.getLogger(__name__)
 
-StyleKind = Literal["auto", "probability", "match"]
+StyleKind = Literal["auto", "probability", "match", "damage"]
 
 # (lower, upper, RGB) classes of mean_prob: ColorBrewer YlOrRd, darker = surer
 PROB_CLASSES: tuple[tuple[float, float, str], ...] = (
@@ -45,6 +48,11 @@ MATCH_COLOURS = {
     "FN": ("FN: missed truth outline", None, "255,127,0", True),
     "truth TP": ("truth outline that was found", None, "90,90,90", False),
 }
+
+# the fallback category ("all other values"): no grade (the damage stage leaves a footprint without valid
+# pixels in both images ungraded: NULL), or a value that is no grade
+DAMAGE_OTHER = ("ungraded", "160,160,160")
+
 
 _CREATE = (
     'CREATE TABLE "layer_styles" ("id" INTEGER PRIMARY KEY AUTOINCREMENT NOT NULL, '
@@ -124,6 +132,29 @@ def match_qml(with_kind: bool) -> str:
     )
 
 
+def darker(rgb: str, factor: float = 0.65) -> str:
+    """An "R,G,B" colour darkened (each channel times `factor`): a category's outline."""
+    return ",".join(str(round(int(c) * factor)) for c in rgb.split(","))
+
+
+def damage_qml(field: str = DAMAGE_KEY) -> str:
+    """Categories on the damage grade `field`: each grade filled semi-transparent in its xView2 colour with a
+    darker outline, labelled with the grade; a last category with the empty value, QGIS's "all other
+    values" (any other grade, or none), in grey."""
+    cats, syms = [], []
+    entries = [(g, g, rgb) for g, rgb in GRADE_COLOURS.items()] + [("", *DAMAGE_OTHER)]
+    for i, (value, label, rgb) in enumerate(entries):
+        cats.append(
+            f'<category value={quoteattr(value)} symbol="{i}" label={quoteattr(label)} render="true"/>'
+        )
+        syms.append(_fill_symbol(str(i), f"{rgb},150", darker(rgb), 0.4))
+    return _qml(
+        f'<renderer-v2 type="categorizedSymbol" attr={quoteattr(field)} symbollevels="0" '
+        f'enableorderby="0" forceraster="0"><categories>{"".join(cats)}</categories>'
+        f"<symbols>{''.join(syms)}</symbols></renderer-v2>"
+    )
+
+
 def _sld(kind: StyleKind, layer: str) -> str:
     """A minimal SLD naming the style (QGIS stores one beside the QML; the QML is what it applies)."""
     return (
@@ -174,6 +205,15 @@ def _ensure_table(con: sqlite3.Connection, now: str) -> None:
         )
 
 
+def auto_kind(fields: Iterable[str]) -> StyleKind:
+    """The style a layer with these fields gets: "damage" (graded footprints), "match" (evaluate's
+    matches), else "probability"."""
+    fields = set(fields)
+    if DAMAGE_KEY in fields:
+        return "damage"
+    return "match" if "status" in fields else "probability"
+
+
 def add_layer_style(
     gpkg_path: str | Path,
     layer: str = "footprints",
@@ -184,8 +224,9 @@ def add_layer_style(
     """Write (or replace) the default QGIS style of `layer` in the GeoPackage; returns the style name.
 
     `kind="probability"` needs a `mean_prob` field; `kind="match"` a `status` field (TP/FP/FN; with a
-    `kind` field the truths are styled apart from the predictions); `"auto"` takes "match" when the layer
-    has `status`, else "probability". One transaction: on any error the file is left as it was. Other
+    `kind` field the truths are styled apart from the predictions); `kind="damage"` a `damage` field (the
+    xView2 grade); `"auto"` takes "damage" when the layer has `damage`, else "match" when it has `status`,
+    else "probability". One transaction: on any error the file is left as it was. Other
     layers' styles, and this layer's other (non-default) styles, are kept.
     """
     path = Path(gpkg_path)
@@ -197,7 +238,7 @@ def add_layer_style(
             geom = _geometry_column(con, layer)
             fields = set(_columns(con, layer))
             if kind == "auto":
-                kind = "match" if "status" in fields else "probability"
+                kind = auto_kind(fields)
             name = (style_name or f"footprints {kind}")[:30]
             if kind == "probability":
                 if "mean_prob" not in fields:
@@ -207,8 +248,12 @@ def add_layer_style(
                 if "status" not in fields:
                     raise StyleError(f"layer {layer!r} has no status field (TP/FP/FN)")
                 qml = match_qml(with_kind="kind" in fields)
+            elif kind == "damage":
+                if DAMAGE_KEY not in fields:
+                    raise StyleError(f"layer {layer!r} has no {DAMAGE_KEY} field (the damage grade)")
+                qml = damage_qml(DAMAGE_KEY)
             else:
-                raise StyleError(f"kind must be 'probability' or 'match', not {kind!r}")
+                raise StyleError(f"kind must be 'probability', 'match' or 'damage', not {kind!r}")
             with con:  # one transaction
                 _ensure_table(con, now)
                 where = "f_table_schema = '' AND f_table_name = ? AND f_geometry_column = ?"

@@ -130,6 +130,19 @@ def split_scene_ids(tile_dir: str | Path, split: str) -> list[str]:
     return list(dict.fromkeys(df.loc[df["split"] == split, "scene_id"]))
 
 
+def whole_scene_splits(tile_dir: str | Path) -> dict[str, str]:
+    """scene id -> split; a scene cut into bands by `tile.val_band` (`<scene>__rowsAA-BBB`) under its own id,
+    with its test split when it has one (a scene is tested whole or not at all)."""
+    import re
+
+    table = read_manifest(tile_dir, ["scene_id", "split"]).drop_duplicates()
+    out: dict[str, str] = {}
+    for sid, split in zip(table["scene_id"], table["split"], strict=True):
+        whole = re.sub(r"__rows\d{2}-\d{3}$", "", str(sid))
+        out[whole] = "test" if out.get(whole) == "test" else str(split)
+    return out
+
+
 def split_sources(tile_dir: str | Path, data_cfg: Any, split: str) -> list[Any]:
     """The scenes (`SceneSource`) of one split of the manifest, found again under `data.root`, sorted by id.
 

@@ -37,11 +37,21 @@ def feature_width(layers: Sequence[str], inputs: str) -> int:
     return hypercolumn_channels(layers) * (2 if "+" in inputs else 1) + 1
 
 
-def combine(pre: np.ndarray, post: np.ndarray, area_m2: np.ndarray, inputs: str) -> np.ndarray:
-    """The classifier's input (n, feature_width) from the pooled pre and post hypercolumns (n, C)."""
-    parts = {"post": post, "pre": pre, "diff": post - pre}
+def combine(pooled: dict[str, np.ndarray], inputs: str) -> np.ndarray:
+    """The classifier's input (n, feature_width) from `pooled_hypercolumns`' pooled pre and post
+    hypercolumns and the buildings' areas."""
+    parts = {"post": pooled["post"], "pre": pooled["pre"], "diff": pooled["post"] - pooled["pre"]}
     chosen = [parts[name] for name in inputs.split("+")]
-    return np.concatenate([*chosen, np.log1p(np.asarray(area_m2, np.float64))[:, None]], axis=1).astype(np.float32)
+    area = np.log1p(np.asarray(pooled["area_m2"], np.float64))[:, None]
+    return np.concatenate([*chosen, area], axis=1).astype(np.float32)
+
+
+def colour_statistics(pooled: dict[str, np.ndarray]) -> np.ndarray:
+    """The colour baseline's input (n, 25): per building the mean and std of R, G, B and the gradient
+    magnitude, pre and post, the difference of the means, log(area)."""
+    area = np.log1p(np.asarray(pooled["area_m2"], np.float64))[:, None]
+    pre, post = pooled["colour_pre"], pooled["colour_post"]
+    return np.concatenate([pre, post, post[:, :4] - pre[:, :4], area], axis=1).astype(np.float32)
 
 
 def blocks(width: int, height: int, block: int) -> list[tuple[int, int, int, int]]:
@@ -53,15 +63,17 @@ def blocks(width: int, height: int, block: int) -> list[tuple[int, int, int, int
 def pooled_hypercolumns(
     backbone: VGG16Features, layers: Sequence[str], read_pre: Read, read_post: Read, polygons: Sequence[Any],
     width: int, height: int, per_building: int, seed: int, block: int = 1024, device: str | torch.device = "cpu",
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(pre (n, C), post (n, C), pixels (n,)) for the n `polygons` (on the scene's pixel grid): each
-    building's mean hypercolumn before and after, and how many of its pixels are valid in both scenes (0: the
-    building lies outside the scene or in nodata; its rows are zeros). A later polygon wins a shared pixel."""
+    gsd_m: float | None = None,
+) -> dict[str, np.ndarray]:
+    """For the n `polygons` (on the scene's pixel grid): `pre`, `post` (n, C) each building's mean
+    hypercolumn before and after; `pixels` (n,) how many of its pixels are valid in both scenes (0: outside the
+    scene or in nodata; its rows are zeros); `area_m2` (n,) those pixels' area; `colour_pre`, `colour_post`
+    (n, 8) the mean and std of R, G, B and the gradient magnitude over all of them (the colour baseline's). A
+    later polygon wins a shared pixel."""
     n, channels = len(polygons), hypercolumn_channels(layers)
     sums = {k: np.zeros((n, channels), np.float64) for k in ("pre", "post")}
+    colour = {k: np.zeros((n, 8), np.float64) for k in ("pre", "post")}  # sums of the 4 values and their squares
     pixels = np.zeros(n, np.int64)
-    if n == 0:
-        return sums["pre"].astype(np.float32), sums["post"].astype(np.float32), pixels
     tree = shapely.STRtree(list(polygons))  # a block's buildings without a pass over all of them
     for k, (r0, r1, c0, c1) in enumerate(blocks(width, height, block)):
         hits = np.sort(tree.query(box(c0, r0, c1, r1), predicate="intersects"))  # sorted: a later polygon wins
@@ -78,8 +90,14 @@ def pooled_hypercolumns(
         window = Window(w0, h0, w1 - w0, h1 - h0)
         pre_rgb, pre_ok = read_pre(window)
         post_rgb, post_ok = read_post(window)
-        ok = (pre_ok & post_ok)[r0 - h0 : r1 - h0, c0 - w0 : c1 - w0]
-        ids = np.where(ok, ids, 0)
+        core = (slice(r0 - h0, r1 - h0), slice(c0 - w0, c1 - w0))
+        ids = np.where((pre_ok & post_ok)[core], ids, 0)
+        labelled = ids.ravel() > 0
+        owners = ids.ravel()[labelled] - 1
+        for key, rgb in (("pre", pre_rgb), ("post", post_rgb)):
+            values = np.concatenate([rgb[:, core[0], core[1]], _gradient(rgb)[None][:, core[0], core[1]]])
+            values = values.reshape(4, -1)[:, labelled].T.astype(np.float64)
+            np.add.at(colour[key], owners, np.concatenate([values, values**2], axis=1))
         rng = np.random.default_rng([seed, k])
         rows, cols, owner, weight = _sample(ids, per_building, rng)
         if not len(rows):
@@ -96,7 +114,22 @@ def pooled_hypercolumns(
             np.add.at(sums[key], owner, part * weight[:, None])
         pixels += np.bincount(ids.ravel(), minlength=n + 1)[1:]
     safe = np.maximum(pixels, 1)[:, None]
-    return (sums["pre"] / safe).astype(np.float32), (sums["post"] / safe).astype(np.float32), pixels
+    out = {k: (v / safe).astype(np.float32) for k, v in sums.items()}
+    for key, acc in colour.items():
+        mean = acc[:, :4] / safe
+        std = np.sqrt(np.maximum(acc[:, 4:] / safe - mean**2, 0.0))
+        out[f"colour_{key}"] = np.concatenate([mean, std], axis=1).astype(np.float32)
+    out["pixels"] = pixels
+    out["area_m2"] = pixels * float(gsd_m or 1.0) ** 2
+    return out
+
+
+def _gradient(rgb: np.ndarray) -> np.ndarray:
+    """The gradient magnitude (Sobel) of the grey image of RGB (3, h, w)."""
+    from scipy import ndimage
+
+    grey = rgb.astype(np.float32).mean(0)
+    return np.hypot(ndimage.sobel(grey, 0), ndimage.sobel(grey, 1))
 
 
 def _sample(ids: np.ndarray, per_building: int, rng: np.random.Generator) -> tuple[np.ndarray, ...]:

@@ -18,14 +18,15 @@ import torch
 
 from ..config import DamageConfig, DataConfig, TileConfig
 from ..contracts.checkpoints import load_checkpoint
+from ..contracts.manifest import whole_scene_splits
 from ..errors import InputError
 from ..model.backbone import VGG16Features, load_backbone, resolve_layers
 from ..model.damage_features import combine, feature_width, pooled_hypercolumns, scene_seed
 from ..model.mlp import MLP
+from ..scenes.grades import DAMAGE_KEY, GRADES, PROBABILITY_KEYS
 from ..scenes.pairs import GradedBuilding, PostOnGrid, graded_buildings, post_source
 from ..scenes.reader import SceneReader, open_scene
-from ..scenes.sources import SceneSource
-from ..scoring.damage import DAMAGE_KEY, GRADES, PROBABILITY_KEYS
+from ..scenes.sources import SceneSource, discover_scenes
 from ..training.damage import probabilities
 
 log = logging.getLogger(__name__)
@@ -70,15 +71,20 @@ def open_pair(pre_src: SceneSource, post_src: SceneSource | None, data_cfg: Data
         raise
 
 
-def pair_vectors(pair: OpenPair, polygons: Sequence[Any], backbone: VGG16Features, layers: Sequence[str],
-                 cfg: DamageConfig, seed: int, device: str | torch.device = "cpu") -> tuple[np.ndarray, np.ndarray]:
-    """(vectors (n, feature_width), valid pixels (n,)) of buildings given on the pre scene's pixel grid."""
+def pair_pooled(pair: OpenPair, polygons: Sequence[Any], backbone: VGG16Features, layers: Sequence[str],
+                cfg: DamageConfig, seed: int, device: str | torch.device = "cpu") -> dict[str, np.ndarray]:
+    """`pooled_hypercolumns` of buildings given on the pre scene's pixel grid (`combine` makes the vectors)."""
     pre = pair.pre
-    pre_h, post_h, pixels = pooled_hypercolumns(
-        backbone, layers, pre.read, pair.post_on_grid.read, polygons, pre.width, pre.height,
-        cfg.pixels_per_building, scene_seed(seed, pre.scene_id), cfg.block_size, device)
-    area_m2 = pixels * float(pre.gsd_m or 1.0) ** 2
-    return combine(pre_h, post_h, area_m2, cfg.inputs), pixels
+    return pooled_hypercolumns(backbone, layers, pre.read, pair.post_on_grid.read, polygons, pre.width, pre.height,
+                               cfg.pixels_per_building, scene_seed(seed, pre.scene_id), cfg.block_size, device,
+                               gsd_m=pre.gsd_m)
+
+
+def pre_disaster_scenes(data_cfg: DataConfig, tile_dir: Path, splits: tuple[str, ...]) -> list[SceneSource]:
+    """The run's pre-disaster scenes (named `<x>_pre_disaster`) of `splits` of the tile manifest, whole (a scene
+    cut into bands by `tile.val_band` once), in discovery order."""
+    by_scene = whole_scene_splits(tile_dir)
+    return [s for s in discover_scenes(data_cfg) if by_scene.get(s.scene_id) in splits and post_source(s) is not None]
 
 
 def labelled_buildings(pair: OpenPair) -> list[GradedBuilding] | None:
@@ -100,10 +106,18 @@ class DamageModel:
     device: torch.device
     checkpoint: dict[str, Any]
 
+    def pooled(self, pair: OpenPair, polygons: Sequence[Any]) -> dict[str, np.ndarray]:
+        """`pair_pooled` with this model's layers and settings."""
+        return pair_pooled(pair, polygons, self.backbone, self.layers, self.cfg, self.seed, self.device)
+
+    def probabilities(self, pooled: dict[str, np.ndarray]) -> np.ndarray:
+        """(n, 4) grade probabilities of pooled buildings."""
+        return probabilities(self.mlp, combine(pooled, self.cfg.inputs))
+
     def grade(self, pair: OpenPair, polygons: Sequence[Any]) -> tuple[np.ndarray, np.ndarray]:
         """(probabilities (n, 4), valid pixels (n,)) of buildings on the pre scene's pixel grid."""
-        x, pixels = pair_vectors(pair, polygons, self.backbone, self.layers, self.cfg, self.seed, self.device)
-        return probabilities(self.mlp, x), pixels
+        pooled = self.pooled(pair, polygons)
+        return self.probabilities(pooled), pooled["pixels"]
 
 
 def damage_checkpoint(mlp: MLP, cfg: DamageConfig, layers: Sequence[str], backbone: dict[str, Any], seed: int,

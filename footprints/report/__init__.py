@@ -6,6 +6,8 @@
 - `write_report(out_html, [ReportScene, ...], ...)`: the same from explicit inputs.
 - A page shows at most `MAX_SCENES` scenes of a large run (`selection.py`) and says how many it has.
 - `add_layer_style(gpkg, layer, kind)`: the GeoPackage `layer_styles` row QGIS applies on opening.
+- A run graded by the damage stage (`damage/footprints.geojson`, `damage/metrics.json`) gets a "Damage
+  grades" map layer and a section of counts and scores (`damage.py`); other pages are unchanged.
 - A report replaces only a report footprints wrote (`is_footprints_report`: a generator line in its head);
   `check_report_path` refuses any other target (not `.html`/`.htm`, a folder, someone else's file).
 """

@@ -99,6 +99,13 @@ def _matches_of(run: RunPaths, entry: Mapping[str, Any] | None, bases: Sequence[
     return run.matches if run.matches.is_file() else None
 
 
+def _damage_of(run: RunPaths, sid: str, merged: Path | None) -> Path | None:
+    """A scene's graded footprints: the damage stage's `damage/scenes/<scene>.geojson`, else the run's
+    `damage/footprints.geojson` (None when neither is there)."""
+    own = run.damage / "scenes" / f"{sid}.geojson"
+    return own if own.is_file() else merged
+
+
 def scene_image_georef(meta: Mapping[str, Any]) -> tuple[Affine | None, str | None]:
     """(transform of the image's own pixel grid, CRS) from tile/scenes/<id>.json, whose `transform` is the
     scene's output grid (`width` x `height`, resampled to the target GSD) over the image's
@@ -128,7 +135,8 @@ def report_for_run(
     Shows the scenes predict finished (`predict/`; at most `max_scenes`, see `selection.py`), with their
     imagery (found through `tile/scenes/<id>.json`), probability raster, footprints, and, once evaluated,
     `evaluate/metrics.json` and the scenes' match layers; the learning curves and
-    `predict/calibration.json` as charts.
+    `predict/calibration.json` as charts; and, once the damage stage has graded the footprints
+    (`damage/footprints.geojson`, `damage/metrics.json`), their grades as a map layer and their scores.
     """
     run = RunPaths(Path(run_dir))
     out = Path(out_html) if out_html else run.report
@@ -140,6 +148,11 @@ def report_for_run(
     ids = choose_scenes(((sid, per_scene.get(sid)) for sid in all_ids), max_scenes)
     splits = _splits(run, ids)
     merged = run.footprints_geojson
+    # the damage stage's graded footprints: a scene's own file, else the run's (filtered on `scene`)
+    graded = run.damage_geojson if run.damage_geojson.is_file() else None
+    damage = read_record(run.damage_metrics) if graded is not None or run.damage_metrics.is_file() else None
+    if graded is not None and damage is None:
+        damage = {}  # graded footprints without metrics.json: the layer and counts, no scores
     # recorded paths are relative to where the pipeline ran: usually the checkout holding outputs/
     bases = [Path.cwd(), run.root.parent.parent, run.root.parent, run.root]
     scenes = []
@@ -160,6 +173,7 @@ def report_for_run(
             metrics=per_scene.get(sid),
             split=splits.get(sid),
             domain_score=_domain_score(sp.record),
+            damage=_damage_of(run, sid, graded) if damage is not None else None,
         )
         if meta.get("image_file") and image is None:
             scene.notes.append(f"image {meta['image_file']} not found")
@@ -192,6 +206,7 @@ def report_for_run(
         max_scenes=max_scenes,
         total_scenes=len(all_ids),
         total_footprints=_total(counts, all_ids),
+        damage=damage,
     )
 
 

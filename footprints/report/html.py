@@ -28,6 +28,7 @@ from ..atomic import write_text
 from ..contracts.paths import check_output_text
 from ..errors import StageError, printable
 from . import rasters
+from .damage import damage_note, damage_payload, damage_section, has_damage
 from .page import GENERATOR_META, LEGACY_META, downsampling_note, human_bytes, render_html
 from .pins import VERSION as LEAFLET_VERSION
 from .scene import ReportScene
@@ -87,6 +88,7 @@ def write_report(
     max_scenes: int = MAX_SCENES,
     total_scenes: int | None = None,
     total_footprints: int | None = None,
+    damage: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Write the report to `out_html` (atomically) and return a summary: path, bytes, footprints, scenes
     (shown, and `scenes_total`), the longest raster side used, and whether the size bound held.
@@ -96,7 +98,9 @@ def write_report(
     listed in the header (run name, split, threshold ...). `image_format`: "webp" (default where Pillow
     has it: lossy colour, exact alpha; compare the summary's `bytes` with "png" to see what it saves) or "png". More than `max_scenes` scenes: the
     page shows `max_scenes` of them (`selection.choose_scenes`). `total_scenes`/`total_footprints`: the
-    run's, when `scenes` is already a selection (the page says both).
+    run's, when `scenes` is already a selection (the page says both). `damage`: the damage stage's
+    `metrics.json` (counts, per-grade scores; see `damage.py`); the graded footprints themselves are each
+    scene's `ReportScene.damage`. Without either, the page has no damage layer nor section.
     """
     t0 = time.perf_counter()
     out_html = check_report_path(out_html)
@@ -107,7 +111,7 @@ def write_report(
         scenes = [s for s in scenes if s.scene_id in keep]
     wanted: dict[Path, set[str]] = {}
     for s in scenes:
-        for path in (s.footprints, s.matches):
+        for path in (s.footprints, s.matches, s.damage):
             if path is not None:
                 wanted.setdefault(Path(path), set()).add(s.scene_id)
     cache = FeatureStore(wanted)
@@ -117,6 +121,9 @@ def write_report(
     n_footprints = sum(len(p.pred) for p in prepared)
     n_truth_fn = sum(1 for p in prepared for f in p.truth if f["properties"].get("status") == "FN")
     any_matches = any(p.has_matches for p in prepared)
+    with_damage = has_damage(prepared, damage)
+    n_damage = sum(len(p.damage or []) for p in prepared)
+    damage_html = damage_section(damage, prepared, len(prepared) >= n_total) if with_damage else ""
 
     # charts first: their size is fixed, the rasters get what is left
     from .charts import calibration_chart, image_data_uri
@@ -151,9 +158,11 @@ def write_report(
             "leaflet_version": LEAFLET_VERSION,
             "scenes": [scene_payload(p, r, dx) for p, r, dx in zip(prepared, rendered, dxs, strict=True)],
             "n_footprints": n_footprints,
-            "use_canvas": n_footprints > CANVAS_ABOVE,
+            "use_canvas": n_footprints + n_damage > CANVAS_ABOVE,
             "has_matches": any_matches,
         }
+        if with_damage:
+            payload["damage"] = damage_payload(prepared)
         return render_html(
             title,
             payload,
@@ -167,6 +176,8 @@ def write_report(
             any_matches,
             size_note,
             totals,
+            damage_html=damage_html,
+            damage_text=damage_note(prepared) if with_damage else "",
         )
 
     empty = [SceneRasters() for _ in prepared]

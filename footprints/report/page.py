@@ -114,9 +114,12 @@ def render_html(
     any_matches: bool,
     size_note: str,
     totals: tuple[int, int | None, str],
+    damage_html: str = "",
+    damage_text: str = "",
 ) -> str:
-    """The page: header (counts, `info`), the map(s), the metrics table, the charts, the licences, and the
-    data (`payload`) and code (Leaflet, report.js) that draw the map, all inline."""
+    """The page: header (counts, `info`), the map(s), the metrics table, the damage grades (`damage_html`,
+    `damage_text` after the footprint count: `damage.py`, only for a run with damage grades), the charts,
+    the licences, and the data (`payload`) and code (Leaflet, report.js) that draw the map, all inline."""
     e = html.escape
     n_scenes, all_footprints, scenes_note = totals
     n_geo = sum(p.geo for p in prepared)
@@ -212,8 +215,8 @@ def render_html(
     generated = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     plural = "s" if len(prepared) != 1 else ""
     of = f" (of {n_scenes})" if n_scenes > len(prepared) else ""
-    count_text = (f"in {len(prepared)} scene{plural}{of}{fn_text}: {e(colouring)}. Click a footprint for its "
-                  "area, probability and scene; click a scene row to zoom to it.")
+    count_text = (f"in {len(prepared)} scene{plural}{of}{fn_text}: {e(colouring)}.{e(damage_text)} Click a footprint "
+                  "for its area, probability and scene; click a scene row to zoom to it.")
     return f"""<!DOCTYPE html>
 <html lang="en">
 <head>
@@ -241,7 +244,7 @@ def render_html(
 <table id="scene-table"><thead><tr><th scope="col">scene</th>{head}</tr></thead><tbody>
 {"".join(rows)}
 </tbody></table></section>
-{charts_html}
+{damage_html}{charts_html}
 </main>
 <footer>
 <details id="licences"><summary>Licences</summary>

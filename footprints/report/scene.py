@@ -21,7 +21,9 @@ class ReportScene:
     (an Affine or 6 GDAL numbers) and `image_crs` georeference an image file that carries none (xView2
     PNGs), for the image's own pixel grid; without them such an image is stretched over the probability
     raster's extent. `metrics`: evaluate's per-scene entry (`pixel`, `polygon`). `domain_score`: how unlike
-    the model's training scenes predict found it (`footprints.model.domain`), when scored.
+    the model's training scenes predict found it (`footprints.model.domain`), when scored. `damage`: the
+    damage stage's graded footprints GeoJSON (`damage` grade and `p_<grade>` probabilities per feature),
+    filtered on `scene`.
     """
 
     scene_id: str
@@ -35,6 +37,7 @@ class ReportScene:
     split: str | None = None
     notes: list[str] = field(default_factory=list)
     domain_score: float | None = None  # predict's (its scene record): near 0 = like the model's training scenes
+    damage: Path | None = None
 
 
 def note(scene: ReportScene, text: str) -> None:

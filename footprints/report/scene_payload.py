@@ -17,7 +17,7 @@ from affine import Affine
 from . import rasters
 from .scene import ReportScene, note
 from .scene_rasters import RasterPlacement, SceneRasters, safe_raster_placement
-from .vectors import FeatureStore, bbox, slim_feature
+from .vectors import DAMAGE_PROPS, FeatureStore, bbox, slim_feature
 
 log = logging.getLogger(__name__)
 
@@ -27,7 +27,8 @@ PIXEL_DECIMALS = 3
 
 @dataclass
 class PreparedScene:
-    """A scene ready for the page: where its rasters lie, whether it is georeferenced, its slimmed vectors."""
+    """A scene ready for the page: where its rasters lie, whether it is georeferenced, its slimmed vectors
+    (`damage`: its graded footprints, None when the run has no damage layer)."""
 
     scene: ReportScene
     placement: RasterPlacement | None
@@ -35,6 +36,7 @@ class PreparedScene:
     pred: list[dict[str, Any]]
     truth: list[dict[str, Any]]
     has_matches: bool
+    damage: list[dict[str, Any]] | None = None
 
 
 def prepare(scene: ReportScene, cache: FeatureStore) -> PreparedScene:
@@ -96,7 +98,13 @@ def prepare(scene: ReportScene, cache: FeatureStore) -> PreparedScene:
             )
     if raw is None and scene.footprints is not None:
         note(scene, f"footprints not found: {scene.footprints}")
-    return PreparedScene(scene, placement, geo, pred, truth, has_matches)
+    damage = None
+    if scene.damage is not None:
+        graded = cache.features(scene.damage, scene.scene_id)
+        if graded is None:
+            note(scene, f"damage grades not found: {scene.damage}")
+        damage = [f for f in (slim_feature(x, decimals, DAMAGE_PROPS) for x in graded or []) if f is not None]
+    return PreparedScene(scene, placement, geo, pred, truth, has_matches, damage)
 
 
 def scene_payload(p: PreparedScene, r: SceneRasters, dx: float) -> dict[str, Any]:
@@ -120,7 +128,7 @@ def scene_payload(p: PreparedScene, r: SceneRasters, dx: float) -> dict[str, Any
             ys = sorted(-y if frame["flip"] else y for y in (y0, y1))
             bounds = [[ys[0], x0 + dx], [ys[1], x1 + dx]]
     if bounds is None:
-        bb = bbox(p.pred + p.truth)
+        bb = bbox(p.pred + p.truth + (p.damage or []))
         if bb is not None:
             x0, y0, x1, y1 = bb
             if not p.geo:
@@ -139,7 +147,7 @@ def scene_payload(p: PreparedScene, r: SceneRasters, dx: float) -> dict[str, Any
             d["bounds"] = [[ys[0], x0 + dx], [ys[1], x1 + dx]]
         return d
 
-    return {
+    entry: dict[str, Any] = {
         "id": s.scene_id,
         "kind": "geo" if p.geo else "pixel",
         "split": s.split,
@@ -153,6 +161,9 @@ def scene_payload(p: PreparedScene, r: SceneRasters, dx: float) -> dict[str, Any
         "notes": list(s.notes),
         "domain_score": s.domain_score,
     }
+    if p.damage is not None:  # only in a run with a damage layer: other pages stay as they were
+        entry["damage"] = p.damage
+    return entry
 
 
 def pixel_width(p: PreparedScene) -> float:
@@ -160,5 +171,5 @@ def pixel_width(p: PreparedScene) -> float:
     pl = p.placement
     if pl is not None and pl.prob_size is not None and pl.prob_transform is not None:
         return abs(pl.prob_transform.a) * pl.prob_size[0]
-    bb = bbox(p.pred + p.truth)
+    bb = bbox(p.pred + p.truth + (p.damage or []))
     return (bb[2] - bb[0]) if bb else 0.0

@@ -16,9 +16,13 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from ..scenes.grades import DAMAGE_KEY, PROBABILITY_KEYS
+
 log = logging.getLogger(__name__)
 
 KEEP_PROPS = ("scene", "area_m2", "mean_prob", "max_prob", "status", "iou", "kind")
+# a graded footprint (damage/footprints.geojson): its grade and the four grades' probabilities
+DAMAGE_PROPS = ("scene", "area_m2", "mean_prob", DAMAGE_KEY, *PROBABILITY_KEYS.values())
 STREAM_ABOVE = 16_000_000  # bytes: a larger GeoJSON is parsed a feature at a time
 _CHUNK = 1 << 20
 _FEATURES = re.compile(r'"features"\s*:\s*\[')
@@ -105,14 +109,16 @@ def _round_coords(coords: Any, nd: int) -> Any:
     return [_round_coords(c, nd) for c in coords]
 
 
-def slim_feature(feature: Mapping[str, Any], decimals: int) -> dict[str, Any] | None:
-    """The feature with only the properties the page shows and rounded coordinates (None if no geometry)."""
+def slim_feature(feature: Mapping[str, Any], decimals: int, keep_props: Sequence[str] = KEEP_PROPS,
+                 ) -> dict[str, Any] | None:
+    """The feature with only the properties the page shows (`keep_props`) and rounded coordinates (None if
+    no geometry)."""
     geom = feature.get("geometry")
     if not geom or geom.get("type") not in ("Polygon", "MultiPolygon"):
         return None
     props = feature.get("properties") or {}
     keep = {}
-    for k in KEEP_PROPS:
+    for k in keep_props:
         v = props.get(k)
         if v is None:
             continue

@@ -25,7 +25,7 @@ import numpy as np
 from rasterio.windows import Window
 
 from ..errors import InputError
-from ..scoring.damage import GRADES, UNCLASSIFIED
+from .grades import GRADES, UNCLASSIFIED
 from .reader import SceneReader
 from .sources import SceneSource
 

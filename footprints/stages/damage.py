@@ -27,14 +27,22 @@ import numpy as np
 
 from ..atomic import write_json
 from ..config import Config, config_from_dict
+from ..contracts.features_store import write_shard
 from ..contracts.footprint_files import LAYER, merge_outputs, read_footprints, write_geojson, write_gpkg
 from ..contracts.freshness import digest, file_digest, is_fresh, read_record, write_record
 from ..contracts.paths import RunPaths, ScenePaths, check_output_text
 from ..errors import InputError, StageError, printable
-from ..prediction.damage import DamageModel, graded_columns, labelled_buildings, load_damage_model, open_pair
+from ..prediction.damage import (
+    DamageModel,
+    graded_columns,
+    labelled_buildings,
+    load_damage_model,
+    open_pair,
+    pre_disaster_scenes,
+)
+from ..scenes.grades import DAMAGE_KEY, GRADES
 from ..scenes.sources import SceneSource, sources_from_paths
-from ..scoring.damage import DAMAGE_KEY, GRADES, damage_scores, grade_confusion, xview2_score
-from .train_damage import pre_scenes
+from ..scoring.damage import damage_scores, grade_confusion, xview2_score
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +60,7 @@ def run(cfg: Config, overwrite: bool = False, checkpoint: str | None = None) -> 
     model = load_damage_model(ckpt)
     scene_dir = paths.damage / "scenes"
     scene_dir.mkdir(parents=True, exist_ok=True)
-    scenes = pre_scenes(cfg, paths, (cfg.predict.split,))
+    scenes = pre_disaster_scenes(cfg.data, paths.tile, (cfg.predict.split,))
     results, failed = [], []
     for src in scenes:
         predicted = ScenePaths(paths.predict, src.scene_id).gpkg
@@ -106,7 +114,11 @@ def _grade_scene(src: SceneSource, cfg: Config, model: DamageModel, predicted: P
                "counts": _counts(graded[DAMAGE_KEY]), "ungraded": int((pixels == 0).sum())}
         truth = labelled_buildings(pair)
         if truth is not None:
-            truth_prob, truth_px = model.grade(pair, [b.polygon for b in truth])
+            pooled = model.pooled(pair, [b.polygon for b in truth])
+            truth_prob, truth_px = model.probabilities(pooled), pooled["pixels"]
+            # the truth buildings' vectors and grades, for comparisons on the same buildings (configs/*.md)
+            write_shard(scene_dir / f"{src.scene_id}_truth.npz", {**pooled, "y": np.array(
+                [GRADES.index(b.grade) if b.grade is not None else -1 for b in truth], np.int64)})
             scored = [(b.grade, GRADES[int(p.argmax())]) for b, p, n in zip(truth, truth_prob, truth_px, strict=True)
                       if b.grade is not None and n > 0]
             out["per_building"] = grade_confusion([t for t, _ in scored], [p for _, p in scored]).tolist()
@@ -119,7 +131,9 @@ def _grade_scene(src: SceneSource, cfg: Config, model: DamageModel, predicted: P
     write_geojson(graded, geojson)
     write_gpkg(graded, gpkg)
     out.update(geojson=str(geojson), gpkg=str(gpkg))
-    return write_record(record, key, [geojson, gpkg], **out)
+    truth_file = scene_dir / f"{src.scene_id}_truth.npz"
+    return write_record(record, key, [geojson, gpkg] + ([truth_file] if truth_file.is_file() and truth is not None
+                                                        else []), **out)
 
 
 def _to_pixels(geoms: Any, reader: Any) -> list[Any]:
@@ -174,7 +188,8 @@ def _pooled(results: list[dict[str, Any]]) -> dict[str, Any]:
         tp, fp, fn = np.sum([r["localisation"] for r in labelled], axis=0)
         loc = 2 * tp / (2 * tp + fp + fn) if tp > 0 else 0.0
         out["xview2"] = {"localisation_f1": loc, "damage_f1": out["pixel"]["damage_f1"],
-                         "score": xview2_score(loc, out["pixel"]["damage_f1"])}
+                         "score": xview2_score(loc, out["pixel"]["damage_f1"]),
+                         "localisation_counts": [tp, fp, fn]}
         out["truth_counts"] = {g: sum(r["truth_counts"][g] for r in labelled) for g in GRADES}
     out["per_scene"] = {r["scene"]: {k: r[k] for k in ("footprints", "counts", "ungraded") if k in r}
                         | ({"damage_f1": damage_scores(r["per_building"])["damage_f1"]} if "per_building" in r else {})

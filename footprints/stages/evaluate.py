@@ -211,12 +211,45 @@ def render_report(result: dict[str, Any]) -> str:
             f"{_fmt(g.get('splits'))} |"
         )
     lines += _source_lines(result.get("per_source") or {})
+    lines += damage_lines(result.get("damage"))
     if result.get("skipped"):
         lines += ["", "## Skipped", ""] + [f"- {s['scene']}: {s['reason']}" for s in result["skipped"]]
     overlays = [Path(s["overlay"]).name for s in result["per_scene"].values() if s.get("overlay")]
     if overlays:
         lines += ["", "## Overlays", ""] + [f"![{n}]({n})" for n in overlays]
     return "\n".join(lines) + "\n"
+
+
+def damage_summary(metrics: dict[str, Any]) -> dict[str, Any]:
+    """What evaluate keeps of the damage stage's metrics.json: the pooled scores and counts."""
+    return {k: metrics.get(k) for k in ("per_building", "pixel", "xview2", "counts", "truth_counts", "scenes")}
+
+
+def damage_lines(damage: dict[str, Any] | None) -> list[str]:
+    """The report's damage section: xView2's figures, and per grade on the truth buildings."""
+    if not damage:
+        return []
+    counts = ", ".join(f"{g} {n}" for g, n in (damage.get("counts") or {}).items())
+    lines = ["", "## Damage", "", f"Graded footprints: {counts}."]
+    if damage.get("per_building") is None:
+        return lines + ["", "The test scenes' post-disaster labels carry no grades: nothing to score."]
+    x, b = damage["xview2"], damage["per_building"]
+    lines += ["", "xView2's figures over the truth buildings' pixels, each graded by the footprint over it "
+              f"(a pixel under none is a miss): localisation F1 {_fmt(x['localisation_f1'])}, damage F1 "
+              f"{_fmt(x['damage_f1'])} (harmonic mean of the four grades' F1), score {_fmt(x['score'])} "
+              "(0.3 x localisation + 0.7 x damage).", "",
+              "Per building, the truth outlines graded (each building once; un-classified left out): damage F1 "
+              f"**{_fmt(b['damage_f1'])}**, damaged/undamaged macro F1 **{_fmt(b['binary']['macro_f1'])}**.", "",
+              "| grade | buildings | precision | recall | F1 |", "|---|---|---|---|---|"]
+    for grade, g in b["per_grade"].items():
+        lines.append(f"| {grade} | {int(g['support'])} | {_fmt(g['precision'])} | {_fmt(g['recall'])} | "
+                     f"{_fmt(g['f1'])} |")
+    grades = list(b["per_grade"])
+    lines += ["", "Confusion per building (rows: truth, columns: predicted):", "",
+              "| truth \\ predicted | " + " | ".join(grades) + " |", "|---" * (len(grades) + 1) + "|"]
+    for grade, row in zip(grades, b["confusion"], strict=True):
+        lines.append(f"| {grade} | " + " | ".join(str(int(v)) for v in row) + " |")
+    return lines
 
 
 def _source_lines(per_source: dict[str, dict[str, Any]]) -> list[str]:
@@ -276,8 +309,10 @@ def run(cfg: Config, overwrite: bool = False) -> dict[str, Any]:
     if not sources:
         raise StageError(f"no scenes in split {split!r} of the tile manifest")
     records = {s.scene_id: ScenePaths(pred_dir, s.scene_id).record for s in sources}
+    damage_file = paths.damage_metrics if cfg.damage is not None and paths.damage_metrics.is_file() else None
     key = digest({"iou_threshold": cfg.evaluate.iou_threshold, "overlays": cfg.evaluate.overlays,
-                  "predictions": {sid: file_digest(p) if p.is_file() else None for sid, p in records.items()}})
+                  "predictions": {sid: file_digest(p) if p.is_file() else None for sid, p in records.items()},
+                  **({"damage": file_digest(damage_file)} if damage_file is not None else {})})
     if not overwrite and is_fresh(metrics_path, key):
         log.info("evaluate: %s is up to date (use --overwrite to redo)", metrics_path)
         saved = read_record(metrics_path) or {}
@@ -322,6 +357,8 @@ def run(cfg: Config, overwrite: bool = False) -> dict[str, Any]:
         "metrics_path": str(metrics_path),
         "report": str(out_dir / "report.md"),
     }
+    if damage_file is not None:  # the damage stage's scores, beside the footprints' (a damage: section)
+        result["damage"] = damage_summary(read_record(damage_file) or {})
     write_text(out_dir / "report.md", render_report(result))
     overlays = [s["overlay"] for s in per_scene.values() if s.get("overlay")]
     result = write_record(metrics_path, key, [out_dir / "report.md", paths.matches, *overlays], **result)

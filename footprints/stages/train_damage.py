@@ -17,44 +17,34 @@ is then trained and selected on the validation buildings' damage F1; metrics.jso
 from __future__ import annotations
 
 import logging
-import re
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from ..atomic import atomic_path
 from ..config import Config
 from ..contracts.checkpoints import save_checkpoint
+from ..contracts.features_store import write_shard
 from ..contracts.freshness import digest, is_fresh, read_record, unmark, write_record
-from ..contracts.manifest import read_manifest
 from ..contracts.paths import RunPaths
 from ..errors import InputError, StageError, printable
 from ..model.backbone import load_backbone, resolve_layers
+from ..model.damage_features import combine
 from ..model.device import resolve_device
-from ..prediction.damage import damage_checkpoint, labelled_buildings, open_pair, pair_vectors
+from ..prediction.damage import (
+    damage_checkpoint,
+    labelled_buildings,
+    open_pair,
+    pair_pooled,
+    pre_disaster_scenes,
+)
+from ..scenes.grades import GRADES
 from ..scenes.pairs import post_source
-from ..scenes.sources import SceneSource, discover_scenes
-from ..scoring.damage import GRADES
+from ..scenes.sources import SceneSource
 from ..training.damage import train_damage_mlp, validation_split
 
 log = logging.getLogger(__name__)
-
-_BAND = re.compile(r"__rows\d{2}-\d{3}$")
-
-
-def scene_splits(paths: RunPaths) -> dict[str, str]:
-    """scene id (a whole scene's, bands folded into it) -> its split in the tile manifest."""
-    table = read_manifest(paths.tile, ["scene_id", "split"]).drop_duplicates()
-    return {_BAND.sub("", str(sid)): str(split) for sid, split in zip(table["scene_id"], table["split"], strict=True)}
-
-
-def pre_scenes(cfg: Config, paths: RunPaths, splits: tuple[str, ...]) -> list[SceneSource]:
-    """The run's pre-disaster scenes of `splits`, in discovery order."""
-    by_scene = scene_splits(paths)
-    return [s for s in discover_scenes(cfg.data) if by_scene.get(s.scene_id) in splits and post_source(s) is not None]
-
 
 def _file_key(path: Path | None) -> list[Any]:
     if path is None:
@@ -72,17 +62,12 @@ def _scene_key(src: SceneSource, settings: dict[str, Any]) -> str:
     return digest({"files": files, "settings": settings})
 
 
-def _write_scene(path: Path, arrays: dict[str, Any]) -> None:
-    with atomic_path(path) as tmp, open(tmp, "wb") as fh:
-        np.savez(fh, **arrays)
-
-
 def _read_scene(path: Path, key: str) -> dict[str, np.ndarray] | None:
     try:
         with np.load(path, allow_pickle=False) as z:
             if str(z["key"]) != key:
                 return None
-            return {k: z[k] for k in ("x", "y", "uid", "labelled")}
+            return {k: z[k] for k in z.files if k != "key"}
     except Exception:  # noqa: BLE001 - absent, damaged or foreign: the scene is simply redone
         return None
 
@@ -96,12 +81,12 @@ def run(cfg: Config, overwrite: bool = False) -> dict[str, Any]:
     t0 = time.perf_counter()
     layers = resolve_layers(d.layers)
     backbone_cfg = {"weights": cfg.backbone.weights, "normalization": cfg.backbone.normalization}
-    settings = {"layers": layers, "inputs": d.inputs, "pixels_per_building": d.pixels_per_building,
+    settings = {"layers": layers, "pixels_per_building": d.pixels_per_building,
                 "block_size": d.block_size, "backbone": backbone_cfg, "seed": cfg.seed,
                 "target_gsd": cfg.tile.target_gsd}
-    scenes = pre_scenes(cfg, paths, ("train", "val"))
+    scenes = pre_disaster_scenes(cfg.data, paths.tile, ("train", "val"))
     keys = {s.scene_id: _scene_key(s, settings) for s in scenes}
-    train_settings = {k: getattr(d, k) for k in ("hidden", "dropout", "epochs", "batch_size", "lr", "weight_decay",
+    train_settings = {k: getattr(d, k) for k in ("inputs", "hidden", "dropout", "epochs", "batch_size", "lr", "weight_decay",
                                                  "class_weighting", "val_fraction")}
     key = digest({"scenes": keys, "train": train_settings, "seed": cfg.seed})
     metrics_path = paths.train_damage / "metrics.json"
@@ -129,7 +114,7 @@ def run(cfg: Config, overwrite: bool = False) -> dict[str, Any]:
                 log.error("train-damage: %s", printable(err))
                 skipped.append({"scene": src.scene_id, "reason": printable(err)})
                 continue
-            _write_scene(file, {**part, "key": np.array(keys[src.scene_id])})
+            write_shard(file, {**part, "key": np.array(keys[src.scene_id])})
             log.info("train-damage: scene %d/%d %s: %d graded buildings", i + 1, len(scenes), src.scene_id,
                      int((part["y"] >= 0).sum()))
         if not bool(part["labelled"]):
@@ -139,10 +124,10 @@ def run(cfg: Config, overwrite: bool = False) -> dict[str, Any]:
     if unlabelled:
         log.info("train-damage: %d scene(s) without damage grades left out of training (e.g. %s)", len(unlabelled),
                  unlabelled[0])
-    x = np.concatenate([p["x"] for p in parts]) if parts else np.zeros((0, 1), np.float32)
     y = np.concatenate([p["y"] for p in parts]) if parts else np.zeros(0, np.int64)
     keep = y >= 0  # un-classified and buildings with no valid pixel: neither trained on nor scored
-    x, y = x[keep], y[keep]
+    x = np.concatenate([combine(p, d.inputs) for p in parts])[keep] if parts else np.zeros((0, 1), np.float32)
+    y = y[keep]
     if len(np.unique(y)) < 2:
         raise StageError(f"train-damage: the training scenes hold {len(y)} graded building(s) of "
                          f"{len(np.unique(y))} grade(s); at least two grades are needed")
@@ -167,17 +152,17 @@ def run(cfg: Config, overwrite: bool = False) -> dict[str, Any]:
 
 
 def _scene_features(src: SceneSource, cfg: Config, backbone: Any, layers: list[str], device: Any) -> dict[str, Any]:
-    """The vectors and grades (-1: un-classified) of one training pair's labelled buildings."""
+    """One training pair's labelled buildings: their pooled hypercolumns and colour statistics
+    (`pooled_hypercolumns`), grades (-1: un-classified, or no valid pixel) and uids; `labelled` false when the
+    post label has no grades."""
     pair = open_pair(src, None, cfg.data, cfg.tile)
     try:
         buildings = labelled_buildings(pair)
         if buildings is None:
-            return {"x": np.zeros((0, 1), np.float32), "y": np.zeros(0, np.int64), "uid": np.zeros(0, "U1"),
-                    "labelled": np.array(False)}
-        x, pixels = pair_vectors(pair, [b.polygon for b in buildings], backbone, layers, cfg.damage, cfg.seed,
-                                 device)
+            return {"labelled": np.array(False), "y": np.zeros(0, np.int64)}
+        pooled = pair_pooled(pair, [b.polygon for b in buildings], backbone, layers, cfg.damage, cfg.seed, device)
     finally:
         pair.close()
     y = np.array([GRADES.index(b.grade) if b.grade is not None and p > 0 else -1
-                  for b, p in zip(buildings, pixels, strict=True)], np.int64)
-    return {"x": x, "y": y, "uid": np.array([b.uid for b in buildings]), "labelled": np.array(True)}
+                  for b, p in zip(buildings, pooled["pixels"], strict=True)], np.int64)
+    return {**pooled, "y": y, "uid": np.array([b.uid for b in buildings]), "labelled": np.array(True)}

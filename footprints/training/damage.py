@@ -28,7 +28,8 @@ from ..config import DamageConfig
 from ..model.device import resolve_device
 from ..model.losses import class_weights_from_counts, weighted_ce_sums
 from ..model.mlp import MLP
-from ..scoring.damage import GRADES, damage_scores, grade_confusion
+from ..scenes.grades import GRADES
+from ..scoring.damage import damage_scores, grade_confusion
 from .data import derive_seed
 
 log = logging.getLogger(__name__)

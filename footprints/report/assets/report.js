@@ -23,6 +23,19 @@
     return { color: c, weight: 1.5, opacity: 0.95, fillColor: c, fillOpacity: 0.3, className: "fp-pred" };
   }
 
+  // damage grades (a run graded by the damage stage): data.damage holds the grades, colours and counts
+  var DAMAGE = data.damage || null;
+
+  function damageColours(grade) {
+    return DAMAGE.colours[DAMAGE.grades.indexOf(grade) >= 0 ? grade : DAMAGE.other];
+  }
+
+  function damageStyle(f) {
+    var c = damageColours(f.properties.damage);
+    return { color: c.outline, weight: 1.5, opacity: 0.95, fillColor: c.fill, fillOpacity: DAMAGE.fill_opacity,
+      className: "fp-damage" };
+  }
+
   function truthStyle(f) {
     if (f.properties.status === "FN") {
       return { color: COLOURS.FN, weight: 2, dashArray: "5 4", fill: false, className: "fp-truth-fn" };
@@ -40,6 +53,23 @@
     if (p.max_prob !== undefined) { rows.push(["max probability", fmt(p.max_prob, 3)]); }
     if (p.kind === "truth") { rows = [["scene", p.scene], ["truth outline", p.status === "FN" ? "missed (FN)" : "found (TP)"]]; }
     else if (p.status) { rows.push(["match", p.status + (p.iou !== undefined ? " (IoU " + fmt(p.iou, 2) + ")" : "")]); }
+    return popupTable(rows);
+  }
+
+  function damagePopup(f) {  // a graded footprint: its grade and each grade's probability
+    var p = f.properties;
+    var known = DAMAGE.grades.indexOf(p.damage) >= 0;
+    var rows = [["scene", p.scene], ["damage grade",
+      known ? p.damage : (typeof p.damage === "string" ? p.damage : DAMAGE.labels[DAMAGE.other])],
+      ["area", fmt(p.area_m2, 1) + " m²"]];
+    DAMAGE.grades.forEach(function (g) {
+      var k = DAMAGE.probability_keys[g];
+      if (p[k] !== undefined) { rows.push(["p(" + g + ")", fmt(p[k], 3)]); }
+    });
+    return popupTable(rows);
+  }
+
+  function popupTable(rows) {
     var table = document.createElement("table");
     table.className = "popup-table";
     rows.forEach(function (r) {
@@ -81,6 +111,15 @@
             (i ? PROB_CLASSES[i - 1][0] : 0) + "–" + (isFinite(c[0]) ? c[0] : 1) + '"></i>';
         }).join(""));
       }
+      var graded = DAMAGE && data.scenes.some(function (s) { return s.kind === kind && s.damage && s.damage.length; });
+      if (graded) {
+        html.push("damage grade:");
+        DAMAGE.grades.concat(DAMAGE.counts[DAMAGE.other] ? [DAMAGE.other] : []).forEach(function (g) {
+          var c = DAMAGE.colours[g];
+          html.push('<i class="damage-swatch" data-grade="' + g + '" style="border-color:' + c.outline + ';background:' +
+            c.fill + '"></i>' + DAMAGE.labels[g]);
+        });
+      }
       html.push('probability raster: 0<span class="ramp"></span>1');
       div.innerHTML = html.join("<br>");
       return div;
@@ -103,7 +142,7 @@
     map.attributionControl.addAttribution("footprints report");
     var g = {
       imagery: L.layerGroup(), probability: L.layerGroup(), footprints: L.featureGroup(),
-      missed: L.featureGroup(), found: L.featureGroup(), scenes: L.featureGroup()
+      missed: L.featureGroup(), found: L.featureGroup(), scenes: L.featureGroup(), damage: L.featureGroup()
     };
     var all = null;
     var largest = 0;
@@ -123,6 +162,12 @@
         style: predStyle, coordsToLatLng: conv,
         onEachFeature: function (f, layer) { layer.bindPopup(function () { return popupContent(f); }); }
       }).addTo(g.footprints);
+      if (s.damage && s.damage.length && DAMAGE) {
+        L.geoJSON(fc(s.damage), {
+          style: damageStyle, coordsToLatLng: conv,
+          onEachFeature: function (f, layer) { layer.bindPopup(function () { return damagePopup(f); }); }
+        }).addTo(g.damage);
+      }
       var fn = s.truth.filter(function (f) { return f.properties.status === "FN"; });
       var tp = s.truth.filter(function (f) { return f.properties.status !== "FN"; });
       [[fn, g.missed], [tp, g.found]].forEach(function (pair) {
@@ -155,7 +200,11 @@
     if (g.imagery.getLayers().length) { overlays.Imagery = g.imagery; g.imagery.addTo(map); }
     if (g.probability.getLayers().length) { overlays["Building probability (raster)"] = g.probability; }
     overlays["Predicted footprints (" + count + ")"] = g.footprints;
-    g.footprints.addTo(map);
+    var nDamage = countOf(g.damage);
+    // graded footprints are the predicted ones coloured by grade: shown instead of them (the layer control
+    // turns either on)
+    if (!nDamage) { g.footprints.addTo(map); }
+    if (nDamage) { overlays["Damage grades (" + nDamage + ")"] = g.damage; g.damage.addTo(map); }
     if (g.missed.getLayers().length) { overlays["Missed truth, FN (" + countOf(g.missed) + ")"] = g.missed; g.missed.addTo(map); }
     if (g.found.getLayers().length) { overlays["Found truth, TP (" + countOf(g.found) + ")"] = g.found; }
     overlays["Scene outlines"] = g.scenes;
@@ -241,6 +290,9 @@
   var drawn = state.count("footprints");
   if (drawn !== data.n_footprints) {
     warn("the map shows " + drawn + " footprints but the report holds " + data.n_footprints);
+  }
+  if (DAMAGE && state.count("damage") !== DAMAGE.n) {
+    warn("the map shows " + state.count("damage") + " graded footprints but the report holds " + DAMAGE.n);
   }
   state.ready = true;
 }());
