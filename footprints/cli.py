@@ -62,7 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("synth", help="generate synthetic xView2-layout scenes (and a GeoTIFF variant)")
+    p = sub.add_parser("synth", help="generate synthetic xView2-layout scenes with their graded post-disaster pairs (and a GeoTIFF variant)")
     _common(p)
     p.add_argument("--out", required=True, help="output folder (gets images/, labels/ and geotiff/)")
     p.add_argument("--scenes", type=int, default=None, help="number of scenes (default 8)")
@@ -81,6 +81,9 @@ def build_parser() -> argparse.ArgumentParser:
             out[name] = int(count)
         return out
 
+    p.add_argument("--no-damage", dest="damage", action="store_false",
+                   help="leave out the post-disaster scenes (by default every scene has its graded post-disaster "
+                   "pair: <id>_post_disaster.png with damage grades in its label)")
     p.add_argument("--subsets", type=subset_counts, metavar="SUBSET=N,...",
                    help="the official xView2 layout <out>/<subset>/{images,labels} with N scenes per subset "
                    "(ids unique across subsets), e.g. train=4,tier3=2,hold=2,test=2; instead of --scenes")
@@ -205,7 +208,7 @@ def _dispatch(args: argparse.Namespace, stage_options: dict[str, Any]) -> dict[s
         n_scenes = (sum(args.subsets.values()) if args.subsets is not None
                     else args.scenes if args.scenes is not None else 8)
         return write_synthetic_dataset(args.out, n_scenes=n_scenes, seed=args.seed, size=args.size,
-                                       geotiff=args.geotiff, subsets=args.subsets)
+                                       geotiff=args.geotiff, subsets=args.subsets, damage=args.damage)
     overrides = list(args.overrides)
     if getattr(args, "init_from", None) is not None:
         # after the --set overrides, so the flag wins; JSON-quoted, so the path is read as the string it is

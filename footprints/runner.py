@@ -363,6 +363,9 @@ def _cv_summary(cfg: Config, results: list[dict[str, Any]]) -> dict[str, Any]:
                "pooled": pooled["pooled"], **({"per_source": pooled["per_source"]} if "per_source" in pooled else {}),
                "per_fold": folds,
                "backbone": {"weights": cfg.backbone.weights, "normalization": cfg.backbone.normalization}}
+    damage = _pooled_damage([r.get("damage") for r in results])
+    if damage is not None:
+        summary["damage"] = damage
     if cfg.backbone.weights == "random":
         summary["warning"] = "backbone weights are random"
     write_json(out_dir / "metrics.json", summary)
@@ -371,6 +374,11 @@ def _cv_summary(cfg: Config, results: list[dict[str, Any]]) -> dict[str, Any]:
     print(f"cross-validation {cfg.name}: {cfg.tile.folds} folds, {summary['scenes']} test scenes pooled | pixel "
           f"building IoU {px['building_iou']:.3f}, F1 {px['f1']:.3f} | polygon F1@0.5 {pg['f1']:.3f} "
           f"(P {pg['precision']:.3f}, R {pg['recall']:.3f})\nreport: {out_dir / 'report.md'}", flush=True)
+    if damage is not None and damage["per_building"] is not None:
+        b, x = damage["per_building"], damage["xview2"]
+        print(f"  damage, per truth building: damage F1 {b['damage_f1']:.3f}, damaged/undamaged macro F1 "
+              f"{b['binary']['macro_f1']:.3f} | xView2 pixels: damage F1 {x['damage_f1']:.3f}, score {x['score']:.3f}",
+              flush=True)
     for source, s in summary.get("per_source", {}).items():
         print(f"  source {source}: {s['scenes']} test scenes pooled | pixel building IoU "
               f"{s['pixel']['building_iou']:.3f}, F1 {s['pixel']['f1']:.3f} | polygon F1@0.5 {s['polygon']['f1']:.3f} "
@@ -378,7 +386,17 @@ def _cv_summary(cfg: Config, results: list[dict[str, Any]]) -> dict[str, Any]:
     return summary
 
 
+def _pooled_damage(folds: list[dict[str, Any] | None]) -> dict[str, Any] | None:
+    """The folds' damage scores pooled (a `damage:` section): their confusions summed, then the scores."""
+    from .scoring.damage import damage_part, pool_damage
+
+    present = [d for d in folds if d]
+    return pool_damage([damage_part(d) for d in present]) if present else None
+
+
 def _cv_report(s: dict[str, Any]) -> str:
+    from .stages.evaluate import damage_lines
+
     def f(x: Any) -> str:
         return "-" if x is None else f"{x:g}" if isinstance(x, float) else str(x)
 
@@ -400,4 +418,4 @@ def _cv_report(s: dict[str, Any]) -> str:
         lines.append(f"| pooled, source **{source}** | {q['scenes']} | {q['pixel']['building_iou']:.3f} | "
                      f"{q['pixel']['f1']:.3f} | {q['polygon']['f1']:.3f} | {f(q['polygon'].get('merges'))} | "
                      f"{f(q['polygon'].get('splits'))} | | | |")
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + damage_lines(s.get("damage"))) + "\n"

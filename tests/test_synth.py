@@ -318,18 +318,20 @@ def test_cli_synth(tmp_path: Path) -> None:
 
     out = tmp_path / "cli"
     assert main(["synth", "--out", str(out), "--scenes", "2", "--seed", "1"]) == 0
-    images = sorted((out / "images").glob("*.png"))
+    images = sorted((out / "images").glob("*_pre_disaster.png"))
     assert len(images) == 2
     with Image.open(images[0]) as im:
         assert im.size == (1024, 1024)
-    assert len(list((out / "labels").glob("*.json"))) == 2
-    assert len(list((out / "geotiff" / "images").glob("*.tif"))) == 2
-    assert len(list((out / "geotiff" / "labels").glob("*.geojson"))) == 2
+    for kind in ("pre", "post"):  # every scene with its graded post-disaster pair, by default
+        assert len(list((out / "images").glob(f"*_{kind}_disaster.png"))) == 2
+        assert len(list((out / "labels").glob(f"*_{kind}_disaster.json"))) == 2
+        assert len(list((out / "geotiff" / "images").glob(f"*_{kind}_disaster.tif"))) == 2
+        assert len(list((out / "geotiff" / "labels").glob(f"*_{kind}_disaster.geojson"))) == 2
     assert (out / "truth_transforms.json").is_file()
     out2 = tmp_path / "cli2"
     assert main(["synth", "--out", str(out2), "--scenes", "1", "--seed", "1", "--size", "64",
-                 "--no-geotiff"]) == 0
-    assert not (out2 / "geotiff").exists()
+                 "--no-geotiff", "--no-damage"]) == 0
+    assert not (out2 / "geotiff").exists() and not list((out2 / "images").glob("*_post_disaster.png"))
 
 
 def test_full_size_scene_is_fast_and_plausible() -> None:

@@ -154,7 +154,7 @@ def _sources_in(folder: Path, subset: str | None, cfg: DataConfig) -> list[Scene
     if cfg.format == "geotiff" and not cfg.image_glob:
         found += list(images_dir.glob("*.tiff"))
     images = [p for p in _visible(found, images_dir) if _kept(p)]
-    if cfg.format == "xview2" and not cfg.use_post_disaster:
+    if not cfg.use_post_disaster:  # either layout: a post-disaster scene is not a scene to find buildings in
         skipped = [p for p in images if _is_post(p)]
         if skipped:
             log.debug("%s: %d post-disaster images left out (data.use_post_disaster: false)", images_dir,

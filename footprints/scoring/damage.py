@@ -87,3 +87,35 @@ def damage_scores(confusion: np.ndarray) -> dict[str, Any]:
 def xview2_score(localisation_f1: float, damage_f1: float) -> float:
     """xView2's overall score: 0.3 x localisation F1 + 0.7 x damage F1."""
     return LOCALISATION_WEIGHT * localisation_f1 + (1 - LOCALISATION_WEIGHT) * damage_f1
+
+
+def pool_damage(parts: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Damage scores over several scenes (or folds): confusions and localisation counts summed, then the scores.
+
+    Each part: `counts` (graded footprints per grade) and, where its truth is graded, `truth_counts`,
+    `per_building` and `pixel` (confusions, as `grade_confusion` and the pixel (4, 5) one) and `localisation`
+    ([tp, fp, fn] building pixels). The result: `counts`, and `per_building`, `pixel` (`damage_scores`),
+    `xview2` (localisation F1, damage F1, score and the summed localisation counts) and `truth_counts`, None
+    where no part is graded."""
+    out: dict[str, Any] = {"counts": {g: sum(int(p["counts"].get(g, 0)) for p in parts) for g in GRADES},
+                           "per_building": None, "pixel": None, "xview2": None, "truth_counts": None}
+    graded = [p for p in parts if p.get("per_building") is not None]
+    if not graded:
+        return out
+    out["per_building"] = damage_scores(np.sum([p["per_building"] for p in graded], axis=0))
+    out["pixel"] = damage_scores(np.sum([p["pixel"] for p in graded], axis=0))
+    tp, fp, fn = (float(v) for v in np.sum([p["localisation"] for p in graded], axis=0))
+    loc = _f1(tp, fp, fn)
+    out["xview2"] = {"localisation_f1": loc, "damage_f1": out["pixel"]["damage_f1"],
+                     "score": xview2_score(loc, out["pixel"]["damage_f1"]), "localisation_counts": [tp, fp, fn]}
+    out["truth_counts"] = {g: sum(int(p["truth_counts"].get(g, 0)) for p in graded) for g in GRADES}
+    return out
+
+
+def damage_part(pooled: dict[str, Any]) -> dict[str, Any]:
+    """A `pool_damage` result as a part of a larger pool (a fold's damage in a cross-validation)."""
+    if pooled.get("per_building") is None:
+        return {"counts": pooled["counts"]}
+    return {"counts": pooled["counts"], "truth_counts": pooled["truth_counts"],
+            "per_building": pooled["per_building"]["confusion"], "pixel": pooled["pixel"]["confusion"],
+            "localisation": pooled["xview2"]["localisation_counts"]}

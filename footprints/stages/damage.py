@@ -42,7 +42,7 @@ from ..prediction.damage import (
 )
 from ..scenes.grades import DAMAGE_KEY, GRADES
 from ..scenes.sources import SceneSource, sources_from_paths
-from ..scoring.damage import damage_scores, grade_confusion, xview2_score
+from ..scoring.damage import damage_scores, grade_confusion, pool_damage
 
 log = logging.getLogger(__name__)
 
@@ -178,19 +178,8 @@ def _pixel_confusion(pre: Any, truth: list[Any], footprints: list[Any], grades: 
 
 
 def _pooled(results: list[dict[str, Any]]) -> dict[str, Any]:
-    """The scores over every scene (confusions summed), per scene, and the grade counts."""
-    out: dict[str, Any] = {"counts": {g: sum(r["counts"][g] for r in results) for g in GRADES},
-                           "per_building": None, "pixel": None, "xview2": None, "truth_counts": None}
-    labelled = [r for r in results if "per_building" in r]
-    if labelled:
-        out["per_building"] = damage_scores(np.sum([r["per_building"] for r in labelled], axis=0))
-        out["pixel"] = damage_scores(np.sum([r["pixel"] for r in labelled], axis=0))
-        tp, fp, fn = np.sum([r["localisation"] for r in labelled], axis=0)
-        loc = 2 * tp / (2 * tp + fp + fn) if tp > 0 else 0.0
-        out["xview2"] = {"localisation_f1": loc, "damage_f1": out["pixel"]["damage_f1"],
-                         "score": xview2_score(loc, out["pixel"]["damage_f1"]),
-                         "localisation_counts": [tp, fp, fn]}
-        out["truth_counts"] = {g: sum(r["truth_counts"][g] for r in labelled) for g in GRADES}
+    """The scores over every scene (`pool_damage`) and each scene's counts."""
+    out = pool_damage(results)
     out["per_scene"] = {r["scene"]: {k: r[k] for k in ("footprints", "counts", "ungraded") if k in r}
                         | ({"damage_f1": damage_scores(r["per_building"])["damage_f1"]} if "per_building" in r else {})
                         for r in results}

@@ -1,0 +1,261 @@
+"""Damage grades (issue 26): pairs on one grid, per-building vectors, the grade classifier, grading files."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import geopandas as gpd
+import numpy as np
+import pandas as pd
+import pytest
+import rasterio
+import shapely
+import shapely.affinity
+import torch
+from rasterio.crs import CRS
+from rasterio.transform import from_origin
+from rasterio.warp import Resampling, reproject
+from rasterio.windows import Window
+
+from footprints.cli import main
+from footprints.config import DamageConfig, DataConfig
+from footprints.errors import InputError
+from footprints.model.backbone import load_backbone
+from footprints.model.damage_features import blocks, combine, feature_width, pooled_hypercolumns
+from footprints.prediction.damage import damage_checkpoint, open_pair
+from footprints.scenes.grades import DAMAGE_KEY, GRADES, PROBABILITY_KEYS
+from footprints.scenes.pairs import graded_buildings
+from footprints.scenes.sources import SceneSource
+from footprints.training.damage import train_damage_mlp, validation_split
+
+UTM = CRS.from_epsg(32615)  # Joplin's zone
+ORIGIN = (363000.0, 4105000.0)
+
+
+def _pattern(size: int, seed: int = 0) -> np.ndarray:
+    """RGB (3, size, size) uint8 with structure at several scales (so that resampling errors show)."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:size, 0:size]
+    base = 128 + 60 * np.sin(x / 7.0) * np.cos(y / 11.0)
+    return np.stack([base + rng.normal(0, 5, base.shape) + 20 * c for c in range(3)]).clip(1, 255).astype(np.uint8)
+
+
+def _write_tif(path: Path, rgb: np.ndarray, crs: CRS, transform) -> Path:
+    with rasterio.open(path, "w", driver="GTiff", width=rgb.shape[2], height=rgb.shape[1], count=3, dtype="uint8",
+                       crs=crs, transform=transform, nodata=0) as ds:
+        ds.write(rgb)
+    return path
+
+
+def _geotiff_pair(tmp_path: Path, size: int = 96, post_crs: CRS | None = None, shift_m: float = 0.0) -> tuple[Path, Path]:
+    """A pre GeoTIFF in UTM (0.5 m) and its post: the same pixels reprojected to `post_crs` (default lon/lat)."""
+    images = tmp_path / "images"
+    images.mkdir(exist_ok=True)
+    rgb = _pattern(size)
+    pre_t = from_origin(ORIGIN[0], ORIGIN[1], 0.5, 0.5)
+    pre = _write_tif(images / "place_pre_disaster.tif", rgb, UTM, pre_t)
+    dst_crs = post_crs or CRS.from_epsg(4326)
+    from rasterio.warp import calculate_default_transform
+
+    src_t = from_origin(ORIGIN[0] + shift_m, ORIGIN[1], 0.5, 0.5)
+    t, w, h = calculate_default_transform(UTM, dst_crs, size, size, *rasterio.transform.array_bounds(size, size, src_t))
+    out = np.zeros((3, h, w), np.uint8)
+    reproject(rgb, out, src_transform=src_t, src_crs=UTM, dst_transform=t, dst_crs=dst_crs,
+              resampling=Resampling.bilinear)
+    post = _write_tif(images / "place_post_disaster.tif", out, dst_crs, t)
+    return pre, post
+
+
+def test_a_post_scene_in_another_crs_is_resampled_onto_the_pre_grid(tmp_path: Path) -> None:
+    pre, post = _geotiff_pair(tmp_path)
+    cfg = DataConfig(format="geotiff")
+    pair = open_pair(SceneSource(pre), SceneSource(post), cfg, None)
+    try:
+        assert pair.post_on_grid.resample
+        window = Window(16, 16, 64, 64)
+        got, ok = pair.post_on_grid.read(window)
+        want, _ = pair.pre.read(window)
+    finally:
+        pair.close()
+    assert ok.all()
+    # twice resampled (to lon/lat and back): close to the pre pixels, far closer than another place's pixels
+    err = np.abs(got.astype(float) - want.astype(float)).mean()
+    other = np.abs(_pattern(96, seed=1)[:, 16:80, 16:80].astype(float)[:, ::-1] - want.astype(float)).mean()
+    assert err < 6.0 and err < other / 3, (err, other)
+
+
+def test_a_post_scene_that_does_not_overlap_is_refused_naming_it(tmp_path: Path) -> None:
+    pre, post = _geotiff_pair(tmp_path, shift_m=5000.0)
+    with pytest.raises(InputError) as err:
+        open_pair(SceneSource(pre), SceneSource(post), DataConfig(format="geotiff"), None)
+    assert "place_post_disaster.tif" in str(err.value) and "does not overlap" in str(err.value)
+
+
+def test_a_missing_post_scene_is_named(tmp_path: Path) -> None:
+    pre, post = _geotiff_pair(tmp_path)
+    post.unlink()
+    with pytest.raises(InputError) as err:
+        open_pair(SceneSource(pre), None, DataConfig(format="geotiff"), None)
+    assert "place_post_disaster.tif" in str(err.value) and "missing" in str(err.value)
+
+
+def _xview2_label(path: Path, polys: list, grades: list[str | None], uids: list[str], size: int) -> None:
+    def props(g: str | None, u: str) -> dict:
+        return {"feature_type": "building", "uid": u, **({"subtype": g} if g else {})}
+
+    # lon/lat vertices paired with the pixel ones: what georeferences an xView2 PNG
+    lnglat = [shapely.affinity.affine_transform(p, [3e-6, 0, 0, -3e-6, -94.5, 37.08]) for p in polys]
+    xy = [{"properties": props(g, u), "wkt": p.wkt} for p, g, u in zip(polys, grades, uids, strict=True)]
+    ll = [{"properties": props(g, u), "wkt": p.wkt} for p, g, u in zip(lnglat, grades, uids, strict=True)]
+    path.write_text(json.dumps({"features": {"xy": xy, "lng_lat": ll},
+                                "metadata": {"width": size, "height": size, "img_name": path.stem + ".png"}}))
+
+
+def _png_pair(tmp_path: Path, post_size: int = 64, post_uids: list[str] | None = None,
+              grades: list[str | None] | None = None) -> SceneSource:
+    images, labels = tmp_path / "images", tmp_path / "labels"
+    images.mkdir(exist_ok=True)
+    labels.mkdir(exist_ok=True)
+    polys = [shapely.box(4, 4, 20, 20), shapely.box(30, 30, 50, 44)]
+    uids = ["a", "b"]
+    for name, size in (("pre", 64), ("post", post_size)):
+        with rasterio.open(images / f"x_{name}_disaster.png", "w", driver="PNG", width=size, height=size, count=3,
+                           dtype="uint8") as ds:
+            ds.write(_pattern(size))
+    _xview2_label(labels / "x_pre_disaster.json", polys, [None, None], uids, 64)
+    _xview2_label(labels / "x_post_disaster.json", polys, grades or ["destroyed", "no-damage"], post_uids or uids,
+                  post_size)
+    return SceneSource(images / "x_pre_disaster.png", labels / "x_pre_disaster.json", label_kind="xview2")
+
+
+def test_an_xview2_pair_shares_the_pre_grid_and_gives_its_grades(tmp_path: Path) -> None:
+    pair = open_pair(_png_pair(tmp_path), None, DataConfig(), None)
+    try:
+        assert not pair.post_on_grid.resample
+        buildings = graded_buildings(pair.post, pair.pre)
+    finally:
+        pair.close()
+    assert [(b.uid, b.grade) for b in buildings] == [("a", "destroyed"), ("b", "no-damage")]
+    assert buildings[1].polygon.bounds == (30.0, 30.0, 50.0, 44.0)
+
+
+def test_a_post_png_of_another_size_is_refused_naming_it(tmp_path: Path) -> None:
+    with pytest.raises(InputError) as err:
+        open_pair(_png_pair(tmp_path, post_size=48), None, DataConfig(), None)
+    assert "x_post_disaster.png" in str(err.value) and "48x48" in str(err.value)
+
+
+def test_post_labels_of_buildings_the_pre_label_lacks_are_refused(tmp_path: Path) -> None:
+    pair = open_pair(_png_pair(tmp_path, post_uids=["a", "zz-not-there"]), None, DataConfig(), None)
+    try:
+        with pytest.raises(InputError) as err:
+            graded_buildings(pair.post, pair.pre)
+    finally:
+        pair.close()
+    assert "x_post_disaster.json" in str(err.value) and "zz-not-there" in str(err.value)
+
+
+def test_an_unknown_grade_is_refused(tmp_path: Path) -> None:
+    pair = open_pair(_png_pair(tmp_path, grades=["flattened", "no-damage"]), None, DataConfig(), None)
+    try:
+        with pytest.raises(InputError, match="unknown damage grade 'flattened'"):
+            graded_buildings(pair.post, pair.pre)
+    finally:
+        pair.close()
+
+
+def test_pooled_features_do_not_depend_on_the_block_size() -> None:
+    """A building cut by blocks gets the mean of all its pixels, as when the scene is one block (the halo
+    covers this small scene, so the activations are the same)."""
+    backbone = load_backbone("random", "torchvision")
+    layers = ["conv1_2", "conv2_2"]
+    pre, post = _pattern(80), _pattern(80, seed=3)
+
+    def reader(rgb):
+        return lambda w: (rgb[:, w.row_off : w.row_off + w.height, w.col_off : w.col_off + w.width],
+                          np.ones((w.height, w.width), bool))
+
+    polys = [shapely.box(10, 10, 50, 30), shapely.box(60, 60, 75, 78), shapely.box(200, 200, 210, 210)]
+    one = pooled_hypercolumns(backbone, layers, reader(pre), reader(post), polys, 80, 80, 10_000, 0, block=1024)
+    many = pooled_hypercolumns(backbone, layers, reader(pre), reader(post), polys, 80, 80, 10_000, 0, block=64)
+    assert len(blocks(80, 80, 64)) == 4
+    assert list(one["pixels"]) == [800, 15 * 18, 0]  # the third lies outside the scene
+    for key in ("pre", "post", "colour_pre", "colour_post"):
+        np.testing.assert_allclose(one[key], many[key], rtol=1e-4, atol=1e-4)
+    x = combine(one, "diff+post")
+    assert x.shape == (3, feature_width(layers, "diff+post"))
+    np.testing.assert_allclose(x[:, :192], one["post"] - one["pre"], rtol=1e-5, atol=1e-5)
+
+
+def test_validation_buildings_are_drawn_per_grade() -> None:
+    y = np.array([0] * 6 + [1] * 40 + [2] * 3 + [3] * 1)
+    val = validation_split(y, 0.25, seed=0)
+    for g, n in ((0, 2), (1, 10), (2, 1)):  # every grade with two or more in both parts
+        assert (val & (y == g)).sum() == n and (~val & (y == g)).sum() > 0
+    assert not val[y == 3].any()  # one building: training only
+
+
+def test_the_grade_classifier_learns_separable_grades_and_weights_the_rare_one() -> None:
+    rng = np.random.default_rng(0)
+    centres = rng.normal(0, 4, (4, 12))
+    counts = [20, 200, 60, 120]  # no-damage rare, as in Joplin
+    y = np.concatenate([np.full(n, g) for g, n in enumerate(counts)])
+    x = (centres[y] + rng.normal(0, 1, (len(y), 12))).astype(np.float32)
+    val = validation_split(y, 0.25, 0)
+    cfg = DamageConfig(epochs=30, hidden=32, lr=3e-3)
+    model, record = train_damage_mlp(cfg, x[~val], y[~val], x[val], y[val], seed=0)
+    assert record["val"]["damage_f1"] > 0.9
+    weights = record["class_weights"]
+    assert weights["no-damage"] > weights["minor-damage"]  # inverse frequency
+
+
+def _damage_checkpoint(path: Path, layers: list[str], inputs: str = "diff+post") -> Path:
+    from footprints.contracts.checkpoints import save_checkpoint
+    from footprints.model.mlp import MLP
+
+    cfg = DamageConfig(layers=layers, inputs=inputs, pixels_per_building=32, block_size=64)
+    torch.manual_seed(0)
+    mlp = MLP(feature_width(layers, inputs), hidden=8, num_classes=len(GRADES))
+    from footprints.config import Config
+
+    state = damage_checkpoint(mlp, cfg, layers, {"weights": "random", "normalization": "torchvision"}, 0,
+                              {"epoch": 1}, Config().to_dict())
+    save_checkpoint(path, state)
+    return path
+
+
+def test_footprints_damage_grades_a_users_footprints_on_a_geotiff_pair(tmp_path: Path) -> None:
+    pre, post = _geotiff_pair(tmp_path)
+    ckpt = _damage_checkpoint(tmp_path / "damage.pt", ["conv1_2", "conv2_2"])
+    # the user's footprints in lon/lat, with their own properties; one lies far outside the pair
+    utm = [shapely.box(ORIGIN[0] + 5, ORIGIN[1] - 20, ORIGIN[0] + 15, ORIGIN[1] - 10),
+           shapely.box(ORIGIN[0] + 20, ORIGIN[1] - 40, ORIGIN[0] + 30, ORIGIN[1] - 25),
+           shapely.box(ORIGIN[0] + 9000, ORIGIN[1], ORIGIN[0] + 9010, ORIGIN[1] + 10)]
+    users = gpd.GeoDataFrame({"osm_id": [11, 12, 13], "building": ["house", "yes", "shed"]}, geometry=utm,
+                             crs=UTM).to_crs(4326)
+    users.to_file(tmp_path / "osm.geojson", driver="GeoJSON")
+    out = tmp_path / "graded.geojson"
+    assert main(["damage", "--checkpoint", str(ckpt), "--pre", str(pre), "--post", str(post), "--footprints",
+                 str(tmp_path / "osm.geojson"), "--output", str(out)]) == 0
+    graded = gpd.read_file(out)
+    assert list(graded["osm_id"]) == [11, 12, 13] and list(graded["building"]) == ["house", "yes", "shed"]
+    assert "scene" not in graded.columns  # the user's columns, not the footprint schema's
+    assert graded[DAMAGE_KEY].iloc[:2].isin(GRADES).all() and pd.isna(graded[DAMAGE_KEY].iloc[2])
+    probs = graded[list(PROBABILITY_KEYS.values())].iloc[:2].to_numpy(float)
+    np.testing.assert_allclose(probs.sum(1), 1.0, atol=2e-3)
+    assert (tmp_path / "graded.gpkg").is_file()
+    assert gpd.read_file(tmp_path / "graded.gpkg")[DAMAGE_KEY].iloc[:2].isin(GRADES).all()
+
+
+def test_footprints_damage_refuses_a_classifier_checkpoint(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    pre, post = _geotiff_pair(tmp_path)
+    from footprints.contracts.checkpoints import save_checkpoint
+
+    save_checkpoint(tmp_path / "cls.pt", {"model": {}, "in_channels": 3, "layers": ["conv1_2"],
+                                           "backbone": {"weights": "random", "normalization": "torchvision"}})
+    gpd.GeoDataFrame(geometry=[shapely.box(0, 0, 1, 1)], crs=4326).to_file(tmp_path / "f.geojson")
+    code = main(["damage", "--checkpoint", str(tmp_path / "cls.pt"), "--pre", str(pre), "--post", str(post),
+                 "--footprints", str(tmp_path / "f.geojson"), "--output", str(tmp_path / "o.geojson")])
+    err = capsys.readouterr().err
+    assert code == 2 and "cls.pt" in err and "not a damage checkpoint" in err and len(err.strip().splitlines()) == 1
