@@ -177,8 +177,10 @@ def test_pooled_features_do_not_depend_on_the_block_size() -> None:
                           np.ones((w.height, w.width), bool))
 
     polys = [shapely.box(10, 10, 50, 30), shapely.box(60, 60, 75, 78), shapely.box(200, 200, 210, 210)]
-    one = pooled_hypercolumns(backbone, layers, reader(pre), reader(post), polys, 80, 80, 10_000, 0, block=1024)
-    many = pooled_hypercolumns(backbone, layers, reader(pre), reader(post), polys, 80, 80, 10_000, 0, block=64)
+    one, again = pooled_hypercolumns(backbone, layers, reader(pre), reader(post), [polys, polys[:1]], 80, 80,
+                                     10_000, 0, block=1024)
+    many, = pooled_hypercolumns(backbone, layers, reader(pre), reader(post), [polys], 80, 80, 10_000, 0, block=64)
+    np.testing.assert_allclose(again["post"][0], one["post"][0], rtol=1e-5)  # two sets, one backbone pass
     assert len(blocks(80, 80, 64)) == 4
     assert list(one["pixels"]) == [800, 15 * 18, 0]  # the third lies outside the scene
     for key in ("pre", "post", "colour_pre", "colour_post"):

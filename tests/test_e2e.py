@@ -9,6 +9,7 @@ import pyogrio
 import pytest
 
 from footprints.cli import main
+from footprints.scenes.grades import GRADES, PROBABILITY_KEYS
 from footprints.synth.dataset import write_synthetic_dataset
 
 pytestmark = pytest.mark.slow
@@ -29,6 +30,7 @@ classifier: {{epochs: 2, batch_size: 64, hidden: 64, baseline: true}}
 segmenter: {{epochs: 1, batch_size: 4}}
 predict: {{overlap: 0.25, batch_size: 8, threshold_grid: [0.5], min_area_grid: [0.0]}}
 evaluate: {{overlays: 1}}
+damage: {{layers: [conv1_2, conv3_3], pixels_per_building: 16, hidden: 16, epochs: 3, block_size: 128}}
 cluster: {{kind: local, workers: 0}}
 """
     )
@@ -37,7 +39,7 @@ cluster: {{kind: local, workers: 0}}
 
 def test_every_stage_runs_in_order_on_tiny_synthetic_scenes(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     data = tmp_path / "data"
-    write_synthetic_dataset(data, n_scenes=4, seed=5, size=192, geotiff=False)
+    write_synthetic_dataset(data, n_scenes=4, seed=5, size=192, geotiff=False, damage=True)
     cfg = _tiny_config(tmp_path, data)
 
     assert main(["all", "--config", str(cfg)]) == 0
@@ -65,6 +67,15 @@ def test_every_stage_runs_in_order_on_tiny_synthetic_scenes(tmp_path: Path, caps
     assert (preds["status"] == "TP").sum() == metrics["overall"]["polygon"]["tp"]
     assert (matches["status"] == "FN").sum() == metrics["overall"]["polygon"]["fn"]
     assert (out / "report" / "index.html").stat().st_size > 100_000
+    # damage: every test footprint graded, in the damage stage's layers, scored on the graded truth
+    assert (out / "train-damage" / "best.pt").is_file()
+    graded = pyogrio.read_dataframe(out / "damage" / "footprints.geojson")
+    assert len(graded) == len(preds) and graded["damage"].dropna().isin(GRADES).all()
+    assert set(PROBABILITY_KEYS.values()) <= set(graded.columns)
+    damage = metrics["damage"]
+    assert sum(damage["counts"].values()) == graded["damage"].notna().sum()
+    assert damage["per_building"] is not None and 0 <= damage["xview2"]["score"] <= 1
+    assert "## Damage" in (out / "evaluate" / "report.md").read_text()
     # the run ends by telling the user where the footprints are
     printed = capsys.readouterr()
     assert str(geojson) in printed.out + printed.err

@@ -61,29 +61,20 @@ def blocks(width: int, height: int, block: int) -> list[tuple[int, int, int, int
 
 
 def pooled_hypercolumns(
-    backbone: VGG16Features, layers: Sequence[str], read_pre: Read, read_post: Read, polygons: Sequence[Any],
-    width: int, height: int, per_building: int, seed: int, block: int = 1024, device: str | torch.device = "cpu",
-    gsd_m: float | None = None,
-) -> dict[str, np.ndarray]:
-    """For the n `polygons` (on the scene's pixel grid): `pre`, `post` (n, C) each building's mean
-    hypercolumn before and after; `pixels` (n,) how many of its pixels are valid in both scenes (0: outside the
-    scene or in nodata; its rows are zeros); `area_m2` (n,) those pixels' area; `colour_pre`, `colour_post`
-    (n, 8) the mean and std of R, G, B and the gradient magnitude over all of them (the colour baseline's). A
+    backbone: VGG16Features, layers: Sequence[str], read_pre: Read, read_post: Read,
+    polygon_sets: Sequence[Sequence[Any]], width: int, height: int, per_building: int, seed: int, block: int = 1024,
+    device: str | torch.device = "cpu", gsd_m: float | None = None,
+) -> list[dict[str, np.ndarray]]:
+    """For each set of n polygons (on the scene's pixel grid; several sets share one backbone pass, e.g. the
+    predicted footprints and the truth buildings): `pre`, `post` (n, C) each building's mean hypercolumn before
+    and after; `pixels` (n,) how many of its pixels are valid in both scenes (0: outside the scene or in
+    nodata; its rows are zeros); `area_m2` (n,) those pixels' area; `colour_pre`, `colour_post` (n, 8) the mean
+    and std of R, G, B and the gradient magnitude over all of them (the colour baseline's). Within a set, a
     later polygon wins a shared pixel."""
-    n, channels = len(polygons), hypercolumn_channels(layers)
-    sums = {k: np.zeros((n, channels), np.float64) for k in ("pre", "post")}
-    colour = {k: np.zeros((n, 8), np.float64) for k in ("pre", "post")}  # sums of the 4 values and their squares
-    pixels = np.zeros(n, np.int64)
-    tree = shapely.STRtree(list(polygons))  # a block's buildings without a pass over all of them
+    pools = [_Pool(list(polys), hypercolumn_channels(layers)) for polys in polygon_sets]
     for k, (r0, r1, c0, c1) in enumerate(blocks(width, height, block)):
-        hits = np.sort(tree.query(box(c0, r0, c1, r1), predicate="intersects"))  # sorted: a later polygon wins
-        if not len(hits):
-            continue
-        inside = [(polygons[i], int(i) + 1) for i in hits]
-        # pixel-space polygons, integer translation: the pixels rasterising the whole scene would give
-        ids = rio_features.rasterize(inside, out_shape=(r1 - r0, c1 - c0), transform=Affine.translation(c0, r0),
-                                     fill=0, dtype="int32")
-        if not ids.any():
+        ids = [pool.ids(r0, r1, c0, c1) for pool in pools]
+        if not any(i is not None for i in ids):
             continue
         h0, h1 = max(r0 - HALO_PX, 0), min(r1 + HALO_PX, height)
         w0, w1 = max(c0 - HALO_PX, 0), min(c1 + HALO_PX, width)
@@ -91,37 +82,75 @@ def pooled_hypercolumns(
         pre_rgb, pre_ok = read_pre(window)
         post_rgb, post_ok = read_post(window)
         core = (slice(r0 - h0, r1 - h0), slice(c0 - w0, c1 - w0))
-        ids = np.where((pre_ok & post_ok)[core], ids, 0)
+        ok = (pre_ok & post_ok)[core]
+        values = {key: np.concatenate([rgb[:, core[0], core[1]], _gradient(rgb)[None][:, core[0], core[1]]]).reshape(4, -1)
+                  for key, rgb in (("pre", pre_rgb), ("post", post_rgb))}
+        acts = None
+        for j, (pool, block_ids) in enumerate(zip(pools, ids, strict=True)):
+            if block_ids is None:
+                continue
+            block_ids = np.where(ok, block_ids, 0)
+            pool.add_colour(block_ids, values)
+            rows, cols, owner, weight = _sample(block_ids, per_building, np.random.default_rng([seed, k, j]))
+            if not len(rows):
+                continue
+            if acts is None:  # once per block, whatever the number of sets
+                rgb = torch.from_numpy(np.stack([pre_rgb, post_rgb])).to(device=device, dtype=torch.float32)
+                with torch.inference_mode():
+                    acts = backbone(rgb, layers)
+            with torch.inference_mode():
+                r = torch.from_numpy(np.concatenate([rows, rows]) + (r0 - h0))
+                c = torch.from_numpy(np.concatenate([cols, cols]) + (c0 - w0))
+                b = np.repeat([0, 1], len(rows))
+                columns = gather_hypercolumns(acts, layers, r, c, (h1 - h0, w1 - w0), batch=b).double().cpu().numpy()
+            pool.add_columns(owner, weight, columns)
+    return [pool.result(gsd_m) for pool in pools]
+
+
+class _Pool:
+    """The running sums of one polygon set (`pooled_hypercolumns`)."""
+
+    def __init__(self, polygons: list[Any], channels: int):
+        n = len(polygons)
+        self.polygons = polygons
+        self.tree = shapely.STRtree(polygons)  # a block's buildings without a pass over all of them
+        self.sums = {k: np.zeros((n, channels), np.float64) for k in ("pre", "post")}
+        self.colour = {k: np.zeros((n, 8), np.float64) for k in ("pre", "post")}  # sums of 4 values and squares
+        self.pixels = np.zeros(n, np.int64)
+
+    def ids(self, r0: int, r1: int, c0: int, c1: int) -> np.ndarray | None:
+        """int32 ids (index + 1) of the block's pixels, None when no building covers one."""
+        hits = np.sort(self.tree.query(box(c0, r0, c1, r1), predicate="intersects"))  # sorted: a later one wins
+        if not len(hits):
+            return None
+        # pixel-space polygons, integer translation: the pixels rasterising the whole scene would give
+        ids = rio_features.rasterize([(self.polygons[i], int(i) + 1) for i in hits], out_shape=(r1 - r0, c1 - c0),
+                                     transform=Affine.translation(c0, r0), fill=0, dtype="int32")
+        return ids if ids.any() else None
+
+    def add_colour(self, ids: np.ndarray, values: dict[str, np.ndarray]) -> None:
         labelled = ids.ravel() > 0
         owners = ids.ravel()[labelled] - 1
-        for key, rgb in (("pre", pre_rgb), ("post", post_rgb)):
-            values = np.concatenate([rgb[:, core[0], core[1]], _gradient(rgb)[None][:, core[0], core[1]]])
-            values = values.reshape(4, -1)[:, labelled].T.astype(np.float64)
-            np.add.at(colour[key], owners, np.concatenate([values, values**2], axis=1))
-        rng = np.random.default_rng([seed, k])
-        rows, cols, owner, weight = _sample(ids, per_building, rng)
-        if not len(rows):
-            continue
-        rgb = torch.from_numpy(np.stack([pre_rgb, post_rgb])).to(device=device, dtype=torch.float32)
-        with torch.inference_mode():
-            acts = backbone(rgb, layers)
-            r = torch.from_numpy(np.concatenate([rows, rows]) + (r0 - h0))
-            c = torch.from_numpy(np.concatenate([cols, cols]) + (c0 - w0))
-            b = np.repeat([0, 1], len(rows))
-            columns = gather_hypercolumns(acts, layers, r, c, (h1 - h0, w1 - w0), batch=b).double().cpu().numpy()
-        m = len(rows)
+        for key, v in values.items():
+            x = v[:, labelled].T.astype(np.float64)
+            np.add.at(self.colour[key], owners, np.concatenate([x, x**2], axis=1))
+        self.pixels += np.bincount(ids.ravel(), minlength=len(self.pixels) + 1)[1:]
+
+    def add_columns(self, owner: np.ndarray, weight: np.ndarray, columns: np.ndarray) -> None:
+        m = len(owner)
         for key, part in (("pre", columns[:m]), ("post", columns[m:])):
-            np.add.at(sums[key], owner, part * weight[:, None])
-        pixels += np.bincount(ids.ravel(), minlength=n + 1)[1:]
-    safe = np.maximum(pixels, 1)[:, None]
-    out = {k: (v / safe).astype(np.float32) for k, v in sums.items()}
-    for key, acc in colour.items():
-        mean = acc[:, :4] / safe
-        std = np.sqrt(np.maximum(acc[:, 4:] / safe - mean**2, 0.0))
-        out[f"colour_{key}"] = np.concatenate([mean, std], axis=1).astype(np.float32)
-    out["pixels"] = pixels
-    out["area_m2"] = pixels * float(gsd_m or 1.0) ** 2
-    return out
+            np.add.at(self.sums[key], owner, part * weight[:, None])
+
+    def result(self, gsd_m: float | None) -> dict[str, np.ndarray]:
+        safe = np.maximum(self.pixels, 1)[:, None]
+        out = {k: (v / safe).astype(np.float32) for k, v in self.sums.items()}
+        for key, acc in self.colour.items():
+            mean = acc[:, :4] / safe
+            std = np.sqrt(np.maximum(acc[:, 4:] / safe - mean**2, 0.0))
+            out[f"colour_{key}"] = np.concatenate([mean, std], axis=1).astype(np.float32)
+        out["pixels"] = self.pixels
+        out["area_m2"] = self.pixels * float(gsd_m or 1.0) ** 2
+        return out
 
 
 def _gradient(rgb: np.ndarray) -> np.ndarray:

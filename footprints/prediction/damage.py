@@ -71,13 +71,15 @@ def open_pair(pre_src: SceneSource, post_src: SceneSource | None, data_cfg: Data
         raise
 
 
-def pair_pooled(pair: OpenPair, polygons: Sequence[Any], backbone: VGG16Features, layers: Sequence[str],
-                cfg: DamageConfig, seed: int, device: str | torch.device = "cpu") -> dict[str, np.ndarray]:
-    """`pooled_hypercolumns` of buildings given on the pre scene's pixel grid (`combine` makes the vectors)."""
+def pair_pooled(pair: OpenPair, polygon_sets: Sequence[Sequence[Any]], backbone: VGG16Features,
+                layers: Sequence[str], cfg: DamageConfig, seed: int, device: str | torch.device = "cpu",
+                ) -> list[dict[str, np.ndarray]]:
+    """`pooled_hypercolumns` of sets of buildings given on the pre scene's pixel grid (`combine` makes the
+    vectors), one backbone pass for all of them."""
     pre = pair.pre
-    return pooled_hypercolumns(backbone, layers, pre.read, pair.post_on_grid.read, polygons, pre.width, pre.height,
-                               cfg.pixels_per_building, scene_seed(seed, pre.scene_id), cfg.block_size, device,
-                               gsd_m=pre.gsd_m)
+    return pooled_hypercolumns(backbone, layers, pre.read, pair.post_on_grid.read, polygon_sets, pre.width,
+                               pre.height, cfg.pixels_per_building, scene_seed(seed, pre.scene_id), cfg.block_size,
+                               device, gsd_m=pre.gsd_m)
 
 
 def pre_disaster_scenes(data_cfg: DataConfig, tile_dir: Path, splits: tuple[str, ...]) -> list[SceneSource]:
@@ -106,9 +108,9 @@ class DamageModel:
     device: torch.device
     checkpoint: dict[str, Any]
 
-    def pooled(self, pair: OpenPair, polygons: Sequence[Any]) -> dict[str, np.ndarray]:
+    def pooled(self, pair: OpenPair, polygon_sets: Sequence[Sequence[Any]]) -> list[dict[str, np.ndarray]]:
         """`pair_pooled` with this model's layers and settings."""
-        return pair_pooled(pair, polygons, self.backbone, self.layers, self.cfg, self.seed, self.device)
+        return pair_pooled(pair, polygon_sets, self.backbone, self.layers, self.cfg, self.seed, self.device)
 
     def probabilities(self, pooled: dict[str, np.ndarray]) -> np.ndarray:
         """(n, 4) grade probabilities of pooled buildings."""
@@ -116,7 +118,7 @@ class DamageModel:
 
     def grade(self, pair: OpenPair, polygons: Sequence[Any]) -> tuple[np.ndarray, np.ndarray]:
         """(probabilities (n, 4), valid pixels (n,)) of buildings on the pre scene's pixel grid."""
-        pooled = self.pooled(pair, polygons)
+        pooled, = self.pooled(pair, [polygons])
         return self.probabilities(pooled), pooled["pixels"]
 
 

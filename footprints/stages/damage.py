@@ -25,11 +25,10 @@ from typing import Any
 
 import numpy as np
 
-from ..atomic import write_json
 from ..config import Config, config_from_dict
 from ..contracts.features_store import write_shard
 from ..contracts.footprint_files import LAYER, merge_outputs, read_footprints, write_geojson, write_gpkg
-from ..contracts.freshness import digest, file_digest, is_fresh, read_record, write_record
+from ..contracts.freshness import digest, file_digest, is_fresh, read_record, unmark, write_record
 from ..contracts.paths import RunPaths, ScenePaths, check_output_text
 from ..errors import InputError, StageError, printable
 from ..prediction.damage import (
@@ -61,12 +60,18 @@ def run(cfg: Config, overwrite: bool = False, checkpoint: str | None = None) -> 
     scene_dir = paths.damage / "scenes"
     scene_dir.mkdir(parents=True, exist_ok=True)
     scenes = pre_disaster_scenes(cfg.data, paths.tile, (cfg.predict.split,))
+    keys = {src.scene_id: digest({"model": model_key, "footprints": _file_key(ScenePaths(paths.predict,
+            src.scene_id).gpkg), "scene": [_file_key(p) for p in (src.image, src.label)]}) for src in scenes}
+    run_key = digest({"scenes": keys, "split": cfg.predict.split})
+    if not overwrite and is_fresh(paths.damage_metrics, run_key):
+        log.info("damage: %s is complete (same model, footprints and scenes); skipping", paths.damage)
+        return {**(read_record(paths.damage_metrics) or {}), "skipped": True}
+    unmark(paths.damage_metrics)
     results, failed = [], []
     for src in scenes:
         predicted = ScenePaths(paths.predict, src.scene_id).gpkg
         record = scene_dir / f"{src.scene_id}.json"
-        key = digest({"model": model_key, "footprints": _file_key(predicted), "scene": [
-            _file_key(p) for p in (src.image, src.label)]})
+        key = keys[src.scene_id]
         if not overwrite and is_fresh(record, key):
             results.append(read_record(record))
             continue
@@ -82,7 +87,9 @@ def run(cfg: Config, overwrite: bool = False, checkpoint: str | None = None) -> 
     metrics = _pooled(results)
     metrics.update({"checkpoint": str(ckpt), "scenes": len(results), "failed": failed, "polygons": polygons,
                     "seconds": round(time.perf_counter() - t0, 2)})
-    write_json(paths.damage_metrics, metrics)
+    # a scene that failed is retried by the next run (the finished ones are skipped by their records)
+    metrics = write_record(paths.damage_metrics, "" if failed else run_key, [paths.damage_geojson,
+                                                                            paths.damage_gpkg], **metrics)
     _log_summary(metrics)
     return metrics
 
@@ -108,16 +115,17 @@ def _grade_scene(src: SceneSource, cfg: Config, model: DamageModel, predicted: P
             raise InputError(predicted, "no footprints of predict for this scene (run predict first)")
         footprints = read_footprints(predicted, pre.crs)
         pixel_polys = _to_pixels(footprints.geometry.values, pre)
-        prob, pixels = model.grade(pair, pixel_polys)
+        truth = labelled_buildings(pair)
+        # the footprints and the truth buildings in one backbone pass
+        pooled = model.pooled(pair, [pixel_polys] + ([[b.polygon for b in truth]] if truth is not None else []))
+        prob, pixels = model.probabilities(pooled[0]), pooled[0]["pixels"]
         graded = footprints.assign(**graded_columns(prob, pixels))
         out = {"scene": src.scene_id, "crs": str(pre.crs or ""), "footprints": len(graded),
                "counts": _counts(graded[DAMAGE_KEY]), "ungraded": int((pixels == 0).sum())}
-        truth = labelled_buildings(pair)
         if truth is not None:
-            pooled = model.pooled(pair, [b.polygon for b in truth])
-            truth_prob, truth_px = model.probabilities(pooled), pooled["pixels"]
+            truth_prob, truth_px = model.probabilities(pooled[1]), pooled[1]["pixels"]
             # the truth buildings' vectors and grades, for comparisons on the same buildings (configs/*.md)
-            write_shard(scene_dir / f"{src.scene_id}_truth.npz", {**pooled, "y": np.array(
+            write_shard(scene_dir / f"{src.scene_id}_truth.npz", {**pooled[1], "y": np.array(
                 [GRADES.index(b.grade) if b.grade is not None else -1 for b in truth], np.int64)})
             scored = [(b.grade, GRADES[int(p.argmax())]) for b, p, n in zip(truth, truth_prob, truth_px, strict=True)
                       if b.grade is not None and n > 0]

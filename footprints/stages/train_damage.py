@@ -160,7 +160,7 @@ def _scene_features(src: SceneSource, cfg: Config, backbone: Any, layers: list[s
         buildings = labelled_buildings(pair)
         if buildings is None:
             return {"labelled": np.array(False), "y": np.zeros(0, np.int64)}
-        pooled = pair_pooled(pair, [b.polygon for b in buildings], backbone, layers, cfg.damage, cfg.seed, device)
+        pooled, = pair_pooled(pair, [[b.polygon for b in buildings]], backbone, layers, cfg.damage, cfg.seed, device)
     finally:
         pair.close()
     y = np.array([GRADES.index(b.grade) if b.grade is not None and p > 0 else -1
