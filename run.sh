@@ -166,7 +166,8 @@ case "$CMD" in
     [ $# -gt 0 ] && shift
     cd "$REPO" || exit 1
     CONFIG=configs/demo.yaml
-    if [ ! -d data/demo/images ]; then
+    # (again when an older demo folder lacks the post-disaster pairs the damage stages read)
+    if [ ! -d data/demo/images ] || [ -z "$(ls data/demo/images/*_post_disaster.png 2>/dev/null)" ]; then
       "$PY" -m footprints.cli synth --out data/demo --scenes 6 --seed 0 || exit 1
     fi
     # `all` ends by printing the test metrics and the paths of the GeoJSON footprints and the HTML report

@@ -140,6 +140,19 @@ def test_an_xview2_pair_shares_the_pre_grid_and_gives_its_grades(tmp_path: Path)
     assert buildings[1].polygon.bounds == (30.0, 30.0, 50.0, 44.0)
 
 
+def test_an_empty_post_label_shares_the_pre_georeference_and_grades_no_building(tmp_path: Path) -> None:
+    """A post label without buildings has no vertices to georeference its PNG: the pair's grid is the pre's."""
+    src = _png_pair(tmp_path)
+    (tmp_path / "labels" / "x_post_disaster.json").write_text(json.dumps(
+        {"features": {"xy": [], "lng_lat": []}, "metadata": {"width": 64, "height": 64}}))
+    pair = open_pair(src, None, DataConfig(), None)
+    try:
+        assert pair.post.transform == pair.pre.transform and pair.post.crs == pair.pre.crs
+        assert graded_buildings(pair.post, pair.pre) == []
+    finally:
+        pair.close()
+
+
 def test_a_post_png_of_another_size_is_refused_naming_it(tmp_path: Path) -> None:
     with pytest.raises(InputError) as err:
         open_pair(_png_pair(tmp_path, post_size=48), None, DataConfig(), None)

@@ -26,7 +26,7 @@ from ..model.mlp import MLP
 from ..scenes.grades import DAMAGE_KEY, GRADES, PROBABILITY_KEYS
 from ..scenes.pairs import GradedBuilding, PostOnGrid, graded_buildings, post_source
 from ..scenes.reader import SceneReader, open_scene
-from ..scenes.sources import SceneSource, discover_scenes
+from ..scenes.sources import PLAIN_SUFFIXES, SceneSource, discover_scenes
 from ..training.damage import probabilities
 
 log = logging.getLogger(__name__)
@@ -59,7 +59,10 @@ def open_pair(pre_src: SceneSource, post_src: SceneSource | None, data_cfg: Data
         post_src = dataclasses.replace(post_src, label=None)
     pre = open_scene(pre_src, data_cfg, tile_cfg)
     try:
-        post = open_scene(post_src, data_cfg, tile_cfg)
+        # an xView2 PNG pair shares one grid: the post PNG gets the pre scene's georeference (an empty post
+        # label has no vertices to fit one to)
+        shared = pre.source_georef if post_src.image.suffix.lower() in PLAIN_SUFFIXES else None
+        post = open_scene(post_src, data_cfg, tile_cfg, georef=shared)
     except BaseException:
         pre.close()
         raise

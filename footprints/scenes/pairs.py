@@ -144,8 +144,8 @@ def graded_buildings(post: SceneReader, pre: SceneReader) -> list[GradedBuilding
     post scene has no xView2 label or its label carries no grades (a post scene to grade, not to train on).
     A building the pre label lacks (by uid) is refused, naming the post label."""
     label = post.xview2_label
-    if label is None or not label.properties or all("subtype" not in p for p in label.properties):
-        return None
+    if label is None or (label.properties and all("subtype" not in p for p in label.properties)):
+        return None  # (a label without buildings is a graded scene with none)
     path = label.path
     grades, uids = [], []
     for i, props in enumerate(label.properties):

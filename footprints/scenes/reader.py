@@ -66,8 +66,10 @@ class SceneReader:
     georef_rms_px: float | None
     scale: float  # output pixels per source pixel
 
-    def __init__(self, source: SceneSource, data_cfg: DataConfig, tile_cfg: TileConfig | None = None):
+    def __init__(self, source: SceneSource, data_cfg: DataConfig, tile_cfg: TileConfig | None = None,
+                 georef: tuple[Affine, CRS | None] | None = None):
         self.source = source
+        self._shared_georef = georef
         self.scene_id = source.scene_id
         # a scene of one of several data sources is read with its source's settings (data.sources[i]),
         # wherever it is opened (tile, calibration, predict): the source carries them
@@ -120,7 +122,11 @@ class SceneReader:
         xview2 = None
         if self._label_kind == "xview2":
             xview2 = read_xview2_label(src.label, (ds.width, ds.height), img)
-        src_transform, crs, self.georef_rms_px = georeference(src, cfg, ds, xview2, self._warn)
+        if self._shared_georef is not None:  # a pair's post PNG: the pre scene's grid (footprints.scenes.pairs)
+            src_transform, crs = self._shared_georef
+        else:
+            src_transform, crs, self.georef_rms_px = georeference(src, cfg, ds, xview2, self._warn)
+        self.source_georef = (src_transform, crs)
 
         # output grid (target GSD, a band of rows)
         grid = output_grid(img, (ds.width, ds.height), src_transform, crs, xview2,
@@ -462,6 +468,8 @@ def gsd_warning(reader: SceneReader, model_gsd: float | None) -> str | None:
             "learnt; expect poor footprints (a checkpoint with tile.target_gsd resamples)")
 
 
-def open_scene(source: SceneSource, data_cfg: DataConfig, tile_cfg: TileConfig | None = None) -> SceneReader:
-    """Open a scene on its output grid; raises `InputError` naming the bad file on bad input."""
-    return SceneReader(source, data_cfg, tile_cfg)
+def open_scene(source: SceneSource, data_cfg: DataConfig, tile_cfg: TileConfig | None = None,
+               georef: tuple[Affine, CRS | None] | None = None) -> SceneReader:
+    """Open a scene on its output grid; raises `InputError` naming the bad file on bad input. `georef`: the
+    source grid's (transform, CRS) as given, instead of the scene's own (the post PNG of an xView2 pair)."""
+    return SceneReader(source, data_cfg, tile_cfg, georef)

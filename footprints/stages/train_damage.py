@@ -148,7 +148,8 @@ def run(cfg: Config, overwrite: bool = False) -> dict[str, Any]:
                "unlabelled_scenes": unlabelled, **record, "seconds": round(time.perf_counter() - t0, 2)}
     if cfg.backbone.weights == "random":
         metrics["warning"] = "BACKBONE WEIGHTS ARE RANDOM: these metrics do not reflect ImageNet features"
-    return write_record(metrics_path, key, [ckpt_path], **metrics)
+    # a scene that failed is retried by the next run (the others' features are reused from their files)
+    return write_record(metrics_path, "" if skipped else key, [ckpt_path], **metrics)
 
 
 def _scene_features(src: SceneSource, cfg: Config, backbone: Any, layers: list[str], device: Any) -> dict[str, Any]:
