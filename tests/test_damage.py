@@ -274,3 +274,34 @@ def test_footprints_damage_refuses_a_classifier_checkpoint(tmp_path: Path, capsy
                  "--footprints", str(tmp_path / "f.geojson"), "--output", str(tmp_path / "o.geojson")])
     err = capsys.readouterr().err
     assert code == 2 and "cls.pt" in err and "not a damage checkpoint" in err and len(err.strip().splitlines()) == 1
+
+
+def test_train_damage_names_a_bad_pair_in_one_line_and_trains_on_the_others(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    from footprints.synth.dataset import write_synthetic_dataset
+
+    data = tmp_path / "data"
+    write_synthetic_dataset(data, n_scenes=4, seed=2, size=128, geotiff=False, damage=True)
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"""
+name: t
+output_root: {tmp_path / "out"}
+data: {{root: {data}, format: xview2, geotransforms: {data / "truth_transforms.json"}}}
+tile: {{size: 64, stride: 64, split_ratios: [1, 0, 0], patch_geotiffs: false}}
+backbone: {{weights: random, layers: [conv1_2]}}
+damage: {{layers: [conv1_2, conv2_2], pixels_per_building: 8, hidden: 8, epochs: 2}}
+cluster: {{kind: local, workers: 0}}
+""")
+    assert main(["tile", "--config", str(cfg)]) == 0
+    posts = sorted((data / "images").glob("*_post_disaster.png"))
+    posts[0].unlink()  # one pair without its post scene
+    with rasterio.open(posts[1], "w", driver="PNG", width=100, height=128, count=3, dtype="uint8") as ds:
+        ds.write(np.zeros((3, 128, 100), np.uint8))  # one of another size
+    assert main(["train-damage", "--config", str(cfg)]) == 0
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert len(errors) == 2 and all("\n" not in e for e in errors)
+    assert posts[0].name in errors[0] and "missing" in errors[0]
+    assert posts[1].name in errors[1] and "100x128" in errors[1]
+    metrics = json.loads((tmp_path / "out" / "t" / "train-damage" / "metrics.json").read_text())
+    assert metrics["scenes"] == 2 and len(metrics["skipped"]) == 2
+    assert (tmp_path / "out" / "t" / "train-damage" / "best.pt").is_file()

@@ -133,7 +133,8 @@ def run(cfg: Config, overwrite: bool = False) -> dict[str, Any]:
                          f"{len(np.unique(y))} grade(s); at least two grades are needed")
     val = validation_split(y, d.val_fraction, cfg.seed)
     log.info("train-damage: %d buildings (%s) from %d scene(s): %d train, %d validation", len(y),
-             ", ".join(f"{g} {int((y == k).sum())}" for k, g in enumerate(GRADES)), len(parts), int((~val).sum()),
+             ", ".join(f"{g} {int((y == k).sum())}" for k, g in enumerate(GRADES)), len(scenes) - len(skipped),
+             int((~val).sum()),
              int(val.sum()))
     model, record = train_damage_mlp(d, x[~val], y[~val], x[val], y[val], cfg.seed)
     ckpt_path = paths.damage_checkpoint
@@ -144,7 +145,7 @@ def run(cfg: Config, overwrite: bool = False) -> dict[str, Any]:
     selected = record.get("val") or record.get("train")
     log.info("train-damage: epoch %d, validation damage F1 %.3f, damaged/undamaged macro F1 %.3f -> %s",
              record["epoch"], selected["damage_f1"], selected["binary"]["macro_f1"], ckpt_path)
-    metrics = {"settings": {**settings, **train_settings}, "scenes": len(parts), "skipped": skipped,
+    metrics = {"settings": {**settings, **train_settings}, "scenes": len(scenes) - len(skipped), "skipped": skipped,
                "unlabelled_scenes": unlabelled, **record, "seconds": round(time.perf_counter() - t0, 2)}
     if cfg.backbone.weights == "random":
         metrics["warning"] = "BACKBONE WEIGHTS ARE RANDOM: these metrics do not reflect ImageNet features"
