@@ -203,6 +203,28 @@ def test_pooled_features_do_not_depend_on_the_block_size() -> None:
     np.testing.assert_allclose(x[:, :192], one["post"] - one["pre"], rtol=1e-5, atol=1e-5)
 
 
+def test_the_ring_around_a_building_is_pooled_beside_it() -> None:
+    from footprints.model.damage_features import rings
+
+    backbone = load_backbone("random", "torchvision")
+    pre = np.full((3, 64, 64), 100, np.uint8)
+    post = pre.copy()
+    post[:, 8:40, 8:40] = 200  # debris around the building (20..28), the roof itself unchanged
+    post[:, 20:28, 20:28] = 100
+
+    def reader(rgb):
+        return lambda w: (rgb[:, w.row_off : w.row_off + w.height, w.col_off : w.col_off + w.width],
+                          np.ones((w.height, w.width), bool))
+
+    building = [shapely.box(20, 20, 28, 28)]
+    own, ring = pooled_hypercolumns(backbone, ["conv1_2"], reader(pre), reader(post),
+                                    [building, rings(building, 4.0)], 64, 64, 1000, 0)
+    assert ring["pixels"][0] == 16 * 16 - 64  # the mitred ring, 4 px wide
+    assert ring["colour_post"][0, 0] == 200 and own["colour_post"][0, 0] == 100
+    x = combine({**own, "ring_pre": ring["pre"], "ring_post": ring["post"]}, "diff")
+    assert x.shape == (1, feature_width(["conv1_2"], "diff", context=True))
+
+
 def test_validation_buildings_are_drawn_per_grade() -> None:
     y = np.array([0] * 6 + [1] * 40 + [2] * 3 + [3] * 1)
     val = validation_split(y, 0.25, seed=0)
@@ -225,13 +247,13 @@ def test_the_grade_classifier_learns_separable_grades_and_weights_the_rare_one()
     assert weights["no-damage"] > weights["minor-damage"]  # inverse frequency
 
 
-def _damage_checkpoint(path: Path, layers: list[str], inputs: str = "diff+post") -> Path:
+def _damage_checkpoint(path: Path, layers: list[str], inputs: str = "diff+post", context_m: float = 0.0) -> Path:
     from footprints.contracts.checkpoints import save_checkpoint
     from footprints.model.mlp import MLP
 
-    cfg = DamageConfig(layers=layers, inputs=inputs, pixels_per_building=32, block_size=64)
+    cfg = DamageConfig(layers=layers, inputs=inputs, pixels_per_building=32, block_size=64, context_m=context_m)
     torch.manual_seed(0)
-    mlp = MLP(feature_width(layers, inputs), hidden=8, num_classes=len(GRADES))
+    mlp = MLP(feature_width(layers, inputs, context_m > 0), hidden=8, num_classes=len(GRADES))
     from footprints.config import Config
 
     state = damage_checkpoint(mlp, cfg, layers, {"weights": "random", "normalization": "torchvision"}, 0,
@@ -242,7 +264,8 @@ def _damage_checkpoint(path: Path, layers: list[str], inputs: str = "diff+post")
 
 def test_footprints_damage_grades_a_users_footprints_on_a_geotiff_pair(tmp_path: Path) -> None:
     pre, post = _geotiff_pair(tmp_path)
-    ckpt = _damage_checkpoint(tmp_path / "damage.pt", ["conv1_2", "conv2_2"])
+    # with the ring around each building pooled too (damage.context_m)
+    ckpt = _damage_checkpoint(tmp_path / "damage.pt", ["conv1_2", "conv2_2"], context_m=2.0)
     # the user's footprints in lon/lat, with their own properties; one lies far outside the pair
     utm = [shapely.box(ORIGIN[0] + 5, ORIGIN[1] - 20, ORIGIN[0] + 15, ORIGIN[1] - 10),
            shapely.box(ORIGIN[0] + 20, ORIGIN[1] - 40, ORIGIN[0] + 30, ORIGIN[1] - 25),

@@ -44,7 +44,7 @@ RANGES: dict[str, tuple[float | None, float | None]] = {
     "predict.seed_threshold_grid": (OPEN, 1), "predict.hole_area_m2": (0, None), "predict.simplify_px": (0, 10),
     "predict.domain_warn": (OPEN, None),
     "evaluate.iou_threshold": (OPEN, 1), "evaluate.overlays": (0, 1000),
-    "damage.pixels_per_building": (1, None), "damage.block_size": (64, None), "damage.hidden": (1, None),
+    "damage.pixels_per_building": (1, None), "damage.context_m": (0, 100), "damage.block_size": (64, None), "damage.hidden": (1, None),
     "damage.dropout": (0, 0.99), "damage.epochs": (1, None), "damage.batch_size": (1, None),
     "damage.lr": (OPEN, 1), "damage.weight_decay": (0, None), "damage.val_fraction": (OPEN, 0.9),
     "cluster.workers": (0, 1024), "cluster.threads_per_worker": (1, 1024), "cluster.slurm.cores": (1, None),

@@ -227,6 +227,9 @@ class DamageConfig:
     # difference (post - pre), or two of them side by side; log(area) is always added
     inputs: Literal["post", "pre", "diff", "diff+post", "pre+post"] = "diff+post"
     pixels_per_building: int = 256  # hypercolumns averaged per building (a seeded sample of its pixels)
+    # also pool a ring this many metres wide around each building (debris and fallen walls lie outside the
+    # outline); 0: the building's own pixels alone
+    context_m: float = 0.0
     block_size: int = 1024  # scene rows/cols run through the backbone at once (plus a halo of context)
     hidden: int = 64
     dropout: float = 0.5

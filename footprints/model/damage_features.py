@@ -32,18 +32,30 @@ INPUTS = ("post", "pre", "diff", "diff+post", "pre+post")
 Read = Callable[[Window], tuple[np.ndarray, np.ndarray]]  # window -> (RGB uint8 (3, h, w), valid (h, w))
 
 
-def feature_width(layers: Sequence[str], inputs: str) -> int:
-    """Channels of one building's vector: one or two hypercolumns, plus log(area)."""
-    return hypercolumn_channels(layers) * (2 if "+" in inputs else 1) + 1
+def feature_width(layers: Sequence[str], inputs: str, context: bool = False) -> int:
+    """Channels of one building's vector: one or two hypercolumns (each of the ring around it too, with
+    `context`), plus log(area)."""
+    return hypercolumn_channels(layers) * (2 if "+" in inputs else 1) * (2 if context else 1) + 1
 
 
 def combine(pooled: dict[str, np.ndarray], inputs: str) -> np.ndarray:
     """The classifier's input (n, feature_width) from `pooled_hypercolumns`' pooled pre and post
-    hypercolumns and the buildings' areas."""
-    parts = {"post": pooled["post"], "pre": pooled["pre"], "diff": pooled["post"] - pooled["pre"]}
-    chosen = [parts[name] for name in inputs.split("+")]
+    hypercolumns (and the ring's, `ring_pre`/`ring_post`, when pooled) and the buildings' areas."""
+    chosen = []
+    for prefix in ("", "ring_") if "ring_pre" in pooled else ("",):
+        pre, post = pooled[prefix + "pre"], pooled[prefix + "post"]
+        parts = {"post": post, "pre": pre, "diff": post - pre}
+        chosen += [parts[name] for name in inputs.split("+")]
     area = np.log1p(np.asarray(pooled["area_m2"], np.float64))[:, None]
     return np.concatenate([*chosen, area], axis=1).astype(np.float32)
+
+
+def rings(polygons: Sequence[Any], width_px: float) -> list[Any]:
+    """The ring `width_px` wide around each polygon (its buffer less itself)."""
+    shapes = np.asarray(list(polygons), dtype=object)
+    if not len(shapes):
+        return []
+    return list(shapely.difference(shapely.buffer(shapes, width_px, join_style="mitre"), shapes))
 
 
 def colour_statistics(pooled: dict[str, np.ndarray]) -> np.ndarray:

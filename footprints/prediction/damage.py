@@ -21,7 +21,7 @@ from ..contracts.checkpoints import load_checkpoint
 from ..contracts.manifest import whole_scene_splits
 from ..errors import InputError
 from ..model.backbone import VGG16Features, load_backbone, resolve_layers
-from ..model.damage_features import combine, feature_width, pooled_hypercolumns, scene_seed
+from ..model.damage_features import combine, feature_width, pooled_hypercolumns, rings, scene_seed
 from ..model.mlp import MLP
 from ..scenes.grades import DAMAGE_KEY, GRADES, PROBABILITY_KEYS
 from ..scenes.pairs import GradedBuilding, PostOnGrid, graded_buildings, post_source
@@ -80,9 +80,17 @@ def pair_pooled(pair: OpenPair, polygon_sets: Sequence[Sequence[Any]], backbone:
     """`pooled_hypercolumns` of sets of buildings given on the pre scene's pixel grid (`combine` makes the
     vectors), one backbone pass for all of them."""
     pre = pair.pre
-    return pooled_hypercolumns(backbone, layers, pre.read, pair.post_on_grid.read, polygon_sets, pre.width,
-                               pre.height, cfg.pixels_per_building, scene_seed(seed, pre.scene_id), cfg.block_size,
-                               device, gsd_m=pre.gsd_m)
+    sets = [list(s) for s in polygon_sets]
+    if cfg.context_m > 0:  # each set's rings as sets of their own, in the same backbone pass
+        sets += [rings(s, cfg.context_m / float(pre.gsd_m or 1.0)) for s in sets]
+    pooled = pooled_hypercolumns(backbone, layers, pre.read, pair.post_on_grid.read, sets, pre.width,
+                                 pre.height, cfg.pixels_per_building, scene_seed(seed, pre.scene_id),
+                                 cfg.block_size, device, gsd_m=pre.gsd_m)
+    n = len(polygon_sets)
+    if cfg.context_m > 0:
+        for own, ring in zip(pooled[:n], pooled[n:], strict=True):
+            own.update(ring_pre=ring["pre"], ring_post=ring["post"])
+    return pooled[:n]
 
 
 def pre_disaster_scenes(data_cfg: DataConfig, tile_dir: Path, splits: tuple[str, ...]) -> list[SceneSource]:
@@ -141,7 +149,7 @@ def load_damage_model(path: str | Path, device: str | torch.device = "cpu") -> D
         raise InputError(Path(path), f"damage checkpoint of other grades {list(ckpt['grades'])[:6]}")
     cfg = DamageConfig(**{k: v for k, v in ckpt["damage"].items() if k in {f.name for f in dataclasses.fields(DamageConfig)}})
     layers = resolve_layers(ckpt["layers"])
-    if feature_width(layers, cfg.inputs) != int(ckpt["in_channels"]):
+    if feature_width(layers, cfg.inputs, cfg.context_m > 0) != int(ckpt["in_channels"]):
         raise InputError(Path(path), f"damage checkpoint is inconsistent: {ckpt['in_channels']} inputs for layers "
                          f"{layers} and inputs {cfg.inputs!r}")
     mlp = MLP(int(ckpt["in_channels"]), int(ckpt["hidden"]), float(ckpt["dropout"]), num_classes=len(GRADES))

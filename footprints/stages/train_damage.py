@@ -81,7 +81,7 @@ def run(cfg: Config, overwrite: bool = False) -> dict[str, Any]:
     t0 = time.perf_counter()
     layers = resolve_layers(d.layers)
     backbone_cfg = {"weights": cfg.backbone.weights, "normalization": cfg.backbone.normalization}
-    settings = {"layers": layers, "pixels_per_building": d.pixels_per_building,
+    settings = {"layers": layers, "pixels_per_building": d.pixels_per_building, "context_m": d.context_m,
                 "block_size": d.block_size, "backbone": backbone_cfg, "seed": cfg.seed,
                 "target_gsd": cfg.tile.target_gsd}
     scenes = pre_disaster_scenes(cfg.data, paths.tile, ("train", "val"))
