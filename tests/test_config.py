@@ -127,8 +127,13 @@ def test_every_numeric_key_has_a_range() -> None:
         for f in dataclasses.fields(cls):
             if f.metadata.get("internal"):
                 continue
-            if dataclasses.is_dataclass(hints[f.name]):
-                yield from keys(hints[f.name], f"{prefix}{f.name}.")
+            # a section that may be absent (damage: DamageConfig | None) is checked when present
+            tp = hints[f.name]
+            optional = type(None) in typing.get_args(tp)
+            section = next((a for a in ((tp,) if not optional else typing.get_args(tp)) if dataclasses.is_dataclass(a)),
+                           None)
+            if section is not None:
+                yield from keys(section, f"{prefix}{f.name}.")
             elif numeric(hints[f.name]):
                 yield prefix + f.name
 
