@@ -328,3 +328,30 @@ cluster: {{kind: local, workers: 0}}
     metrics = json.loads((tmp_path / "out" / "t" / "train-damage" / "metrics.json").read_text())
     assert metrics["scenes"] == 2 and len(metrics["skipped"]) == 2
     assert (tmp_path / "out" / "t" / "train-damage" / "best.pt").is_file()
+
+
+def test_train_damage_learns_from_geotiff_pairs_with_graded_vector_labels(tmp_path: Path) -> None:
+    """synth's GeoTIFF variant: pre in UTM, post in lon/lat (resampled onto the pre grid), GeoJSON labels
+    whose `subtype` grades each building."""
+    from footprints.synth.dataset import write_synthetic_dataset
+
+    data = tmp_path / "data"
+    summary = write_synthetic_dataset(data, n_scenes=3, seed=4, size=128, geotiff=True, damage=True)
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"""
+name: g
+output_root: {tmp_path / "out"}
+data: {{root: {data / "geotiff"}, format: geotiff, label_format: vector}}
+tile: {{size: 64, stride: 64, split_ratios: [1, 0, 0], patch_geotiffs: false}}
+backbone: {{weights: random, layers: [conv1_2]}}
+damage: {{layers: [conv1_2], pixels_per_building: 8, hidden: 8, epochs: 2}}
+cluster: {{kind: local, workers: 0}}
+""")
+    assert main(["tile", "--config", str(cfg)]) == 0
+    manifest = (tmp_path / "out" / "g" / "tile" / "manifest.csv").read_text()
+    assert "_post_disaster" not in manifest  # post scenes are not scenes to find buildings in
+    assert main(["train-damage", "--config", str(cfg)]) == 0
+    metrics = json.loads((tmp_path / "out" / "g" / "train-damage" / "metrics.json").read_text())
+    graded = sum(n for g, n in summary["damage"].items() if g in GRADES)
+    trained = sum(metrics["train_buildings"].values()) + sum(metrics["val_buildings"].values())
+    assert metrics["scenes"] == 3 and not metrics["skipped"] and 0.9 * graded <= trained <= graded

@@ -20,7 +20,7 @@ import json
 import logging
 import re
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -346,7 +346,14 @@ def _choose_layer(path: Path, driver: str, layers: Any, wanted: str | None) -> s
 
 def read_vector_polygons(path: Path, crs: Any, transform: Affine, layer: str | None = None) -> list[Any]:
     """Polygons of a GeoJSON/GPKG/Shapefile label file in output-grid pixel coordinates of a grid (`crs`,
-    `transform`).
+    `transform`): `read_vector_labels` without attributes."""
+    return read_vector_labels(path, crs, transform, layer)[0]
+
+
+def read_vector_labels(path: Path, crs: Any, transform: Affine, layer: str | None = None,
+                       columns: Sequence[str] = ()) -> tuple[list[Any], dict[str, list[Any]]]:
+    """(polygons, {column: each polygon's value}) of a GeoJSON/GPKG/Shapefile label file, the polygons in
+    output-grid pixel coordinates of a grid (`crs`, `transform`); of `columns`, those the layer has.
 
     GeoJSON without a CRS is WGS84 (RFC 7946); other formats must declare one. Invalid outlines are repaired.
     The file is untrusted: its format is decided from its content (`VECTOR_DRIVERS`; never an OGR VRT), a
@@ -377,16 +384,18 @@ def read_vector_polygons(path: Path, crs: Any, transform: Affine, layer: str | N
             # a GeoJSON or Shapefile holds one layer: no need to list them (a GeoJSON is parsed at each open)
             chosen = None if driver in _SINGLE_LAYER else _choose_layer(path, driver, pyogrio.list_layers(name),
                                                                         layer)
-            opened_as = pyogrio.read_info(name, layer=chosen).get("driver")
+            info = pyogrio.read_info(name, layer=chosen)
+            opened_as = info.get("driver")
             if opened_as != driver:
                 raise InputError(path, f"read as {opened_as}, not {VECTOR_DRIVERS[driver]}; not read")
-            meta, _, wkb, _ = pyogrio.raw.read(name, layer=chosen, columns=[], force_2d=True)
+            present = [c for c in columns if c in set(info["fields"])]
+            meta, _, wkb, field_data = pyogrio.raw.read(name, layer=chosen, columns=present, force_2d=True)
     except InputError:
         raise
     except Exception as err:  # noqa: BLE001 - pyogrio raises many types for a bad file
         raise InputError(path, f"unreadable vector labels ({one_line(err, path)})") from None
     if wkb is None or len(wkb) == 0:
-        return []
+        return [], {c: [] for c in present}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # an invalid geometry is reported below, naming the feature
         geoms = shapely.from_wkb(np.asarray(wkb, dtype=object), on_invalid="ignore")
@@ -420,7 +429,7 @@ def read_vector_polygons(path: Path, crs: Any, transform: Affine, layer: str | N
         if not geom.is_valid:
             geom = shapely.make_valid(geom)
         out.append(affinity.affine_transform(geom, [inv.a, inv.b, inv.d, inv.e, inv.c, inv.f]))
-    return out
+    return out, {c: [values[i] for i in keep] for c, values in zip(present, field_data, strict=True)}
 
 
 def _check_finite(path: Path, geoms: np.ndarray, keep: list[int], why: str) -> None:

@@ -139,27 +139,58 @@ class GradedBuilding:
     polygon: Any  # on the pre scene's output grid (pixels)
 
 
+GRADE_FIELDS = ("subtype", "damage")  # where a vector label keeps a building's grade: xView2's name, or ours
+
+
 def graded_buildings(post: SceneReader, pre: SceneReader) -> list[GradedBuilding] | None:
-    """The buildings of a post scene's xView2 label with their grades, on the pre scene's grid; None when the
-    post scene has no xView2 label or its label carries no grades (a post scene to grade, not to train on).
+    """The buildings of a post scene's labels with their grades, on the pre scene's grid: an xView2 label's
+    `subtype`, or a vector label's `subtype` (or `damage`, as `footprints damage` writes it) with a `uid`.
+    None when the post scene has no labels or they carry no grades (a post scene to grade, not to train on).
     A building the pre label lacks (by uid) is refused, naming the post label."""
     label = post.xview2_label
-    if label is None or (label.properties and all("subtype" not in p for p in label.properties)):
-        return None  # (a label without buildings is a graded scene with none)
-    path = label.path
+    if label is not None:
+        if label.properties and all("subtype" not in p for p in label.properties):
+            return None  # (a label without buildings is a graded scene with none)
+        path, props = label.path, label.properties
+        polygons = post.source_to_output(label.polygons)  # the pair shares one pixel grid (PostOnGrid checks)
+    elif post.source.label is not None and post.source.label_kind == "vector":
+        from .labels import read_vector_labels
+
+        path = post.source.label
+        polygons, fields = read_vector_labels(path, pre.crs, pre.transform, post.source.data.label_layer
+                                              if post.source.data is not None else None, ("uid", *GRADE_FIELDS))
+        column = next((c for c in GRADE_FIELDS if c in fields), None)
+        if column is None:
+            return None
+        if "uid" not in fields:
+            raise InputError(path, f"damage labels need a 'uid' per building beside its {column!r}")
+        props = [{"uid": u, "subtype": g} for u, g in zip(fields["uid"], fields[column], strict=True)]
+    else:
+        return None
     grades, uids = [], []
-    for i, props in enumerate(label.properties):
-        uid = props.get("uid")
+    for i, p in enumerate(props):
+        uid = p.get("uid")
         if not isinstance(uid, str) or not uid:
-            raise InputError(path, f"features.xy[{i}] has no building uid")
+            raise InputError(path, f"building {i} has no uid")
         uids.append(uid)
-        grades.append(_grade_of(path, f"features.xy[{i}]", props.get("subtype")))
-    if pre.xview2_label is not None:
-        known = {p.get("uid") for p in pre.xview2_label.properties}
+        grades.append(_grade_of(path, f"building {i}", p.get("subtype")))
+    known = _pre_uids(pre)
+    if known is not None:
         extra = [u for u in uids if u not in known]
         if extra:
             raise InputError(path, f"{len(extra)} building(s) absent from the pre-disaster label "
-                             f"{pre.xview2_label.path.name} (e.g. uid {extra[0][:40]})")
-    polygons = post.source_to_output(label.polygons)  # the pair shares one pixel grid (PostOnGrid checks)
+                             f"{pre.source.label.name} (e.g. uid {extra[0][:40]})")
     return [GradedBuilding(u, g, p) for u, g, p in zip(uids, grades, polygons, strict=True)
             if p is not None and not p.is_empty]
+
+
+def _pre_uids(pre: SceneReader) -> set[str] | None:
+    """The building uids of the pre scene's labels (None: it has none to compare with)."""
+    if pre.xview2_label is not None:
+        return {p.get("uid") for p in pre.xview2_label.properties}
+    if pre.source.label is not None and pre.source.label_kind == "vector":
+        from .labels import read_vector_labels
+
+        _, fields = read_vector_labels(pre.source.label, pre.crs, pre.transform, columns=("uid",))
+        return set(fields["uid"]) if "uid" in fields else None
+    return None
