@@ -25,13 +25,17 @@ def test_synth_writes_the_official_xview2_layout_with_subset_folders(tmp_path: P
     out = tmp_path / "xv"
     assert main(["synth", "--out", str(out), "--subsets", "train=2,tier3=1,hold=1,test=1", "--size", "64",
                  "--seed", "3", "--no-geotiff"]) == 0
-    names = {sub: sorted(p.name for p in (out / sub / "images").glob("*.png")) for sub in SUBSETS}
+    names = {sub: sorted(p.name for p in (out / sub / "images").glob("*_pre_disaster.png")) for sub in SUBSETS}
+    for sub, v in names.items():  # each with its post-disaster pair (the CLI's default)
+        assert sorted(p.name for p in (out / sub / "images").glob("*_post_disaster.png")) == [
+            n.replace("_pre_", "_post_") for n in v]
     assert {sub: len(v) for sub, v in names.items()} == {"train": 2, "tier3": 1, "hold": 1, "test": 1}
     ids = [name.split("_")[1] for v in names.values() for name in v]
     assert sorted(ids) == [f"{i:08d}" for i in range(1, 6)]  # unique across subsets
     for sub, v in names.items():
         assert all(name.endswith("_pre_disaster.png") for name in v)
-        assert sorted(p.name for p in (out / sub / "labels").glob("*.json")) == [n[:-4] + ".json" for n in v]
+        assert sorted(p.name for p in (out / sub / "labels").glob("*_pre_disaster.json")) == [
+            n[:-4] + ".json" for n in v]
     assert set(json.loads((out / "truth_transforms.json").read_text())) == {n for v in names.values() for n in v}
     assert not (out / "images").exists() and not (out / "geotiff").exists()
     # scene i is the same scene as in the flat layout of the same seed
