@@ -332,3 +332,18 @@ def make_many_scenes(root: Path, n: int, unreadable: set[str] | None = None) -> 
     (run / "evaluate" / "metrics.json").write_text(json.dumps(
         {"name": "many", "split": "test", "threshold": 0.5, "overall": overall, "per_scene": per_scene}))
     return per_scene
+
+
+SYSTEM_PYTHON = "/usr/bin/python3"  # Debian's, where python3-qgis installs QGIS's bindings
+
+
+def qgis_python() -> str:
+    """The interpreter that imports QGIS's Python bindings; skips the test where there is none."""
+    import subprocess
+
+    import pytest
+
+    if (not Path(SYSTEM_PYTHON).is_file()
+            or subprocess.run([SYSTEM_PYTHON, "-c", "import qgis.core"], capture_output=True, timeout=60).returncode != 0):
+        pytest.skip("QGIS's Python bindings are not installed (Debian package python3-qgis)")
+    return SYSTEM_PYTHON

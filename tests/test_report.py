@@ -24,7 +24,14 @@ import pyogrio
 import pytest
 import rasterio
 from rasterio.warp import transform_bounds
-from report_fixtures import QUADRANTS, FakeRun, make_many_scenes, make_pixel_predictions, make_run
+from report_fixtures import (
+    QUADRANTS,
+    FakeRun,
+    make_many_scenes,
+    make_pixel_predictions,
+    make_run,
+    qgis_python,
+)
 
 from footprints.report import (
     ReportScene,
@@ -535,12 +542,7 @@ def test_qgis_opens_the_layers_with_their_default_style(tmp_path: Path) -> None:
     """The real consumer: QGIS (Debian's python3-qgis, where installed) opening the GeoPackages."""
     import os
 
-    python = "/usr/bin/python3"
-    if (
-        not Path(python).is_file()
-        or subprocess.run([python, "-c", "import qgis.core"], capture_output=True, timeout=60).returncode != 0
-    ):
-        pytest.skip("QGIS's Python bindings are not installed (Debian package python3-qgis)")
+    python = qgis_python()
     plain = _gpkg(tmp_path / "plain.gpkg")
     prob = _gpkg(tmp_path / "prob.gpkg")
     match = _gpkg(tmp_path / "match.gpkg", with_status=True)

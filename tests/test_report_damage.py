@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import pyogrio
 import pytest
-from report_fixtures import make_run
+from report_fixtures import make_run, qgis_python
 
 from footprints.contracts.footprint_files import write_gpkg
 from footprints.contracts.gpkg_style import (
@@ -239,12 +239,7 @@ def test_qgis_draws_each_grade_in_its_colour(tmp_path: Path) -> None:
     import os
     import subprocess
 
-    python = "/usr/bin/python3"
-    if (
-        not Path(python).is_file()
-        or subprocess.run([python, "-c", "import qgis.core"], capture_output=True, timeout=60).returncode != 0
-    ):
-        pytest.skip("QGIS's Python bindings are not installed (Debian package python3-qgis)")
+    python = qgis_python()
     path = write_gpkg(_graded_layer(), tmp_path / "footprints.gpkg")
     env = {**os.environ, "QT_QPA_PLATFORM": "offscreen", "XDG_RUNTIME_DIR": str(tmp_path)}
     r = subprocess.run([python, "-c", QGIS_PROBE, str(path)], capture_output=True, text=True, timeout=120, env=env)
