@@ -43,6 +43,18 @@ def file_digest(path: str | Path) -> str:
     return h.hexdigest()[:16]
 
 
+def file_stamp(path: str | Path | None) -> list[Any]:
+    """[path, size, mtime_ns] of an input file ([path] when absent, [] for None): a key with it redoes the
+    unit when the file is replaced or edited, without reading it."""
+    if path is None:
+        return []
+    try:
+        st = os.stat(path)
+    except OSError:
+        return [str(path)]
+    return [str(path), st.st_size, st.st_mtime_ns]
+
+
 def file_sizes(folder: Path, files: Iterable[str | Path]) -> dict[str, int]:
     """{path relative to `folder`: size in bytes} of existing files (given as usable paths)."""
     return {os.path.relpath(Path(f), folder): Path(f).stat().st_size for f in files}

@@ -18,6 +18,7 @@ import torch
 
 from ..config import DamageConfig, DataConfig, TileConfig
 from ..contracts.checkpoints import load_checkpoint
+from ..contracts.freshness import file_stamp
 from ..contracts.manifest import whole_scene_splits
 from ..errors import InputError
 from ..model.backbone import VGG16Features, load_backbone, resolve_layers
@@ -98,6 +99,13 @@ def pre_disaster_scenes(data_cfg: DataConfig, tile_dir: Path, splits: tuple[str,
     cut into bands by `tile.val_band` once), in discovery order."""
     by_scene = whole_scene_splits(tile_dir)
     return [s for s in discover_scenes(data_cfg) if by_scene.get(s.scene_id) in splits and post_source(s) is not None]
+
+
+def pair_stamp(pre_src: SceneSource) -> list[Any]:
+    """The identity of a pair's four files (`file_stamp`): a changed scene or label redoes what was made of it."""
+    post = post_source(pre_src)
+    return [file_stamp(p) for p in (pre_src.image, pre_src.label, post.image if post else None,
+                                    post.label if post else None)]
 
 
 def labelled_buildings(pair: OpenPair) -> list[GradedBuilding] | None:

@@ -28,7 +28,7 @@ import numpy as np
 from ..config import Config, config_from_dict
 from ..contracts.features_store import write_shard
 from ..contracts.footprint_files import LAYER, merge_outputs, read_footprints, write_geojson, write_gpkg
-from ..contracts.freshness import digest, file_digest, is_fresh, read_record, unmark, write_record
+from ..contracts.freshness import digest, file_digest, file_stamp, is_fresh, read_record, unmark, write_record
 from ..contracts.paths import RunPaths, ScenePaths, check_output_text
 from ..errors import InputError, StageError, printable
 from ..prediction.damage import (
@@ -37,6 +37,7 @@ from ..prediction.damage import (
     labelled_buildings,
     load_damage_model,
     open_pair,
+    pair_stamp,
     pre_disaster_scenes,
 )
 from ..scenes.grades import DAMAGE_KEY, GRADES
@@ -60,8 +61,8 @@ def run(cfg: Config, overwrite: bool = False, checkpoint: str | None = None) -> 
     scene_dir = paths.damage / "scenes"
     scene_dir.mkdir(parents=True, exist_ok=True)
     scenes = pre_disaster_scenes(cfg.data, paths.tile, (cfg.predict.split,))
-    keys = {src.scene_id: digest({"model": model_key, "footprints": _file_key(ScenePaths(paths.predict,
-            src.scene_id).gpkg), "scene": [_file_key(p) for p in (src.image, src.label)]}) for src in scenes}
+    keys = {src.scene_id: digest({"model": model_key, "footprints": file_stamp(ScenePaths(paths.predict,
+            src.scene_id).gpkg), "pair": pair_stamp(src)}) for src in scenes}
     run_key = digest({"scenes": keys, "split": cfg.predict.split})
     if not overwrite and is_fresh(paths.damage_metrics, run_key):
         log.info("damage: %s is complete (same model, footprints and scenes); skipping", paths.damage)
@@ -92,16 +93,6 @@ def run(cfg: Config, overwrite: bool = False, checkpoint: str | None = None) -> 
                                                                             paths.damage_gpkg], **metrics)
     _log_summary(metrics)
     return metrics
-
-
-def _file_key(path: Path | None) -> list[Any]:
-    if path is None:
-        return []
-    try:
-        st = path.stat()
-        return [str(path), st.st_size, st.st_mtime_ns]
-    except OSError:
-        return [str(path)]
 
 
 def _grade_scene(src: SceneSource, cfg: Config, model: DamageModel, predicted: Path, scene_dir: Path,

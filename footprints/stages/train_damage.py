@@ -37,29 +37,18 @@ from ..prediction.damage import (
     labelled_buildings,
     open_pair,
     pair_pooled,
+    pair_stamp,
     pre_disaster_scenes,
 )
 from ..scenes.grades import GRADES
-from ..scenes.pairs import post_source
 from ..scenes.sources import SceneSource
 from ..training.damage import train_damage_mlp, validation_split
 
 log = logging.getLogger(__name__)
 
-def _file_key(path: Path | None) -> list[Any]:
-    if path is None:
-        return []
-    try:
-        st = path.stat()
-    except OSError:
-        return [str(path)]
-    return [str(path), st.st_size, st.st_mtime_ns]
-
 
 def _scene_key(src: SceneSource, settings: dict[str, Any]) -> str:
-    post = post_source(src)
-    files = [_file_key(p) for p in (src.image, src.label, post.image if post else None, post.label if post else None)]
-    return digest({"files": files, "settings": settings})
+    return digest({"files": pair_stamp(src), "settings": settings})
 
 
 def _read_scene(path: Path, key: str) -> dict[str, np.ndarray] | None:
