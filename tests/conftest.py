@@ -53,3 +53,17 @@ def read_only_dir(tmp_path: Path) -> Iterator[tuple[Path, str]]:
             subprocess.run(["umount", str(folder)], capture_output=True)
         else:
             folder.chmod(0o755)  # so that pytest can remove it
+
+
+@pytest.fixture(scope="module")
+def browser():
+    """A headless Chromium for the report's browser tests (`browser_harness`), one per test module; skips
+    where none can be started."""
+    from browser_harness import BrowserUnavailable, start_browser
+
+    try:
+        b = start_browser()
+    except BrowserUnavailable as err:
+        pytest.skip(f"no headless Chromium: {err}")
+    yield b
+    b.close()

@@ -568,16 +568,7 @@ def test_qgis_opens_the_layers_with_their_default_style(tmp_path: Path) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- browser
-@pytest.fixture(scope="module")
-def browser():
-    from browser_harness import BrowserUnavailable, start_browser
-
-    try:
-        b = start_browser()
-    except BrowserUnavailable as err:
-        pytest.skip(f"no headless Chromium: {err}")
-    yield b
-    b.close()
+# (the `browser` fixture: conftest.py)
 
 
 def open_report(browser, path: Path, width: int = 1200, height: int = 900):

@@ -392,16 +392,7 @@ def test_run_without_damage_folder_has_no_damage_at_all(tmp_path: Path) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- browser
-@pytest.fixture(scope="module")
-def browser():
-    from browser_harness import BrowserUnavailable, start_browser
-
-    try:
-        b = start_browser()
-    except BrowserUnavailable as err:
-        pytest.skip(f"no headless Chromium: {err}")
-    yield b
-    b.close()
+# (the `browser` fixture: conftest.py)
 
 
 @pytest.mark.browser
