@@ -155,7 +155,8 @@ def load_damage_model(path: str | Path, device: str | torch.device = "cpu") -> D
     ckpt = load_checkpoint(path, kind="damage")
     if list(ckpt["grades"]) != list(GRADES):
         raise InputError(Path(path), f"damage checkpoint of other grades {list(ckpt['grades'])[:6]}")
-    cfg = DamageConfig(**{k: v for k, v in ckpt["damage"].items() if k in {f.name for f in dataclasses.fields(DamageConfig)}})
+    known = {f.name for f in dataclasses.fields(DamageConfig)}
+    cfg = DamageConfig(**{k: v for k, v in ckpt["damage"].items() if k in known})  # a later version's keys left out
     layers = resolve_layers(ckpt["layers"])
     if feature_width(layers, cfg.inputs, cfg.context_m > 0) != int(ckpt["in_channels"]):
         raise InputError(Path(path), f"damage checkpoint is inconsistent: {ckpt['in_channels']} inputs for layers "
@@ -164,7 +165,8 @@ def load_damage_model(path: str | Path, device: str | torch.device = "cpu") -> D
     try:
         mlp.load_state_dict(ckpt["model"])
     except RuntimeError as err:
-        raise InputError(Path(path), f"damage checkpoint's weights do not fit its model ({str(err).splitlines()[0]})") from None
+        raise InputError(Path(path), "damage checkpoint's weights do not fit its model "
+                         f"({str(err).splitlines()[0]})") from None
     device = torch.device(device)
     weights = str(ckpt["backbone"]["weights"])
     if weights not in ("random", "imagenet") and not Path(weights).is_file():

@@ -27,7 +27,7 @@ from rasterio.windows import Window
 from ..errors import InputError
 from .grades import GRADES, UNCLASSIFIED
 from .reader import SceneReader
-from .sources import SceneSource
+from .sources import PLAIN_SUFFIXES, SceneSource
 
 log = logging.getLogger(__name__)
 
@@ -48,10 +48,11 @@ def post_source(pre: SceneSource) -> SceneSource | None:
 
 
 def _same_grid(pre: SceneReader, post: SceneReader) -> bool:
-    if (pre.width, pre.height) != (post.width, post.height) or pre.crs is None or post.crs is None:
+    """The same size, CRS and transform (within a thousandth of a pixel): nothing to resample."""
+    if (pre.width, pre.height) != (post.width, post.height) or pre.crs is None or pre.crs != post.crs:
         return False
-    return pre.crs == post.crs and pre.transform.almost_equals(post.transform, precision=1e-9 * max(
-        abs(pre.transform.a), 1e-12))
+    tolerance = 1e-3 * (abs(pre.transform.a) or 1.0)
+    return all(abs(a - b) <= tolerance for a, b in zip(pre.transform[:6], post.transform[:6], strict=True))
 
 
 class PostOnGrid:
@@ -59,7 +60,7 @@ class PostOnGrid:
 
     def __init__(self, pre: SceneReader, post: SceneReader):
         self.pre, self.post = pre, post
-        plain = post.source.image.suffix.lower() in (".png", ".jpg", ".jpeg")
+        plain = post.source.image.suffix.lower() in PLAIN_SUFFIXES
         if plain or _same_grid(pre, post) or pre.crs is None or post.crs is None:
             # xView2 PNGs (and scenes without a CRS) share the pre scene's pixel grid: same size, same pixels
             if (post.width, post.height) != (pre.width, pre.height):
