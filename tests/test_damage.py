@@ -355,3 +355,16 @@ cluster: {{kind: local, workers: 0}}
     graded = sum(n for g, n in summary["damage"].items() if g in GRADES)
     trained = sum(metrics["train_buildings"].values()) + sum(metrics["val_buildings"].values())
     assert metrics["scenes"] == 3 and not metrics["skipped"] and 0.9 * graded <= trained <= graded
+
+
+def test_footprints_damage_never_writes_over_its_footprints(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    pre, post = _geotiff_pair(tmp_path)
+    ckpt = _damage_checkpoint(tmp_path / "damage.pt", ["conv1_2"])
+    theirs = tmp_path / "theirs.geojson"
+    gpd.GeoDataFrame({"id": [1]}, geometry=[shapely.box(0, 0, 1, 1)], crs=4326).to_file(theirs)
+    before = theirs.read_bytes()
+    code = main(["damage", "--checkpoint", str(ckpt), "--pre", str(pre), "--post", str(post), "--footprints",
+                 str(theirs), "--output", str(theirs)])
+    err = capsys.readouterr().err
+    assert code == 2 and "theirs.geojson" in err and "is the --footprints file" in err
+    assert theirs.read_bytes() == before

@@ -29,7 +29,7 @@ from ..config import Config, config_from_dict
 from ..contracts.features_store import write_shard
 from ..contracts.footprint_files import LAYER, merge_outputs, read_footprints, write_geojson, write_gpkg
 from ..contracts.freshness import digest, file_digest, file_stamp, is_fresh, read_record, unmark, write_record
-from ..contracts.paths import RunPaths, ScenePaths, check_output_text
+from ..contracts.paths import RunPaths, ScenePaths, check_output_text, same_file
 from ..errors import InputError, StageError, printable
 from ..prediction.damage import (
     DamageModel,
@@ -211,6 +211,9 @@ def grade_files(cfg: Config, checkpoint: str | None, pre: str | None, post: str 
     out = check_output_text(output)
     if out.suffix.lower() not in (".geojson", ".json"):
         raise InputError(out, "--output must be a GeoJSON file (.geojson); a GeoPackage is written beside it")
+    for path in (out, out.with_suffix(".gpkg")):  # before any work: never write over the input
+        if same_file(footprints, path):
+            raise InputError(path, "is the --footprints file: give another --output")
     model = load_damage_model(ckpt)
     run_cfg = config_from_dict(model.checkpoint["config"])  # how the model's scenes were read
     pre_src, = sources_from_paths([pre], run_cfg.data)
@@ -223,9 +226,6 @@ def grade_files(cfg: Config, checkpoint: str | None, pre: str | None, post: str 
     finally:
         pair.close()
     graded = user.assign(**graded_columns(prob, pixels))
-    for path in (out, out.with_suffix(".gpkg")):
-        if Path(footprints).resolve() == path.resolve():
-            raise InputError(path, "is the --footprints file: give another --output")
     write_geojson(graded, out, schema=False)
     write_gpkg(graded, out.with_suffix(".gpkg"), schema=False)
     counts = _counts(graded[DAMAGE_KEY])
