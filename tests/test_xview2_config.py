@@ -59,7 +59,7 @@ def test_synth_writes_the_official_xview2_layout_with_subset_folders(tmp_path: P
 def test_xview2_config_runs_end_to_end_on_the_xview2_layout(tmp_path: Path) -> None:
     data = tmp_path / "xview2"
     synth = write_synthetic_dataset(data, n_scenes=sum(SUBSETS.values()), seed=1, size=256, geotiff=False,
-                                    subsets=SUBSETS)
+                                    subsets=SUBSETS, damage=True)
     # scenes without buildings cannot be georeferenced from their labels: the tile stage skips them
     buildings = {}
     for subset, names in synth["subsets"].items():
@@ -74,6 +74,7 @@ def test_xview2_config_runs_end_to_end_on_the_xview2_layout(tmp_path: Path) -> N
         "segmenter.epochs=1", "segmenter.batch_size=2", "segmenter.max_steps_per_epoch=1",
         "segmenter.num_workers=0",
         "predict.batch_size=4", "predict.block_size=512", "predict.calibration_scenes=1",
+        "damage.epochs=2", "damage.pixels_per_building=8",
     ]
     cfg = load_config(CONFIG, overrides)
     mapping = cfg.tile.subset_splits
@@ -99,6 +100,10 @@ def test_xview2_config_runs_end_to_end_on_the_xview2_layout(tmp_path: Path) -> N
     assert not list((out / "tile").rglob("*.tif"))
     assert (manifest["image_path"] == "").all() and (manifest["mask_path"] == "").all()
     assert all(store_is_intact(out / "tile", sid) for sid in usable)
+
+    # damage: trained on the train and hold scenes' graded twins, every test footprint graded
+    assert (out / "train-damage" / "best.pt").is_file()
+    assert json.loads((out / "damage" / "metrics.json").read_text())["per_building"] is not None
 
     # features, both models
     assert list((out / "features").glob("train_*.npz")) and list((out / "features").glob("val_*.npz"))
