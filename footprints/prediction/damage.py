@@ -150,6 +150,28 @@ def damage_checkpoint(mlp: MLP, cfg: DamageConfig, layers: Sequence[str], backbo
             "epoch": int(record["epoch"]), "config": config}
 
 
+_MODELS: dict[tuple[str, str], DamageModel] = {}  # one loaded model per process (dask workers grade many scenes)
+_BACKBONES: dict[tuple[str, str, str], VGG16Features] = {}
+
+
+def backbone_for(weights: str, normalization: str, device: str = "cpu") -> VGG16Features:
+    """`load_backbone` once per process (a dask worker reads many pairs)."""
+    key = (weights, normalization, device)
+    if key not in _BACKBONES:
+        _BACKBONES.clear()
+        _BACKBONES[key] = load_backbone(weights, normalization, device)
+    return _BACKBONES[key]
+
+
+def damage_model_for(path: str | Path, digest: str, device: str = "cpu") -> DamageModel:
+    """`load_damage_model` once per process and checkpoint content (`digest`: the file's)."""
+    key = (str(path), digest)
+    if key not in _MODELS:
+        _MODELS.clear()
+        _MODELS[key] = load_damage_model(path, device)
+    return _MODELS[key]
+
+
 def load_damage_model(path: str | Path, device: str | torch.device = "cpu") -> DamageModel:
     """The damage model of a train-damage checkpoint; a clear error for another kind of checkpoint."""
     ckpt = load_checkpoint(path, kind="damage")

@@ -24,6 +24,7 @@ from ..contracts.predict_records import read_predict_scene_record
 from ..contracts.tile_records import read_scene_record
 from ..errors import StageError, printable
 from .html import MAX_BYTES, MAX_SIDE, ReportScene, check_report_path, write_report
+from .post import post_imagery
 from .selection import MAX_SCENES, choose_scenes
 
 log = logging.getLogger(__name__)
@@ -106,6 +107,19 @@ def _damage_of(run: RunPaths, sid: str, merged: Path | None) -> Path | None:
     return own if own.is_file() else merged
 
 
+def _read_settings(params: Mapping[str, Any] | None, bases: Sequence[Path]) -> dict[str, Any]:
+    """The `data:` settings a scene was tiled with (its record's `params`), its `geotransforms` file found
+    again (left out when it is not there)."""
+    out = dict(params or {})
+    if out.get("geotransforms"):
+        found = _resolve(str(out["geotransforms"]), bases)
+        if found is None:
+            out.pop("geotransforms")
+        else:
+            out["geotransforms"] = str(found)
+    return out
+
+
 def scene_image_georef(meta: Mapping[str, Any]) -> tuple[Affine | None, str | None]:
     """(transform of the image's own pixel grid, CRS) from tile/scenes/<id>.json, whose `transform` is the
     scene's output grid (`width` x `height`, resampled to the target GSD) over the image's
@@ -136,7 +150,8 @@ def report_for_run(
     imagery (found through `tile/scenes/<id>.json`), probability raster, footprints, and, once evaluated,
     `evaluate/metrics.json` and the scenes' match layers; the learning curves and
     `predict/calibration.json` as charts; and, once the damage stage has graded the footprints
-    (`damage/footprints.geojson`, `damage/metrics.json`), their grades as a map layer and their scores.
+    (`damage/footprints.geojson`, `damage/metrics.json`), their grades as a map layer and their scores, and
+    each scene's post-disaster imagery (its image's `_post_disaster` twin, `post.py`) as a layer.
     """
     run = RunPaths(Path(run_dir))
     out = Path(out_html) if out_html else run.report
@@ -153,6 +168,7 @@ def report_for_run(
     damage = read_record(run.damage_metrics) if graded is not None or run.damage_metrics.is_file() else None
     if graded is not None and damage is None:
         damage = {}  # graded footprints without metrics.json: the layer and counts, no scores
+    with_post = run.damage.is_dir()  # a damage run: each scene's post-disaster twin too (`post.py`)
     # recorded paths are relative to where the pipeline ran: usually the checkout holding outputs/
     bases = [Path.cwd(), run.root.parent.parent, run.root.parent, run.root]
     scenes = []
@@ -177,6 +193,8 @@ def report_for_run(
         )
         if meta.get("image_file") and image is None:
             scene.notes.append(f"image {meta['image_file']} not found")
+        if with_post and image is not None:
+            scene.post = post_imagery(sid, image, _read_settings(tiled.params if tiled is not None else None, bases))
         scenes.append(scene)
     if not scenes:
         log.warning("report: %s has no predicted scenes yet", run.root)

@@ -9,6 +9,8 @@ from typing import Any
 
 from affine import Affine
 
+from .post import PostImagery
+
 
 @dataclass
 class ReportScene:
@@ -23,7 +25,8 @@ class ReportScene:
     raster's extent. `metrics`: evaluate's per-scene entry (`pixel`, `polygon`). `domain_score`: how unlike
     the model's training scenes predict found it (`footprints.model.domain`), when scored. `damage`: the
     damage stage's graded footprints GeoJSON (`damage` grade and `p_<grade>` probabilities per feature),
-    filtered on `scene`.
+    filtered on `scene`. `post`: the scene's post-disaster imagery (a damage run's; `post.py`), drawn on the
+    image's place; None: no such layer.
     """
 
     scene_id: str
@@ -38,6 +41,7 @@ class ReportScene:
     notes: list[str] = field(default_factory=list)
     domain_score: float | None = None  # predict's (its scene record): near 0 = like the model's training scenes
     damage: Path | None = None
+    post: PostImagery | None = None
 
 
 def note(scene: ReportScene, text: str) -> None:

@@ -163,6 +163,8 @@ def scene_payload(p: PreparedScene, r: SceneRasters, dx: float) -> dict[str, Any
     }
     if p.damage is not None:  # only in a run with a damage layer: other pages stay as they were
         entry["damage"] = p.damage
+    if r.post is not None:  # a damage run's post-disaster imagery, on the image's place
+        entry["post"] = ov_json(r.post)
     return entry
 
 

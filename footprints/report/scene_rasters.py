@@ -92,15 +92,37 @@ def image_georef(
 
 @dataclass
 class SceneRasters:
-    """A scene's overlays rendered at most `side` px on their longest side (either may be missing)."""
+    """A scene's overlays rendered at most `side` px on their longest side (any may be missing; `post`, a
+    damage run's post-disaster imagery, only with `image`, on its place)."""
 
     image: rasters.Overlay | None = None
     prob: rasters.Overlay | None = None
     side: int = 0
+    post: rasters.Overlay | None = None
 
     @property
     def nbytes(self) -> int:
-        return (self.image.nbytes if self.image else 0) + (self.prob.nbytes if self.prob else 0)
+        return sum(ov.nbytes for ov in (self.image, self.prob, self.post) if ov is not None)
+
+
+def render_post(
+    scene: ReportScene, shape: tuple[int, ...], transform: Affine, crs: CRS | None, size: tuple[int, int],
+    side: int, fmt: str,
+) -> rasters.Overlay | None:
+    """The scene's post-disaster imagery as its image's picture was made: on the image's grid (`transform` of
+    the `shape` (h, w) picture of a `size` (w, h) px image), placed and encoded alike. A post image that
+    cannot be read: None, and a line in the log (the scene keeps its other layers)."""
+    assert scene.post is not None
+    h, w = int(shape[0]), int(shape[1])
+    try:
+        own = transform * Affine.scale(w / size[0], h / size[1])  # the image file's own pixel grid
+        rgba = scene.post.rgba(own, crs, size, (h, w))
+        return rasters.make_overlay(rgba, transform, crs, size, side, fmt)
+    except Exception as err:  # noqa: BLE001 - a bad post image costs its layer only
+        log.warning("report: %s: no post-disaster imagery: cannot show %s (%s)", scene.scene_id,
+                    scene.post.image, " ".join(str(err).split()))
+        scene.post = None
+        return None
 
 
 def render_scene(
@@ -118,6 +140,8 @@ def render_scene(
                 out.image = rasters.make_overlay(rgba, tt, cc, size, side, fmt)
                 if text:
                     note(scene, text)
+                if scene.post is not None:
+                    out.post = render_post(scene, rgba.shape[1:], tt, cc, size, side, fmt)
         except Exception as err:  # a broken image must not cost the whole report
             log.warning("report: %s: cannot show the image %s (%s)", scene.scene_id, scene.image, err)
             note(scene, f"imagery not shown: {err}")

@@ -1,7 +1,8 @@
 """Stage `damage` (a config with a `damage:` section): a damage grade on every footprint of the test split, and
 the damage scores where the post scenes are graded; also `footprints damage --pre --post --footprints`.
 
-Per test scene (the pre-disaster scenes of predict's split) and its post-disaster twin:
+Per test scene (the pre-disaster scenes of predict's split) and its post-disaster twin, on the dask cluster of
+`cluster:` (the model loaded once per worker):
 - predict's footprints (`predict/<scene>.gpkg`) graded by the damage model (train-damage/best.pt, or
   `--checkpoint`): `damage/scenes/<scene>.geojson` and `.gpkg`, every footprint with its properties plus
   `damage` and the four grades' probabilities (`footprints.scoring.damage.PROBABILITY_KEYS`); merged into
@@ -18,6 +19,7 @@ one error line and the other scenes complete.
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from pathlib import Path
@@ -30,9 +32,11 @@ from ..contracts.features_store import write_shard
 from ..contracts.footprint_files import LAYER, merge_outputs, read_footprints, write_geojson, write_gpkg
 from ..contracts.freshness import digest, file_digest, file_stamp, is_fresh, read_record, unmark, write_record
 from ..contracts.paths import RunPaths, ScenePaths, check_output_text, same_file
-from ..errors import InputError, StageError, printable
+from ..errors import InputError, StageError, as_input_error, printable
+from ..model.device import resolve_device
 from ..prediction.damage import (
     DamageModel,
+    damage_model_for,
     graded_columns,
     labelled_buildings,
     load_damage_model,
@@ -40,6 +44,7 @@ from ..prediction.damage import (
     pair_stamp,
     pre_disaster_scenes,
 )
+from ..runtime.cluster import map_scenes
 from ..scenes.grades import DAMAGE_KEY, GRADES
 from ..scenes.sources import SceneSource, sources_from_paths
 from ..scoring.damage import damage_scores, grade_confusion, pool_damage
@@ -56,8 +61,8 @@ def run(cfg: Config, overwrite: bool = False, checkpoint: str | None = None) -> 
     paths = RunPaths.of(cfg)
     t0 = time.perf_counter()
     ckpt = Path(checkpoint) if checkpoint else paths.damage_checkpoint
-    model_key = file_digest(ckpt) if ckpt.is_file() else ""
-    model = load_damage_model(ckpt)
+    load_damage_model(ckpt)  # a bad checkpoint: one line before any scene
+    model_key = file_digest(ckpt)
     scene_dir = paths.damage / "scenes"
     scene_dir.mkdir(parents=True, exist_ok=True)
     scenes = pre_disaster_scenes(cfg.data, paths.tile, (cfg.predict.split,))
@@ -68,19 +73,21 @@ def run(cfg: Config, overwrite: bool = False, checkpoint: str | None = None) -> 
         log.info("damage: %s is complete (same model, footprints and scenes); skipping", paths.damage)
         return {**(read_record(paths.damage_metrics) or {}), "skipped": True}
     unmark(paths.damage_metrics)
-    results, failed = [], []
-    for src in scenes:
-        predicted = ScenePaths(paths.predict, src.scene_id).gpkg
-        record = scene_dir / f"{src.scene_id}.json"
-        key = keys[src.scene_id]
-        if not overwrite and is_fresh(record, key):
-            results.append(read_record(record))
-            continue
-        try:
-            results.append(_grade_scene(src, cfg, model, predicted, scene_dir, record, key))
-        except InputError as err:
-            log.error("damage: %s", printable(err))
-            failed.append({"scene": src.scene_id, "reason": printable(err)})
+    done = {s.scene_id: read_record(scene_dir / f"{s.scene_id}.json") for s in scenes
+            if not overwrite and is_fresh(scene_dir / f"{s.scene_id}.json", keys[s.scene_id])}
+    failed = []
+    # each pair on the cluster (dask workers, `cluster:`), the model loaded once per worker
+    func = functools.partial(_grade_item, cfg=cfg, checkpoint=str(ckpt), model_key=model_key,
+                             predict_dir=str(paths.predict), scene_dir=str(scene_dir), keys=keys)
+    for src, result, err in map_scenes(cfg.cluster, func, [s for s in scenes if s.scene_id not in done],
+                                       desc="damage"):
+        if err is not None:
+            reason = printable(as_input_error(err, src.image))
+            log.error("damage: %s", reason)
+            failed.append({"scene": src.scene_id, "reason": reason})
+        else:
+            done[src.scene_id] = result
+    results = [done[s.scene_id] for s in scenes if s.scene_id in done]  # the scenes' order, whatever finished first
     if not scenes:
         log.warning("damage: no pre-disaster scene in split %r; nothing graded", cfg.predict.split)
     layers = [{"scene_id": r["scene"], "crs": r["crs"], "geojson": r["geojson"], "gpkg": r["gpkg"]} for r in results]
@@ -93,6 +100,16 @@ def run(cfg: Config, overwrite: bool = False, checkpoint: str | None = None) -> 
                                                                             paths.damage_gpkg], **metrics)
     _log_summary(metrics)
     return metrics
+
+
+def _grade_item(src: SceneSource, cfg: Config, checkpoint: str, model_key: str, predict_dir: str, scene_dir: str,
+                keys: dict[str, str]) -> dict[str, Any]:
+    """One test pair (top level: runs on dask workers); its record's content."""
+    device = str(resolve_device(cfg.damage.device, key="damage.device"))
+    model = damage_model_for(checkpoint, model_key, device)
+    folder = Path(scene_dir)
+    return _grade_scene(src, cfg, model, ScenePaths(Path(predict_dir), src.scene_id).gpkg, folder,
+                        folder / f"{src.scene_id}.json", keys[src.scene_id])
 
 
 def _grade_scene(src: SceneSource, cfg: Config, model: DamageModel, predicted: Path, scene_dir: Path,

@@ -7,7 +7,8 @@ pairs`). A pair whose post label has no grades is left out of training (said onc
 missing, of another size, not overlapping, labels of buildings the pre label lacks) is one error line naming
 the file, and the other scenes go on. Test scenes are never read here.
 
-Per scene, the buildings' vectors (`footprints.prediction.damage.pair_vectors`: pooled zoom-out hypercolumns,
+Per scene, on the dask cluster of `cluster:` as the other per-scene stages (`footprints.runtime.cluster`), the
+buildings' vectors (`footprints.prediction.damage.pair_vectors`: pooled zoom-out hypercolumns,
 log area) are written to `train-damage/features/<scene>.npz` with the key of what made them (the scene's
 files, the backbone, the damage settings, the seed): a rerun reuses a scene whose key holds, so a killed
 stage resumes scene by scene; `--overwrite` redoes everything. The classifier (`footprints.training.damage`)
@@ -16,6 +17,7 @@ is then trained and selected on the validation buildings' damage F1; metrics.jso
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from pathlib import Path
@@ -28,11 +30,12 @@ from ..contracts.checkpoints import save_checkpoint
 from ..contracts.features_store import write_shard
 from ..contracts.freshness import digest, is_fresh, read_record, unmark, write_record
 from ..contracts.paths import RunPaths
-from ..errors import InputError, StageError, printable
-from ..model.backbone import load_backbone, resolve_layers
+from ..errors import StageError, as_input_error, printable
+from ..model.backbone import resolve_layers
 from ..model.damage_features import combine
 from ..model.device import resolve_device
 from ..prediction.damage import (
+    backbone_for,
     damage_checkpoint,
     labelled_buildings,
     open_pair,
@@ -40,6 +43,7 @@ from ..prediction.damage import (
     pair_stamp,
     pre_disaster_scenes,
 )
+from ..runtime.cluster import map_scenes
 from ..scenes.grades import GRADES
 from ..scenes.sources import SceneSource
 from ..training.damage import train_damage_mlp, validation_split
@@ -87,25 +91,27 @@ def run(cfg: Config, overwrite: bool = False) -> dict[str, Any]:
         raise StageError(f"train-damage: no pre-disaster training scene (<name>_pre_disaster) in {paths.tile}'s "
                          "train and validation splits")
 
-    device = resolve_device(d.device, key="damage.device")
-    backbone = None
-    parts, skipped, unlabelled = [], [], []
     paths.damage_features.mkdir(parents=True, exist_ok=True)
-    for i, src in enumerate(scenes):
-        file = paths.damage_features / f"{src.scene_id}.npz"
-        part = None if overwrite else _read_scene(file, keys[src.scene_id])
-        if part is None:
-            try:
-                if backbone is None:
-                    backbone = load_backbone(cfg.backbone.weights, cfg.backbone.normalization, device)
-                part = _scene_features(src, cfg, backbone, layers, device)
-            except InputError as err:
-                log.error("train-damage: %s", printable(err))
-                skipped.append({"scene": src.scene_id, "reason": printable(err)})
-                continue
-            write_shard(file, {**part, "key": np.array(keys[src.scene_id])})
-            log.info("train-damage: scene %d/%d %s: %d graded buildings", i + 1, len(scenes), src.scene_id,
-                     int((part["y"] >= 0).sum()))
+    files = {s.scene_id: paths.damage_features / f"{s.scene_id}.npz" for s in scenes}
+    todo = [s for s in scenes if overwrite or _read_scene(files[s.scene_id], keys[s.scene_id]) is None]
+    skipped = []
+    # each pair on the cluster (dask workers, `cluster:`), its buildings' features written to its own file
+    func = functools.partial(_features_item, cfg=cfg, layers=layers, keys=keys, folder=str(paths.damage_features))
+    for src, graded, err in map_scenes(cfg.cluster, func, todo, desc="train-damage"):
+        if err is not None:
+            reason = printable(as_input_error(err, src.image))
+            log.error("train-damage: %s", reason)
+            skipped.append({"scene": src.scene_id, "reason": reason})
+        else:
+            log.info("train-damage: %s: %d graded buildings", src.scene_id, graded)
+    failed = {s["scene"] for s in skipped}
+    parts, unlabelled = [], []
+    for src in scenes:
+        if src.scene_id in failed:
+            continue
+        part = _read_scene(files[src.scene_id], keys[src.scene_id])
+        if part is None:  # written a moment ago: only a file system losing it gets here
+            raise StageError(f"{files[src.scene_id]}: missing or unreadable just after it was written")
         if not bool(part["labelled"]):
             unlabelled.append(src.scene_id)
         elif len(part["y"]):
@@ -142,18 +148,25 @@ def run(cfg: Config, overwrite: bool = False) -> dict[str, Any]:
     return write_record(metrics_path, "" if skipped else key, [ckpt_path], **metrics)
 
 
-def _scene_features(src: SceneSource, cfg: Config, backbone: Any, layers: list[str], device: Any) -> dict[str, Any]:
-    """One training pair's labelled buildings: their pooled hypercolumns and colour statistics
-    (`pooled_hypercolumns`), grades (-1: un-classified, or no valid pixel) and uids; `labelled` false when the
-    post label has no grades."""
+def _features_item(src: SceneSource, cfg: Config, layers: list[str], keys: dict[str, str], folder: str) -> int:
+    """One training pair (top level: runs on dask workers): its buildings' pooled hypercolumns and colour
+    statistics (`pooled_hypercolumns`), grades (-1: un-classified, or no valid pixel) and uids, written to
+    `<folder>/<scene>.npz` with the scene's key; `labelled` false when the post label has no grades. Returns
+    the number of graded buildings."""
+    device = resolve_device(cfg.damage.device, key="damage.device")
+    backbone = backbone_for(cfg.backbone.weights, cfg.backbone.normalization, str(device))
     pair = open_pair(src, None, cfg.data, cfg.tile)
     try:
         buildings = labelled_buildings(pair)
         if buildings is None:
-            return {"labelled": np.array(False), "y": np.zeros(0, np.int64)}
-        pooled, = pair_pooled(pair, [[b.polygon for b in buildings]], backbone, layers, cfg.damage, cfg.seed, device)
+            part = {"labelled": np.array(False), "y": np.zeros(0, np.int64)}
+        else:
+            pooled, = pair_pooled(pair, [[b.polygon for b in buildings]], backbone, layers, cfg.damage, cfg.seed,
+                                  device)
+            y = np.array([GRADES.index(b.grade) if b.grade is not None and p > 0 else -1
+                          for b, p in zip(buildings, pooled["pixels"], strict=True)], np.int64)
+            part = {**pooled, "y": y, "uid": np.array([b.uid for b in buildings]), "labelled": np.array(True)}
     finally:
         pair.close()
-    y = np.array([GRADES.index(b.grade) if b.grade is not None and p > 0 else -1
-                  for b, p in zip(buildings, pooled["pixels"], strict=True)], np.int64)
-    return {**pooled, "y": y, "uid": np.array([b.uid for b in buildings]), "labelled": np.array(True)}
+    write_shard(Path(folder) / f"{src.scene_id}.npz", {**part, "key": np.array(keys[src.scene_id])})
+    return int((part["y"] >= 0).sum())
