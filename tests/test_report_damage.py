@@ -4,14 +4,20 @@
   grade in xView2's colours (and a grey "all other values" category);
 - a run folder with `damage/footprints.geojson` and `damage/metrics.json` gets a "Damage grades" map layer
   (each scene's graded footprints with their grade), a legend, the counts per grade, the per-grade scores,
-  the confusion of the grades and xView2's score; a run without them gets the page it always had.
+  the confusion of the grades and xView2's score; a run without them gets the page it always had;
+- a run with a `damage/` folder also gets each scene's post-disaster twin (`<x>_post_disaster.<ext>` beside
+  `<x>_pre_disaster.<ext>`) as the layer "Post-disaster imagery", on the pre image's corners; a scene whose
+  twin is missing or unreadable has no such layer, and the page is built all the same.
 
 The run folder is fabricated (`report_fixtures.make_run`, then the damage files), no pipeline runs.
 """
 
 from __future__ import annotations
 
+import base64
+import io
 import json
+import logging
 import shutil
 import xml.etree.ElementTree as ET
 from html.parser import HTMLParser
@@ -20,6 +26,9 @@ from pathlib import Path
 import numpy as np
 import pyogrio
 import pytest
+import rasterio
+from PIL import Image
+from rasterio.warp import Resampling, calculate_default_transform, reproject
 from report_fixtures import make_run, qgis_python
 
 from footprints.contracts.footprint_files import write_gpkg
@@ -141,9 +150,52 @@ def full_metrics(graded: dict[str, list[str]]) -> dict:
     }
 
 
+def add_post_twins(run_dir: Path, missing: tuple[str, ...] = (), unreadable: tuple[str, ...] = ()) -> dict[str, Path]:
+    """Name each scene's image as xView2 names a pre-disaster image (`<x>_pre_disaster.<ext>`, its tile record
+    following) and write its post-disaster twin beside it: the pre image's colours inverted. Scene A (a UTM
+    GeoTIFF) gets a post GeoTIFF in lon/lat (another CRS and grid: the report resamples it onto A's), scene B
+    (a PNG) a PNG of the same size. The twins of `missing` are not written, those of `unreadable` are no
+    image. Returns scene -> its pre image."""
+    root = run_dir.parent.parent  # where the records' relative paths start
+    pre_images = {}
+    for record in sorted((run_dir / "tile" / "scenes").glob("*.json")):
+        meta = json.loads(record.read_text())
+        image = root / meta["image_file"]
+        pre = image.with_name(f"{image.stem}_pre_disaster{image.suffix}")
+        image.rename(pre)
+        meta["image_file"] = str(pre.relative_to(root))
+        record.write_text(json.dumps(meta))
+        pre_images[meta["scene_id"]] = pre
+        post = pre.with_name(f"{image.stem}_post_disaster{image.suffix}")
+        if meta["scene_id"] in missing:
+            continue
+        if meta["scene_id"] in unreadable:
+            post.write_bytes(b"not an image at all")
+            continue
+        with rasterio.open(pre) as src:
+            inverted = 255 - src.read([1, 2, 3])
+            if pre.suffix == ".png":
+                Image.fromarray(inverted.transpose(1, 2, 0)).save(post)
+                continue
+            t, w, h = calculate_default_transform(src.crs, "EPSG:4326", src.width, src.height, *src.bounds)
+            out = np.zeros((3, h, w), np.uint8)
+            reproject(inverted, out, src_transform=src.transform, src_crs=src.crs, dst_transform=t,
+                      dst_crs="EPSG:4326", resampling=Resampling.nearest)
+        with rasterio.open(post, "w", driver="GTiff", width=w, height=h, count=3, dtype="uint8", crs="EPSG:4326",
+                           transform=t) as dst:
+            dst.write(out)
+    return pre_images
+
+
+def picture(overlay: dict) -> np.ndarray:
+    """An overlay's picture as RGBA (h, w, 4)."""
+    return np.asarray(Image.open(io.BytesIO(base64.b64decode(overlay["uri"].split(",", 1)[1]))).convert("RGBA"))
+
+
 @pytest.fixture(scope="module")
 def damage_report(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict, dict[str, list[str]], dict]:
     run = make_run(tmp_path_factory.mktemp("damage-run")).run_dir
+    add_post_twins(run)
     graded = add_damage(run, None)
     metrics = full_metrics(graded)
     (run / "damage" / "metrics.json").write_text(json.dumps(metrics))
@@ -391,6 +443,89 @@ def test_run_without_damage_folder_has_no_damage_at_all(tmp_path: Path) -> None:
     assert stable(before) == stable(after)
 
 
+def assert_post_on_pre(scene: dict) -> None:
+    """A scene's post-disaster picture: on the pre picture's corners and size, the pre colours inverted."""
+    pre, post = scene["image"], scene["post"]
+    assert post["bounds"] == pre["bounds"]
+    assert (post["width"], post["height"]) == (pre["width"], pre["height"])
+    assert (post["source_width"], post["source_height"]) == (pre["source_width"], pre["source_height"])
+    a, b = picture(pre).astype(int), picture(post).astype(int)
+    both = (a[..., 3] == 255) & (b[..., 3] == 255)
+    assert both.mean() > 0.9  # the post covers the pre picture (a resampled one up to its edge pixels)
+    diff = np.abs(a[..., :3] - b[..., :3]).mean(axis=-1)[both]
+    assert diff.mean() > 100  # other pixels than the pre image's
+    inverted = np.abs(255 - a[..., :3] - b[..., :3]).mean(axis=-1)[both]
+    assert np.median(inverted) < 12 and inverted.mean() < 25  # the twin's pixels, in place (lossy WebP)
+
+
+def test_report_of_a_damage_run_has_each_scenes_post_disaster_imagery(damage_report) -> None:
+    path, summary, _, _ = damage_report
+    scenes = payload(path.read_text())["scenes"]
+    assert [s["id"] for s in scenes] == ["A", "B"] and summary["within_bound"]
+    for scene in scenes:
+        assert_post_on_pre(scene)  # A: a lon/lat GeoTIFF resampled onto A's UTM grid; B: a PNG pair
+
+
+def test_a_missing_or_unreadable_post_image_costs_its_scene_the_layer_only(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    for missing, unreadable in ((("B",), ()), ((), ("A",))):
+        run = make_run(tmp_path / f"run-{missing}{unreadable}").run_dir
+        add_post_twins(run, missing=missing, unreadable=unreadable)
+        add_damage(run, None)
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="footprints"):
+            text = Path(report_for_run(run)["path"]).read_text()
+        scenes = {s["id"]: s for s in payload(text)["scenes"]}
+        without = (missing or unreadable)[0]
+        assert "post" not in scenes[without] and scenes[without]["image"] is not None
+        assert_post_on_pre(next(s for sid, s in scenes.items() if sid != without))
+        assert not any("post" in n for n in scenes[without]["notes"])  # a line in the log, not on the page
+        assert f"report: {without}: no post-disaster imagery" in caplog.text
+        assert len(scenes[without]["damage"]) == len(scenes[without]["footprints"]) > 0  # the rest is there
+
+
+def test_post_imagery_counts_toward_the_size_bound(damage_report, tmp_path: Path) -> None:
+    path, summary, _, _ = damage_report
+    run = path.parent.parent
+    full = payload(path.read_text())["scenes"]
+    post_bytes = sum(len(s["post"]["uri"]) for s in full)
+    bound = summary["bytes"] - post_bytes // 2
+    small = report_for_run(run, tmp_path / "small.html", max_bytes=bound)
+    assert small["within_bound"] and small["bytes"] <= bound
+    assert small["max_side_used"] < summary["max_side_used"]  # the rasters shrank to make room
+    shown = payload((tmp_path / "small.html").read_text())["scenes"]
+    assert any(s["image"]["width"] < f["image"]["width"] for s, f in zip(shown, full, strict=True))
+    for scene in shown:
+        assert_post_on_pre(scene)  # still there, on the pre picture (the smaller one where it shrank)
+
+
+def test_post_imagery_read_in_strips_is_the_same_picture(damage_report, tmp_path: Path, monkeypatch) -> None:
+    """A large scene's post image is read a strip of rows at a time (bounded memory): the picture is the one
+    read at once."""
+    import footprints.report.post as post
+
+    path, _, _, _ = damage_report
+    for side in (1024, 97):  # whole pixels; downsampled (strips ending within a source pixel)
+        with monkeypatch.context() as m:
+            m.setattr(post, "STRIP_PX", 3000)  # a few rows of the fixture's scenes at a time
+            report_for_run(path.parent.parent, tmp_path / "strips.html", image_format="png", max_side=side)
+        report_for_run(path.parent.parent, tmp_path / "whole.html", image_format="png", max_side=side)
+        strips, whole = (payload((tmp_path / f).read_text())["scenes"] for f in ("strips.html", "whole.html"))
+        for a, b in zip(strips, whole, strict=True):
+            assert a["post"]["bounds"] == b["post"]["bounds"] and max(a["post"]["width"], a["post"]["height"]) <= side
+            diff = np.abs(picture(a["post"]).astype(int) - picture(b["post"]).astype(int))
+            # (A's strips are resampled each on its own: rounding, and its validity at the scene's edge)
+            assert (diff.max(axis=-1) <= 3).mean() > 0.99 and diff.mean() < 0.1
+
+
+def test_post_twins_without_a_damage_folder_add_nothing(tmp_path: Path) -> None:
+    run = make_run(tmp_path).run_dir
+    add_post_twins(run)
+    text = Path(report_for_run(run)["path"]).read_text()
+    assert all("post" not in s and s["image"] is not None for s in payload(text)["scenes"])
+
+
 # ---------------------------------------------------------------------------------------------- browser
 # (the `browser` fixture: conftest.py)
 
@@ -420,5 +555,33 @@ def test_browser_draws_every_graded_footprint_in_its_colour(browser, damage_repo
         assert "damage grade" in popup and "p(destroyed)" in popup
         assert page.errors == []
         assert [u for u in page.requests if not u.startswith("data:")] == [path.resolve().as_uri()]
+    finally:
+        page.close()
+
+
+@pytest.mark.browser
+def test_browser_flips_between_pre_and_post_disaster_imagery(browser, damage_report) -> None:
+    path, _, _, _ = damage_report
+    page = browser.new_page(1200, 900)
+    page.goto(path.resolve().as_uri())
+    page.wait_for("window.footprintsReport && window.footprintsReport.ready")
+    try:
+        names = page.eval("Array.from(document.querySelectorAll('.leaflet-control-layers-overlays label'))"
+                          ".map(l => l.textContent.trim())")
+        assert names[:2] == ["Imagery", "Post-disaster imagery"]  # next to the imagery, off at first
+        assert page.eval("document.querySelectorAll('img.scene-post-image').length") == 0
+        page.click_selector(".leaflet-control-layers-overlays label:nth-child(2) input")
+        page.wait_for("document.querySelectorAll('img.scene-post-image').length === 2 && Array.from("
+                      "document.querySelectorAll('img.scene-post-image')).every(i => i.complete && i.naturalWidth > 0)")
+        # over the pre imagery, on exactly its place
+        rects = page.eval("""(() => { const r = s => Array.from(document.querySelectorAll(s)).map(i => {
+            const b = i.getBoundingClientRect(); return [b.left, b.top, b.width, b.height]; });
+            return [r('img.scene-image'), r('img.scene-post-image')]; })()""")
+        assert np.allclose(rects[0], rects[1], atol=0.5)
+        assert page.eval("Array.from(document.querySelectorAll('img.scene-post-image'))"
+                         ".every(i => i.closest('.leaflet-post-pane'))")
+        page.click_selector(".leaflet-control-layers-overlays label:nth-child(2) input")
+        page.wait_for("document.querySelectorAll('img.scene-post-image').length === 0")
+        assert page.eval("window.footprintsReport.errors") == [] and page.errors == []
     finally:
         page.close()

@@ -19,19 +19,26 @@ from __future__ import annotations
 
 import logging
 import math
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from affine import Affine
 from rasterio.crs import CRS
+from rasterio.errors import NotGeoreferencedWarning
+
+if TYPE_CHECKING:
+    from ..config import DataConfig
+    from ..scenes.sources import SceneSource
 
 log = logging.getLogger(__name__)
 
 STRIP_PX = 1 << 22  # pixels of the pre grid read at a time (bounded memory for any scene size)
-SETTINGS = ("bands", "stretch_percentiles", "nodata", "mask_threshold", "max_residual_px")
+# what of a scene's tile record `params` reads its pixels (`geotransforms`: a post GeoTIFF without a CRS)
+SETTINGS = ("bands", "stretch_percentiles", "nodata", "max_residual_px", "geotransforms")
 
 
 @dataclass
@@ -70,22 +77,29 @@ class PostImagery:
     def _read(
         self, transform: Affine, crs: CRS | None, src_size: tuple[int, int], shape: tuple[int, int]
     ) -> np.ndarray:
-        from rasterio.windows import Window
-
         from ..config import DataConfig
-        from ..scenes.pairs import PostOnGrid
-        from ..scenes.reader import open_scene
-        from ..scenes.sources import PLAIN_SUFFIXES, SceneSource
+        from ..scenes.sources import SceneSource
 
         cfg = DataConfig(**{k: self.settings[k] for k in SETTINGS if self.settings.get(k) is not None})
-        if self.settings.get("geotransforms"):
-            cfg.geotransforms = str(self.settings["geotransforms"])
-        for name in ("bands", "stretch_percentiles"):
-            setattr(cfg, name, list(getattr(cfg, name)))
-        pre = open_scene(SceneSource(self.pre_image), cfg, None, georef=(transform, crs))
+        with warnings.catch_warnings():  # an xView2 PNG has no georeference of its own: it is given one
+            warnings.simplefilter("ignore", NotGeoreferencedWarning)
+            return self._read_pair(SceneSource(self.pre_image), SceneSource(self.image), cfg, transform, crs,
+                                   src_size, shape)
+
+    def _read_pair(
+        self, pre_src: SceneSource, post_src: SceneSource, cfg: DataConfig, transform: Affine, crs: CRS | None,
+        src_size: tuple[int, int], shape: tuple[int, int],
+    ) -> np.ndarray:
+        from rasterio.windows import Window
+
+        from ..scenes.pairs import PostOnGrid
+        from ..scenes.reader import open_scene
+        from ..scenes.sources import PLAIN_SUFFIXES
+
+        pre = open_scene(pre_src, cfg, None, georef=(transform, crs))
         try:
-            shared = pre.source_georef if self.image.suffix.lower() in PLAIN_SUFFIXES else None
-            post = open_scene(SceneSource(self.image), cfg, None, georef=shared)
+            shared = pre.source_georef if post_src.image.suffix.lower() in PLAIN_SUFFIXES else None
+            post = open_scene(post_src, cfg, None, georef=shared)
             try:
                 on_grid = PostOnGrid(pre, post)
                 width, height = pre.width, pre.height

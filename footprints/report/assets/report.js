@@ -137,11 +137,12 @@
       minZoom: simple ? -12 : 1, maxZoom: simple ? 8 : 23
     });
     map.createPane("imagery").style.zIndex = 250;
+    map.createPane("post").style.zIndex = 260;  // a damage run's post-disaster imagery: over the pre imagery
     map.createPane("probability").style.zIndex = 300;
     map.createPane("scenes").style.zIndex = 350;  // below the footprints, which keep their clicks
     map.attributionControl.addAttribution("footprints report");
     var g = {
-      imagery: L.layerGroup(), probability: L.layerGroup(), footprints: L.featureGroup(),
+      imagery: L.layerGroup(), post: L.layerGroup(), probability: L.layerGroup(), footprints: L.featureGroup(),
       missed: L.featureGroup(), found: L.featureGroup(), scenes: L.featureGroup(), damage: L.featureGroup()
     };
     var all = null;
@@ -152,6 +153,10 @@
       if (s.image) {
         L.imageOverlay(s.image.uri, s.image.bounds, { pane: "imagery", className: "scene-image", interactive: false,
           alt: "imagery of " + s.id }).addTo(g.imagery);
+      }
+      if (s.post) {  // on the same corners as s.image: the layer control flips between before and after
+        L.imageOverlay(s.post.uri, s.post.bounds, { pane: "post", className: "scene-post-image", interactive: false,
+          alt: "post-disaster imagery of " + s.id }).addTo(g.post);
       }
       if (s.prob) {
         L.imageOverlay(s.prob.uri, s.prob.bounds, { pane: "probability", className: "scene-prob",
@@ -198,6 +203,7 @@
     var overlays = {};
     var count = countOf(g.footprints);
     if (g.imagery.getLayers().length) { overlays.Imagery = g.imagery; g.imagery.addTo(map); }
+    if (g.post.getLayers().length) { overlays["Post-disaster imagery"] = g.post; }  // off until asked for
     if (g.probability.getLayers().length) { overlays["Building probability (raster)"] = g.probability; }
     overlays["Predicted footprints (" + count + ")"] = g.footprints;
     var nDamage = countOf(g.damage);
