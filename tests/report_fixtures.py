@@ -347,3 +347,12 @@ def qgis_python() -> str:
             or subprocess.run([SYSTEM_PYTHON, "-c", "import qgis.core"], capture_output=True, timeout=60).returncode != 0):
         pytest.skip("QGIS's Python bindings are not installed (Debian package python3-qgis)")
     return SYSTEM_PYTHON
+
+
+def open_report(browser, path: Path, width: int = 1200, height: int = 900):
+    """A report opened in the test browser (`browser` fixture), once its script says it is ready."""
+    page = browser.new_page(width, height)
+    page.goto(path.resolve().as_uri())
+    page.wait_for("window.footprintsReport && window.footprintsReport.ready")
+    return page
+

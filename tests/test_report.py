@@ -30,6 +30,7 @@ from report_fixtures import (
     make_many_scenes,
     make_pixel_predictions,
     make_run,
+    open_report,
     qgis_python,
 )
 
@@ -569,13 +570,6 @@ def test_qgis_opens_the_layers_with_their_default_style(tmp_path: Path) -> None:
 
 # ---------------------------------------------------------------------------------------------- browser
 # (the `browser` fixture: conftest.py)
-
-
-def open_report(browser, path: Path, width: int = 1200, height: int = 900):
-    page = browser.new_page(width, height)
-    page.goto(path.resolve().as_uri())
-    page.wait_for("window.footprintsReport && window.footprintsReport.ready")
-    return page
 
 
 def _png_rgb(png: bytes) -> np.ndarray:

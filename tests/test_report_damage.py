@@ -29,7 +29,7 @@ import pytest
 import rasterio
 from PIL import Image
 from rasterio.warp import Resampling, calculate_default_transform, reproject
-from report_fixtures import make_run, qgis_python
+from report_fixtures import make_run, open_report, qgis_python
 
 from footprints.contracts.footprint_files import write_gpkg
 from footprints.contracts.gpkg_style import (
@@ -533,9 +533,7 @@ def test_post_twins_without_a_damage_folder_add_nothing(tmp_path: Path) -> None:
 @pytest.mark.browser
 def test_browser_draws_every_graded_footprint_in_its_colour(browser, damage_report) -> None:
     path, _, graded, _ = damage_report
-    page = browser.new_page(1200, 900)
-    page.goto(path.resolve().as_uri())
-    page.wait_for("window.footprintsReport && window.footprintsReport.ready")
+    page = open_report(browser, path)
     try:
         n = sum(len(v) for v in graded.values())
         assert page.eval("window.footprintsReport.errors") == []
@@ -562,9 +560,7 @@ def test_browser_draws_every_graded_footprint_in_its_colour(browser, damage_repo
 @pytest.mark.browser
 def test_browser_flips_between_pre_and_post_disaster_imagery(browser, damage_report) -> None:
     path, _, _, _ = damage_report
-    page = browser.new_page(1200, 900)
-    page.goto(path.resolve().as_uri())
-    page.wait_for("window.footprintsReport && window.footprintsReport.ready")
+    page = open_report(browser, path)
     try:
         names = page.eval("Array.from(document.querySelectorAll('.leaflet-control-layers-overlays label'))"
                           ".map(l => l.textContent.trim())")
