@@ -23,9 +23,9 @@ from footprints.config import DamageConfig, DataConfig
 from footprints.errors import InputError
 from footprints.model.backbone import load_backbone
 from footprints.model.damage_features import blocks, combine, feature_width, pooled_hypercolumns
-from footprints.prediction.damage import damage_checkpoint, open_pair
+from footprints.prediction.damage import damage_checkpoint
 from footprints.scenes.grades import DAMAGE_KEY, GRADES, PROBABILITY_KEYS
-from footprints.scenes.pairs import graded_buildings
+from footprints.scenes.pairs import graded_buildings, open_pair
 from footprints.scenes.sources import SceneSource
 from footprints.training.damage import train_damage_mlp, validation_split
 

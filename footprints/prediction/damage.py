@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..config import DamageConfig, DataConfig, TileConfig
+from ..config import DamageConfig, DataConfig
 from ..contracts.checkpoints import load_checkpoint
 from ..contracts.freshness import file_stamp
 from ..contracts.manifest import whole_scene_splits
@@ -25,54 +25,11 @@ from ..model.backbone import VGG16Features, load_backbone, resolve_layers
 from ..model.damage_features import combine, feature_width, pooled_hypercolumns, rings, scene_seed
 from ..model.mlp import MLP
 from ..scenes.grades import DAMAGE_KEY, GRADES, PROBABILITY_KEYS
-from ..scenes.pairs import GradedBuilding, PostOnGrid, graded_buildings, post_source
-from ..scenes.reader import SceneReader, open_scene
-from ..scenes.sources import PLAIN_SUFFIXES, SceneSource, discover_scenes
+from ..scenes.pairs import GradedBuilding, OpenPair, graded_buildings, post_source
+from ..scenes.sources import SceneSource, discover_scenes
 from ..training.damage import probabilities
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class OpenPair:
-    """A pre scene and its post scene on the pre grid (close with `close`)."""
-
-    pre: SceneReader
-    post: SceneReader
-    post_on_grid: PostOnGrid
-
-    def close(self) -> None:
-        self.pre.close()
-        self.post.close()
-
-
-def open_pair(pre_src: SceneSource, post_src: SceneSource | None, data_cfg: DataConfig,
-              tile_cfg: TileConfig | None) -> OpenPair:
-    """Open a pair; `post_src` None: the xView2-named twin of `pre_src` (`post_source`). A post scene without
-    its label file is opened unlabelled (graded, not trained on). Bad input: `InputError` naming the file."""
-    post_src = post_src if post_src is not None else post_source(pre_src)
-    if post_src is None:
-        raise InputError(pre_src.image, "not named as a pre-disaster scene (<name>_pre_disaster.<ext>): its "
-                         "post-disaster scene cannot be found")
-    if not post_src.image.exists():
-        raise InputError(post_src.image, f"post-disaster scene missing (the pair of {pre_src.image.name})")
-    if post_src.label is not None and not post_src.label.exists():
-        post_src = dataclasses.replace(post_src, label=None)
-    pre = open_scene(pre_src, data_cfg, tile_cfg)
-    try:
-        # an xView2 PNG pair shares one grid: the post PNG gets the pre scene's georeference (an empty post
-        # label has no vertices to fit one to)
-        shared = pre.source_georef if post_src.image.suffix.lower() in PLAIN_SUFFIXES else None
-        post = open_scene(post_src, data_cfg, tile_cfg, georef=shared)
-    except BaseException:
-        pre.close()
-        raise
-    try:
-        return OpenPair(pre, post, PostOnGrid(pre, post))
-    except BaseException:
-        pre.close()
-        post.close()
-        raise
 
 
 def pair_pooled(pair: OpenPair, polygon_sets: Sequence[Sequence[Any]], backbone: VGG16Features,

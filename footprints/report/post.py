@@ -8,9 +8,9 @@ on the pixel grid of the pre image file the page shows. So the post picture is d
 pre picture's size and transform and goes through the same placing and encoding (`rasters.make_overlay`):
 the two overlays cover the same corners, and a user flips between before and after in the layer control.
 
-The pair is opened like `prediction.damage.open_pair`, except that the pre scene keeps the georeference of
-its tile record (the one its own overlay is placed by; `open_pair` would fit it again from the label or
-`data.geotransforms`) and is not resampled to `tile.target_gsd` (the page shows the image file's own grid).
+The pair is opened with `scenes.pairs.open_pair`, the pre scene keeping the georeference of its tile record
+(`pre_georef`: the one its own overlay is placed by; fitting it again would need the label or
+`data.geotransforms`) and not resampled to `tile.target_gsd` (the page shows the image file's own grid).
 A post image that is missing or cannot be read costs its scene the layer only (a line in the log), never
 the page.
 """
@@ -92,35 +92,24 @@ class PostImagery:
     ) -> np.ndarray:
         from rasterio.windows import Window
 
-        from ..scenes.pairs import PostOnGrid
-        from ..scenes.reader import open_scene
-        from ..scenes.sources import PLAIN_SUFFIXES
+        from ..scenes.pairs import open_pair
 
-        pre = open_scene(pre_src, cfg, None, georef=(transform, crs))
-        try:
-            shared = pre.source_georef if post_src.image.suffix.lower() in PLAIN_SUFFIXES else None
-            post = open_scene(post_src, cfg, None, georef=shared)
-            try:
-                on_grid = PostOnGrid(pre, post)
-                width, height = pre.width, pre.height
-                if (width, height) != tuple(src_size):
-                    raise ValueError(f"the pre scene opens {width}x{height} px, its image is "
-                                     f"{src_size[0]}x{src_size[1]} px")
-                h, w = shape
-                fy = height / h
-                step = max(1, int(STRIP_PX // max(1, width * fy)))
-                parts = []
-                for a in range(0, h, step):
-                    b = min(h, a + step)
-                    y0, y1 = a * fy, b * fy
-                    r0, r1 = math.floor(y0), min(height, math.ceil(y1))
-                    rgb, valid = on_grid.read(Window(0, r0, width, r1 - r0))
-                    planes = np.concatenate([rgb.astype(np.float32) * valid, valid[None].astype(np.float32)])
-                    parts.append(_box_resize(planes, (b - a, w), (0.0, y0 - r0, float(width), y1 - r0)))
-            finally:
-                post.close()
-        finally:
-            pre.close()
+        with open_pair(pre_src, post_src, cfg, None, pre_georef=(transform, crs)) as pair:
+            width, height = pair.pre.width, pair.pre.height
+            if (width, height) != tuple(src_size):
+                raise ValueError(f"the pre scene opens {width}x{height} px, its image is "
+                                 f"{src_size[0]}x{src_size[1]} px")
+            h, w = shape
+            fy = height / h
+            step = max(1, int(STRIP_PX // max(1, width * fy)))
+            parts = []
+            for a in range(0, h, step):
+                b = min(h, a + step)
+                y0, y1 = a * fy, b * fy
+                r0, r1 = math.floor(y0), min(height, math.ceil(y1))
+                rgb, valid = pair.post_on_grid.read(Window(0, r0, width, r1 - r0))
+                planes = np.concatenate([rgb.astype(np.float32) * valid, valid[None].astype(np.float32)])
+                parts.append(_box_resize(planes, (b - a, w), (0.0, y0 - r0, float(width), y1 - r0)))
         return _finish(np.concatenate(parts, axis=1))
 
 

@@ -16,6 +16,7 @@ from typing import Any
 import geopandas as gpd
 import numpy as np
 import shapely
+import shapely.affinity
 from affine import Affine
 from pyproj import CRS as ProjCRS
 from pyproj import Geod, Transformer
@@ -24,6 +25,12 @@ from pyproj import Geod, Transformer
 def apply_affine(t: Affine, x: Any, y: Any) -> tuple[Any, Any]:
     """Pixel (col, row) -> CRS (x, y); written out so it works on arrays with any `affine` version."""
     return t.a * x + t.b * y + t.c, t.d * x + t.e * y + t.f
+
+
+def affine_geometries(geoms: Any, t: Affine) -> list[Any]:
+    """Shapely geometries through the affine `t`: a scene's transform (pixels -> CRS), or its inverse
+    (`~transform`: CRS -> pixels)."""
+    return [shapely.affinity.affine_transform(g, [t.a, t.b, t.d, t.e, t.c, t.f]) for g in geoms]
 
 
 def as_crs(crs: Any) -> ProjCRS | None:

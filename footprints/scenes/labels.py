@@ -30,7 +30,6 @@ from affine import Affine
 from rasterio.enums import Resampling
 from rasterio.errors import RasterioError
 from rasterio.windows import Window
-from shapely import affinity
 
 from ..errors import InputError, one_line, printable
 from .georef import WGS84, vertex_pairs
@@ -369,7 +368,7 @@ def read_vector_labels(path: Path, crs: Any, transform: Affine, layer: str | Non
     import pyogrio.raw
     import shapely
 
-    from .geo import as_crs, reproject
+    from .geo import affine_geometries, as_crs, reproject
 
     check_regular_file(path, "vector labels", missing="label file missing")
     driver = _sniff_vector(path)
@@ -422,13 +421,8 @@ def read_vector_labels(path: Path, crs: Any, transform: Affine, layer: str | Non
         geoms[keep] = reproject(geoms[keep], src_crs, dst)
         _check_finite(path, geoms, keep, f"coordinates outside the area where {src_crs.to_string()} can be "
                       "placed in the scene's CRS")
-    out = []
-    inv = ~transform  # CRS -> output-grid pixel coordinates
-    for i in keep:
-        geom = geoms[i]
-        if not geom.is_valid:
-            geom = shapely.make_valid(geom)
-        out.append(affinity.affine_transform(geom, [inv.a, inv.b, inv.d, inv.e, inv.c, inv.f]))
+    valid = [geoms[i] if geoms[i].is_valid else shapely.make_valid(geoms[i]) for i in keep]
+    out = affine_geometries(valid, ~transform)  # CRS -> output-grid pixel coordinates
     return out, {c: [values[i] for i in keep] for c, values in zip(present, field_data, strict=True)}
 
 

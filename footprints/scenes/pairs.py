@@ -6,10 +6,11 @@
 - `PostOnGrid`: the post scene read window by window on the pre scene's output grid. An xView2 PNG pair
   shares one pixel grid (the post PNG is the same size, pixel for pixel); a georeferenced pair in any CRS is
   resampled (bilinear) onto the pre grid, and one that does not overlap the pre scene is refused.
-- `graded_buildings`: every building of a post scene's xView2 label with its damage grade (`subtype`) on the
-  pre grid. A post label naming a building the pre label lacks is refused: the two labels of one place
-  describe the same buildings. (Damage labels are read from xView2 JSON only; a post scene without them is
-  graded, not trained on.)
+- `open_pair`: a pre scene and its post scene opened together (`OpenPair`).
+- `graded_buildings`: every building of a post scene's labels with its damage grade on the pre grid (an
+  xView2 label's `subtype`, or a vector label's `subtype`/`damage` with a `uid`). A post label naming a
+  building the pre label lacks is refused: the two labels of one place describe the same buildings. A post
+  scene without grades is graded, not trained on.
 
 Bad files raise `InputError` naming them (one line), as every reader of this package does.
 """
@@ -22,11 +23,14 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from affine import Affine
+from rasterio.crs import CRS
 from rasterio.windows import Window
 
+from ..config import DataConfig, TileConfig
 from ..errors import InputError
 from .grades import GRADES, UNCLASSIFIED
-from .reader import SceneReader
+from .reader import SceneReader, open_scene
 from .sources import PLAIN_SUFFIXES, SceneSource
 
 log = logging.getLogger(__name__)
@@ -76,8 +80,8 @@ class PostOnGrid:
         from rasterio.warp import transform_bounds
 
         pre, post = self.pre, self.post
-        pb = _bounds(pre)
-        qb = transform_bounds(post.crs, pre.crs, *_bounds(post))
+        pb = _grid_bounds(pre.transform, pre.width, pre.height)
+        qb = transform_bounds(post.crs, pre.crs, *_grid_bounds(post.transform, post.width, post.height))
         w = min(pb[2], qb[2]) - max(pb[0], qb[0])
         h = min(pb[3], qb[3]) - max(pb[1], qb[1])
         if w <= 0 or h <= 0:
@@ -98,10 +102,7 @@ class PostOnGrid:
         pre, post = self.pre, self.post
         h, w = int(window.height), int(window.width)
         dst_transform = pre.window_transform(window)
-        left, top = dst_transform * (0, 0)
-        right, bottom = dst_transform * (w, h)
-        bounds = transform_bounds(pre.crs, post.crs, min(left, right), min(top, bottom), max(left, right),
-                                  max(top, bottom))
+        bounds = transform_bounds(pre.crs, post.crs, *_grid_bounds(dst_transform, w, h))
         src = from_bounds(*bounds, transform=post.transform).round_offsets().round_lengths()
         src = Window(src.col_off - 2, src.row_off - 2, src.width + 4, src.height + 4)  # the bilinear taps
         rgb, valid = post.read(src)
@@ -115,10 +116,59 @@ class PostOnGrid:
         return out, ok.astype(bool)
 
 
-def _bounds(reader: SceneReader) -> tuple[float, float, float, float]:
-    t = reader.transform
-    xs, ys = zip(*(t * (c, r) for c, r in ((0, 0), (reader.width, 0), (0, reader.height),
-                                           (reader.width, reader.height))), strict=True)
+@dataclasses.dataclass
+class OpenPair:
+    """A pre scene and its post scene on the pre grid (close with `close`, or use it as a context manager)."""
+
+    pre: SceneReader
+    post: SceneReader
+    post_on_grid: PostOnGrid
+
+    def close(self) -> None:
+        self.pre.close()
+        self.post.close()
+
+    def __enter__(self) -> OpenPair:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def open_pair(pre_src: SceneSource, post_src: SceneSource | None, data_cfg: DataConfig,
+              tile_cfg: TileConfig | None, pre_georef: tuple[Affine, CRS | None] | None = None) -> OpenPair:
+    """Open a pair; `post_src` None: the xView2-named twin of `pre_src` (`post_source`). A post scene without
+    its label file is opened unlabelled (graded, not trained on). `pre_georef`: the pre scene's source-grid
+    (transform, CRS) as given (the report places it by its tile record's), instead of its own. Bad input:
+    `InputError` naming the file."""
+    post_src = post_src if post_src is not None else post_source(pre_src)
+    if post_src is None:
+        raise InputError(pre_src.image, "not named as a pre-disaster scene (<name>_pre_disaster.<ext>): its "
+                         "post-disaster scene cannot be found")
+    if not post_src.image.exists():
+        raise InputError(post_src.image, f"post-disaster scene missing (the pair of {pre_src.image.name})")
+    if post_src.label is not None and not post_src.label.exists():
+        post_src = dataclasses.replace(post_src, label=None)
+    pre = open_scene(pre_src, data_cfg, tile_cfg, georef=pre_georef)
+    try:
+        # an xView2 PNG pair shares one grid: the post PNG gets the pre scene's georeference (an empty post
+        # label has no vertices to fit one to)
+        shared = pre.source_georef if post_src.image.suffix.lower() in PLAIN_SUFFIXES else None
+        post = open_scene(post_src, data_cfg, tile_cfg, georef=shared)
+    except BaseException:
+        pre.close()
+        raise
+    try:
+        return OpenPair(pre, post, PostOnGrid(pre, post))
+    except BaseException:
+        pre.close()
+        post.close()
+        raise
+
+
+def _grid_bounds(t: Affine, width: int, height: int) -> tuple[float, float, float, float]:
+    """(left, bottom, right, top) of a `width` x `height` grid through `t`, from its four corners."""
+    xs, ys = zip(*(t * (c, r) for c, r in ((0, 0), (width, 0), (0, height), (width, height))), strict=True)
     return min(xs), min(ys), max(xs), max(ys)
 
 
@@ -127,9 +177,8 @@ def _grade_of(path: Path, where: str, value: Any) -> str | None:
     if value == UNCLASSIFIED:
         return None
     if value not in GRADES:
-        raise InputError(path, f"{where}: {'no damage grade (subtype)' if value is None else 'unknown damage grade '}"
-                         f"{'' if value is None else repr(str(value)[:40])} (expected one of {', '.join(GRADES)} or "
-                         f"{UNCLASSIFIED})")
+        what = "no damage grade (subtype)" if value is None else f"unknown damage grade {str(value)[:40]!r}"
+        raise InputError(path, f"{where}: {what} (expected one of {', '.join(GRADES)} or {UNCLASSIFIED})")
     return str(value)
 
 

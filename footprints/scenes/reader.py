@@ -378,7 +378,8 @@ class SceneReader:
         Mask-raster labels are vectorised on the output grid.
         """
         import geopandas as gpd
-        from shapely import affinity
+
+        from .geo import affine_geometries
 
         if not self.has_labels:
             return None
@@ -395,8 +396,7 @@ class SceneReader:
 
             polys = [p for p in shapely.intersection(polys, shapely.box(0, 0, self.width, self.height))
                      if not p.is_empty and p.area > 0]
-        t = self.transform
-        geoms = [affinity.affine_transform(g, [t.a, t.b, t.d, t.e, t.c, t.f]) for g in polys]
+        geoms = affine_geometries(polys, self.transform)
         return gpd.GeoDataFrame({"geometry": geoms}, geometry="geometry", crs=self.crs)
 
     def window_transform(self, window: Window) -> Affine:

@@ -40,12 +40,13 @@ from ..prediction.damage import (
     graded_columns,
     labelled_buildings,
     load_damage_model,
-    open_pair,
     pair_stamp,
     pre_disaster_scenes,
 )
 from ..runtime.cluster import map_scenes
+from ..scenes.geo import affine_geometries
 from ..scenes.grades import DAMAGE_KEY, GRADES
+from ..scenes.pairs import open_pair
 from ..scenes.sources import SceneSource, sources_from_paths
 from ..scoring.damage import damage_scores, grade_confusion, pool_damage
 
@@ -61,8 +62,9 @@ def run(cfg: Config, overwrite: bool = False, checkpoint: str | None = None) -> 
     paths = RunPaths.of(cfg)
     t0 = time.perf_counter()
     ckpt = Path(checkpoint) if checkpoint else paths.damage_checkpoint
-    load_damage_model(ckpt)  # a bad checkpoint: one line before any scene
-    model_key = file_digest(ckpt)
+    model_key = file_digest(ckpt) if ckpt.is_file() else ""
+    # a bad checkpoint: one line before any scene; the model stays cached for scenes graded in this process
+    damage_model_for(ckpt, model_key, str(resolve_device(cfg.damage.device, key="damage.device")))
     scene_dir = paths.damage / "scenes"
     scene_dir.mkdir(parents=True, exist_ok=True)
     scenes = pre_disaster_scenes(cfg.data, paths.tile, (cfg.predict.split,))
@@ -122,7 +124,7 @@ def _grade_scene(src: SceneSource, cfg: Config, model: DamageModel, predicted: P
         if not predicted.is_file():
             raise InputError(predicted, "no footprints of predict for this scene (run predict first)")
         footprints = read_footprints(predicted, pre.crs)
-        pixel_polys = _to_pixels(footprints.geometry.values, pre)
+        pixel_polys = affine_geometries(footprints.geometry.values, ~pre.transform)
         truth = labelled_buildings(pair)
         # the footprints and the truth buildings in one backbone pass
         pooled = model.pooled(pair, [pixel_polys] + ([[b.polygon for b in truth]] if truth is not None else []))
@@ -150,14 +152,6 @@ def _grade_scene(src: SceneSource, cfg: Config, model: DamageModel, predicted: P
     truth_file = scene_dir / f"{src.scene_id}_truth.npz"
     return write_record(record, key, [geojson, gpkg] + ([truth_file] if truth_file.is_file() and truth is not None
                                                         else []), **out)
-
-
-def _to_pixels(geoms: Any, reader: Any) -> list[Any]:
-    """Geometries in the scene's CRS -> on its pixel grid (the inverse of its transform)."""
-    from shapely import affinity
-
-    inv = ~reader.transform
-    return [affinity.affine_transform(g, [inv.a, inv.b, inv.d, inv.e, inv.c, inv.f]) for g in geoms]
 
 
 def _counts(grades: Any) -> dict[str, int]:
@@ -239,7 +233,7 @@ def grade_files(cfg: Config, checkpoint: str | None, pre: str | None, post: str 
     pair = open_pair(pre_src, post_src, run_cfg.data, run_cfg.tile)
     try:
         layer = user.to_crs(pair.pre.crs) if pair.pre.crs is not None and user.crs is not None else user
-        prob, pixels = model.grade(pair, _to_pixels(layer.geometry.values, pair.pre))
+        prob, pixels = model.grade(pair, affine_geometries(layer.geometry.values, ~pair.pre.transform))
     finally:
         pair.close()
     graded = user.assign(**graded_columns(prob, pixels))

@@ -8,8 +8,8 @@ missing, of another size, not overlapping, labels of buildings the pre label lac
 the file, and the other scenes go on. Test scenes are never read here.
 
 Per scene, on the dask cluster of `cluster:` as the other per-scene stages (`footprints.runtime.cluster`), the
-buildings' vectors (`footprints.prediction.damage.pair_vectors`: pooled zoom-out hypercolumns,
-log area) are written to `train-damage/features/<scene>.npz` with the key of what made them (the scene's
+buildings' pooled zoom-out hypercolumns and colour statistics (`footprints.prediction.damage.pair_pooled`) are
+written to `train-damage/features/<scene>.npz` with the key of what made them (the scene's
 files, the backbone, the damage settings, the seed): a rerun reuses a scene whose key holds, so a killed
 stage resumes scene by scene; `--overwrite` redoes everything. The classifier (`footprints.training.damage`)
 is then trained and selected on the validation buildings' damage F1; metrics.json is its freshness record.
@@ -38,13 +38,13 @@ from ..prediction.damage import (
     backbone_for,
     damage_checkpoint,
     labelled_buildings,
-    open_pair,
     pair_pooled,
     pair_stamp,
     pre_disaster_scenes,
 )
 from ..runtime.cluster import map_scenes
 from ..scenes.grades import GRADES
+from ..scenes.pairs import open_pair
 from ..scenes.sources import SceneSource
 from ..training.damage import train_damage_mlp, validation_split
 
@@ -55,12 +55,14 @@ def _scene_key(src: SceneSource, settings: dict[str, Any]) -> str:
     return digest({"files": pair_stamp(src), "settings": settings})
 
 
-def _read_scene(path: Path, key: str) -> dict[str, np.ndarray] | None:
+def _read_scene(path: Path, key: str, arrays: bool = True) -> dict[str, np.ndarray] | None:
+    """A scene's feature file when it holds `key` (its arrays; with `arrays` false only that it does: the
+    key alone is read), else None."""
     try:
         with np.load(path, allow_pickle=False) as z:
             if str(z["key"]) != key:
                 return None
-            return {k: z[k] for k in z.files if k != "key"}
+            return {k: z[k] for k in z.files if k != "key"} if arrays else {}
     except Exception:  # noqa: BLE001 - absent, damaged or foreign: the scene is simply redone
         return None
 
@@ -93,7 +95,7 @@ def run(cfg: Config, overwrite: bool = False) -> dict[str, Any]:
 
     paths.damage_features.mkdir(parents=True, exist_ok=True)
     files = {s.scene_id: paths.damage_features / f"{s.scene_id}.npz" for s in scenes}
-    todo = [s for s in scenes if overwrite or _read_scene(files[s.scene_id], keys[s.scene_id]) is None]
+    todo = [s for s in scenes if overwrite or _read_scene(files[s.scene_id], keys[s.scene_id], arrays=False) is None]
     skipped = []
     # each pair on the cluster (dask workers, `cluster:`), its buildings' features written to its own file
     func = functools.partial(_features_item, cfg=cfg, layers=layers, keys=keys, folder=str(paths.damage_features))
