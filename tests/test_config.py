@@ -76,6 +76,18 @@ def test_cross_field_checks(tmp_path: Path) -> None:
         load_config(path)
 
 
+@pytest.mark.parametrize("inputs", ["post+rubble", "diff+diff", "", "post,pre"])
+def test_damage_inputs_are_known_parts_joined_by_plus(tmp_path: Path, inputs: str) -> None:
+    path = tmp_path / "d.yaml"
+    path.write_text(f"damage:\n  inputs: '{inputs}'\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    message = str(err.value)
+    assert "damage.inputs" in message and "absdiff" in message and str(path) in message and "\n" not in message
+    path.write_text("damage:\n  inputs: pre+absdiff\n")
+    assert load_config(path).damage.inputs == "pre+absdiff"
+
+
 def test_invalid_yaml_and_missing_file(tmp_path: Path) -> None:
     path = tmp_path / "broken.yaml"
     path.write_text("tile: [unclosed\n")

@@ -22,12 +22,13 @@ from footprints.cli import main
 from footprints.config import DamageConfig, DataConfig
 from footprints.errors import InputError
 from footprints.model.backbone import load_backbone
-from footprints.model.damage_features import blocks, combine, feature_width, pooled_hypercolumns
+from footprints.model.damage_features import POOLED, blocks, combine, feature_width, pooled_hypercolumns
 from footprints.prediction.damage import damage_checkpoint
 from footprints.scenes.grades import DAMAGE_KEY, GRADES, PROBABILITY_KEYS
 from footprints.scenes.pairs import graded_buildings, open_pair
 from footprints.scenes.sources import SceneSource
-from footprints.training.damage import train_damage_mlp, validation_split
+from footprints.training.damage import grade_folds, probabilities, train_damage_mlp
+from footprints.scoring.damage import damage_scores, grade_confusion
 
 UTM = CRS.from_epsg(32615)  # Joplin's zone
 ORIGIN = (363000.0, 4105000.0)
@@ -196,11 +197,42 @@ def test_pooled_features_do_not_depend_on_the_block_size() -> None:
     np.testing.assert_allclose(again["post"][0], one["post"][0], rtol=1e-5)  # two sets, one backbone pass
     assert len(blocks(80, 80, 64)) == 4
     assert list(one["pixels"]) == [800, 15 * 18, 0]  # the third lies outside the scene
-    for key in ("pre", "post", "colour_pre", "colour_post"):
+    for key in ("pre", "post", "absdiff", "pre_std", "post_std", "colour_pre", "colour_post"):
         np.testing.assert_allclose(one[key], many[key], rtol=1e-4, atol=1e-4)
     x = combine(one, "diff+post")
     assert x.shape == (3, feature_width(layers, "diff+post"))
     np.testing.assert_allclose(x[:, :192], one["post"] - one["pre"], rtol=1e-5, atol=1e-5)
+
+
+def test_the_change_parts_are_each_pixels_change_and_the_spreads_change() -> None:
+    """absdiff is the mean over the building's pixels of |post - pre| (not |mean post - mean pre|), stddiff
+    the change of each channel's std: checked against every pixel's hypercolumn computed directly."""
+    from footprints.model.hypercolumns import gather_hypercolumns
+
+    backbone = load_backbone("random", "torchvision")
+    layers = ["conv1_2", "conv2_2"]
+    pre, post = _pattern(48), _pattern(48, seed=5)
+
+    def reader(rgb):
+        return lambda w: (rgb[:, w.row_off : w.row_off + w.height, w.col_off : w.col_off + w.width],
+                          np.ones((w.height, w.width), bool))
+
+    pooled, = pooled_hypercolumns(backbone, layers, reader(pre), reader(post), [[shapely.box(8, 10, 30, 22)]],
+                                  48, 48, 10_000, 0)
+    rows, cols = np.meshgrid(np.arange(10, 22), np.arange(8, 30), indexing="ij")
+    r, c = torch.from_numpy(np.tile(rows.ravel(), 2)), torch.from_numpy(np.tile(cols.ravel(), 2))
+    with torch.inference_mode():
+        acts = backbone(torch.from_numpy(np.stack([pre, post])).float(), layers)
+        columns = gather_hypercolumns(acts, layers, r, c, (48, 48), batch=np.repeat([0, 1], rows.size)).double().numpy()
+    before, after = columns[: rows.size], columns[rows.size :]
+    assert pooled["pixels"][0] == rows.size
+    np.testing.assert_allclose(pooled["absdiff"][0], np.abs(after - before).mean(0), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(pooled["post_std"][0], after.std(0), rtol=1e-3, atol=1e-3)
+    x = combine(pooled, "diff+absdiff+stddiff")
+    assert x.shape == (1, feature_width(layers, "diff+absdiff+stddiff")) == (1, 3 * 192 + 1)
+    np.testing.assert_allclose(x[0, 192:384], pooled["absdiff"][0], rtol=1e-6)
+    np.testing.assert_allclose(x[0, 384:576], after.std(0) - before.std(0), rtol=1e-3, atol=1e-3)
+    assert (x[0, 192:384] >= np.abs(x[0, :192]) - 1e-5).all()  # |change| averaged is at least the mean's change
 
 
 def test_the_ring_around_a_building_is_pooled_beside_it() -> None:
@@ -221,16 +253,29 @@ def test_the_ring_around_a_building_is_pooled_beside_it() -> None:
                                     [building, rings(building, 4.0)], 64, 64, 1000, 0)
     assert ring["pixels"][0] == 16 * 16 - 64  # the mitred ring, 4 px wide
     assert ring["colour_post"][0, 0] == 200 and own["colour_post"][0, 0] == 100
-    x = combine({**own, "ring_pre": ring["pre"], "ring_post": ring["post"]}, "diff")
-    assert x.shape == (1, feature_width(["conv1_2"], "diff", context=True))
+    x = combine({**own, **{f"ring_{k}": ring[k] for k in POOLED}}, "diff+absdiff")
+    assert x.shape == (1, feature_width(["conv1_2"], "diff+absdiff", context=True))
 
 
-def test_validation_buildings_are_drawn_per_grade() -> None:
+def test_validation_folds_are_drawn_per_grade() -> None:
     y = np.array([0] * 6 + [1] * 40 + [2] * 3 + [3] * 1)
-    val = validation_split(y, 0.25, seed=0)
-    for g, n in ((0, 2), (1, 10), (2, 1)):  # every grade with two or more in both parts
-        assert (val & (y == g)).sum() == n and (~val & (y == g)).sum() > 0
-    assert not val[y == 3].any()  # one building: training only
+    fold = grade_folds(y, 4, seed=0)
+    for f in range(4):  # every fold holds its share of each grade, and leaves the rest for training
+        assert (y[fold == f] == 1).sum() == 10 and 1 <= (y[fold == f] == 0).sum() <= 2
+        assert ((y[fold != f] == 0).sum() >= 4) and (y[fold != f] == 2).sum() >= 2
+    assert len(set(fold[y == 2])) == 3  # three buildings in three folds
+    assert not np.array_equal(fold, grade_folds(y, 4, seed=1))  # seeded
+
+
+def test_validation_folds_hold_whole_scenes_when_there_are_enough() -> None:
+    rng = np.random.default_rng(0)
+    scenes = np.repeat(np.arange(8), 25)
+    y = rng.integers(0, 4, len(scenes))
+    fold = grade_folds(y, 4, seed=0, scenes=scenes)
+    assert set(fold) == {0, 1, 2, 3}
+    assert all(len(set(fold[scenes == s])) == 1 for s in range(8))  # a scene is in one fold only
+    few = grade_folds(y[:75], 4, seed=0, scenes=scenes[:75])  # three scenes: per grade, across scenes
+    assert any(len(set(few[scenes[:75] == s])) > 1 for s in range(3))
 
 
 def test_the_grade_classifier_learns_separable_grades_and_weights_the_rare_one() -> None:
@@ -239,12 +284,22 @@ def test_the_grade_classifier_learns_separable_grades_and_weights_the_rare_one()
     counts = [20, 200, 60, 120]  # no-damage rare, as in Joplin
     y = np.concatenate([np.full(n, g) for g, n in enumerate(counts)])
     x = (centres[y] + rng.normal(0, 1, (len(y), 12))).astype(np.float32)
-    val = validation_split(y, 0.25, 0)
+    test = np.arange(len(y)) % 5 == 0
     cfg = DamageConfig(epochs=30, hidden=32, lr=3e-3)
-    model, record = train_damage_mlp(cfg, x[~val], y[~val], x[val], y[val], seed=0)
-    assert record["val"]["damage_f1"] > 0.9
+    model, record = train_damage_mlp(cfg, x[~test], y[~test], seed=0)
+    assert record["val_folds"] == 4 and record["val"]["damage_f1"] > 0.9  # out-of-fold, at the chosen epoch
+    assert len(record["history"]) == 30 and 1 <= record["epoch"] <= 30
+    assert damage_scores(grade_confusion(y[test], probabilities(model, x[test]).argmax(1)))["damage_f1"] > 0.9
     weights = record["class_weights"]
     assert weights["no-damage"] > weights["minor-damage"]  # inverse frequency
+
+
+def test_the_grade_classifier_trains_without_validation_when_asked() -> None:
+    rng = np.random.default_rng(1)
+    y = np.array([0, 1] * 10)
+    x = (y[:, None] * 3 + rng.normal(0, 1, (20, 5))).astype(np.float32)
+    model, record = train_damage_mlp(DamageConfig(epochs=7, hidden=8, val_folds=0), x, y, seed=0)
+    assert record["epoch"] == 7 and "val" not in record and record["val_folds"] == 0
 
 
 def _damage_checkpoint(path: Path, layers: list[str], inputs: str = "diff+post", context_m: float = 0.0) -> Path:
@@ -353,7 +408,7 @@ cluster: {{kind: local, workers: 0}}
     assert main(["train-damage", "--config", str(cfg)]) == 0
     metrics = json.loads((tmp_path / "out" / "g" / "train-damage" / "metrics.json").read_text())
     graded = sum(n for g, n in summary["damage"].items() if g in GRADES)
-    trained = sum(metrics["train_buildings"].values()) + sum(metrics["val_buildings"].values())
+    trained = sum(metrics["train_buildings"].values())
     assert metrics["scenes"] == 3 and not metrics["skipped"] and 0.9 * graded <= trained <= graded
 
 

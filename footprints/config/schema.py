@@ -214,18 +214,31 @@ class EvaluateConfig:
     overlays: int = 3
 
 
+# the parts a building's damage vector can hold (`damage.inputs` joins them with '+'; footprints.model.damage_features)
+DAMAGE_PARTS = ("post", "pre", "diff", "absdiff", "stddiff")
+
+
+def damage_input_parts(inputs: str) -> list[str]:
+    """The parts of `damage.inputs` ("diff+absdiff+stddiff" -> three), checked: known, none twice."""
+    parts = str(inputs).split("+")
+    if any(p not in DAMAGE_PARTS for p in parts) or len(set(parts)) != len(parts):
+        raise ValueError(f"expected parts of {', '.join(DAMAGE_PARTS)} joined by '+', each once; got {inputs!r}")
+    return parts
+
+
 @dataclass
 class DamageConfig:
     """`damage:` a damage grade on every footprint from pre/post-disaster pairs (footprints.damage). The
     section turns the damage stages on (`footprints all` and `cv` run train-damage and damage after predict);
     without it the run has no damage stages."""
 
-    # backbone layers whose hypercolumns are averaged over each building's pixels ("pool": the five layers
-    # before each pooling, 1,472 channels; a preset name or a list, as backbone.layers)
-    layers: Any = "pool"
-    # what the classifier sees per building: the post-disaster hypercolumns, the pre-disaster ones, their
-    # difference (post - pre), or two of them side by side; log(area) is always added
-    inputs: Literal["post", "pre", "diff", "diff+post", "pre+post"] = "diff+post"
+    # backbone layers whose hypercolumns are pooled over each building's pixels (a preset name or a list, as
+    # backbone.layers; "shallow": conv1_2, conv2_2, conv3_3, 448 channels, the backbone run to conv3_3 only)
+    layers: Any = "shallow"
+    # what the classifier sees per building, parts joined by '+' (footprints.model.damage_features.PARTS): the
+    # mean post- and pre-disaster hypercolumns (post, pre), their difference (diff), the mean absolute change of
+    # the building's pixels (absdiff), the change of each channel's spread (stddiff); log(area) is always added
+    inputs: str = "post+absdiff+stddiff"
     pixels_per_building: int = 256  # hypercolumns averaged per building (a seeded sample of its pixels)
     # also pool a ring this many metres wide around each building (debris and fallen walls lie outside the
     # outline); 0: the building's own pixels alone
@@ -239,9 +252,10 @@ class DamageConfig:
     weight_decay: float = 1e-4
     # weights from the training buildings' grade counts (inverse, its square root, or none)
     class_weighting: Literal["inverse", "sqrt", "none"] = "inverse"
-    # the validation buildings: this fraction of the labelled buildings of the training scenes, drawn per grade
-    # (seeded), so that every grade is in both parts; test scenes are never used
-    val_fraction: float = 0.25
+    # the epoch is chosen on this many validation folds of the training scenes' labelled buildings (drawn per
+    # grade, seeded: every grade in each fold's training part), then the model is trained on all of them for
+    # that many epochs; 0 or 1: no validation, every epoch run; test scenes are never used
+    val_folds: int = 4
     device: str = "auto"
 
 

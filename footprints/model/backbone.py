@@ -43,6 +43,7 @@ for _p in _VGG16_PLAN:
 LAYER_PRESETS: dict[str, list[str]] = {
     "all": ["input", *CONV_LAYERS],  # the seed project's 4,227 channels
     "pool": ["conv1_2", "conv2_2", "conv3_3", "conv4_3", "conv5_3"],  # the layers before each pooling
+    "shallow": ["conv1_2", "conv2_2", "conv3_3"],  # pool's first three: a roof's texture, not the block's layout
 }
 
 NORMALIZATION: dict[str, tuple[tuple[float, float, float], tuple[float, float, float]]] = {

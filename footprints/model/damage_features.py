@@ -1,8 +1,10 @@
-"""Per-building zoom-out features of a pre/post-disaster pair: hypercolumns averaged over a building's pixels.
+"""Per-building zoom-out features of a pre/post-disaster pair: hypercolumns pooled over a building's pixels.
 
-The damage classifier sees one vector per building: the hypercolumns (`gather_hypercolumns`, the features
-stage's reader) of the post-disaster scene, of the pre-disaster one, or their difference, averaged over the
-building's pixels, plus log(area). A scene is run through the backbone a block at a time (`block` rows and
+The damage classifier sees one vector per building, plus log(area): pooled hypercolumns (`gather_hypercolumns`,
+the features stage's reader) of the building's pixels, in the parts `damage.inputs` names (`DAMAGE_PARTS`): the mean
+post-disaster and pre-disaster hypercolumns, their difference, the mean of each pixel's absolute change
+|post - pre| (a roof half darker and half brighter changes a lot and its mean not at all), and the change of
+each channel's spread (std post - std pre: rubble is rougher than a roof). A scene is run through the backbone a block at a time (`block` rows and
 columns, with a halo of context around it, so the activations near a block's edge see what lies beyond it);
 in each block at most `per_building` pixels of every building (a seeded sample, `sample_pixels`' rule: all of
 them when it has fewer) are read, and a building cut by blocks gets the pixel-weighted mean of its parts.
@@ -23,29 +25,36 @@ from rasterio import features as rio_features
 from rasterio.windows import Window
 from shapely.geometry import box
 
+from ..config.schema import damage_input_parts as input_parts
 from .backbone import VGG16Features, hypercolumn_channels
 from .hypercolumns import gather_hypercolumns
 
 HALO_PX = 96  # context around a block: most of conv5_3's receptive field that matters
-INPUTS = ("post", "pre", "diff", "diff+post", "pre+post")
+POOLED = ("pre", "post", "absdiff", "pre_std", "post_std")  # what `pooled_hypercolumns` returns per building
 
 Read = Callable[[Window], tuple[np.ndarray, np.ndarray]]  # window -> (RGB uint8 (3, h, w), valid (h, w))
 
 
 def feature_width(layers: Sequence[str], inputs: str, context: bool = False) -> int:
-    """Channels of one building's vector: one or two hypercolumns (each of the ring around it too, with
+    """Channels of one building's vector: one hypercolumn per part (each of the ring around it too, with
     `context`), plus log(area)."""
-    return hypercolumn_channels(layers) * (2 if "+" in inputs else 1) * (2 if context else 1) + 1
+    return hypercolumn_channels(layers) * len(input_parts(inputs)) * (2 if context else 1) + 1
+
+
+def _part(pooled: dict[str, np.ndarray], prefix: str, name: str) -> np.ndarray:
+    if name == "diff":
+        return pooled[prefix + "post"] - pooled[prefix + "pre"]
+    if name == "stddiff":
+        return pooled[prefix + "post_std"] - pooled[prefix + "pre_std"]
+    return pooled[prefix + name]
 
 
 def combine(pooled: dict[str, np.ndarray], inputs: str) -> np.ndarray:
-    """The classifier's input (n, feature_width) from `pooled_hypercolumns`' pooled pre and post
-    hypercolumns (and the ring's, `ring_pre`/`ring_post`, when pooled) and the buildings' areas."""
+    """The classifier's input (n, feature_width) from `pooled_hypercolumns`' pooled hypercolumns (and the
+    ring's, `ring_<key>`, when pooled) and the buildings' areas."""
     chosen = []
     for prefix in ("", "ring_") if "ring_pre" in pooled else ("",):
-        pre, post = pooled[prefix + "pre"], pooled[prefix + "post"]
-        parts = {"post": post, "pre": pre, "diff": post - pre}
-        chosen += [parts[name] for name in inputs.split("+")]
+        chosen += [_part(pooled, prefix, name) for name in input_parts(inputs)]
     area = np.log1p(np.asarray(pooled["area_m2"], np.float64))[:, None]
     return np.concatenate([*chosen, area], axis=1).astype(np.float32)
 
@@ -79,7 +88,8 @@ def pooled_hypercolumns(
 ) -> list[dict[str, np.ndarray]]:
     """For each set of n polygons (on the scene's pixel grid; several sets share one backbone pass, e.g. the
     predicted footprints and the truth buildings): `pre`, `post` (n, C) each building's mean hypercolumn before
-    and after; `pixels` (n,) how many of its pixels are valid in both scenes (0: outside the scene or in
+    and after, `absdiff` the mean of its pixels' |post - pre|, `pre_std`, `post_std` each channel's std over
+    its pixels; `pixels` (n,) how many of its pixels are valid in both scenes (0: outside the scene or in
     nodata; its rows are zeros); `area_m2` (n,) those pixels' area; `colour_pre`, `colour_post` (n, 8) the mean
     and std of R, G, B and the gradient magnitude over all of them (the colour baseline's). Within a set, a
     later polygon wins a shared pixel."""
@@ -126,7 +136,8 @@ class _Pool:
         n = len(polygons)
         self.polygons = polygons
         self.tree = shapely.STRtree(polygons)  # a block's buildings without a pass over all of them
-        self.sums = {k: np.zeros((n, channels), np.float64) for k in ("pre", "post")}
+        # the first and second moments: sums of pre, post, |post - pre|, pre^2 and post^2 (weighted)
+        self.sums = {k: np.zeros((n, channels), np.float64) for k in ("pre", "post", "absdiff", "pre2", "post2")}
         self.colour = {k: np.zeros((n, 8), np.float64) for k in ("pre", "post")}  # sums of 4 values and squares
         self.pixels = np.zeros(n, np.int64)
 
@@ -150,12 +161,17 @@ class _Pool:
 
     def add_columns(self, owner: np.ndarray, weight: np.ndarray, columns: np.ndarray) -> None:
         m = len(owner)
-        for key, part in (("pre", columns[:m]), ("post", columns[m:])):
+        pre, post = columns[:m], columns[m:]
+        for key, part in (("pre", pre), ("post", post), ("absdiff", np.abs(post - pre)), ("pre2", pre**2),
+                          ("post2", post**2)):
             np.add.at(self.sums[key], owner, part * weight[:, None])
 
     def result(self, gsd_m: float | None) -> dict[str, np.ndarray]:
         safe = np.maximum(self.pixels, 1)[:, None]
-        out = {k: (v / safe).astype(np.float32) for k, v in self.sums.items()}
+        moments = {k: v / safe for k, v in self.sums.items()}
+        out = {k: moments[k].astype(np.float32) for k in ("pre", "post", "absdiff")}
+        for key in ("pre", "post"):
+            out[f"{key}_std"] = np.sqrt(np.maximum(moments[key + "2"] - moments[key] ** 2, 0.0)).astype(np.float32)
         for key, acc in self.colour.items():
             mean = acc[:, :4] / safe
             std = np.sqrt(np.maximum(acc[:, 4:] / safe - mean**2, 0.0))

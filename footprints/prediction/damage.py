@@ -22,7 +22,7 @@ from ..contracts.freshness import file_stamp
 from ..contracts.manifest import whole_scene_splits
 from ..errors import InputError
 from ..model.backbone import VGG16Features, load_backbone, resolve_layers
-from ..model.damage_features import combine, feature_width, pooled_hypercolumns, rings, scene_seed
+from ..model.damage_features import POOLED, combine, feature_width, pooled_hypercolumns, rings, scene_seed
 from ..model.mlp import MLP
 from ..scenes.grades import DAMAGE_KEY, GRADES, PROBABILITY_KEYS
 from ..scenes.pairs import GradedBuilding, OpenPair, graded_buildings, post_source
@@ -47,7 +47,7 @@ def pair_pooled(pair: OpenPair, polygon_sets: Sequence[Sequence[Any]], backbone:
     n = len(polygon_sets)
     if cfg.context_m > 0:
         for own, ring in zip(pooled[:n], pooled[n:], strict=True):
-            own.update(ring_pre=ring["pre"], ring_post=ring["post"])
+            own.update({f"ring_{k}": ring[k] for k in POOLED})
     return pooled[:n]
 
 

@@ -32,7 +32,7 @@ from ..contracts.freshness import digest, is_fresh, read_record, unmark, write_r
 from ..contracts.paths import RunPaths
 from ..errors import StageError, as_input_error, printable
 from ..model.backbone import resolve_layers
-from ..model.damage_features import combine
+from ..model.damage_features import POOLED, combine
 from ..model.device import resolve_device
 from ..prediction.damage import (
     backbone_for,
@@ -46,7 +46,7 @@ from ..runtime.cluster import map_scenes
 from ..scenes.grades import GRADES
 from ..scenes.pairs import open_pair
 from ..scenes.sources import SceneSource
-from ..training.damage import train_damage_mlp, validation_split
+from ..training.damage import train_damage_mlp
 
 log = logging.getLogger(__name__)
 
@@ -78,11 +78,11 @@ def run(cfg: Config, overwrite: bool = False) -> dict[str, Any]:
     backbone_cfg = {"weights": cfg.backbone.weights, "normalization": cfg.backbone.normalization}
     settings = {"layers": layers, "pixels_per_building": d.pixels_per_building, "context_m": d.context_m,
                 "block_size": d.block_size, "backbone": backbone_cfg, "seed": cfg.seed,
-                "target_gsd": cfg.tile.target_gsd}
+                "target_gsd": cfg.tile.target_gsd, "pooled": POOLED}  # POOLED: a file of other moments is redone
     scenes = pre_disaster_scenes(cfg.data, paths.tile, ("train", "val"))
     keys = {s.scene_id: _scene_key(s, settings) for s in scenes}
     train_settings = {k: getattr(d, k) for k in ("inputs", "hidden", "dropout", "epochs", "batch_size", "lr", "weight_decay",
-                                                 "class_weighting", "val_fraction")}
+                                                 "class_weighting", "val_folds")}
     key = digest({"scenes": keys, "train": train_settings, "seed": cfg.seed})
     metrics_path = paths.train_damage / "metrics.json"
     if not overwrite and is_fresh(metrics_path, key):
@@ -128,20 +128,19 @@ def run(cfg: Config, overwrite: bool = False) -> dict[str, Any]:
     if len(np.unique(y)) < 2:
         raise StageError(f"train-damage: the training scenes hold {len(y)} graded building(s) of "
                          f"{len(np.unique(y))} grade(s); at least two grades are needed")
-    val = validation_split(y, d.val_fraction, cfg.seed)
-    log.info("train-damage: %d buildings (%s) from %d scene(s): %d train, %d validation", len(y),
-             ", ".join(f"{g} {int((y == k).sum())}" for k, g in enumerate(GRADES)), len(scenes) - len(skipped),
-             int((~val).sum()),
-             int(val.sum()))
-    model, record = train_damage_mlp(d, x[~val], y[~val], x[val], y[val], cfg.seed)
+    scene_of = np.concatenate([np.full(len(p["y"]), i) for i, p in enumerate(parts)])[keep]
+    log.info("train-damage: %d buildings (%s) from %d scene(s)", len(y),
+             ", ".join(f"{g} {int((y == k).sum())}" for k, g in enumerate(GRADES)), len(scenes) - len(skipped))
+    model, record = train_damage_mlp(d, x, y, cfg.seed, scenes=scene_of)
     ckpt_path = paths.damage_checkpoint
     # the backbone by absolute path: the checkpoint grades footprints from any folder (`footprints damage`)
     weights = Path(cfg.backbone.weights)
     stored = {**backbone_cfg, "weights": str(weights.resolve()) if weights.is_file() else cfg.backbone.weights}
     save_checkpoint(ckpt_path, damage_checkpoint(model, d, layers, stored, cfg.seed, record, cfg.to_dict()))
-    selected = record.get("val") or record.get("train")
-    log.info("train-damage: epoch %d, validation damage F1 %.3f, damaged/undamaged macro F1 %.3f -> %s",
-             record["epoch"], selected["damage_f1"], selected["binary"]["macro_f1"], ckpt_path)
+    if "val" in record:
+        log.info("train-damage: %d epochs, chosen on %d validation folds of its %s: damage F1 %.3f, "
+                 "damaged/undamaged macro F1 %.3f -> %s", record["epoch"], record["val_folds"], record["val_folds_of"],
+                 record["val"]["damage_f1"], record["val"]["binary"]["macro_f1"], ckpt_path)
     metrics = {"settings": {**settings, **train_settings}, "scenes": len(scenes) - len(skipped), "skipped": skipped,
                "unlabelled_scenes": unlabelled, **record, "seconds": round(time.perf_counter() - t0, 2)}
     if cfg.backbone.weights == "random":
