@@ -6,14 +6,16 @@ it travels with every checkpoint and can be folded into the first layer of the d
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
 from ..errors import InputError
+from .losses import weighted_ce_sums
 
 
 class MLP(nn.Module):
@@ -47,6 +49,31 @@ class MLP(nn.Module):
         x = self.dropout(torch.relu(self.fc1(x)))
         x = self.dropout(torch.relu(self.fc2(x)))
         return self.fc3(x)
+
+
+def train_epoch(model: nn.Module, opt: torch.optim.Optimizer,
+                fills: Iterable[tuple[np.ndarray, np.ndarray, np.ndarray | None]], class_weights: torch.Tensor,
+                batch_size: int, gen: torch.Generator, device: torch.device | str) -> float:
+    """One training epoch of a classifier head (train-classifier's streamed shards, train-damage's buildings):
+    each fill (X, y, per-sample weights or None) goes to the device once, is shuffled with `gen` and stepped
+    through in minibatches of the weighted cross entropy (`weighted_ce_sums`). Returns the epoch's mean loss."""
+    model.train()
+    total = weight = 0.0
+    for X, y, w in fills:
+        Xt, yt = torch.from_numpy(X).to(device), torch.from_numpy(y).to(device)
+        wt = torch.from_numpy(w).to(device) if w is not None else None
+        order = torch.randperm(len(yt), generator=gen).to(device)
+        for s in range(0, len(order), batch_size):
+            idx = order[s : s + batch_size]
+            loss_sum, weight_sum = weighted_ce_sums(model(Xt[idx]), yt[idx], class_weights,
+                                                    wt[idx] if wt is not None else None)
+            opt.zero_grad(set_to_none=True)
+            (loss_sum / weight_sum.clamp_min(1e-12)).backward()
+            opt.step()
+            total += float(loss_sum.detach())
+            weight += float(weight_sum)
+        del Xt, yt, wt, order
+    return total / max(weight, 1e-12)
 
 
 def mlp_from_checkpoint(ckpt: Mapping[str, Any], where: str | Path = "<classifier checkpoint>") -> MLP:

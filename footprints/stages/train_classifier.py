@@ -37,7 +37,7 @@ from ..errors import StageError
 from ..model.device import resolve_device
 from ..model.domain import REFERENCE_KEY
 from ..model.losses import resolve_class_weights, weighted_ce_sums
-from ..model.mlp import MLP
+from ..model.mlp import MLP, train_epoch
 from ..scenes.targets import ClassScheme, scheme_for
 from ..scoring.metrics import confusion, pixel_metrics
 from ..scoring.plots import write_learning_curve
@@ -163,29 +163,15 @@ def train_mlp(
         best = {"iou": dense0["building_iou"], "epoch": 0, "state": copy.deepcopy(model.state_dict()),
                 "dense": dense0, "sampled": sampled0, "loss": loss0}
     for epoch in range(1, c.epochs + 1):
-        model.train()
         pieces = np.random.default_rng(derive_seed(cfg.seed, "classifier", epoch))  # the order of the pieces
-        total, weight = 0.0, 0.0
-        for fill in train.buffers(pieces, c.shuffle_buffer):
-            Xt, yt, wt = (torch.from_numpy(fill[k]).to(device) for k in ("X", "y", "w"))
-            order = torch.randperm(len(yt), generator=gen).to(device)
-            for s in range(0, len(order), c.batch_size):
-                idx = order[s : s + c.batch_size]
-                logits = model(Xt[idx])
-                loss_sum, weight_sum = weighted_ce_sums(logits, yt[idx], cw, wt[idx])
-                loss = loss_sum / weight_sum.clamp_min(1e-12)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                total += float(loss_sum.detach())
-                weight += float(weight_sum)
-            del Xt, yt, wt, order
+        fills = ((f["X"], f["y"], f["w"]) for f in train.buffers(pieces, c.shuffle_buffer))
+        train_loss = train_epoch(model, opt, fills, cw, c.batch_size, gen, device)
         sched.step()
         val_loss, dense, sampled = _evaluate(model, val if has_val else train, cw, eval_batch, scheme, device)
         row = {
             "epoch": epoch,
             "lr": opt.param_groups[0]["lr"],
-            "train_loss": total / max(weight, 1e-12),
+            "train_loss": train_loss,
             f"{select_on}_loss": val_loss,
             f"{select_on}_building_iou": dense["building_iou"],
             f"{select_on}_building_iou_sampled": sampled["building_iou"],

@@ -30,7 +30,7 @@ import torch
 from ..config import DamageConfig
 from ..model.device import resolve_device
 from ..model.losses import class_weights_from_counts, weighted_ce_sums
-from ..model.mlp import MLP
+from ..model.mlp import MLP, train_epoch
 from ..scenes.grades import GRADES
 from ..scoring.damage import damage_scores, grade_confusion
 from .data import derive_seed
@@ -90,21 +90,12 @@ def _fit(cfg: DamageConfig, x: np.ndarray, y: np.ndarray, epochs: int, seed: int
                 num_classes=len(GRADES)).to(device)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     cw = torch.as_tensor(weights, dtype=torch.float32, device=device)
-    xt, yt = torch.from_numpy(x).to(device), torch.from_numpy(y.astype(np.int64)).to(device)
+    y64 = y.astype(np.int64)
     gen = torch.Generator().manual_seed(seed)
     history = []
     for epoch in range(1, epochs + 1):
-        model.train()
-        order = torch.randperm(len(yt), generator=gen).to(device)
-        total = weight = 0.0
-        for s in range(0, len(order), cfg.batch_size):
-            idx = order[s : s + cfg.batch_size]
-            loss_sum, weight_sum = weighted_ce_sums(model(xt[idx]), yt[idx], cw)
-            opt.zero_grad(set_to_none=True)
-            (loss_sum / weight_sum.clamp_min(1e-12)).backward()
-            opt.step()
-            total, weight = total + float(loss_sum.detach()), weight + float(weight_sum)
-        entry: dict[str, Any] = {"epoch": epoch, "train_loss": total / max(weight, 1e-12)}
+        train_loss = train_epoch(model, opt, [(x, y64, None)], cw, cfg.batch_size, gen, device)
+        entry: dict[str, Any] = {"epoch": epoch, "train_loss": train_loss}
         if x_val is not None and y_val is not None and len(y_val):
             model.eval()
             with torch.inference_mode():
