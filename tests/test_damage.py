@@ -27,8 +27,8 @@ from footprints.prediction.damage import damage_checkpoint
 from footprints.scenes.grades import DAMAGE_KEY, GRADES, PROBABILITY_KEYS
 from footprints.scenes.pairs import graded_buildings, open_pair
 from footprints.scenes.sources import SceneSource
-from footprints.training.damage import grade_folds, probabilities, train_damage_mlp
 from footprints.scoring.damage import damage_scores, grade_confusion
+from footprints.training.damage import grade_folds, probabilities, train_damage_mlp
 
 UTM = CRS.from_epsg(32615)  # Joplin's zone
 ORIGIN = (363000.0, 4105000.0)
