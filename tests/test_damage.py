@@ -423,3 +423,47 @@ def test_footprints_damage_never_writes_over_its_footprints(tmp_path: Path, caps
     err = capsys.readouterr().err
     assert code == 2 and "theirs.geojson" in err and "is the --footprints file" in err
     assert theirs.read_bytes() == before
+
+
+def test_the_damage_checkpoint_grades_without_the_weights_file_it_was_trained_with(tmp_path: Path) -> None:
+    """Trained on a SLURM node, graded on a laptop: the checkpoint carries the backbone parameters its
+    layers use (conv1_1 and conv1_2 here), so the weights file is not needed to grade."""
+    from footprints.synth.dataset import write_synthetic_dataset
+
+    data = tmp_path / "data"
+    write_synthetic_dataset(data, n_scenes=3, seed=4, size=128, geotiff=True, damage=True)
+    weights = tmp_path / "vgg16.pth"
+    torch.save(load_backbone("random", "torchvision").features.state_dict(), weights)
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"""
+name: w
+output_root: {tmp_path / "out"}
+data: {{root: {data / "geotiff"}, format: geotiff, label_format: vector}}
+tile: {{size: 64, stride: 64, split_ratios: [1, 0, 0], patch_geotiffs: false}}
+backbone: {{weights: {weights}, layers: [conv1_2]}}
+damage: {{layers: [conv1_2], pixels_per_building: 8, hidden: 8, epochs: 2}}
+cluster: {{kind: local, workers: 0}}
+""")
+    assert main(["tile", "--config", str(cfg)]) == 0 and main(["train-damage", "--config", str(cfg)]) == 0
+    ckpt = tmp_path / "out" / "w" / "train-damage" / "best.pt"
+    assert set(torch.load(ckpt, weights_only=True)["backbone_state"]) == {"0.weight", "0.bias", "2.weight", "2.bias"}
+    pre = next((data / "geotiff" / "images").glob("*palu*_pre_disaster.tif"))
+    with rasterio.open(pre) as ds:
+        x, y = ds.xy(64, 64)
+        crs = ds.crs
+    gpd.GeoDataFrame({"id": [1]}, geometry=[shapely.box(x - 4, y - 4, x + 4, y + 4)], crs=crs).to_file(
+        tmp_path / "f.geojson")
+
+    def grade(name: str) -> pd.DataFrame:
+        args = ["damage", "--checkpoint", str(ckpt), "--pre", str(pre), "--post",
+                str(pre).replace("_pre_disaster", "_post_disaster"), "--footprints", str(tmp_path / "f.geojson"),
+                "--output", str(tmp_path / name)]
+        assert main(args) == 0
+        return gpd.read_file(tmp_path / name)
+
+    before = grade("before.geojson")
+    weights.unlink()  # the laptop has no weights file
+    after = grade("after.geojson")
+    assert after[DAMAGE_KEY].iloc[0] in GRADES
+    cols = list(PROBABILITY_KEYS.values())
+    np.testing.assert_allclose(after[cols].to_numpy(float), before[cols].to_numpy(float))

@@ -21,7 +21,7 @@ from ..contracts.checkpoints import load_checkpoint
 from ..contracts.freshness import file_stamp
 from ..contracts.manifest import whole_scene_splits
 from ..errors import InputError
-from ..model.backbone import VGG16Features, load_backbone, resolve_layers
+from ..model.backbone import VGG16Features, backbone_from_state, features_state, load_backbone, resolve_layers
 from ..model.damage_features import POOLED, combine, feature_width, pooled_hypercolumns, rings, scene_seed
 from ..model.mlp import MLP
 from ..scenes.grades import DAMAGE_KEY, GRADES, PROBABILITY_KEYS
@@ -99,12 +99,18 @@ class DamageModel:
 
 
 def damage_checkpoint(mlp: MLP, cfg: DamageConfig, layers: Sequence[str], backbone: dict[str, Any], seed: int,
-                      record: dict[str, Any], config: dict[str, Any]) -> dict[str, Any]:
-    """What train-damage saves (`footprints.contracts.checkpoints`: a plain dict, weights_only-loadable)."""
-    return {"model": mlp.state_dict(), "in_channels": int(mlp.in_channels),
+                      record: dict[str, Any], config: dict[str, Any],
+                      backbone_model: VGG16Features | None = None) -> dict[str, Any]:
+    """What train-damage saves (`footprints.contracts.checkpoints`: a plain dict, weights_only-loadable). With
+    `backbone_model`, the backbone parameters the layers depend on go in too (`features_state`): the
+    checkpoint then grades footprints on a machine without the weights file (a laptop after SLURM training)."""
+    ckpt = {"model": mlp.state_dict(), "in_channels": int(mlp.in_channels),
             "hidden": int(mlp.hidden), "dropout": float(mlp.dropout_p), "grades": list(GRADES),
             "layers": list(layers), "backbone": dict(backbone), "damage": dataclasses.asdict(cfg), "seed": int(seed),
             "epoch": int(record["epoch"]), "config": config}
+    if backbone_model is not None:
+        ckpt["backbone_state"] = features_state(backbone_model, layers)
+    return ckpt
 
 
 _MODELS: dict[tuple[str, str], DamageModel] = {}  # one loaded model per process (dask workers grade many scenes)
@@ -147,11 +153,15 @@ def load_damage_model(path: str | Path, device: str | torch.device = "cpu") -> D
         raise InputError(Path(path), "damage checkpoint's weights do not fit its model "
                          f"({str(err).splitlines()[0]})") from None
     device = torch.device(device)
-    weights = str(ckpt["backbone"]["weights"])
-    if weights not in ("random", "imagenet") and not Path(weights).is_file():
-        raise InputError(Path(path), f"the damage model needs the backbone weights it was trained with, {weights}, "
-                         "which are not there")
-    backbone = load_backbone(weights, ckpt["backbone"]["normalization"], device)
+    normalization = ckpt["backbone"]["normalization"]
+    if "backbone_state" in ckpt:  # the backbone travels with the model
+        backbone = backbone_from_state(ckpt["backbone_state"], layers, normalization, path, device)
+    else:  # a checkpoint of an earlier version: the weights file it names
+        weights = str(ckpt["backbone"]["weights"])
+        if weights not in ("random", "imagenet") and not Path(weights).is_file():
+            raise InputError(Path(path), f"the damage model needs the backbone weights it was trained with, "
+                             f"{weights}, which are not there")
+        backbone = load_backbone(weights, normalization, device)
     return DamageModel(mlp.eval().to(device), layers, cfg, backbone, int(ckpt.get("seed", 0)), device, ckpt)
 
 

@@ -133,10 +133,12 @@ def run(cfg: Config, overwrite: bool = False) -> dict[str, Any]:
              ", ".join(f"{g} {int((y == k).sum())}" for k, g in enumerate(GRADES)), len(scenes) - len(skipped))
     model, record = train_damage_mlp(d, x, y, cfg.seed, scenes=scene_of)
     ckpt_path = paths.damage_checkpoint
-    # the backbone by absolute path: the checkpoint grades footprints from any folder (`footprints damage`)
+    # the backbone's parameters the layers use go in the checkpoint, so that it grades footprints anywhere
+    # (`footprints damage`); the weights file is named for the record
     weights = Path(cfg.backbone.weights)
     stored = {**backbone_cfg, "weights": str(weights.resolve()) if weights.is_file() else cfg.backbone.weights}
-    save_checkpoint(ckpt_path, damage_checkpoint(model, d, layers, stored, cfg.seed, record, cfg.to_dict()))
+    backbone = backbone_for(cfg.backbone.weights, cfg.backbone.normalization, "cpu")
+    save_checkpoint(ckpt_path, damage_checkpoint(model, d, layers, stored, cfg.seed, record, cfg.to_dict(), backbone))
     if "val" in record:
         log.info("train-damage: %d epochs, chosen on %d validation folds of its %s: damage F1 %.3f, "
                  "damaged/undamaged macro F1 %.3f -> %s", record["epoch"], record["val_folds"], record["val_folds_of"],
