@@ -179,16 +179,18 @@ def test_an_unknown_grade_is_refused(tmp_path: Path) -> None:
         pair.close()
 
 
+def reader(rgb: np.ndarray):
+    """A scene in memory as `pooled_hypercolumns` reads one: window -> (RGB, every pixel valid)."""
+    return lambda w: (rgb[:, w.row_off : w.row_off + w.height, w.col_off : w.col_off + w.width],
+                      np.ones((w.height, w.width), bool))
+
+
 def test_pooled_features_do_not_depend_on_the_block_size() -> None:
     """A building cut by blocks gets the mean of all its pixels, as when the scene is one block (the halo
     covers this small scene, so the activations are the same)."""
     backbone = load_backbone("random", "torchvision")
     layers = ["conv1_2", "conv2_2"]
     pre, post = _pattern(80), _pattern(80, seed=3)
-
-    def reader(rgb):
-        return lambda w: (rgb[:, w.row_off : w.row_off + w.height, w.col_off : w.col_off + w.width],
-                          np.ones((w.height, w.width), bool))
 
     polys = [shapely.box(10, 10, 50, 30), shapely.box(60, 60, 75, 78), shapely.box(200, 200, 210, 210)]
     one, again = pooled_hypercolumns(backbone, layers, reader(pre), reader(post), [polys, polys[:1]], 80, 80,
@@ -212,10 +214,6 @@ def test_the_change_parts_are_each_pixels_change_and_the_spreads_change() -> Non
     backbone = load_backbone("random", "torchvision")
     layers = ["conv1_2", "conv2_2"]
     pre, post = _pattern(48), _pattern(48, seed=5)
-
-    def reader(rgb):
-        return lambda w: (rgb[:, w.row_off : w.row_off + w.height, w.col_off : w.col_off + w.width],
-                          np.ones((w.height, w.width), bool))
 
     pooled, = pooled_hypercolumns(backbone, layers, reader(pre), reader(post), [[shapely.box(8, 10, 30, 22)]],
                                   48, 48, 10_000, 0)
@@ -243,10 +241,6 @@ def test_the_ring_around_a_building_is_pooled_beside_it() -> None:
     post = pre.copy()
     post[:, 8:40, 8:40] = 200  # debris around the building (20..28), the roof itself unchanged
     post[:, 20:28, 20:28] = 100
-
-    def reader(rgb):
-        return lambda w: (rgb[:, w.row_off : w.row_off + w.height, w.col_off : w.col_off + w.width],
-                          np.ones((w.height, w.width), bool))
 
     building = [shapely.box(20, 20, 28, 28)]
     own, ring = pooled_hypercolumns(backbone, ["conv1_2"], reader(pre), reader(post),
@@ -385,23 +379,30 @@ cluster: {{kind: local, workers: 0}}
     assert (tmp_path / "out" / "t" / "train-damage" / "best.pt").is_file()
 
 
-def test_train_damage_learns_from_geotiff_pairs_with_graded_vector_labels(tmp_path: Path) -> None:
-    """synth's GeoTIFF variant: pre in UTM, post in lon/lat (resampled onto the pre grid), GeoJSON labels
-    whose `subtype` grades each building."""
+def _synth_geotiff_run(tmp_path: Path, name: str, weights: str = "random") -> tuple[Path, Path, dict]:
+    """synth's GeoTIFF variant with damage (3 scenes of 128 px) and a config training on all of them:
+    (config, data folder, synth's summary)."""
     from footprints.synth.dataset import write_synthetic_dataset
 
     data = tmp_path / "data"
     summary = write_synthetic_dataset(data, n_scenes=3, seed=4, size=128, geotiff=True, damage=True)
     cfg = tmp_path / "c.yaml"
     cfg.write_text(f"""
-name: g
+name: {name}
 output_root: {tmp_path / "out"}
 data: {{root: {data / "geotiff"}, format: geotiff, label_format: vector}}
 tile: {{size: 64, stride: 64, split_ratios: [1, 0, 0], patch_geotiffs: false}}
-backbone: {{weights: random, layers: [conv1_2]}}
+backbone: {{weights: {weights}, layers: [conv1_2]}}
 damage: {{layers: [conv1_2], pixels_per_building: 8, hidden: 8, epochs: 2}}
 cluster: {{kind: local, workers: 0}}
 """)
+    return cfg, data, summary
+
+
+def test_train_damage_learns_from_geotiff_pairs_with_graded_vector_labels(tmp_path: Path) -> None:
+    """synth's GeoTIFF variant: pre in UTM, post in lon/lat (resampled onto the pre grid), GeoJSON labels
+    whose `subtype` grades each building."""
+    cfg, _, summary = _synth_geotiff_run(tmp_path, "g")
     assert main(["tile", "--config", str(cfg)]) == 0
     manifest = (tmp_path / "out" / "g" / "tile" / "manifest.csv").read_text()
     assert "_post_disaster" not in manifest  # post scenes are not scenes to find buildings in
@@ -428,22 +429,9 @@ def test_footprints_damage_never_writes_over_its_footprints(tmp_path: Path, caps
 def test_the_damage_checkpoint_grades_without_the_weights_file_it_was_trained_with(tmp_path: Path) -> None:
     """Trained on a SLURM node, graded on a laptop: the checkpoint carries the backbone parameters its
     layers use (conv1_1 and conv1_2 here), so the weights file is not needed to grade."""
-    from footprints.synth.dataset import write_synthetic_dataset
-
-    data = tmp_path / "data"
-    write_synthetic_dataset(data, n_scenes=3, seed=4, size=128, geotiff=True, damage=True)
     weights = tmp_path / "vgg16.pth"
     torch.save(load_backbone("random", "torchvision").features.state_dict(), weights)
-    cfg = tmp_path / "c.yaml"
-    cfg.write_text(f"""
-name: w
-output_root: {tmp_path / "out"}
-data: {{root: {data / "geotiff"}, format: geotiff, label_format: vector}}
-tile: {{size: 64, stride: 64, split_ratios: [1, 0, 0], patch_geotiffs: false}}
-backbone: {{weights: {weights}, layers: [conv1_2]}}
-damage: {{layers: [conv1_2], pixels_per_building: 8, hidden: 8, epochs: 2}}
-cluster: {{kind: local, workers: 0}}
-""")
+    cfg, data, _ = _synth_geotiff_run(tmp_path, "w", str(weights))
     assert main(["tile", "--config", str(cfg)]) == 0 and main(["train-damage", "--config", str(cfg)]) == 0
     ckpt = tmp_path / "out" / "w" / "train-damage" / "best.pt"
     assert set(torch.load(ckpt, weights_only=True)["backbone_state"]) == {"0.weight", "0.bias", "2.weight", "2.bias"}
