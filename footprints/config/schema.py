@@ -235,7 +235,7 @@ class DamageConfig:
     # backbone layers whose hypercolumns are pooled over each building's pixels (a preset name or a list, as
     # backbone.layers; "shallow": conv1_2, conv2_2, conv3_3, 448 channels, the backbone run to conv3_3 only)
     layers: Any = "shallow"
-    # what the classifier sees per building, parts joined by '+' (footprints.model.damage_features.PARTS): the
+    # what the classifier sees per building, parts of DAMAGE_PARTS joined by '+' (model/damage_features.py): the
     # mean post- and pre-disaster hypercolumns (post, pre), their difference (diff), the mean absolute change of
     # the building's pixels (absdiff), the change of each channel's spread (stddiff); log(area) is always added
     inputs: str = "post+absdiff+stddiff"
@@ -252,9 +252,9 @@ class DamageConfig:
     weight_decay: float = 1e-4
     # weights from the training buildings' grade counts (inverse, its square root, or none)
     class_weighting: Literal["inverse", "sqrt", "none"] = "inverse"
-    # the epoch is chosen on this many validation folds of the training scenes' labelled buildings (drawn per
-    # grade, seeded: every grade in each fold's training part), then the model is trained on all of them for
-    # that many epochs; 0 or 1: no validation, every epoch run; test scenes are never used
+    # the number of epochs is chosen on this many validation folds (whole training scenes when there are that
+    # many, else the labelled buildings drawn per grade, seeded), then the model is trained on every training
+    # building for that many epochs; 0 or 1: no validation, every epoch run; test scenes are never used
     val_folds: int = 4
     device: str = "auto"
 

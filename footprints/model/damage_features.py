@@ -1,13 +1,15 @@
 """Per-building zoom-out features of a pre/post-disaster pair: hypercolumns pooled over a building's pixels.
 
-The damage classifier sees one vector per building, plus log(area): pooled hypercolumns (`gather_hypercolumns`,
-the features stage's reader) of the building's pixels, in the parts `damage.inputs` names (`DAMAGE_PARTS`): the mean
-post-disaster and pre-disaster hypercolumns, their difference, the mean of each pixel's absolute change
-|post - pre| (a roof half darker and half brighter changes a lot and its mean not at all), and the change of
-each channel's spread (std post - std pre: rubble is rougher than a roof). A scene is run through the backbone a block at a time (`block` rows and
-columns, with a halo of context around it, so the activations near a block's edge see what lies beyond it);
-in each block at most `per_building` pixels of every building (a seeded sample, `sample_pixels`' rule: all of
-them when it has fewer) are read, and a building cut by blocks gets the pixel-weighted mean of its parts.
+The damage classifier sees one vector per building, plus log(area): hypercolumns (`gather_hypercolumns`, the
+features stage's reader) pooled over the building's pixels, in the parts `damage.inputs` names
+(`DAMAGE_PARTS`): the mean post-disaster and pre-disaster hypercolumns, their difference, the mean of each
+pixel's absolute change |post - pre| (a roof half darker and half brighter changes a lot and its mean not at
+all), and the change of each channel's spread (std post - std pre: rubble is rougher than a roof).
+
+A scene is run through the backbone a block at a time (`block` rows and columns, with a halo of context
+around it, so the activations near a block's edge see what lies beyond it); in each block at most
+`per_building` pixels of every building (a seeded sample, `sample_pixels`' rule: all of them when it has
+fewer) are read, and a building cut by blocks gets the pixel-weighted moments of its parts.
 Memory is bounded by the block, never by the scene.
 """
 
