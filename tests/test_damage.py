@@ -379,13 +379,14 @@ cluster: {{kind: local, workers: 0}}
     assert (tmp_path / "out" / "t" / "train-damage" / "best.pt").is_file()
 
 
-def _synth_geotiff_run(tmp_path: Path, name: str, weights: str = "random") -> tuple[Path, Path, dict]:
-    """synth's GeoTIFF variant with damage (3 scenes of 128 px) and a config training on all of them:
-    (config, data folder, synth's summary)."""
+def _synth_geotiff_run(tmp_path: Path, name: str, weights: str = "random", n_scenes: int = 3,
+                       damage: str = "") -> tuple[Path, Path, dict]:
+    """synth's GeoTIFF variant with damage (`n_scenes` scenes of 128 px) and a config training on all of them
+    (`damage`: more keys of its damage section): (config, data folder, synth's summary)."""
     from footprints.synth.dataset import write_synthetic_dataset
 
     data = tmp_path / "data"
-    summary = write_synthetic_dataset(data, n_scenes=3, seed=4, size=128, geotiff=True, damage=True)
+    summary = write_synthetic_dataset(data, n_scenes=n_scenes, seed=4, size=128, geotiff=True, damage=True)
     cfg = tmp_path / "c.yaml"
     cfg.write_text(f"""
 name: {name}
@@ -393,10 +394,24 @@ output_root: {tmp_path / "out"}
 data: {{root: {data / "geotiff"}, format: geotiff, label_format: vector}}
 tile: {{size: 64, stride: 64, split_ratios: [1, 0, 0], patch_geotiffs: false}}
 backbone: {{weights: {weights}, layers: [conv1_2]}}
-damage: {{layers: [conv1_2], pixels_per_building: 8, hidden: 8, epochs: 2}}
+damage: {{layers: [conv1_2], pixels_per_building: 8, hidden: 8, epochs: 2{damage}}}
 cluster: {{kind: local, workers: 0}}
 """)
     return cfg, data, summary
+
+
+def test_train_damage_validates_on_whole_scenes_when_it_has_as_many_as_folds(tmp_path: Path) -> None:
+    """Three graded training scenes (of five; two carry no grades): two folds hold whole scenes, so
+    validation scores the model on scenes it never saw; four folds fall back to folds of buildings."""
+    cfg, _, _ = _synth_geotiff_run(tmp_path, "s", n_scenes=5, damage=", val_folds: 2")
+    assert main(["tile", "--config", str(cfg)]) == 0 and main(["train-damage", "--config", str(cfg)]) == 0
+    metrics_path = tmp_path / "out" / "s" / "train-damage" / "metrics.json"
+    metrics = json.loads(metrics_path.read_text())
+    assert metrics["scenes"] - len(metrics["unlabelled_scenes"]) == 3
+    assert metrics["val_folds_of"] == "scenes" and metrics["val_folds"] == 2 and "damage_f1" in metrics["val"]
+    assert main(["train-damage", "--config", str(cfg), "--set", "damage.val_folds=4"]) == 0  # features reused
+    metrics = json.loads(metrics_path.read_text())
+    assert metrics["val_folds_of"] == "buildings" and metrics["val_folds"] == 4
 
 
 def test_train_damage_learns_from_geotiff_pairs_with_graded_vector_labels(tmp_path: Path) -> None:
