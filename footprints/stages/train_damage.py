@@ -137,7 +137,9 @@ def run(cfg: Config, overwrite: bool = False) -> dict[str, Any]:
     # (`footprints damage`); the weights file is named for the record
     weights = Path(cfg.backbone.weights)
     stored = {**backbone_cfg, "weights": str(weights.resolve()) if weights.is_file() else cfg.backbone.weights}
-    backbone = backbone_for(cfg.backbone.weights, cfg.backbone.normalization, "cpu")
+    # the features' own device key: the backbone they were pooled with is reused when they ran in this process
+    device = resolve_device(d.device, key="damage.device")
+    backbone = backbone_for(cfg.backbone.weights, cfg.backbone.normalization, str(device))
     save_checkpoint(ckpt_path, damage_checkpoint(model, d, layers, stored, cfg.seed, record, cfg.to_dict(), backbone))
     if "val" in record:
         log.info("train-damage: %d epochs, chosen on %d validation folds of its %s: damage F1 %.3f, "

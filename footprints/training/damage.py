@@ -38,6 +38,11 @@ from .data import derive_seed
 log = logging.getLogger(__name__)
 
 
+def folds_of_scenes(scenes: np.ndarray | None, folds: int) -> bool:
+    """Whether `grade_folds` deals whole scenes: there are at least `folds` of them (and two folds or more)."""
+    return scenes is not None and folds >= 2 and len(np.unique(scenes)) >= folds
+
+
 def grade_folds(grades: np.ndarray, folds: int, seed: int, scenes: np.ndarray | None = None) -> np.ndarray:
     """The validation fold (0..folds-1) of each building. With buildings of at least `folds` scenes (`scenes`:
     each building's scene), whole scenes per fold, balancing the grades as well as whole scenes allow
@@ -46,7 +51,7 @@ def grade_folds(grades: np.ndarray, folds: int, seed: int, scenes: np.ndarray | 
     every fold holds its share of every grade (a grade with fewer buildings than folds is in some folds'
     validation part only)."""
     fold = np.zeros(len(grades), np.int64)
-    if scenes is not None and len(np.unique(scenes)) >= folds:
+    if folds_of_scenes(scenes, folds):
         from sklearn.model_selection import StratifiedGroupKFold
 
         split = StratifiedGroupKFold(folds, shuffle=True, random_state=derive_seed(seed, "damage-validation") % 2**31)
@@ -92,15 +97,18 @@ def _fit(cfg: DamageConfig, x: np.ndarray, y: np.ndarray, epochs: int, seed: int
     cw = torch.as_tensor(weights, dtype=torch.float32, device=device)
     y64 = y.astype(np.int64)
     gen = torch.Generator().manual_seed(seed)
+    validate = x_val is not None and y_val is not None and len(y_val) > 0
+    if validate:  # on the device once, not every epoch
+        xv, yv = torch.from_numpy(x_val).to(device), torch.from_numpy(y_val.astype(np.int64)).to(device)
     history = []
     for epoch in range(1, epochs + 1):
         train_loss = train_epoch(model, opt, [(x, y64, None)], cw, cfg.batch_size, gen, device)
         entry: dict[str, Any] = {"epoch": epoch, "train_loss": train_loss}
-        if x_val is not None and y_val is not None and len(y_val):
+        if validate:
             model.eval()
             with torch.inference_mode():
-                logits = model(torch.from_numpy(x_val).to(device))
-                loss_sum, weight_sum = weighted_ce_sums(logits, torch.from_numpy(y_val.astype(np.int64)).to(device), cw)
+                logits = model(xv)
+                loss_sum, weight_sum = weighted_ce_sums(logits, yv, cw)
             entry.update(predicted=logits.argmax(1).cpu().numpy(), loss_sum=float(loss_sum),
                          weight_sum=float(weight_sum))
         history.append(entry)
@@ -118,8 +126,8 @@ def train_damage_mlp(cfg: DamageConfig, x: np.ndarray, y: np.ndarray, seed: int,
     # a fold is used when both its parts hold buildings
     used = [f for f in np.unique(fold) if cfg.val_folds >= 2 and 0 < (fold == f).sum() < len(y)]
     epochs = cfg.epochs
-    by_scene = scenes is not None and len(np.unique(scenes)) >= cfg.val_folds >= 2
-    record: dict[str, Any] = {"val_folds": len(used), "val_folds_of": "scenes" if by_scene else "buildings"}
+    record: dict[str, Any] = {"val_folds": len(used),
+                              "val_folds_of": "scenes" if folds_of_scenes(scenes, cfg.val_folds) else "buildings"}
     if len(used) >= 2:
         predicted = np.zeros((cfg.epochs, len(y)), np.int64)
         loss = np.zeros((cfg.epochs, 2))
