@@ -152,26 +152,29 @@ def load_backbone(weights: str, normalization: str, device: str | torch.device =
     return model.eval().to(device)
 
 
-def deepest_module(model: VGG16Features, layers: Sequence[str]) -> int:
-    """Index in `model.features` of the ReLU after the deepest conv of `layers` (-1: the input alone)."""
+def _used_keys(model: VGG16Features, layers: Sequence[str]) -> list[str]:
+    """The keys of `model.features`' state dict that `layers` depend on: every module up to the deepest conv
+    of `layers` (none for the input alone)."""
     convs = [model.conv_index[n] for n in layers if n != "input"]
-    return max(convs) + 1 if convs else -1
+    last = max(convs) if convs else -1
+    return [k for k in model.features.state_dict() if int(k.split(".")[0]) <= last]
 
 
 def features_state(model: VGG16Features, layers: Sequence[str]) -> dict[str, torch.Tensor]:
     """The `features` parameters that `layers` depend on (those up to the deepest of them): what a model
     that reads only those layers must carry to be used without the weights file (conv1_1-conv3_3: 7 MB)."""
-    last = deepest_module(model, layers)
-    return {k: v.detach().cpu().clone() for k, v in model.features.state_dict().items() if int(k.split(".")[0]) <= last}
+    state = model.features.state_dict()
+    return {k: state[k].detach().cpu().clone() for k in _used_keys(model, layers)}
 
 
 def backbone_from_state(state: dict[str, torch.Tensor], layers: Sequence[str], normalization: str,
                         where: str | Path, device: str | torch.device = "cpu") -> VGG16Features:
     """The frozen backbone of `features_state`; the deeper layers, never run for `layers`, stay unset."""
     model = VGG16Features(normalization)
-    needed = {k for k in model.features.state_dict() if int(k.split(".")[0]) <= deepest_module(model, layers)}
-    if not needed <= set(state):
-        raise InputError(Path(where), f"the backbone in the checkpoint lacks {sorted(needed - set(state))[:3]}")
+    needed = _used_keys(model, layers)
+    missing = sorted(set(needed) - set(state))
+    if missing:
+        raise InputError(Path(where), f"the backbone in the checkpoint lacks {missing[:3]}")
     try:
         model.features.load_state_dict({k: state[k] for k in needed}, strict=False)
     except RuntimeError as err:
