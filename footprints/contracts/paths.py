@@ -163,6 +163,11 @@ class RunPaths:
         return self.root / DAMAGE
 
     @property
+    def damage_scenes(self) -> Path:
+        """Each test scene's graded footprints (`<scene>.geojson`, `.gpkg`), its record and truth vectors."""
+        return self.damage / "scenes"
+
+    @property
     def damage_geojson(self) -> Path:
         """The test split's footprints (predict's) with their grade: `damage` and `p_<grade>` properties."""
         return self.damage / "footprints.geojson"

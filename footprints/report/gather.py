@@ -103,7 +103,7 @@ def _matches_of(run: RunPaths, entry: Mapping[str, Any] | None, bases: Sequence[
 def _damage_of(run: RunPaths, sid: str, merged: Path | None) -> Path | None:
     """A scene's graded footprints: the damage stage's `damage/scenes/<scene>.geojson`, else the run's
     `damage/footprints.geojson` (None when neither is there)."""
-    own = run.damage / "scenes" / f"{sid}.geojson"
+    own = run.damage_scenes / f"{sid}.geojson"
     return own if own.is_file() else merged
 
 

@@ -65,7 +65,7 @@ def run(cfg: Config, overwrite: bool = False, checkpoint: str | None = None) -> 
     model_key = file_digest(ckpt) if ckpt.is_file() else ""
     # a bad checkpoint: one line before any scene; the model stays cached for scenes graded in this process
     damage_model_for(ckpt, model_key, str(resolve_device(cfg.damage.device, key="damage.device")))
-    scene_dir = paths.damage / "scenes"
+    scene_dir = paths.damage_scenes
     scene_dir.mkdir(parents=True, exist_ok=True)
     scenes = pre_disaster_scenes(cfg.data, paths.tile, (cfg.predict.split,))
     keys = {src.scene_id: digest({"model": model_key, "footprints": file_stamp(ScenePaths(paths.predict,
