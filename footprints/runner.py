@@ -379,6 +379,9 @@ def _cv_summary(cfg: Config, results: list[dict[str, Any]]) -> dict[str, Any]:
         print(f"  damage, per truth building: damage F1 {b['damage_f1']:.3f}, damaged/undamaged macro F1 "
               f"{b['binary']['macro_f1']:.3f} | xView2 pixels: damage F1 {x['damage_f1']:.3f}, score {x['score']:.3f}",
               flush=True)
+        for name, scores in (damage.get("baselines") or {}).items():
+            print(f"    baseline {name}: damage F1 {scores['damage_f1']:.3f}, macro F1 "
+                  f"{scores['binary']['macro_f1']:.3f}", flush=True)
     for source, s in summary.get("per_source", {}).items():
         print(f"  source {source}: {s['scenes']} test scenes pooled | pixel building IoU "
               f"{s['pixel']['building_iou']:.3f}, F1 {s['pixel']['f1']:.3f} | polygon F1@0.5 {s['polygon']['f1']:.3f} "

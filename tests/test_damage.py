@@ -28,7 +28,13 @@ from footprints.scenes.grades import DAMAGE_KEY, GRADES, PROBABILITY_KEYS
 from footprints.scenes.pairs import graded_buildings, open_pair
 from footprints.scenes.sources import SceneSource
 from footprints.scoring.damage import damage_scores, grade_confusion
-from footprints.training.damage import grade_folds, probabilities, train_damage_mlp
+from footprints.training.damage import (
+    BASELINES,
+    baseline_grades,
+    grade_folds,
+    probabilities,
+    train_damage_mlp,
+)
 
 UTM = CRS.from_epsg(32615)  # Joplin's zone
 ORIGIN = (363000.0, 4105000.0)
@@ -294,6 +300,28 @@ def test_the_grade_classifier_trains_without_validation_when_asked() -> None:
     x = (y[:, None] * 3 + rng.normal(0, 1, (20, 5))).astype(np.float32)
     model, record = train_damage_mlp(DamageConfig(epochs=7, hidden=8, val_folds=0), x, y, seed=0)
     assert record["epoch"] == 7 and "val" not in record and record["val_folds"] == 0
+
+
+def test_the_baselines_fit_the_training_buildings_and_grade_each_test_part() -> None:
+    """The colour forest reads the colour statistics (here the grade lies in them alone), the pre-only model
+    the pre-disaster vectors (noise here), the majority the commonest training grade."""
+    rng = np.random.default_rng(2)
+
+    def pooled(y: np.ndarray) -> dict[str, np.ndarray]:
+        n = len(y)
+        colour = rng.normal(0, 0.3, (n, 8)) + y[:, None] * 2.0
+        return {"pre": rng.normal(0, 1, (n, 6)).astype(np.float32), "colour_pre": rng.normal(0, 1, (n, 8)),
+                "colour_post": colour.astype(np.float32), "area_m2": np.full(n, 100.0), "pixels": np.full(n, 50)}
+
+    y = np.repeat([0, 1, 2, 3], [10, 40, 20, 30])
+    tests = [np.repeat([0, 1, 2, 3], 5), np.array([3, 2])]
+    grades = baseline_grades(DamageConfig(epochs=5, hidden=8), pooled(y), y, [pooled(t) for t in tests], seed=0)
+    assert set(grades) == set(BASELINES)
+    for name, parts in grades.items():
+        assert [len(p) for p in parts] == [20, 2], name
+    assert all((p == 1).all() for p in grades["majority"])
+    assert all((p == t).all() for p, t in zip(grades["colour_forest"], tests, strict=True))
+    assert all(p.min() >= 0 and p.max() < len(GRADES) for p in grades["pre_only"])
 
 
 def _damage_checkpoint(path: Path, layers: list[str], inputs: str = "diff+post", context_m: float = 0.0) -> Path:

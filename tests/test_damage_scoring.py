@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from footprints.scenes.grades import GRADES
-from footprints.scoring.damage import damage_scores, grade_confusion, xview2_score
+from footprints.scoring.damage import damage_part, damage_scores, grade_confusion, pool_damage, xview2_score
 
 
 def test_a_perfect_grading_scores_one_everywhere():
@@ -50,3 +50,21 @@ def test_pixel_weights_give_xview2s_pixel_figures_and_the_overall_score():
 def test_bad_grades_are_named(truth, pred, message):
     with pytest.raises(ValueError, match=message):
         grade_confusion(truth, pred)
+
+
+def test_folds_pool_the_baselines_confusions_beside_the_models():
+    """A cross-validation sums each fold's baseline confusions, as it sums the model's."""
+    def fold(model, majority):
+        c, m = grade_confusion(GRADES, model), grade_confusion(GRADES, majority)
+        scores = damage_scores(c)
+        return damage_part({"counts": dict.fromkeys(GRADES, 1), "truth_counts": dict.fromkeys(GRADES, 1),
+                            "per_building": scores, "pixel": scores,
+                            "xview2": {"localisation_counts": [4, 0, 0]}, "baselines": {"majority": damage_scores(m)}})
+
+    pooled = pool_damage([fold([0, 1, 2, 3], [3, 3, 3, 3]), fold([0, 1, 3, 3], [1, 1, 1, 1])])
+    assert pooled["per_building"]["confusion"] == (grade_confusion(GRADES * 2, [0, 1, 2, 3, 0, 1, 3, 3])).tolist()
+    majority = pooled["baselines"]["majority"]
+    assert majority["confusion"] == grade_confusion(GRADES * 2, [3] * 4 + [1] * 4).tolist()
+    assert majority["per_grade"]["destroyed"]["recall"] == 0.5 and majority["damage_f1"] == 0.0
+    without = pool_damage([{k: v for k, v in fold([0, 1, 2, 3], [0] * 4).items() if k != "baselines"}])
+    assert "baselines" not in without

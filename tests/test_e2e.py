@@ -11,6 +11,7 @@ import pytest
 from footprints.cli import main
 from footprints.scenes.grades import GRADES, PROBABILITY_KEYS
 from footprints.synth.dataset import write_synthetic_dataset
+from footprints.training.damage import BASELINES
 
 pytestmark = pytest.mark.slow
 
@@ -75,7 +76,12 @@ def test_every_stage_runs_in_order_on_tiny_synthetic_scenes(tmp_path: Path, caps
     damage = metrics["damage"]
     assert sum(damage["counts"].values()) == graded["damage"].notna().sum()
     assert damage["per_building"] is not None and 0 <= damage["xview2"]["score"] <= 1
-    assert "## Damage" in (out / "evaluate" / "report.md").read_text()
+    # beside the model, the baselines on the same truth buildings (fitted on its training buildings)
+    assert set(damage["baselines"]) == set(BASELINES)
+    assert all(sum(map(sum, b["confusion"])) == sum(map(sum, damage["per_building"]["confusion"]))
+               for b in damage["baselines"].values())
+    report = (out / "evaluate" / "report.md").read_text()
+    assert "## Damage" in report and "| colour_forest |" in report
     # the run ends by telling the user where the footprints are
     printed = capsys.readouterr()
     assert str(geojson) in printed.out + printed.err

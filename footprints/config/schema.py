@@ -256,6 +256,10 @@ class DamageConfig:
     # many, else the labelled buildings drawn per grade, seeded), then the model is trained on every training
     # building for that many epochs; 0 or 1: no validation, every epoch run; test scenes are never used
     val_folds: int = 4
+    # the damage stage also scores three baselines on the same truth buildings (training/damage.py
+    # `baseline_grades`: the majority grade, the model on the pre-disaster scene alone, colour statistics in
+    # a random forest), fitted on the model's training buildings
+    baselines: bool = True
     device: str = "auto"
 
 

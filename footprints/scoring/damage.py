@@ -96,7 +96,8 @@ def pool_damage(parts: Sequence[dict[str, Any]]) -> dict[str, Any]:
     `per_building` and `pixel` (confusions, as `grade_confusion` and the pixel (4, 5) one) and `localisation`
     ([tp, fp, fn] building pixels). The result: `counts`, and `per_building`, `pixel` (`damage_scores`),
     `xview2` (localisation F1, damage F1, score and the summed localisation counts) and `truth_counts`, None
-    where no part is graded."""
+    where no part is graded; `baselines` (each one's `damage_scores` per building) when every graded part has
+    the baselines' confusions (`baselines`: name -> confusion)."""
     out: dict[str, Any] = {"counts": {g: sum(int(p["counts"].get(g, 0)) for p in parts) for g in GRADES},
                            "per_building": None, "pixel": None, "xview2": None, "truth_counts": None}
     graded = [p for p in parts if p.get("per_building") is not None]
@@ -109,6 +110,9 @@ def pool_damage(parts: Sequence[dict[str, Any]]) -> dict[str, Any]:
     out["xview2"] = {"localisation_f1": loc, "damage_f1": out["pixel"]["damage_f1"],
                      "score": xview2_score(loc, out["pixel"]["damage_f1"]), "localisation_counts": [tp, fp, fn]}
     out["truth_counts"] = {g: sum(int(p["truth_counts"].get(g, 0)) for p in graded) for g in GRADES}
+    if all(p.get("baselines") for p in graded):  # the same buildings graded by each baseline (the damage stage's)
+        out["baselines"] = {name: damage_scores(np.sum([p["baselines"][name] for p in graded], axis=0))
+                            for name in graded[0]["baselines"]}
     return out
 
 
@@ -118,4 +122,5 @@ def damage_part(pooled: dict[str, Any]) -> dict[str, Any]:
         return {"counts": pooled["counts"]}
     return {"counts": pooled["counts"], "truth_counts": pooled["truth_counts"],
             "per_building": pooled["per_building"]["confusion"], "pixel": pooled["pixel"]["confusion"],
-            "localisation": pooled["xview2"]["localisation_counts"]}
+            "localisation": pooled["xview2"]["localisation_counts"],
+            "baselines": {name: b["confusion"] for name, b in (pooled.get("baselines") or {}).items()}}

@@ -49,6 +49,7 @@ from ..scenes.grades import DAMAGE_KEY, GRADES
 from ..scenes.pairs import open_pair
 from ..scenes.sources import SceneSource, sources_from_paths
 from ..scoring.damage import damage_scores, grade_confusion, pool_damage
+from ..training.damage import baseline_grades, read_graded_buildings
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +71,7 @@ def run(cfg: Config, overwrite: bool = False, checkpoint: str | None = None) -> 
     scenes = pre_disaster_scenes(cfg.data, paths.tile, (cfg.predict.split,))
     keys = {src.scene_id: digest({"model": model_key, "footprints": file_stamp(ScenePaths(paths.predict,
             src.scene_id).gpkg), "pair": pair_stamp(src)}) for src in scenes}
-    run_key = digest({"scenes": keys, "split": cfg.predict.split})
+    run_key = digest({"scenes": keys, "split": cfg.predict.split, "baselines": cfg.damage.baselines})
     if not overwrite and is_fresh(paths.damage_metrics, run_key):
         log.info("damage: %s is complete (same model, footprints and scenes); skipping", paths.damage)
         return {**(read_record(paths.damage_metrics) or {}), "skipped": True}
@@ -95,6 +96,8 @@ def run(cfg: Config, overwrite: bool = False, checkpoint: str | None = None) -> 
     layers = [{"scene_id": r["scene"], "crs": r["crs"], "geojson": r["geojson"], "gpkg": r["gpkg"]} for r in results]
     polygons = merge_outputs(layers, paths.damage_geojson, paths.damage_gpkg)
     metrics = _pooled(results)
+    if cfg.damage.baselines and metrics["per_building"] is not None:
+        metrics["baselines"] = _baselines(cfg, paths, ckpt, results)
     metrics.update({"checkpoint": str(ckpt), "scenes": len(results), "failed": failed, "polygons": polygons,
                     "seconds": round(time.perf_counter() - t0, 2)})
     # a scene that failed is retried by the next run (the finished ones are skipped by their records)
@@ -196,6 +199,29 @@ def _pooled(results: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
+def _baselines(cfg: Config, paths: RunPaths, ckpt: Path, results: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """`baseline_grades` fitted on the buildings train-damage trained on and scored on the truth buildings the
+    model was scored on: each baseline's `damage_scores` per building. None (said once) when the checkpoint is
+    not this run's own, whose training buildings are another run's."""
+    record = read_record(paths.train_damage / "metrics.json") or {}
+    if not same_file(ckpt, paths.damage_checkpoint) or not record.get("train_scenes"):
+        log.info("damage: no baselines beside the model: its training buildings are not this run's train-damage's")
+        return None
+    train, y, scene_of = read_graded_buildings(paths.damage_features, list(record["train_scenes"]))
+    truths, tests = [], []
+    for r in results:
+        if "per_building" not in r:
+            continue
+        with np.load(paths.damage_scenes / f"{r['scene']}_truth.npz", allow_pickle=False) as z:
+            part = {k: z[k] for k in z.files}
+        scored = (part["y"] >= 0) & (part["pixels"] > 0)  # the buildings the model's figures count
+        truths.append(part["y"][scored])
+        tests.append({k: v[scored] for k, v in part.items()})
+    grades = baseline_grades(cfg.damage, train, y, tests, cfg.seed, scene_of)
+    return {name: damage_scores(grade_confusion(np.concatenate(truths), np.concatenate(predicted)))
+            for name, predicted in grades.items()}
+
+
 def _log_summary(m: dict[str, Any]) -> None:
     counts = ", ".join(f"{g} {n}" for g, n in m["counts"].items())
     log.info("damage: %d scene(s), %d footprints graded (%s)", m["scenes"], m["polygons"], counts)
@@ -204,6 +230,9 @@ def _log_summary(m: dict[str, Any]) -> None:
         log.info("damage: truth buildings: damage F1 %.3f, damaged/undamaged macro F1 %.3f | xView2 pixels: "
                  "localisation F1 %.3f, damage F1 %.3f, score %.3f", b["damage_f1"], b["binary"]["macro_f1"],
                  x["localisation_f1"], x["damage_f1"], x["score"])
+    for name, b in (m.get("baselines") or {}).items():
+        log.info("damage: baseline %s on the same truth buildings: damage F1 %.3f, macro F1 %.3f", name,
+                 b["damage_f1"], b["binary"]["macro_f1"])
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -221,8 +221,9 @@ def render_report(result: dict[str, Any]) -> str:
 
 
 def damage_summary(metrics: dict[str, Any]) -> dict[str, Any]:
-    """What evaluate keeps of the damage stage's metrics.json: the pooled scores and counts."""
-    return {k: metrics.get(k) for k in ("per_building", "pixel", "xview2", "counts", "truth_counts", "scenes")}
+    """What evaluate keeps of the damage stage's metrics.json: the pooled scores and counts, the baselines'."""
+    return {k: metrics.get(k) for k in ("per_building", "pixel", "xview2", "counts", "truth_counts", "scenes",
+                                        "baselines")}
 
 
 def damage_lines(damage: dict[str, Any] | None) -> list[str]:
@@ -249,6 +250,15 @@ def damage_lines(damage: dict[str, Any] | None) -> list[str]:
               "| truth \\ predicted | " + " | ".join(grades) + " |", "|---" * (len(grades) + 1) + "|"]
     for grade, row in zip(grades, b["confusion"], strict=True):
         lines.append(f"| {grade} | " + " | ".join(str(int(v)) for v in row) + " |")
+    if damage.get("baselines"):
+        lines += ["", "Beside the model, baselines fitted on its training buildings and scored on the same truth "
+                  "buildings: the majority grade, the same classifier on the pre-disaster scene alone, colour "
+                  "statistics in a class-balanced random forest.", "",
+                  "| grader | damage F1 | damaged/undamaged macro F1 | " + " | ".join(f"{g} F1" for g in grades) + " |",
+                  "|---" * (len(grades) + 3) + "|"]
+        for name, scores in [("**the model**", b), *damage["baselines"].items()]:
+            lines.append(f"| {name} | {_fmt(scores['damage_f1'])} | {_fmt(scores['binary']['macro_f1'])} | "
+                         + " | ".join(_fmt(scores["per_grade"][g]["f1"]) for g in grades) + " |")
     return lines
 
 

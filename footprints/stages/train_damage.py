@@ -46,7 +46,7 @@ from ..runtime.cluster import map_scenes
 from ..scenes.grades import GRADES
 from ..scenes.pairs import open_pair
 from ..scenes.sources import SceneSource
-from ..training.damage import train_damage_mlp
+from ..training.damage import graded_buildings_of, train_damage_mlp
 
 log = logging.getLogger(__name__)
 
@@ -107,7 +107,7 @@ def run(cfg: Config, overwrite: bool = False) -> dict[str, Any]:
         else:
             log.info("train-damage: %s: %d graded buildings", src.scene_id, graded)
     failed = {s["scene"] for s in skipped}
-    parts, unlabelled = [], []
+    parts, trained_on, unlabelled = [], [], []
     for src in scenes:
         if src.scene_id in failed:
             continue
@@ -118,17 +118,15 @@ def run(cfg: Config, overwrite: bool = False) -> dict[str, Any]:
             unlabelled.append(src.scene_id)
         elif len(part["y"]):
             parts.append(part)
+            trained_on.append(src.scene_id)
     if unlabelled:
         log.info("train-damage: %d scene(s) without damage grades left out of training (e.g. %s)", len(unlabelled),
                  unlabelled[0])
-    y = np.concatenate([p["y"] for p in parts]) if parts else np.zeros(0, np.int64)
-    keep = y >= 0  # un-classified and buildings with no valid pixel: neither trained on nor scored
-    x = np.concatenate([combine(p, d.inputs) for p in parts])[keep] if parts else np.zeros((0, 1), np.float32)
-    y = y[keep]
+    train, y, scene_of = graded_buildings_of(parts)
+    x = combine(train, d.inputs) if len(y) else np.zeros((0, 1), np.float32)
     if len(np.unique(y)) < 2:
         raise StageError(f"train-damage: the training scenes hold {len(y)} graded building(s) of "
                          f"{len(np.unique(y))} grade(s); at least two grades are needed")
-    scene_of = np.concatenate([np.full(len(p["y"]), i) for i, p in enumerate(parts)])[keep]
     log.info("train-damage: %d buildings (%s) from %d scene(s)", len(y),
              ", ".join(f"{g} {int((y == k).sum())}" for k, g in enumerate(GRADES)), len(scenes) - len(skipped))
     model, record = train_damage_mlp(d, x, y, cfg.seed, scenes=scene_of)
@@ -146,7 +144,8 @@ def run(cfg: Config, overwrite: bool = False) -> dict[str, Any]:
                  "damaged/undamaged macro F1 %.3f -> %s", record["epoch"], record["val_folds"], record["val_folds_of"],
                  record["val"]["damage_f1"], record["val"]["binary"]["macro_f1"], ckpt_path)
     metrics = {"settings": {**settings, **train_settings}, "scenes": len(scenes) - len(skipped), "skipped": skipped,
-               "unlabelled_scenes": unlabelled, **record, "seconds": round(time.perf_counter() - t0, 2)}
+               "unlabelled_scenes": unlabelled, "train_scenes": trained_on, **record,
+               "seconds": round(time.perf_counter() - t0, 2)}
     if cfg.backbone.weights == "random":
         metrics["warning"] = "BACKBONE WEIGHTS ARE RANDOM: these metrics do not reflect ImageNet features"
     # a scene that failed is retried by the next run (the others' features are reused from their files)

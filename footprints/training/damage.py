@@ -21,13 +21,18 @@ The per-building vectors are held in memory (float32: about 5 KB each with the d
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
 from ..config import DamageConfig
+from ..errors import InputError
+from ..model.damage_features import colour_statistics, combine
 from ..model.device import resolve_device
 from ..model.losses import class_weights_from_counts, weighted_ce_sums
 from ..model.mlp import MLP, train_epoch
@@ -164,3 +169,58 @@ def train_damage_mlp(cfg: DamageConfig, x: np.ndarray, y: np.ndarray, seed: int,
         record["warning"] = f"no training building of grade(s) {', '.join(missing)}: the model never predicts them"
         log.warning("train-damage: %s", record["warning"])
     return model.cpu(), record
+
+
+def graded_buildings_of(parts: list[dict[str, np.ndarray]]) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray]:
+    """The graded buildings of scenes' feature files (`_features_item`'s): their pooled arrays stacked, their
+    grades and the index of each one's part. Un-classified buildings and those without a valid pixel (grade
+    -1) are left out: neither trained on nor scored."""
+    if not parts:
+        return {}, np.zeros(0, np.int64), np.zeros(0, np.int64)
+    y = np.concatenate([p["y"] for p in parts])
+    keep = y >= 0
+    columns = [k for k, v in parts[0].items() if v.ndim >= 1 and len(v) == len(parts[0]["y"])]
+    stacked = {k: np.concatenate([p[k] for p in parts])[keep] for k in columns}
+    return stacked, y[keep], np.concatenate([np.full(len(p["y"]), i) for i, p in enumerate(parts)])[keep]
+
+
+def read_graded_buildings(folder: Path, scene_ids: list[str]) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray]:
+    """`graded_buildings_of` the feature files train-damage trained on (its metrics' `train_scenes`)."""
+    parts = []
+    for sid in scene_ids:
+        path = folder / f"{sid}.npz"
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                parts.append({k: z[k] for k in z.files if k != "key"})
+        except (OSError, ValueError) as err:
+            raise InputError(path, f"cannot read train-damage's features ({err}); rerun train-damage") from None
+    return graded_buildings_of(parts)
+
+
+BASELINES = ("majority", "pre_only", "colour_forest")  # what `baseline_grades` fits beside the model
+
+
+def baseline_grades(cfg: DamageConfig, train: dict[str, np.ndarray], y: np.ndarray, tests: Sequence[dict[str, np.ndarray]],
+                    seed: int, scenes: np.ndarray | None = None) -> dict[str, list[np.ndarray]]:
+    """Three baselines fitted on the training buildings (`train`: pooled as `pooled_hypercolumns` pools them,
+    grades `y`) and their grade indices for the buildings of each pooled part of `tests`, so that the model's
+    figures can be read against them on the same buildings:
+    - `majority`: the training buildings' commonest grade, everywhere;
+    - `pre_only`: the damage MLP trained as the model is (`train_damage_mlp`: the same folds, epoch choice and
+      refit) on the pre-disaster scene's hypercolumns alone: what the building looked like before the event;
+    - `colour_forest`: per-building colour statistics (`colour_statistics`: mean and std of R, G, B and the
+      gradient magnitude, pre and post, their difference, log area) in a class-balanced random forest (500
+      trees, scikit-learn's `balanced_subsample`)."""
+    from sklearn.ensemble import RandomForestClassifier
+
+    out: dict[str, list[np.ndarray]] = {"majority": [np.full(len(t["pixels"]), int(np.bincount(y).argmax()))
+                                                     for t in tests]}
+    pre_cfg = dataclasses.replace(cfg, inputs="pre")
+    model, _ = train_damage_mlp(pre_cfg, combine(train, "pre"), y, seed, scenes)
+    out["pre_only"] = [probabilities(model, combine(t, "pre")).argmax(1) for t in tests]
+    forest = RandomForestClassifier(n_estimators=500, class_weight="balanced_subsample", n_jobs=-1,
+                                    random_state=derive_seed(seed, "damage-colour-forest") % 2**31)
+    forest.fit(colour_statistics(train), y)
+    out["colour_forest"] = [forest.predict(colour_statistics(t)).astype(np.int64) if len(t["pixels"])
+                            else np.zeros(0, np.int64) for t in tests]
+    return out
