@@ -88,6 +88,22 @@ def test_damage_inputs_are_known_parts_joined_by_plus(tmp_path: Path, inputs: st
     assert load_config(path).damage.inputs == "pre+absdiff"
 
 
+@pytest.mark.parametrize(("section", "key"), [("inputs: post+stddiff", "damage.inputs"),
+                                              ("inputs: post\n  context_m: 5", "damage.context_m"),
+                                              ("inputs: post\n  train_pixels: 0", "damage.train_pixels")])
+def test_a_per_pixel_damage_model_takes_what_a_pixel_has(tmp_path: Path, section: str, key: str) -> None:
+    path = tmp_path / "d.yaml"
+    path.write_text(f"damage:\n  classify: pixel\n  {section}\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    assert key in str(err.value) and str(path) in str(err.value) and "\n" not in str(err.value)
+    path.write_text("damage:\n  classify: voxel\n")
+    with pytest.raises(ConfigError, match="damage.classify"):
+        load_config(path)
+    path.write_text("damage:\n  classify: pixel\n  inputs: post+absdiff\n")
+    assert load_config(path).damage.classify == "pixel"
+
+
 def test_invalid_yaml_and_missing_file(tmp_path: Path) -> None:
     path = tmp_path / "broken.yaml"
     path.write_text("tile: [unclosed\n")

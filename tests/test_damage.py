@@ -22,7 +22,14 @@ from footprints.cli import main
 from footprints.config import DamageConfig, DataConfig
 from footprints.errors import InputError
 from footprints.model.backbone import load_backbone
-from footprints.model.damage_features import POOLED, blocks, combine, feature_width, pooled_hypercolumns
+from footprints.model.damage_features import (
+    POOLED,
+    blocks,
+    combine,
+    feature_width,
+    pixel_rows,
+    pooled_hypercolumns,
+)
 from footprints.prediction.damage import damage_checkpoint
 from footprints.scenes.grades import DAMAGE_KEY, GRADES, PROBABILITY_KEYS
 from footprints.scenes.pairs import graded_buildings, open_pair
@@ -31,7 +38,9 @@ from footprints.scoring.damage import damage_scores, grade_confusion
 from footprints.training.damage import (
     BASELINES,
     baseline_grades,
+    building_votes,
     grade_folds,
+    graded_buildings_of,
     probabilities,
     train_damage_mlp,
 )
@@ -239,6 +248,65 @@ def test_the_change_parts_are_each_pixels_change_and_the_spreads_change() -> Non
     assert (x[0, 192:384] >= np.abs(x[0, :192]) - 1e-5).all()  # |change| averaged is at least the mean's change
 
 
+def test_a_per_pixel_model_votes_over_every_sampled_pixel_and_training_keeps_a_seeded_few() -> None:
+    """`keep_pixels` keeps that many of a building's pixels, each one's own hypercolumns; `pixel_classifier`
+    is averaged over all of the building's pixels, whatever the blocks: both checked against every pixel's
+    hypercolumn computed directly."""
+    from footprints.model.hypercolumns import gather_hypercolumns
+
+    backbone = load_backbone("random", "torchvision")
+    layers = ["conv1_2"]
+    pre, post = _pattern(48), _pattern(48, seed=5)
+    building = [shapely.box(8, 10, 30, 22)]
+
+    def classify(before: np.ndarray, after: np.ndarray, outline_m2: np.ndarray) -> np.ndarray:
+        logits = np.stack([after[:, 0] - before[:, 0], after[:, 1], before[:, 2], np.log(outline_m2)], 1)
+        e = np.exp(logits - logits.max(1, keepdims=True))
+        return e / e.sum(1, keepdims=True)
+
+    one, = pooled_hypercolumns(backbone, layers, reader(pre), reader(post), [building], 48, 48, 10_000, 0,
+                               keep_pixels=10, pixel_classifier=classify)
+    cut, = pooled_hypercolumns(backbone, layers, reader(pre), reader(post), [building], 48, 48, 10_000, 0,
+                               block=16, pixel_classifier=classify)
+    rows, cols = np.meshgrid(np.arange(10, 22), np.arange(8, 30), indexing="ij")
+    r, c = torch.from_numpy(np.tile(rows.ravel(), 2)), torch.from_numpy(np.tile(cols.ravel(), 2))
+    with torch.inference_mode():
+        acts = backbone(torch.from_numpy(np.stack([pre, post])).float(), layers)
+        columns = gather_hypercolumns(acts, layers, r, c, (48, 48), batch=np.repeat([0, 1], rows.size)).double().numpy()
+    before, after = columns[: rows.size], columns[rows.size :]
+    assert one["outline_m2"][0] == 22 * 12
+    expected = classify(before, after, np.full(rows.size, 22 * 12.0)).mean(0)
+    np.testing.assert_allclose(one["vote"][0], expected, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(cut["vote"][0], expected, rtol=1e-4, atol=1e-6)  # four blocks cut it
+    assert "pixel_owner" not in cut and list(one["pixel_owner"]) == [0] * 10
+    for kept_pre, kept_post in zip(one["pixel_pre"], one["pixel_post"], strict=True):  # each one of its pixels
+        k = np.abs(before - kept_pre.astype(np.float64)).max(1).argmin()
+        np.testing.assert_allclose(kept_pre, before[k], rtol=2e-3, atol=2e-3)
+        np.testing.assert_allclose(kept_post, after[k], rtol=2e-3, atol=2e-3)
+    assert len({row.tobytes() for row in one["pixel_pre"]}) == 10  # ten different pixels
+    again, = pooled_hypercolumns(backbone, layers, reader(pre), reader(post), [building], 48, 48, 10_000, 0,
+                                 keep_pixels=10)
+    np.testing.assert_array_equal(again["pixel_pre"], one["pixel_pre"])  # seeded
+    x = pixel_rows(one["pixel_pre"], one["pixel_post"], one["outline_m2"][one["pixel_owner"]], "post+absdiff")
+    assert x.shape == (10, feature_width(layers, "post+absdiff"))
+    np.testing.assert_allclose(x[:, 64:128], np.abs(one["pixel_post"].astype(np.float32) - one["pixel_pre"]), rtol=1e-6)
+
+
+def test_stacked_scenes_keep_each_training_pixel_with_its_building() -> None:
+    def part(grades: list[int], first_id: int) -> dict[str, np.ndarray]:
+        n = len(grades)
+        owner = np.repeat(np.arange(n), 2)  # two pixels a building, each holding its building's id
+        ids = (first_id + owner).astype(np.float16)[:, None]
+        return {"y": np.array(grades), "pixels": np.full(n, 2), "outline_m2": np.arange(n) + first_id + 0.5,
+                "pixel_owner": owner, "pixel_pre": ids, "pixel_post": ids}
+
+    stacked, y, scene = graded_buildings_of([part([0, -1, 2], 0), part([1, 3], 3)])  # building 1: un-classified
+    assert y.tolist() == [0, 2, 1, 3] and scene.tolist() == [0, 0, 1, 1]
+    assert stacked["outline_m2"].tolist() == [0.5, 2.5, 3.5, 4.5]
+    assert stacked["pixel_owner"].tolist() == [0, 0, 1, 1, 2, 2, 3, 3]
+    assert stacked["pixel_pre"][:, 0].tolist() == [0, 0, 2, 2, 3, 3, 4, 4]  # each pixel with its own building
+
+
 def test_the_ring_around_a_building_is_pooled_beside_it() -> None:
     from footprints.model.damage_features import rings
 
@@ -294,6 +362,29 @@ def test_the_grade_classifier_learns_separable_grades_and_weights_the_rare_one()
     assert weights["no-damage"] > weights["minor-damage"]  # inverse frequency
 
 
+def test_a_per_pixel_grade_classifier_learns_from_pixels_and_each_building_weighs_one() -> None:
+    """Pixel rows of buildings (`owner`): folds and scores are per building, a building's grade its pixels'
+    mean probability. A few large no-damage buildings hold most of the pixels, yet the small buildings'
+    grades are still learnt: every building weighs one, not every pixel."""
+    rng = np.random.default_rng(3)
+    centres = rng.normal(0, 4, (4, 10))
+    y = np.repeat([0, 1, 2, 3], [12, 60, 30, 50])
+    sizes = np.where(y == 0, 40, 3)  # no-damage: large buildings
+    owner = np.repeat(np.arange(len(y)), sizes)
+    x = (centres[y[owner]] + rng.normal(0, 1.5, (len(owner), 10))).astype(np.float32)
+    test = np.arange(len(y)) % 4 == 0
+    fit_rows, test_rows = ~test[owner], test[owner]
+    local = np.cumsum(~test) - 1
+    cfg = DamageConfig(epochs=20, hidden=16, lr=3e-3)
+    model, record = train_damage_mlp(cfg, x[fit_rows], y[~test], seed=0, owner=local[owner[fit_rows]])
+    assert record["val_folds"] == 4 and record["val"]["damage_f1"] > 0.9
+    assert sum(record["train_buildings"].values()) == (~test).sum()  # buildings, not pixels
+    test_local = (np.cumsum(test) - 1)[owner[test_rows]]
+    voted = building_votes(probabilities(model, x[test_rows]), test_local, test.sum())
+    np.testing.assert_allclose(voted.sum(1), 1, rtol=1e-5)
+    assert damage_scores(grade_confusion(y[test], voted.argmax(1)))["damage_f1"] > 0.9
+
+
 def test_the_grade_classifier_trains_without_validation_when_asked() -> None:
     rng = np.random.default_rng(1)
     y = np.array([0, 1] * 10)
@@ -328,7 +419,8 @@ def _damage_checkpoint(path: Path, layers: list[str], inputs: str = "diff+post",
     from footprints.contracts.checkpoints import save_checkpoint
     from footprints.model.mlp import MLP
 
-    cfg = DamageConfig(layers=layers, inputs=inputs, pixels_per_building=32, block_size=64, context_m=context_m)
+    cfg = DamageConfig(layers=layers, inputs=inputs, pixels_per_building=32, block_size=64, context_m=context_m,
+                       classify="building")
     torch.manual_seed(0)
     mlp = MLP(feature_width(layers, inputs, context_m > 0), hidden=8, num_classes=len(GRADES))
     from footprints.config import Config
@@ -337,6 +429,16 @@ def _damage_checkpoint(path: Path, layers: list[str], inputs: str = "diff+post",
                               {"epoch": 1}, Config().to_dict())
     save_checkpoint(path, state)
     return path
+
+
+def test_a_checkpoint_from_before_per_pixel_models_grades_whole_buildings(tmp_path: Path) -> None:
+    from footprints.prediction.damage import load_damage_model
+
+    path = _damage_checkpoint(tmp_path / "old.pt", ["conv1_2"])
+    state = torch.load(path, weights_only=True)
+    del state["damage"]["classify"]  # the earlier version's checkpoint had no such key
+    torch.save(state, path)
+    assert DamageConfig().classify == "pixel" and load_damage_model(path).cfg.classify == "building"
 
 
 def test_footprints_damage_grades_a_users_footprints_on_a_geotiff_pair(tmp_path: Path) -> None:
@@ -498,3 +600,33 @@ def test_the_damage_checkpoint_grades_without_the_weights_file_it_was_trained_wi
     assert after[DAMAGE_KEY].iloc[0] in GRADES
     cols = list(PROBABILITY_KEYS.values())
     np.testing.assert_allclose(after[cols].to_numpy(float), before[cols].to_numpy(float))
+
+
+def test_a_per_pixel_damage_model_trains_on_kept_pixels_and_grades_a_users_footprints(tmp_path: Path) -> None:
+    """`damage.classify: pixel` end to end: train-damage keeps `train_pixels` of each building in its scene's
+    features and trains on them; `footprints damage` grades any footprints by their pixels' votes."""
+    cfg, data, _ = _synth_geotiff_run(tmp_path, "px", damage=", classify: pixel, inputs: post+absdiff, train_pixels: 3")
+    assert main(["tile", "--config", str(cfg)]) == 0 and main(["train-damage", "--config", str(cfg)]) == 0
+    run = tmp_path / "out" / "px" / "train-damage"
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["settings"]["classify"] == "pixel" and "damage_f1" in metrics["val"]
+    graded = [dict(np.load(f)) for f in sorted((run / "features").glob("*.npz"))]
+    graded = [z for z in graded if bool(z["labelled"])]  # the scenes whose post labels grade buildings
+    assert graded
+    for z in graded:
+        owners = np.bincount(z["pixel_owner"], minlength=len(z["y"]))
+        assert z["pixel_pre"].dtype == np.float16 and z["pixel_pre"].shape[1] == 64
+        assert owners.max() <= 3 and (owners[z["pixels"] > 0] >= 1).all()  # a few of every building's pixels
+    pre = next((data / "geotiff" / "images").glob("*_pre_disaster.tif"))
+    with rasterio.open(pre) as ds:
+        x, y = ds.xy(64, 64)
+        crs = ds.crs
+    gpd.GeoDataFrame({"id": [1, 2]}, geometry=[shapely.box(x - 4, y - 4, x + 4, y + 4),
+                                               shapely.box(x + 1e5, y, x + 1e5 + 4, y + 4)], crs=crs).to_file(
+        tmp_path / "f.geojson")
+    assert main(["damage", "--checkpoint", str(run / "best.pt"), "--pre", str(pre), "--post",
+                 str(pre).replace("_pre_disaster", "_post_disaster"), "--footprints", str(tmp_path / "f.geojson"),
+                 "--output", str(tmp_path / "graded.geojson")]) == 0
+    graded = gpd.read_file(tmp_path / "graded.geojson")
+    assert graded[DAMAGE_KEY].iloc[0] in GRADES and pd.isna(graded[DAMAGE_KEY].iloc[1])  # the second lies outside
+    assert graded[list(PROBABILITY_KEYS.values())].iloc[0].sum() == pytest.approx(1, abs=1e-3)

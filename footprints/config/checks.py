@@ -11,7 +11,7 @@ import re
 from typing import Any
 
 from .build import _show
-from .schema import CONFIG_VERSION, Config, ConfigError, DataConfig, damage_input_parts
+from .schema import CONFIG_VERSION, PIXEL_PARTS, Config, ConfigError, DataConfig, damage_input_parts
 
 INT64_MAX = 2**63 - 1  # numpy's and torch's integers: no integer key may exceed it
 SEED_MAX = 2**32 - 1  # scikit-learn (random_state) and numpy's legacy RandomState take 32-bit seeds
@@ -46,7 +46,7 @@ RANGES: dict[str, tuple[float | None, float | None]] = {
     "evaluate.iou_threshold": (OPEN, 1), "evaluate.overlays": (0, 1000),
     "damage.pixels_per_building": (1, None), "damage.context_m": (0, 100), "damage.block_size": (64, None), "damage.hidden": (1, None),
     "damage.dropout": (0, 0.99), "damage.epochs": (1, None), "damage.batch_size": (1, None),
-    "damage.lr": (OPEN, 1), "damage.weight_decay": (0, None), "damage.val_folds": (0, 100),
+    "damage.lr": (OPEN, 1), "damage.weight_decay": (0, None), "damage.val_folds": (0, 100), "damage.train_pixels": (1, None),
     "cluster.workers": (0, 1024), "cluster.threads_per_worker": (1, 1024), "cluster.slurm.cores": (1, None),
     "cluster.slurm.processes": (1, None), "cluster.slurm.jobs": (1, None), "cluster.slurm.adaptive_min": (0, None),
     "cluster.slurm.adaptive_max": (1, None), "cluster.slurm.startup_timeout": (0, None),
@@ -167,9 +167,15 @@ def _check(cfg: Config) -> None:
         raise ConfigError(f"{src}: tile.val_band: must be in [0, 1), got {cfg.tile.val_band}")
     if cfg.damage is not None:
         try:
-            damage_input_parts(cfg.damage.inputs)
+            parts = damage_input_parts(cfg.damage.inputs)
         except ValueError as err:
             raise ConfigError(f"{src}: damage.inputs: {err}") from None
+        if cfg.damage.classify == "pixel" and not set(parts) <= set(PIXEL_PARTS):
+            raise ConfigError(f"{src}: damage.inputs: a pixel has only {', '.join(PIXEL_PARTS)} (damage.classify: "
+                              f"pixel); got {cfg.damage.inputs!r}")
+        if cfg.damage.classify == "pixel" and cfg.damage.context_m > 0:
+            raise ConfigError(f"{src}: damage.context_m: the ring around a building is pooled for damage.classify: "
+                              "building only; set it to 0")
     if cfg.segmenter.stride not in (1, 2):
         raise ConfigError(f"{src}: segmenter.stride: must be 1 or 2, got {cfg.segmenter.stride}")
     if not 0 <= cfg.predict.overlap < 1:

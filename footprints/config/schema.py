@@ -216,6 +216,7 @@ class EvaluateConfig:
 
 # the parts a building's damage vector can hold (`damage.inputs` joins them with '+'; footprints.model.damage_features)
 DAMAGE_PARTS = ("post", "pre", "diff", "absdiff", "stddiff")
+PIXEL_PARTS = ("post", "pre", "diff", "absdiff")  # those one pixel has (`damage.classify: pixel`)
 
 
 def damage_input_parts(inputs: str) -> list[str]:
@@ -238,7 +239,14 @@ class DamageConfig:
     # what the classifier sees per building, parts of DAMAGE_PARTS joined by '+' (model/damage_features.py): the
     # mean post- and pre-disaster hypercolumns (post, pre), their difference (diff), the mean absolute change of
     # the building's pixels (absdiff), the change of each channel's spread (stddiff); log(area) is always added
-    inputs: str = "post+absdiff+stddiff"
+    inputs: str = "post+absdiff"
+    # what the classifier grades: "pixel" (each sampled pixel's `inputs` from its own hypercolumns, PIXEL_PARTS;
+    # a building's grade is its pixels' mean probability: a roof half gone is half voted destroyed) or
+    # "building" (one vector per building, `inputs` pooled over its pixels)
+    classify: Literal["building", "pixel"] = "pixel"
+    # "pixel": each training building's pixels kept in its scene's feature file as training rows (a seeded
+    # sample of the pooled ones; the storage per building grows with it, float16)
+    train_pixels: int = 32
     pixels_per_building: int = 256  # hypercolumns averaged per building (a seeded sample of its pixels)
     # also pool a ring this many metres wide around each building (debris and fallen walls lie outside the
     # outline); 0: the building's own pixels alone

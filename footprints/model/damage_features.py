@@ -4,7 +4,9 @@ The damage classifier sees one vector per building, plus log(area): hypercolumns
 features stage's reader) pooled over the building's pixels, in the parts `damage.inputs` names
 (`DAMAGE_PARTS`): the mean post-disaster and pre-disaster hypercolumns, their difference, the mean of each
 pixel's absolute change |post - pre| (a roof half darker and half brighter changes a lot and its mean not at
-all), and the change of each channel's spread (std post - std pre: rubble is rougher than a roof).
+all), and the change of each channel's spread (std post - std pre: rubble is rougher than a roof). A per-pixel
+classifier (`damage.classify: pixel`) sees each pixel's own parts instead (`pixel_rows`, `PIXEL_PARTS`) and
+grades a building by its pixels' mean probability, voted as the blocks are read (`pixel_classifier`).
 
 A scene is run through the backbone a block at a time (`block` rows and columns, with a halo of context
 around it, so the activations near a block's edge see what lies beyond it); in each block at most
@@ -35,6 +37,8 @@ HALO_PX = 96  # context around a block: most of conv5_3's receptive field that m
 POOLED = ("pre", "post", "absdiff", "pre_std", "post_std")  # what `pooled_hypercolumns` returns per building
 
 Read = Callable[[Window], tuple[np.ndarray, np.ndarray]]  # window -> (RGB uint8 (3, h, w), valid (h, w))
+# (pre, post) hypercolumns (m, C) of m pixels and their buildings' outline areas (m,) -> probabilities (m, k)
+PixelClassifier = Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray]
 
 
 def feature_width(layers: Sequence[str], inputs: str, context: bool = False) -> int:
@@ -49,6 +53,16 @@ def _part(pooled: dict[str, np.ndarray], prefix: str, name: str) -> np.ndarray:
     if name == "stddiff":
         return pooled[prefix + "post_std"] - pooled[prefix + "pre_std"]
     return pooled[prefix + name]
+
+
+def pixel_rows(pre: np.ndarray, post: np.ndarray, area_m2: np.ndarray, inputs: str) -> np.ndarray:
+    """The per-pixel classifier's input (`damage.classify: pixel`): each sampled pixel's parts of `inputs`
+    (post, pre, diff = post - pre, absdiff = |post - pre|; `PIXEL_PARTS`) from its hypercolumns before and
+    after, plus log(area) of its building (`area_m2`, one per pixel)."""
+    pre, post = np.asarray(pre, np.float32), np.asarray(post, np.float32)
+    made = {"post": lambda: post, "pre": lambda: pre, "diff": lambda: post - pre, "absdiff": lambda: np.abs(post - pre)}
+    area = np.log1p(np.asarray(area_m2, np.float64))[:, None].astype(np.float32)
+    return np.concatenate([made[name]() for name in input_parts(inputs)] + [area], axis=1)
 
 
 def combine(pooled: dict[str, np.ndarray], inputs: str) -> np.ndarray:
@@ -86,16 +100,25 @@ def blocks(width: int, height: int, block: int) -> list[tuple[int, int, int, int
 def pooled_hypercolumns(
     backbone: VGG16Features, layers: Sequence[str], read_pre: Read, read_post: Read,
     polygon_sets: Sequence[Sequence[Any]], width: int, height: int, per_building: int, seed: int, block: int = 1024,
-    device: str | torch.device = "cpu", gsd_m: float | None = None,
+    device: str | torch.device = "cpu", gsd_m: float | None = None, keep_pixels: int = 0,
+    pixel_classifier: PixelClassifier | None = None,
 ) -> list[dict[str, np.ndarray]]:
     """For each set of n polygons (on the scene's pixel grid; several sets share one backbone pass, e.g. the
     predicted footprints and the truth buildings): `pre`, `post` (n, C) each building's mean hypercolumn before
     and after, `absdiff` the mean of its pixels' |post - pre|, `pre_std`, `post_std` each channel's std over
     its pixels; `pixels` (n,) how many of its pixels are valid in both scenes (0: outside the scene or in
-    nodata; its rows are zeros); `area_m2` (n,) those pixels' area; `colour_pre`, `colour_post` (n, 8) the mean
+    nodata; its rows are zeros); `area_m2` (n,) those pixels' area; `outline_m2` (n,) the polygon's own area
+    (known before any pixel is read: the per-pixel classifier's); `colour_pre`, `colour_post` (n, 8) the mean
     and std of R, G, B and the gradient magnitude over all of them (the colour baseline's). Within a set, a
-    later polygon wins a shared pixel."""
-    pools = [_Pool(list(polys), hypercolumn_channels(layers)) for polys in polygon_sets]
+    later polygon wins a shared pixel.
+
+    With `keep_pixels`, also the hypercolumns of at most that many of each building's sampled pixels per
+    block (`pixel_pre`, `pixel_post` (m, C) float16, `pixel_owner` (m,) their building): a per-pixel
+    classifier's training rows. With `pixel_classifier` ((pre, post, outline_m2) of m pixels -> (m, k)
+    probabilities), `vote` (n, k): its probabilities averaged over each building's sampled pixels, computed
+    block by block (zeros where a building has no valid pixel)."""
+    scale = float(gsd_m or 1.0) ** 2
+    pools = [_Pool(list(polys), hypercolumn_channels(layers), scale, keep_pixels) for polys in polygon_sets]
     for k, (r0, r1, c0, c1) in enumerate(blocks(width, height, block)):
         ids = [pool.ids(r0, r1, c0, c1) for pool in pools]
         if not any(i is not None for i in ids):
@@ -127,16 +150,23 @@ def pooled_hypercolumns(
                 c = torch.from_numpy(np.concatenate([cols, cols]) + (c0 - w0))
                 b = np.repeat([0, 1], len(rows))
                 columns = gather_hypercolumns(acts, layers, r, c, (h1 - h0, w1 - w0), batch=b).double().cpu().numpy()
-            pool.add_columns(owner, weight, columns)
+            pool.add_columns(owner, weight, columns, np.random.default_rng([seed, k, j, 1]))
+            if pixel_classifier is not None:
+                m = len(owner)
+                pool.add_votes(owner, weight, pixel_classifier(columns[:m], columns[m:], pool.outline_m2[owner]))
     return [pool.result(gsd_m) for pool in pools]
 
 
 class _Pool:
     """The running sums of one polygon set (`pooled_hypercolumns`)."""
 
-    def __init__(self, polygons: list[Any], channels: int):
+    def __init__(self, polygons: list[Any], channels: int, m2_per_px: float = 1.0, keep_pixels: int = 0):
         n = len(polygons)
         self.polygons = polygons
+        self.outline_m2 = shapely.area(np.asarray(polygons, dtype=object)).astype(np.float64) * m2_per_px if n else np.zeros(0)
+        self.keep_pixels = keep_pixels
+        self.kept: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []  # (owner, pre, post) of kept pixels
+        self.votes: np.ndarray | None = None  # weighted sums of the per-pixel classifier's probabilities
         self.tree = shapely.STRtree(polygons)  # a block's buildings without a pass over all of them
         # the first and second moments: sums of pre, post, |post - pre|, pre^2 and post^2 (weighted)
         self.sums = {k: np.zeros((n, channels), np.float64) for k in ("pre", "post", "absdiff", "pre2", "post2")}
@@ -161,12 +191,24 @@ class _Pool:
             np.add.at(self.colour[key], owners, np.concatenate([x, x**2], axis=1))
         self.pixels += np.bincount(ids.ravel(), minlength=len(self.pixels) + 1)[1:]
 
-    def add_columns(self, owner: np.ndarray, weight: np.ndarray, columns: np.ndarray) -> None:
+    def add_columns(self, owner: np.ndarray, weight: np.ndarray, columns: np.ndarray,
+                    rng: np.random.Generator | None = None) -> None:
         m = len(owner)
         pre, post = columns[:m], columns[m:]
         for key, part in (("pre", pre), ("post", post), ("absdiff", np.abs(post - pre)), ("pre2", pre**2),
                           ("post2", post**2)):
             np.add.at(self.sums[key], owner, part * weight[:, None])
+        if self.keep_pixels:  # a seeded random `keep_pixels` of each building's sampled pixels
+            order = np.lexsort(((rng or np.random.default_rng(0)).random(m), owner))
+            sorted_owner = owner[order]
+            rank = np.arange(m) - np.searchsorted(sorted_owner, sorted_owner)  # place within its building
+            kept = np.sort(order[rank < self.keep_pixels])
+            self.kept.append((owner[kept], pre[kept].astype(np.float16), post[kept].astype(np.float16)))
+
+    def add_votes(self, owner: np.ndarray, weight: np.ndarray, prob: np.ndarray) -> None:
+        if self.votes is None:
+            self.votes = np.zeros((len(self.polygons), prob.shape[1]), np.float64)
+        np.add.at(self.votes, owner, np.asarray(prob, np.float64) * weight[:, None])
 
     def result(self, gsd_m: float | None) -> dict[str, np.ndarray]:
         safe = np.maximum(self.pixels, 1)[:, None]
@@ -180,6 +222,15 @@ class _Pool:
             out[f"colour_{key}"] = np.concatenate([mean, std], axis=1).astype(np.float32)
         out["pixels"] = self.pixels
         out["area_m2"] = self.pixels * float(gsd_m or 1.0) ** 2
+        out["outline_m2"] = self.outline_m2
+        if self.keep_pixels:
+            channels = self.sums["pre"].shape[1]
+            parts = self.kept or [(np.zeros(0, np.int64), np.zeros((0, channels), np.float16),
+                                   np.zeros((0, channels), np.float16))]
+            for k, key in enumerate(("pixel_owner", "pixel_pre", "pixel_post")):
+                out[key] = np.concatenate([part[k] for part in parts])
+        if self.votes is not None:
+            out["vote"] = (self.votes / safe).astype(np.float32)
         return out
 
 

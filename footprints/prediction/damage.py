@@ -22,7 +22,16 @@ from ..contracts.freshness import file_stamp
 from ..contracts.manifest import whole_scene_splits
 from ..errors import InputError
 from ..model.backbone import VGG16Features, backbone_from_state, features_state, load_backbone, resolve_layers
-from ..model.damage_features import POOLED, combine, feature_width, pooled_hypercolumns, rings, scene_seed
+from ..model.damage_features import (
+    POOLED,
+    PixelClassifier,
+    combine,
+    feature_width,
+    pixel_rows,
+    pooled_hypercolumns,
+    rings,
+    scene_seed,
+)
 from ..model.mlp import MLP
 from ..scenes.grades import DAMAGE_KEY, GRADES, PROBABILITY_KEYS
 from ..scenes.pairs import GradedBuilding, OpenPair, graded_buildings, post_source
@@ -34,16 +43,18 @@ log = logging.getLogger(__name__)
 
 def pair_pooled(pair: OpenPair, polygon_sets: Sequence[Sequence[Any]], backbone: VGG16Features,
                 layers: Sequence[str], cfg: DamageConfig, seed: int, device: str | torch.device = "cpu",
+                keep_pixels: int = 0, pixel_classifier: PixelClassifier | None = None,
                 ) -> list[dict[str, np.ndarray]]:
     """`pooled_hypercolumns` of sets of buildings given on the pre scene's pixel grid (`combine` makes the
-    vectors), one backbone pass for all of them."""
+    vectors; `keep_pixels` and `pixel_classifier` as there), one backbone pass for all of them."""
     pre = pair.pre
     sets = [list(s) for s in polygon_sets]
     if cfg.context_m > 0:  # each set's rings as sets of their own, in the same backbone pass
         sets += [rings(s, cfg.context_m / float(pre.gsd_m or 1.0)) for s in sets]
     pooled = pooled_hypercolumns(backbone, layers, pre.read, pair.post_on_grid.read, sets, pre.width,
                                  pre.height, cfg.pixels_per_building, scene_seed(seed, pre.scene_id),
-                                 cfg.block_size, device, gsd_m=pre.gsd_m)
+                                 cfg.block_size, device, gsd_m=pre.gsd_m, keep_pixels=keep_pixels,
+                                 pixel_classifier=pixel_classifier)
     n = len(polygon_sets)
     if cfg.context_m > 0:
         for own, ring in zip(pooled[:n], pooled[n:], strict=True):
@@ -85,11 +96,19 @@ class DamageModel:
     checkpoint: dict[str, Any]
 
     def pooled(self, pair: OpenPair, polygon_sets: Sequence[Sequence[Any]]) -> list[dict[str, np.ndarray]]:
-        """`pair_pooled` with this model's layers and settings."""
-        return pair_pooled(pair, polygon_sets, self.backbone, self.layers, self.cfg, self.seed, self.device)
+        """`pair_pooled` with this model's layers and settings (a per-pixel model votes as the pixels are read)."""
+        voter = self.pixel_probabilities if self.cfg.classify == "pixel" else None
+        return pair_pooled(pair, polygon_sets, self.backbone, self.layers, self.cfg, self.seed, self.device,
+                           pixel_classifier=voter)
+
+    def pixel_probabilities(self, pre: np.ndarray, post: np.ndarray, outline_m2: np.ndarray) -> np.ndarray:
+        """(m, 4) grade probabilities of m pixels (a `damage.classify: pixel` model)."""
+        return probabilities(self.mlp, pixel_rows(pre, post, outline_m2, self.cfg.inputs))
 
     def probabilities(self, pooled: dict[str, np.ndarray]) -> np.ndarray:
-        """(n, 4) grade probabilities of pooled buildings."""
+        """(n, 4) grade probabilities of pooled buildings (a per-pixel model's: its votes)."""
+        if self.cfg.classify == "pixel":
+            return pooled["vote"] if "vote" in pooled else np.zeros((len(pooled["pixels"]), len(GRADES)), np.float32)
         return probabilities(self.mlp, combine(pooled, self.cfg.inputs))
 
     def grade(self, pair: OpenPair, polygons: Sequence[Any]) -> tuple[np.ndarray, np.ndarray]:
@@ -141,9 +160,10 @@ def load_damage_model(path: str | Path, device: str | torch.device = "cpu") -> D
     if list(ckpt["grades"]) != list(GRADES):
         raise InputError(Path(path), f"damage checkpoint of other grades {list(ckpt['grades'])[:6]}")
     known = {f.name for f in dataclasses.fields(DamageConfig)}
-    cfg = DamageConfig(**{k: v for k, v in ckpt["damage"].items() if k in known})  # a later version's keys left out
+    # a later version's keys left out; a checkpoint from before `classify` grades whole buildings
+    cfg = DamageConfig(**{"classify": "building", **{k: v for k, v in ckpt["damage"].items() if k in known}})
     layers = resolve_layers(ckpt["layers"])
-    if feature_width(layers, cfg.inputs, cfg.context_m > 0) != int(ckpt["in_channels"]):
+    if feature_width(layers, cfg.inputs, cfg.context_m > 0 and cfg.classify == "building") != int(ckpt["in_channels"]):
         raise InputError(Path(path), f"damage checkpoint is inconsistent: {ckpt['in_channels']} inputs for layers "
                          f"{layers} and inputs {cfg.inputs!r}")
     mlp = MLP(int(ckpt["in_channels"]), int(ckpt["hidden"]), float(ckpt["dropout"]), num_classes=len(GRADES))

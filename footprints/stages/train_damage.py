@@ -32,7 +32,7 @@ from ..contracts.freshness import digest, is_fresh, read_record, unmark, write_r
 from ..contracts.paths import RunPaths
 from ..errors import StageError, as_input_error, printable
 from ..model.backbone import resolve_layers
-from ..model.damage_features import POOLED, combine
+from ..model.damage_features import POOLED, combine, pixel_rows
 from ..model.device import resolve_device
 from ..prediction.damage import (
     backbone_for,
@@ -79,10 +79,12 @@ def run(cfg: Config, overwrite: bool = False) -> dict[str, Any]:
     settings = {"layers": layers, "pixels_per_building": d.pixels_per_building, "context_m": d.context_m,
                 "block_size": d.block_size, "backbone": backbone_cfg, "seed": cfg.seed,
                 "target_gsd": cfg.tile.target_gsd, "pooled": POOLED}  # POOLED: a file of other moments is redone
+    if d.classify == "pixel":  # the files keep training pixels too
+        settings["keep_pixels"] = d.train_pixels
     scenes = pre_disaster_scenes(cfg.data, paths.tile, ("train", "val"))
     keys = {s.scene_id: _scene_key(s, settings) for s in scenes}
     train_settings = {k: getattr(d, k) for k in ("inputs", "hidden", "dropout", "epochs", "batch_size", "lr", "weight_decay",
-                                                 "class_weighting", "val_folds")}
+                                                 "class_weighting", "val_folds", "classify")}
     key = digest({"scenes": keys, "train": train_settings, "seed": cfg.seed})
     metrics_path = paths.train_damage / "metrics.json"
     if not overwrite and is_fresh(metrics_path, key):
@@ -123,13 +125,19 @@ def run(cfg: Config, overwrite: bool = False) -> dict[str, Any]:
         log.info("train-damage: %d scene(s) without damage grades left out of training (e.g. %s)", len(unlabelled),
                  unlabelled[0])
     train, y, scene_of = graded_buildings_of(parts)
-    x = combine(train, d.inputs) if len(y) else np.zeros((0, 1), np.float32)
+    owner = train.get("pixel_owner") if d.classify == "pixel" else None  # the rows: pixels of the buildings
+    if not len(y):
+        x = np.zeros((0, 1), np.float32)
+    elif owner is not None:
+        x = pixel_rows(train["pixel_pre"], train["pixel_post"], train["outline_m2"][owner], d.inputs)
+    else:
+        x = combine(train, d.inputs)
     if len(np.unique(y)) < 2:
         raise StageError(f"train-damage: the training scenes hold {len(y)} graded building(s) of "
                          f"{len(np.unique(y))} grade(s); at least two grades are needed")
     log.info("train-damage: %d buildings (%s) from %d scene(s)", len(y),
              ", ".join(f"{g} {int((y == k).sum())}" for k, g in enumerate(GRADES)), len(scenes) - len(skipped))
-    model, record = train_damage_mlp(d, x, y, cfg.seed, scenes=scene_of)
+    model, record = train_damage_mlp(d, x, y, cfg.seed, scenes=scene_of, owner=owner)
     ckpt_path = paths.damage_checkpoint
     # the backbone's parameters the layers use go in the checkpoint, so that it grades footprints anywhere
     # (`footprints damage`); the weights file is named for the record
@@ -165,8 +173,9 @@ def _features_item(src: SceneSource, cfg: Config, layers: list[str], keys: dict[
         if buildings is None:
             part = {"labelled": np.array(False), "y": np.zeros(0, np.int64)}
         else:
+            keep = cfg.damage.train_pixels if cfg.damage.classify == "pixel" else 0
             pooled, = pair_pooled(pair, [[b.polygon for b in buildings]], backbone, layers, cfg.damage, cfg.seed,
-                                  device)
+                                  device, keep_pixels=keep)
             y = np.array([GRADES.index(b.grade) if b.grade is not None and p > 0 else -1
                           for b, p in zip(buildings, pooled["pixels"], strict=True)], np.int64)
             part = {**pooled, "y": y, "uid": np.array([b.uid for b in buildings]), "labelled": np.array(True)}

@@ -1,4 +1,6 @@
-"""The damage classifier: the zoom-out MLP (`footprints.model.mlp`) on per-building vectors, four grades.
+"""The damage classifier: the zoom-out MLP (`footprints.model.mlp`), four grades, on one vector per building
+(`damage.classify: building`) or on pixels of buildings (`pixel`: each training building's kept pixels are
+rows weighing one building in all, and a building's grade is its pixels' mean probability).
 
 Class weights come from the training buildings' grade counts (`class_weights_from_counts`, the classifier's
 rule), so that the rare grades (no-damage and major-damage in Joplin) are not drowned; the loss is the
@@ -15,8 +17,10 @@ kept; the model is then trained on every training building for that many epochs.
 rare grade (six no-damage buildings in one Joplin scene), holding a quarter of them out of the final model
 costs more than the folds' training time (seconds: the vectors are small).
 
-The per-building vectors are held in memory (float32: about 5 KB each with the default layers and inputs,
-1.3 GB for xView2's ~250,000 graded training buildings).
+The training rows are held in memory: per building, a vector of about 5 KB (float32, the default layers and
+inputs; 1.3 GB for xView2's ~250,000 graded training buildings), or its kept pixels (`pixel`: float16 in the
+feature files, float32 rows here, `damage.train_pixels` x 3.6 KB with two parts of the shallow layers: 32
+pixels make about 115 KB a building, 29 GB for xView2: lower `train_pixels` there, or train on a subset).
 """
 
 from __future__ import annotations
@@ -90,11 +94,22 @@ def _class_weights(y: np.ndarray, weighting: str) -> np.ndarray:
     return weights
 
 
-def _fit(cfg: DamageConfig, x: np.ndarray, y: np.ndarray, epochs: int, seed: int, device: torch.device,
-         x_val: np.ndarray | None = None, y_val: np.ndarray | None = None) -> tuple[MLP, list[dict[str, Any]]]:
+def building_votes(prob: np.ndarray, owner: np.ndarray, n: int) -> np.ndarray:
+    """(n, k) per-pixel probabilities (m, k) averaged over each building's pixels (`owner`: each pixel's
+    building, 0..n-1); a building without a pixel gets zeros."""
+    sums = np.zeros((n, prob.shape[1]), np.float64)
+    np.add.at(sums, owner, prob)
+    return (sums / np.maximum(np.bincount(owner, minlength=n), 1)[:, None]).astype(np.float32)
+
+
+def _fit(cfg: DamageConfig, x: np.ndarray, y: np.ndarray, weights: np.ndarray, epochs: int, seed: int,
+         device: torch.device, rows: np.ndarray | None = None, val: tuple[np.ndarray, np.ndarray, np.ndarray | None] | None = None,
+         ) -> tuple[MLP, list[dict[str, Any]]]:
     """The grade MLP trained for `epochs` epochs (Adam, shuffled minibatches, the classifier's weighted cross
-    entropy); with validation buildings, each epoch's predicted grades and weighted loss sums on them."""
-    weights = _class_weights(y, cfg.class_weighting)
+    entropy with the grade `weights`) on the rows `x` of grades `y`: one per building, or (`rows`, each row's
+    weight) pixels of buildings, each building weighing one in all. With validation `val` (x, the buildings'
+    grades, each row's building or None), each epoch's predicted grade of every validation building (its
+    pixels' probabilities averaged) and the weighted loss sums of its rows."""
     torch.manual_seed(seed)
     model = MLP(x.shape[1], hidden=cfg.hidden, dropout=cfg.dropout, mean=x.mean(0), std=x.std(0),
                 num_classes=len(GRADES)).to(device)
@@ -102,31 +117,52 @@ def _fit(cfg: DamageConfig, x: np.ndarray, y: np.ndarray, epochs: int, seed: int
     cw = torch.as_tensor(weights, dtype=torch.float32, device=device)
     y64 = y.astype(np.int64)
     gen = torch.Generator().manual_seed(seed)
-    validate = x_val is not None and y_val is not None and len(y_val) > 0
-    if validate:  # on the device once, not every epoch
-        xv, yv = torch.from_numpy(x_val).to(device), torch.from_numpy(y_val.astype(np.int64)).to(device)
+    if val is not None:  # on the device once, not every epoch
+        x_val, y_val, owner_val = val
+        y_rows = y_val if owner_val is None else y_val[owner_val]
+        xv, yv = torch.from_numpy(x_val).to(device), torch.from_numpy(y_rows.astype(np.int64)).to(device)
+        wv = None if owner_val is None else torch.from_numpy(_row_weights(owner_val, len(y_val))).to(device)
     history = []
     for epoch in range(1, epochs + 1):
-        train_loss = train_epoch(model, opt, [(x, y64, None)], cw, cfg.batch_size, gen, device)
+        train_loss = train_epoch(model, opt, [(x, y64, rows)], cw, cfg.batch_size, gen, device)
         entry: dict[str, Any] = {"epoch": epoch, "train_loss": train_loss}
-        if validate:
+        if val is not None:
             model.eval()
             with torch.inference_mode():
                 logits = model(xv)
-                loss_sum, weight_sum = weighted_ce_sums(logits, yv, cw)
-            entry.update(predicted=logits.argmax(1).cpu().numpy(), loss_sum=float(loss_sum),
-                         weight_sum=float(weight_sum))
+                loss_sum, weight_sum = weighted_ce_sums(logits, yv, cw, wv)
+                prob = torch.softmax(logits.float(), 1).cpu().numpy()
+            voted = prob if owner_val is None else building_votes(prob, owner_val, len(y_val))
+            entry.update(predicted=voted.argmax(1), loss_sum=float(loss_sum), weight_sum=float(weight_sum))
         history.append(entry)
     return model.eval(), history
 
 
+def _row_weights(owner: np.ndarray, n: int) -> np.ndarray:
+    """Each pixel row's weight: one over its building's number of rows (every building weighs one)."""
+    return (1.0 / np.maximum(np.bincount(owner, minlength=n), 1)[owner]).astype(np.float32)
+
+
 def train_damage_mlp(cfg: DamageConfig, x: np.ndarray, y: np.ndarray, seed: int, scenes: np.ndarray | None = None,
-                     ) -> tuple[MLP, dict[str, Any]]:
-    """The grade MLP of the training buildings `x` (n, width), grades `y` (`scenes`: each one's scene, for
-    `grade_folds`): the epoch chosen on validation folds
-    (see the module docstring; ties broken by the damaged/undamaged macro F1, then the loss), then trained on
-    all of them; its record (the pooled validation scores at that epoch, the curve, the counts)."""
+                     owner: np.ndarray | None = None) -> tuple[MLP, dict[str, Any]]:
+    """The grade MLP of the training buildings of grades `y` (`scenes`: each one's scene, for `grade_folds`):
+    `x` (n, width) one row per building, or with `owner` (`damage.classify: pixel`) pixel rows, `owner` each
+    one's building, every building weighing one and graded by its pixels' mean probabilities. The epoch is
+    chosen on validation folds of buildings (see the module docstring; ties broken by the damaged/undamaged
+    macro F1, then the loss), then the model trained on all of them; its record (the pooled validation scores
+    at that epoch, the curve, the counts)."""
     device = resolve_device(cfg.device, key="damage.device")
+    weights = _class_weights(y, cfg.class_weighting)
+
+    def rows_of(part: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, np.ndarray | None]:
+        """(x, grades of its rows, row weights, each row's building 0..) of the buildings `part` (a mask)."""
+        if owner is None:
+            return x[part], y[part], None, None
+        inside = part[owner]
+        local = np.cumsum(part) - 1  # the buildings of `part` numbered 0..
+        own = local[owner[inside]]
+        return x[inside], y[owner[inside]], _row_weights(own, int(part.sum())), own
+
     fold = grade_folds(y, cfg.val_folds, seed, scenes) if cfg.val_folds >= 2 else np.zeros(len(y), np.int64)
     # a fold is used when both its parts hold buildings
     used = [f for f in np.unique(fold) if cfg.val_folds >= 2 and 0 < (fold == f).sum() < len(y)]
@@ -140,7 +176,10 @@ def train_damage_mlp(cfg: DamageConfig, x: np.ndarray, y: np.ndarray, seed: int,
         for f in used:
             part = fold == f
             val |= part
-            _, hist = _fit(cfg, x[~part], y[~part], cfg.epochs, seed, device, x[part], y[part])
+            x_fit, y_fit, w_fit, _ = rows_of(~part)
+            x_val, _, _, own_val = rows_of(part)
+            _, hist = _fit(cfg, x_fit, y_fit, _class_weights(y[~part], cfg.class_weighting), cfg.epochs, seed, device,
+                           w_fit, (x_val, y[part], own_val))
             for e, h in enumerate(hist):
                 predicted[e, part] = h["predicted"]
                 loss[e] += (h["loss_sum"], h["weight_sum"])
@@ -159,10 +198,11 @@ def train_damage_mlp(cfg: DamageConfig, x: np.ndarray, y: np.ndarray, seed: int,
     else:
         record["selected_on"] = "no validation (too few buildings or damage.val_folds < 2): every epoch run"
         log.warning("train-damage: no validation folds; the model is trained for all %d epochs", epochs)
-    model, hist = _fit(cfg, x, y, epochs, seed, device)
+    x_all, y_all, w_all, _ = rows_of(np.ones(len(y), bool))
+    model, hist = _fit(cfg, x_all, y_all, weights, epochs, seed, device, w_all)
     counts = np.bincount(y, minlength=len(GRADES))
     record.update(epoch=epochs, train_loss=hist[-1]["train_loss"],
-                  class_weights=dict(zip(GRADES, _class_weights(y, cfg.class_weighting).round(4).tolist(), strict=True)),
+                  class_weights=dict(zip(GRADES, weights.round(4).tolist(), strict=True)),
                   train_buildings=dict(zip(GRADES, counts.astype(int).tolist(), strict=True)), device=str(device))
     missing = [g for g, c in zip(GRADES, counts, strict=True) if c == 0]
     if missing:
@@ -172,16 +212,25 @@ def train_damage_mlp(cfg: DamageConfig, x: np.ndarray, y: np.ndarray, seed: int,
 
 
 def graded_buildings_of(parts: list[dict[str, np.ndarray]]) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray]:
-    """The graded buildings of scenes' feature files (`_features_item`'s): their pooled arrays stacked, their
-    grades and the index of each one's part. Un-classified buildings and those without a valid pixel (grade
-    -1) are left out: neither trained on nor scored."""
+    """The graded buildings of scenes' feature files (train-damage's): their pooled arrays stacked (kept
+    pixels too, `pixel_owner` numbering the stacked buildings), their grades and the index of each one's part.
+    Un-classified buildings and those without a valid pixel (grade -1) are left out: neither trained on nor
+    scored."""
     if not parts:
         return {}, np.zeros(0, np.int64), np.zeros(0, np.int64)
+    sizes = [len(p["y"]) for p in parts]
     y = np.concatenate([p["y"] for p in parts])
     keep = y >= 0
-    columns = [k for k, v in parts[0].items() if v.ndim >= 1 and len(v) == len(parts[0]["y"])]
+    columns = [k for k, v in parts[0].items() if v.ndim >= 1 and len(v) == sizes[0] and not k.startswith("pixel_")]
     stacked = {k: np.concatenate([p[k] for p in parts])[keep] for k in columns}
-    return stacked, y[keep], np.concatenate([np.full(len(p["y"]), i) for i, p in enumerate(parts)])[keep]
+    if "pixel_owner" in parts[0]:
+        owner = np.concatenate([p["pixel_owner"] + start for p, start in zip(parts, np.cumsum([0] + sizes[:-1]),
+                                                                              strict=True)])
+        kept = keep[owner]
+        stacked["pixel_owner"] = (np.cumsum(keep) - 1)[owner[kept]]
+        for key in ("pixel_pre", "pixel_post"):
+            stacked[key] = np.concatenate([p[key] for p in parts])[kept]
+    return stacked, y[keep], np.concatenate([np.full(n, i) for i, n in enumerate(sizes)])[keep]
 
 
 def read_graded_buildings(folder: Path, scene_ids: list[str]) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray]:
@@ -215,7 +264,7 @@ def baseline_grades(cfg: DamageConfig, train: dict[str, np.ndarray], y: np.ndarr
 
     out: dict[str, list[np.ndarray]] = {"majority": [np.full(len(t["pixels"]), int(np.bincount(y).argmax()))
                                                      for t in tests]}
-    pre_cfg = dataclasses.replace(cfg, inputs="pre")
+    pre_cfg = dataclasses.replace(cfg, inputs="pre", classify="building")
     model, _ = train_damage_mlp(pre_cfg, combine(train, "pre"), y, seed, scenes)
     out["pre_only"] = [probabilities(model, combine(t, "pre")).argmax(1) for t in tests]
     forest = RandomForestClassifier(n_estimators=500, class_weight="balanced_subsample", n_jobs=-1,
