@@ -221,24 +221,30 @@ def test_pooled_features_do_not_depend_on_the_block_size() -> None:
     np.testing.assert_allclose(x[:, :192], one["post"] - one["pre"], rtol=1e-5, atol=1e-5)
 
 
+def _box_columns(backbone, layers: list[str], pre: np.ndarray, post: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The hypercolumns before and after of every pixel of box(8, 10, 30, 22) in 48 px scenes, computed
+    directly (the whole scene through the backbone, every pixel gathered)."""
+    from footprints.model.hypercolumns import gather_hypercolumns
+
+    rows, cols = np.meshgrid(np.arange(10, 22), np.arange(8, 30), indexing="ij")
+    r, c = torch.from_numpy(np.tile(rows.ravel(), 2)), torch.from_numpy(np.tile(cols.ravel(), 2))
+    with torch.inference_mode():
+        acts = backbone(torch.from_numpy(np.stack([pre, post])).float(), layers)
+        columns = gather_hypercolumns(acts, layers, r, c, (48, 48), batch=np.repeat([0, 1], rows.size)).double().numpy()
+    return columns[: rows.size], columns[rows.size :]
+
+
 def test_the_change_parts_are_each_pixels_change_and_the_spreads_change() -> None:
     """absdiff is the mean over the building's pixels of |post - pre| (not |mean post - mean pre|), stddiff
     the change of each channel's std: checked against every pixel's hypercolumn computed directly."""
-    from footprints.model.hypercolumns import gather_hypercolumns
-
     backbone = load_backbone("random", "torchvision")
     layers = ["conv1_2", "conv2_2"]
     pre, post = _pattern(48), _pattern(48, seed=5)
 
     pooled, = pooled_hypercolumns(backbone, layers, reader(pre), reader(post), [[shapely.box(8, 10, 30, 22)]],
                                   48, 48, 10_000, 0)
-    rows, cols = np.meshgrid(np.arange(10, 22), np.arange(8, 30), indexing="ij")
-    r, c = torch.from_numpy(np.tile(rows.ravel(), 2)), torch.from_numpy(np.tile(cols.ravel(), 2))
-    with torch.inference_mode():
-        acts = backbone(torch.from_numpy(np.stack([pre, post])).float(), layers)
-        columns = gather_hypercolumns(acts, layers, r, c, (48, 48), batch=np.repeat([0, 1], rows.size)).double().numpy()
-    before, after = columns[: rows.size], columns[rows.size :]
-    assert pooled["pixels"][0] == rows.size
+    before, after = _box_columns(backbone, layers, pre, post)
+    assert pooled["pixels"][0] == len(before)
     np.testing.assert_allclose(pooled["absdiff"][0], np.abs(after - before).mean(0), rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(pooled["post_std"][0], after.std(0), rtol=1e-3, atol=1e-3)
     x = combine(pooled, "diff+absdiff+stddiff")
@@ -252,8 +258,6 @@ def test_a_per_pixel_model_votes_over_every_sampled_pixel_and_training_keeps_a_s
     """`keep_pixels` keeps that many of a building's pixels, each one's own hypercolumns; `pixel_classifier`
     is averaged over all of the building's pixels, whatever the blocks: both checked against every pixel's
     hypercolumn computed directly."""
-    from footprints.model.hypercolumns import gather_hypercolumns
-
     backbone = load_backbone("random", "torchvision")
     layers = ["conv1_2"]
     pre, post = _pattern(48), _pattern(48, seed=5)
@@ -268,14 +272,9 @@ def test_a_per_pixel_model_votes_over_every_sampled_pixel_and_training_keeps_a_s
                                keep_pixels=10, pixel_classifier=classify)
     cut, = pooled_hypercolumns(backbone, layers, reader(pre), reader(post), [building], 48, 48, 10_000, 0,
                                block=16, pixel_classifier=classify)
-    rows, cols = np.meshgrid(np.arange(10, 22), np.arange(8, 30), indexing="ij")
-    r, c = torch.from_numpy(np.tile(rows.ravel(), 2)), torch.from_numpy(np.tile(cols.ravel(), 2))
-    with torch.inference_mode():
-        acts = backbone(torch.from_numpy(np.stack([pre, post])).float(), layers)
-        columns = gather_hypercolumns(acts, layers, r, c, (48, 48), batch=np.repeat([0, 1], rows.size)).double().numpy()
-    before, after = columns[: rows.size], columns[rows.size :]
+    before, after = _box_columns(backbone, layers, pre, post)
     assert one["outline_m2"][0] == 22 * 12
-    expected = classify(before, after, np.full(rows.size, 22 * 12.0)).mean(0)
+    expected = classify(before, after, np.full(len(before), 22 * 12.0)).mean(0)
     np.testing.assert_allclose(one["vote"][0], expected, rtol=1e-4, atol=1e-6)
     np.testing.assert_allclose(cut["vote"][0], expected, rtol=1e-4, atol=1e-6)  # four blocks cut it
     assert "pixel_owner" not in cut and list(one["pixel_owner"]) == [0] * 10
