@@ -49,7 +49,7 @@ from ..scenes.grades import DAMAGE_KEY, GRADES
 from ..scenes.pairs import open_pair
 from ..scenes.sources import SceneSource, sources_from_paths
 from ..scoring.damage import damage_scores, grade_confusion, pool_damage
-from ..training.damage import baseline_grades, read_graded_buildings
+from ..training.damage import BASELINE_ARRAYS, baseline_grades, read_graded_buildings
 
 log = logging.getLogger(__name__)
 
@@ -207,7 +207,7 @@ def _baselines(cfg: Config, paths: RunPaths, ckpt: Path, results: list[dict[str,
     if not same_file(ckpt, paths.damage_checkpoint) or not record.get("train_scenes"):
         log.info("damage: no baselines beside the model: its training buildings are not this run's train-damage's")
         return None
-    train, y, scene_of = read_graded_buildings(paths.damage_features, list(record["train_scenes"]))
+    train, y, scene_of = read_graded_buildings(paths.damage_features, list(record["train_scenes"]), BASELINE_ARRAYS)
     truths, tests = [], []
     for r in results:
         if "per_building" not in r:

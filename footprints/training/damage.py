@@ -233,20 +233,23 @@ def graded_buildings_of(parts: list[dict[str, np.ndarray]]) -> tuple[dict[str, n
     return stacked, y[keep], np.concatenate([np.full(n, i) for i, n in enumerate(sizes)])[keep]
 
 
-def read_graded_buildings(folder: Path, scene_ids: list[str]) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray]:
-    """`graded_buildings_of` the feature files train-damage trained on (its metrics' `train_scenes`)."""
+def read_graded_buildings(folder: Path, scene_ids: list[str], arrays: Sequence[str],
+                          ) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray]:
+    """`graded_buildings_of` the feature files train-damage trained on (its metrics' `train_scenes`), reading
+    only `arrays` of them (and the grades): the kept pixels are the bulk of a file."""
     parts = []
     for sid in scene_ids:
         path = folder / f"{sid}.npz"
         try:
             with np.load(path, allow_pickle=False) as z:
-                parts.append({k: z[k] for k in z.files if k != "key"})
+                parts.append({k: z[k] for k in (*arrays, "y") if k in z.files})
         except (OSError, ValueError) as err:
             raise InputError(path, f"cannot read train-damage's features ({err}); rerun train-damage") from None
     return graded_buildings_of(parts)
 
 
 BASELINES = ("majority", "pre_only", "colour_forest")  # what `baseline_grades` fits beside the model
+BASELINE_ARRAYS = ("pre", "colour_pre", "colour_post", "area_m2", "pixels")  # what it reads of a building
 
 
 def baseline_grades(cfg: DamageConfig, train: dict[str, np.ndarray], y: np.ndarray, tests: Sequence[dict[str, np.ndarray]],
