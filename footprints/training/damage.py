@@ -103,11 +103,11 @@ def building_votes(prob: np.ndarray, owner: np.ndarray, n: int) -> np.ndarray:
 
 
 def _fit(cfg: DamageConfig, x: np.ndarray, y: np.ndarray, weights: np.ndarray, epochs: int, seed: int,
-         device: torch.device, rows: np.ndarray | None = None, val: tuple[np.ndarray, np.ndarray, np.ndarray | None] | None = None,
-         ) -> tuple[MLP, list[dict[str, Any]]]:
+         device: torch.device, row_weights: np.ndarray | None = None,
+         val: tuple[np.ndarray, np.ndarray, np.ndarray | None] | None = None) -> tuple[MLP, list[dict[str, Any]]]:
     """The grade MLP trained for `epochs` epochs (Adam, shuffled minibatches, the classifier's weighted cross
-    entropy with the grade `weights`) on the rows `x` of grades `y`: one per building, or (`rows`, each row's
-    weight) pixels of buildings, each building weighing one in all. With validation `val` (x, the buildings'
+    entropy with the grade `weights`) on the rows `x` of grades `y`: one per building, or (with `row_weights`)
+    pixels of buildings, each building weighing one in all. With validation `val` (x, the buildings'
     grades, each row's building or None), each epoch's predicted grade of every validation building (its
     pixels' probabilities averaged) and the weighted loss sums of its rows."""
     torch.manual_seed(seed)
@@ -124,7 +124,7 @@ def _fit(cfg: DamageConfig, x: np.ndarray, y: np.ndarray, weights: np.ndarray, e
         wv = None if owner_val is None else torch.from_numpy(_row_weights(owner_val, len(y_val))).to(device)
     history = []
     for epoch in range(1, epochs + 1):
-        train_loss = train_epoch(model, opt, [(x, y64, rows)], cw, cfg.batch_size, gen, device)
+        train_loss = train_epoch(model, opt, [(x, y64, row_weights)], cw, cfg.batch_size, gen, device)
         entry: dict[str, Any] = {"epoch": epoch, "train_loss": train_loss}
         if val is not None:
             model.eval()
