@@ -8,7 +8,8 @@ missing, of another size, not overlapping, labels of buildings the pre label lac
 the file, and the other scenes go on. Test scenes are never read here.
 
 Per scene, on the dask cluster of `cluster:` as the other per-scene stages (`footprints.runtime.cluster`), the
-buildings' pooled zoom-out hypercolumns and colour statistics (`footprints.prediction.damage.pair_pooled`) are
+buildings' pooled zoom-out hypercolumns and colour statistics (`footprints.prediction.damage.pair_pooled`; with
+`damage.classify: pixel` also `damage.train_pixels` of each building's pixels, the training rows) are
 written to `train-damage/features/<scene>.npz` with the key of what made them (the scene's
 files, the backbone, the damage settings, the seed): a rerun reuses a scene whose key holds, so a killed
 stage resumes scene by scene; `--overwrite` redoes everything. The classifier (`footprints.training.damage`)
