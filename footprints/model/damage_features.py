@@ -59,10 +59,12 @@ def pixel_rows(pre: np.ndarray, post: np.ndarray, area_m2: np.ndarray, inputs: s
     """The per-pixel classifier's input (`damage.classify: pixel`): each sampled pixel's parts of `inputs`
     (post, pre, diff = post - pre, absdiff = |post - pre|; `PIXEL_PARTS`) from its hypercolumns before and
     after, plus log(area) of its building (`area_m2`, one per pixel)."""
-    pre, post = np.asarray(pre, np.float32), np.asarray(post, np.float32)
-    made = {"post": lambda: post, "pre": lambda: pre, "diff": lambda: post - pre, "absdiff": lambda: np.abs(post - pre)}
+    names = input_parts(inputs)
+    pixels = {"pre": np.asarray(pre, np.float32), "post": np.asarray(post, np.float32)}
+    if "absdiff" in names:  # a pixel's own |post - pre| (`_part` makes diff)
+        pixels["absdiff"] = np.abs(pixels["post"] - pixels["pre"])
     area = np.log1p(np.asarray(area_m2, np.float64))[:, None].astype(np.float32)
-    return np.concatenate([made[name]() for name in input_parts(inputs)] + [area], axis=1)
+    return np.concatenate([_part(pixels, "", name) for name in names] + [area], axis=1)
 
 
 def combine(pooled: dict[str, np.ndarray], inputs: str) -> np.ndarray:
@@ -163,7 +165,7 @@ class _Pool:
     def __init__(self, polygons: list[Any], channels: int, m2_per_px: float = 1.0, keep_pixels: int = 0):
         n = len(polygons)
         self.polygons = polygons
-        self.outline_m2 = shapely.area(np.asarray(polygons, dtype=object)).astype(np.float64) * m2_per_px if n else np.zeros(0)
+        self.outline_m2 = shapely.area(np.asarray(polygons, dtype=object)) * m2_per_px
         self.keep_pixels = keep_pixels
         self.kept: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []  # (owner, pre, post) of kept pixels
         self.votes: np.ndarray | None = None  # weighted sums of the per-pixel classifier's probabilities
@@ -192,14 +194,14 @@ class _Pool:
         self.pixels += np.bincount(ids.ravel(), minlength=len(self.pixels) + 1)[1:]
 
     def add_columns(self, owner: np.ndarray, weight: np.ndarray, columns: np.ndarray,
-                    rng: np.random.Generator | None = None) -> None:
+                    rng: np.random.Generator) -> None:
         m = len(owner)
         pre, post = columns[:m], columns[m:]
         for key, part in (("pre", pre), ("post", post), ("absdiff", np.abs(post - pre)), ("pre2", pre**2),
                           ("post2", post**2)):
             np.add.at(self.sums[key], owner, part * weight[:, None])
         if self.keep_pixels:  # a seeded random `keep_pixels` of each building's sampled pixels
-            order = np.lexsort(((rng or np.random.default_rng(0)).random(m), owner))
+            order = np.lexsort((rng.random(m), owner))
             sorted_owner = owner[order]
             rank = np.arange(m) - np.searchsorted(sorted_owner, sorted_owner)  # place within its building
             kept = np.sort(order[rank < self.keep_pixels])
