@@ -301,16 +301,15 @@ def test_tile_and_predict_on_slurm_dask_workers_match_in_process(
     assert p_in["failed"] == p_sl["failed"] == 0 and p_in["scenes"] == p_sl["scenes"] >= 2
     assert p_in["polygons"] >= 5, p_in  # something to compare
 
-    # the work really ran in SLURM jobs: dask-jobqueue's job names, this interpreter, our scheduler
-    worker_logs = sorted((tmp_path / "dask-logs").glob("footprints-dask-*.err"))
-    assert len(worker_logs) >= 4, worker_logs  # two jobs for tile, two for predict
-    for p in worker_logs:
-        job = re.search(r"footprints-dask-(\d+)\.err", p.name).group(1)
-        info = slurm_cluster.job(job)
+    # the work really ran in SLURM jobs: dask-jobqueue's job names, workers that joined our schedulers
+    job_logs = {p.name: p.read_text() for p in (tmp_path / "dask-logs").glob("footprints-dask-*.err")}
+    for name in job_logs:
+        info = slurm_cluster.job(re.search(r"footprints-dask-(\d+)\.err", name).group(1))
         assert info.get("JobName") == "footprints-dask" and info.get("NumCPUs") == "1", info
-        # each job ran a worker that joined our scheduler on localhost
-        text = p.read_text()
-        assert "Starting Worker" in text and "Registered to:      tcp://127.0.0.1:" in text, text[-2000:]
+    # each stage starts its own scheduler and waits for its first worker only (a second job may still be
+    # pending when the work is done, and the cluster's close cancels it): workers of both stages joined
+    schedulers = {m for t in job_logs.values() for m in re.findall(r"Registered to: +(tcp://127\.0\.0\.1:\d+)", t)}
+    assert len(schedulers) == 2, {n: t[-600:] for n, t in job_logs.items()}
 
     # tile: the same manifest and the same patches, bit for bit
     m_in = pd.read_csv(RunPaths.of(c_in).stage("tile") / "manifest.csv").sort_values("patch_id").reset_index(drop=True)
