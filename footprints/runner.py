@@ -354,6 +354,8 @@ def run_cv(cfg: Config, overwrite: bool = False) -> dict[str, Any]:
 
 
 def _cv_summary(cfg: Config, results: list[dict[str, Any]]) -> dict[str, Any]:
+    from .scoring.damage import damage_headlines
+
     pooled = pool_folds(results)
     folds = [{"fold": k, "name": r["name"], "scenes": sorted(r["per_scene"]), "threshold": r["threshold"],
               "seed_threshold": r.get("seed_threshold"), "min_area_m2": r["min_area_m2"], "overall": r["overall"]}
@@ -374,14 +376,8 @@ def _cv_summary(cfg: Config, results: list[dict[str, Any]]) -> dict[str, Any]:
     print(f"cross-validation {cfg.name}: {cfg.tile.folds} folds, {summary['scenes']} test scenes pooled | pixel "
           f"building IoU {px['building_iou']:.3f}, F1 {px['f1']:.3f} | polygon F1@0.5 {pg['f1']:.3f} "
           f"(P {pg['precision']:.3f}, R {pg['recall']:.3f})\nreport: {out_dir / 'report.md'}", flush=True)
-    if damage is not None and damage["per_building"] is not None:
-        b, x = damage["per_building"], damage["xview2"]
-        print(f"  damage, per truth building: damage F1 {b['damage_f1']:.3f}, damaged/undamaged macro F1 "
-              f"{b['binary']['macro_f1']:.3f} | xView2 pixels: damage F1 {x['damage_f1']:.3f}, score {x['score']:.3f}",
-              flush=True)
-        for name, scores in (damage.get("baselines") or {}).items():
-            print(f"    baseline {name}: damage F1 {scores['damage_f1']:.3f}, macro F1 "
-                  f"{scores['binary']['macro_f1']:.3f}", flush=True)
+    for line in damage_headlines(damage or {}):
+        print(f"  {line}", flush=True)
     for source, s in summary.get("per_source", {}).items():
         print(f"  source {source}: {s['scenes']} test scenes pooled | pixel building IoU "
               f"{s['pixel']['building_iou']:.3f}, F1 {s['pixel']['f1']:.3f} | polygon F1@0.5 {s['polygon']['f1']:.3f} "

@@ -109,3 +109,33 @@ def test_cv_summary_and_report_carry_the_per_source_figures(tmp_path, capsys) ->
     report = (tmp_path / "cv" / "cv" / "report.md").read_text()
     assert "| pooled, source **rio** | 2 | 0.500 |" in report and "| pooled, source **jop** | 1 | 0.500 |" in report
     assert "source jop: 1 test scenes pooled" in capsys.readouterr().out
+
+
+def test_cv_summary_pools_the_folds_damage_and_prints_it_with_the_baselines(tmp_path, capsys) -> None:
+    import numpy as np
+
+    from footprints.runner import _cv_summary
+    from footprints.scenes.grades import GRADES
+    from footprints.scoring.damage import damage_scores, grade_confusion, pool_damage
+    from footprints.stages.evaluate import overall_metrics
+
+    def fold_damage(predicted, majority):
+        scores = damage_scores(grade_confusion(GRADES, predicted))
+        return pool_damage([{"counts": dict.fromkeys(GRADES, 1), "truth_counts": dict.fromkeys(GRADES, 1),
+                             "per_building": scores["confusion"], "pixel": np.zeros((4, 5)).tolist(),
+                             "localisation": [4, 0, 0],
+                             "baselines": {"majority": grade_confusion(GRADES, majority).tolist()}}])
+
+    results = []
+    for k, (predicted, majority) in enumerate((([0, 1, 2, 3], [3] * 4), ([0, 1, 3, 3], [3] * 4))):
+        r = _fold_result({f"s{k}": (10, 0, 10, 80, 1, 0, 1)})
+        results.append({**r, "name": f"cv-fold{k}", "threshold": 0.5, "min_area_m2": 0.0,
+                        "overall": overall_metrics(r["per_scene"]), "damage": fold_damage(predicted, majority)})
+    cfg = load_config(None, ["name=cv", f"output_root={tmp_path}", "tile.folds=2", "tile.val_band=0.2"])
+    damage = _cv_summary(cfg, results)["damage"]
+    # the confusions summed over the folds, then the scores: major-damage found once in two
+    assert damage["per_building"]["per_grade"]["major-damage"]["recall"] == 0.5
+    assert damage["baselines"]["majority"]["damage_f1"] == 0.0
+    out = capsys.readouterr().out
+    assert f"damage, per truth building: damage F1 {damage['per_building']['damage_f1']:.3f}" in out
+    assert "baseline majority on the same truth buildings: damage F1 0.000" in out

@@ -6,7 +6,14 @@ import numpy as np
 import pytest
 
 from footprints.scenes.grades import GRADES
-from footprints.scoring.damage import damage_part, damage_scores, grade_confusion, pool_damage, xview2_score
+from footprints.scoring.damage import (
+    damage_headlines,
+    damage_part,
+    damage_scores,
+    grade_confusion,
+    pool_damage,
+    xview2_score,
+)
 
 
 def test_a_perfect_grading_scores_one_everywhere():
@@ -68,3 +75,9 @@ def test_folds_pool_the_baselines_confusions_beside_the_models():
     assert majority["per_grade"]["destroyed"]["recall"] == 0.5 and majority["damage_f1"] == 0.0
     without = pool_damage([{k: v for k, v in fold([0, 1, 2, 3], [0] * 4).items() if k != "baselines"}])
     assert "baselines" not in without
+
+    # the summary lines the stage logs and cv prints: the model's figures, then one line per baseline
+    model, baseline = damage_headlines(pooled)
+    assert f"damage F1 {pooled['per_building']['damage_f1']:.3f}" in model and "score" in model
+    assert "baseline majority" in baseline and "damage F1 0.000" in baseline
+    assert len(damage_headlines(without)) == 1 and damage_headlines({"counts": {}, "per_building": None}) == []

@@ -124,3 +124,16 @@ def damage_part(pooled: dict[str, Any]) -> dict[str, Any]:
             "per_building": pooled["per_building"]["confusion"], "pixel": pooled["pixel"]["confusion"],
             "localisation": pooled["xview2"]["localisation_counts"],
             "baselines": {name: b["confusion"] for name, b in (pooled.get("baselines") or {}).items()}}
+
+
+def damage_headlines(pooled: dict[str, Any]) -> list[str]:
+    """The one-line summaries of a `pool_damage` result with graded truth (none without): the model's per-building
+    and xView2 figures, then each baseline's, for the damage stage's log and `footprints cv`'s output."""
+    if pooled.get("per_building") is None:
+        return []
+    b, x = pooled["per_building"], pooled["xview2"]
+    lines = [f"damage, per truth building: damage F1 {b['damage_f1']:.3f}, damaged/undamaged macro F1 "
+             f"{b['binary']['macro_f1']:.3f} | xView2 pixels: localisation F1 {x['localisation_f1']:.3f}, damage F1 "
+             f"{x['damage_f1']:.3f}, score {x['score']:.3f}"]
+    return lines + [f"  baseline {name} on the same truth buildings: damage F1 {s['damage_f1']:.3f}, macro F1 "
+                    f"{s['binary']['macro_f1']:.3f}" for name, s in (pooled.get("baselines") or {}).items()]

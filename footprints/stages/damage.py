@@ -48,7 +48,7 @@ from ..scenes.geo import affine_geometries
 from ..scenes.grades import DAMAGE_KEY, GRADES
 from ..scenes.pairs import open_pair
 from ..scenes.sources import SceneSource, sources_from_paths
-from ..scoring.damage import damage_scores, grade_confusion, pool_damage
+from ..scoring.damage import damage_headlines, damage_scores, grade_confusion, pool_damage
 from ..training.damage import BASELINE_ARRAYS, baseline_grades, read_graded_buildings
 
 log = logging.getLogger(__name__)
@@ -225,14 +225,8 @@ def _baselines(cfg: Config, paths: RunPaths, ckpt: Path, results: list[dict[str,
 def _log_summary(m: dict[str, Any]) -> None:
     counts = ", ".join(f"{g} {n}" for g, n in m["counts"].items())
     log.info("damage: %d scene(s), %d footprints graded (%s)", m["scenes"], m["polygons"], counts)
-    if m["per_building"] is not None:
-        b, x = m["per_building"], m["xview2"]
-        log.info("damage: truth buildings: damage F1 %.3f, damaged/undamaged macro F1 %.3f | xView2 pixels: "
-                 "localisation F1 %.3f, damage F1 %.3f, score %.3f", b["damage_f1"], b["binary"]["macro_f1"],
-                 x["localisation_f1"], x["damage_f1"], x["score"])
-    for name, b in (m.get("baselines") or {}).items():
-        log.info("damage: baseline %s on the same truth buildings: damage F1 %.3f, macro F1 %.3f", name,
-                 b["damage_f1"], b["binary"]["macro_f1"])
+    for line in damage_headlines(m):
+        log.info("damage: %s", line.strip())
 
 
 # ---------------------------------------------------------------------------------------------------
