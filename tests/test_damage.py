@@ -287,8 +287,11 @@ def test_a_per_pixel_model_votes_over_every_sampled_pixel_and_training_keeps_a_s
                                  keep_pixels=10)
     np.testing.assert_array_equal(again["pixel_pre"], one["pixel_pre"])  # seeded
     x = pixel_rows(one["pixel_pre"], one["pixel_post"], one["outline_m2"][one["pixel_owner"]], "post+absdiff")
-    assert x.shape == (10, feature_width(layers, "post+absdiff"))
-    np.testing.assert_allclose(x[:, 64:128], np.abs(one["pixel_post"].astype(np.float32) - one["pixel_pre"]), rtol=1e-6)
+    assert x.shape == (10, feature_width(layers, "post+absdiff")) and x.dtype == np.float16  # as stored
+    np.testing.assert_array_equal(x[:, :64], one["pixel_post"])
+    absdiff = np.abs(one["pixel_post"].astype(np.float32) - one["pixel_pre"]).astype(np.float16)
+    np.testing.assert_array_equal(x[:, 64:128], absdiff)
+    np.testing.assert_allclose(x[:, -1], np.log1p(22 * 12.0), rtol=1e-3)
 
 
 def test_stacked_scenes_keep_each_training_pixel_with_its_building() -> None:

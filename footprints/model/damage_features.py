@@ -58,13 +58,23 @@ def _part(pooled: dict[str, np.ndarray], prefix: str, name: str) -> np.ndarray:
 def pixel_rows(pre: np.ndarray, post: np.ndarray, area_m2: np.ndarray, inputs: str) -> np.ndarray:
     """The per-pixel classifier's input (`damage.classify: pixel`): each sampled pixel's parts of `inputs`
     (post, pre, diff = post - pre, absdiff = |post - pre|; `PIXEL_PARTS`) from its hypercolumns before and
-    after, plus log(area) of its building (`area_m2`, one per pixel)."""
+    after, plus log(area) of its building (`area_m2`, one per pixel). In float16, the precision the feature
+    files keep the pixels in, written part by part into one array: the training rows of many scenes are held
+    in memory, and the MLP standardises them in float32."""
     names = input_parts(inputs)
-    pixels = {"pre": np.asarray(pre, np.float32), "post": np.asarray(post, np.float32)}
-    if "absdiff" in names:  # a pixel's own |post - pre| (`_part` makes diff)
-        pixels["absdiff"] = np.abs(pixels["post"] - pixels["pre"])
-    area = np.log1p(np.asarray(area_m2, np.float64))[:, None].astype(np.float32)
-    return np.concatenate([_part(pixels, "", name) for name in names] + [area], axis=1)
+    pre, post = np.asarray(pre), np.asarray(post)
+    channels = pre.shape[1]
+    rows = np.empty((len(pre), channels * len(names) + 1), np.float16)
+    for i, name in enumerate(names):
+        part = rows[:, i * channels : (i + 1) * channels]
+        if name in ("pre", "post"):
+            part[:] = pre if name == "pre" else post
+        else:  # diff, absdiff: the difference taken in the inputs' precision, then stored
+            np.subtract(post, pre, out=part)
+            if name == "absdiff":
+                np.abs(part, out=part)
+    rows[:, -1] = np.log1p(np.asarray(area_m2, np.float64))
+    return rows
 
 
 def combine(pooled: dict[str, np.ndarray], inputs: str) -> np.ndarray:

@@ -126,11 +126,12 @@ def run(cfg: Config, overwrite: bool = False) -> dict[str, Any]:
         log.info("train-damage: %d scene(s) without damage grades left out of training (e.g. %s)", len(unlabelled),
                  unlabelled[0])
     train, y, scene_of = graded_buildings_of(parts)
+    del parts  # the scenes' arrays, now stacked: at xView2's size the training pixels are many GB
     owner = train.get("pixel_owner") if d.classify == "pixel" else None  # the rows: pixels of the buildings
     if not len(y):
         x = np.zeros((0, 1), np.float32)
-    elif owner is not None:
-        x = pixel_rows(train["pixel_pre"], train["pixel_post"], train["outline_m2"][owner], d.inputs)
+    elif owner is not None:  # the stacked pixels freed once their rows are made
+        x = pixel_rows(train.pop("pixel_pre"), train.pop("pixel_post"), train["outline_m2"][owner], d.inputs)
     else:
         x = combine(train, d.inputs)
     if len(np.unique(y)) < 2:

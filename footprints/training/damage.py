@@ -38,6 +38,7 @@ from ..config import DamageConfig
 from ..errors import InputError
 from ..model.damage_features import colour_statistics, combine
 from ..model.device import resolve_device
+from ..model.hypercolumns import RunningStats
 from ..model.losses import class_weights_from_counts, weighted_ce_sums
 from ..model.mlp import MLP, train_epoch
 from ..scenes.grades import GRADES
@@ -111,7 +112,10 @@ def _fit(cfg: DamageConfig, x: np.ndarray, y: np.ndarray, weights: np.ndarray, e
     grades, each row's building or None), each epoch's predicted grade of every validation building (its
     pixels' probabilities averaged) and the weighted loss sums of its rows."""
     torch.manual_seed(seed)
-    model = MLP(x.shape[1], hidden=cfg.hidden, dropout=cfg.dropout, mean=x.mean(0), std=x.std(0),
+    stats = RunningStats(x.shape[1])  # in float64 and by chunks: the rows may be float16 and many
+    for s in range(0, len(x), 16384):
+        stats.update(x[s : s + 16384])
+    model = MLP(x.shape[1], hidden=cfg.hidden, dropout=cfg.dropout, mean=stats.mean, std=stats.std,
                 num_classes=len(GRADES)).to(device)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     cw = torch.as_tensor(weights, dtype=torch.float32, device=device)
