@@ -373,13 +373,16 @@ def test_a_per_pixel_grade_classifier_learns_from_pixels_and_each_building_weigh
     y = np.repeat([0, 1, 2, 3], [12, 60, 30, 50])
     sizes = np.where(y == 0, 40, 3)  # no-damage: large buildings
     owner = np.repeat(np.arange(len(y)), sizes)
-    x = (centres[y[owner]] + rng.normal(0, 1.5, (len(owner), 10))).astype(np.float32)
+    x = (centres[y[owner]] + rng.normal(0, 1.5, (len(owner), 10))).astype(np.float16)  # as pixel_rows makes them
     test = np.arange(len(y)) % 4 == 0
     fit_rows, test_rows = ~test[owner], test[owner]
     local = np.cumsum(~test) - 1
     cfg = DamageConfig(epochs=20, hidden=16, lr=3e-3)
     model, record = train_damage_mlp(cfg, x[fit_rows], y[~test], seed=0, owner=local[owner[fit_rows]])
     assert record["val_folds"] == 4 and record["val"]["damage_f1"] > 0.9
+    fit64 = x[fit_rows].astype(np.float64)  # the normaliser: the rows' moments, not float16's rounding of them
+    np.testing.assert_allclose(model.mean.numpy(), fit64.mean(0), rtol=1e-6)
+    np.testing.assert_allclose(model.std.numpy(), fit64.std(0), rtol=1e-6)
     assert sum(record["train_buildings"].values()) == (~test).sum()  # buildings, not pixels
     test_local = (np.cumsum(test) - 1)[owner[test_rows]]
     voted = building_votes(probabilities(model, x[test_rows]), test_local, test.sum())
