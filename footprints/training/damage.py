@@ -187,6 +187,7 @@ def train_damage_mlp(cfg: DamageConfig, x: np.ndarray, y: np.ndarray, seed: int,
             for e, h in enumerate(hist):
                 predicted[e, part] = h["predicted"]
                 loss[e] += (h["loss_sum"], h["weight_sum"])
+            del x_fit, x_val  # copies of the rows: one fold's at a time
         curve = []
         for e in range(cfg.epochs):
             scores = damage_scores(grade_confusion(y[val], predicted[e, val]))
