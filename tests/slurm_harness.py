@@ -370,6 +370,11 @@ class SlurmCluster:
         return self.wait_state(job_id, ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL",
                                         "OUT_OF_MEMORY", "PREEMPTED", "BOOT_FAIL", "DEADLINE"), timeout)
 
+    def ended_jobs(self, name: str) -> list[str]:
+        """The ids of the jobs named `name` that have ended (the job completion log)."""
+        return [m.group(1) for m in re.finditer(r"^JobId=(\d+) .*? Name=(\S+) ", self.jobcomp(), re.M)
+                if m.group(2) == name]
+
     def jobcomp(self) -> str:
         try:
             return (LOG_DIR / "jobcomp.log").read_text()
