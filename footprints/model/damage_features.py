@@ -129,8 +129,8 @@ def pooled_hypercolumns(
     classifier's training rows. With `pixel_classifier` ((pre, post, outline_m2) of m pixels -> (m, k)
     probabilities), `vote` (n, k): its probabilities averaged over each building's sampled pixels, computed
     block by block (zeros where a building has no valid pixel)."""
-    scale = float(gsd_m or 1.0) ** 2
-    pools = [_Pool(list(polys), hypercolumn_channels(layers), scale, keep_pixels) for polys in polygon_sets]
+    m2_per_px = float(gsd_m or 1.0) ** 2
+    pools = [_Pool(list(polys), hypercolumn_channels(layers), m2_per_px, keep_pixels) for polys in polygon_sets]
     for k, (r0, r1, c0, c1) in enumerate(blocks(width, height, block)):
         ids = [pool.ids(r0, r1, c0, c1) for pool in pools]
         if not any(i is not None for i in ids):
@@ -166,15 +166,16 @@ def pooled_hypercolumns(
             if pixel_classifier is not None:
                 m = len(owner)
                 pool.add_votes(owner, weight, pixel_classifier(columns[:m], columns[m:], pool.outline_m2[owner]))
-    return [pool.result(gsd_m) for pool in pools]
+    return [pool.result() for pool in pools]
 
 
 class _Pool:
     """The running sums of one polygon set (`pooled_hypercolumns`)."""
 
-    def __init__(self, polygons: list[Any], channels: int, m2_per_px: float = 1.0, keep_pixels: int = 0):
+    def __init__(self, polygons: list[Any], channels: int, m2_per_px: float, keep_pixels: int):
         n = len(polygons)
         self.polygons = polygons
+        self.m2_per_px = m2_per_px
         self.outline_m2 = shapely.area(np.asarray(polygons, dtype=object)) * m2_per_px
         self.keep_pixels = keep_pixels
         self.kept: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []  # (owner, pre, post) of kept pixels
@@ -222,7 +223,7 @@ class _Pool:
             self.votes = np.zeros((len(self.polygons), prob.shape[1]), np.float64)
         np.add.at(self.votes, owner, np.asarray(prob, np.float64) * weight[:, None])
 
-    def result(self, gsd_m: float | None) -> dict[str, np.ndarray]:
+    def result(self) -> dict[str, np.ndarray]:
         safe = np.maximum(self.pixels, 1)[:, None]
         moments = {k: v / safe for k, v in self.sums.items()}
         out = {k: moments[k].astype(np.float32) for k in ("pre", "post", "absdiff")}
@@ -233,7 +234,7 @@ class _Pool:
             std = np.sqrt(np.maximum(acc[:, 4:] / safe - mean**2, 0.0))
             out[f"colour_{key}"] = np.concatenate([mean, std], axis=1).astype(np.float32)
         out["pixels"] = self.pixels
-        out["area_m2"] = self.pixels * float(gsd_m or 1.0) ** 2
+        out["area_m2"] = self.pixels * self.m2_per_px
         out["outline_m2"] = self.outline_m2
         if self.keep_pixels:
             channels = self.sums["pre"].shape[1]
