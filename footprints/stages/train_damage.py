@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from ..config import Config
+from ..config import Config, DamageConfig
 from ..contracts.checkpoints import save_checkpoint
 from ..contracts.features_store import write_shard
 from ..contracts.freshness import digest, is_fresh, read_record, unmark, write_record
@@ -80,8 +80,8 @@ def run(cfg: Config, overwrite: bool = False) -> dict[str, Any]:
     settings = {"layers": layers, "pixels_per_building": d.pixels_per_building, "context_m": d.context_m,
                 "block_size": d.block_size, "backbone": backbone_cfg, "seed": cfg.seed,
                 "target_gsd": cfg.tile.target_gsd, "pooled": POOLED}  # POOLED: a file of other moments is redone
-    if d.classify == "pixel":  # the files keep training pixels too
-        settings["keep_pixels"] = d.train_pixels
+    if _kept_pixels(d):  # the files keep training pixels too
+        settings["keep_pixels"] = _kept_pixels(d)
     scenes = pre_disaster_scenes(cfg.data, paths.tile, ("train", "val"))
     keys = {s.scene_id: _scene_key(s, settings) for s in scenes}
     train_settings = {k: getattr(d, k) for k in ("inputs", "hidden", "dropout", "epochs", "batch_size", "lr", "weight_decay",
@@ -162,6 +162,11 @@ def run(cfg: Config, overwrite: bool = False) -> dict[str, Any]:
     return write_record(metrics_path, "" if skipped else key, [ckpt_path], **metrics)
 
 
+def _kept_pixels(d: DamageConfig) -> int:
+    """The pixels of each training building a scene's feature file keeps (a per-pixel model's rows; 0: none)."""
+    return d.train_pixels if d.classify == "pixel" else 0
+
+
 def _features_item(src: SceneSource, cfg: Config, layers: list[str], keys: dict[str, str], folder: str) -> int:
     """One training pair (top level: runs on dask workers): its buildings' pooled hypercolumns and colour
     statistics (`pooled_hypercolumns`), grades (-1: un-classified, or no valid pixel) and uids, written to
@@ -175,9 +180,8 @@ def _features_item(src: SceneSource, cfg: Config, layers: list[str], keys: dict[
         if buildings is None:
             part = {"labelled": np.array(False), "y": np.zeros(0, np.int64)}
         else:
-            keep = cfg.damage.train_pixels if cfg.damage.classify == "pixel" else 0
             pooled, = pair_pooled(pair, [[b.polygon for b in buildings]], backbone, layers, cfg.damage, cfg.seed,
-                                  device, keep_pixels=keep)
+                                  device, keep_pixels=_kept_pixels(cfg.damage))
             y = np.array([GRADES.index(b.grade) if b.grade is not None and p > 0 else -1
                           for b, p in zip(buildings, pooled["pixels"], strict=True)], np.int64)
             part = {**pooled, "y": y, "uid": np.array([b.uid for b in buildings]), "labelled": np.array(True)}
