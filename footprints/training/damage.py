@@ -18,9 +18,10 @@ rare grade (six no-damage buildings in one Joplin scene), holding a quarter of t
 costs more than the folds' training time (seconds: the vectors are small).
 
 The training rows are held in memory: per building, a vector of about 5 KB (float32, the default layers and
-inputs; 1.3 GB for xView2's ~250,000 graded training buildings), or its kept pixels (`pixel`: float16 in the
-feature files, float32 rows here, `damage.train_pixels` x 3.6 KB with two parts of the shallow layers: 32
-pixels make about 115 KB a building, 29 GB for xView2: lower `train_pixels` there, or train on a subset).
+inputs; 1.3 GB for xView2's ~250,000 graded training buildings), or its kept pixels (`pixel`: float16 rows,
+as in the feature files, `damage.train_pixels` x 1.8 KB with two parts of the shallow layers; a validation
+fold's training rows are copied, one fold at a time: ~5.9 KB a pixel row at the peak, measured; see
+configs/xview2.md).
 """
 
 from __future__ import annotations
@@ -159,7 +160,10 @@ def train_damage_mlp(cfg: DamageConfig, x: np.ndarray, y: np.ndarray, seed: int,
     weights = _class_weights(y, cfg.class_weighting)
 
     def rows_of(part: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, np.ndarray | None]:
-        """(x, grades of its rows, row weights, each row's building 0..) of the buildings `part` (a mask)."""
+        """(x, grades of its rows, row weights, each row's building 0..) of the buildings `part` (a mask); all
+        of them: `x` itself, not a copy of it (the rows may be many GB)."""
+        if part.all():
+            return x, (y if owner is None else y[owner]), (None if owner is None else _row_weights(owner, len(y))), owner
         if owner is None:
             return x[part], y[part], None, None
         inside = part[owner]
