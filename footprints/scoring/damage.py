@@ -135,5 +135,5 @@ def damage_headlines(pooled: dict[str, Any]) -> list[str]:
     lines = [f"damage, per truth building: damage F1 {b['damage_f1']:.3f}, damaged/undamaged macro F1 "
              f"{b['binary']['macro_f1']:.3f} | xView2 pixels: localisation F1 {x['localisation_f1']:.3f}, damage F1 "
              f"{x['damage_f1']:.3f}, score {x['score']:.3f}"]
-    return lines + [f"  baseline {name} on the same truth buildings: damage F1 {s['damage_f1']:.3f}, macro F1 "
+    return lines + [f"baseline {name} on the same truth buildings: damage F1 {s['damage_f1']:.3f}, macro F1 "
                     f"{s['binary']['macro_f1']:.3f}" for name, s in (pooled.get("baselines") or {}).items()]

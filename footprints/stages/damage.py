@@ -226,7 +226,7 @@ def _log_summary(m: dict[str, Any]) -> None:
     counts = ", ".join(f"{g} {n}" for g, n in m["counts"].items())
     log.info("damage: %d scene(s), %d footprints graded (%s)", m["scenes"], m["polygons"], counts)
     for line in damage_headlines(m):
-        log.info("damage: %s", line.strip())
+        log.info("damage: %s", line)
 
 
 # ---------------------------------------------------------------------------------------------------
