@@ -17,7 +17,7 @@ from footprints.contracts.manifest import read_manifest
 from footprints.contracts.paths import RunPaths
 from footprints.errors import StageError
 from footprints.model.losses import class_weights_from_counts, resolve_class_weights, weighted_ce_sums
-from footprints.model.mlp import mlp_from_checkpoint
+from footprints.model.mlp import MLP, mlp_from_checkpoint, train_epoch
 from footprints.runner import run_stage
 from footprints.scoring.metrics import confusion, pixel_metrics
 
@@ -61,6 +61,29 @@ def test_weighted_loss_is_class_weighted_cross_entropy_over_the_pixels_samples_s
     rep = torch.repeat_interleave(torch.arange(50), w)
     want = F.cross_entropy(logits[rep], y[rep], weight=cw)
     assert torch.allclose(_weighted_loss(logits, y, w.float(), cw), want, atol=1e-6)
+
+
+def test_an_epoch_on_rows_of_an_array_is_the_epoch_on_a_copy_of_those_rows():
+    """train-damage's validation folds train on rows of the stacked pixels by index instead of copying them:
+    the same minibatches, so the same model and loss as on the copy."""
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(300, 6)).astype(np.float16)
+    rows = np.sort(rng.choice(300, 170, replace=False))
+    y = rng.integers(0, 3, 170)
+    w = rng.random(170).astype(np.float32)
+
+    def epochs(fill):
+        torch.manual_seed(0)
+        model = MLP(6, hidden=8, num_classes=3)
+        opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+        gen = torch.Generator().manual_seed(1)
+        losses = [train_epoch(model, opt, [fill], torch.ones(3), 32, gen, "cpu") for _ in range(2)]
+        return losses, model.state_dict()
+
+    by_index, on_copy = epochs((X, y, w, rows)), epochs((X[rows], y, w, None))
+    assert by_index[0] == on_copy[0]
+    assert all(torch.equal(by_index[1][k], on_copy[1][k]) for k in on_copy[1])
+    assert epochs((X[:170], y, w, None))[0] != on_copy[0]  # other rows: another epoch
 
 
 @pytest.fixture(scope="module")

@@ -52,20 +52,26 @@ class MLP(nn.Module):
 
 
 def train_epoch(model: nn.Module, opt: torch.optim.Optimizer,
-                fills: Iterable[tuple[np.ndarray, np.ndarray, np.ndarray | None]], class_weights: torch.Tensor,
-                batch_size: int, gen: torch.Generator, device: torch.device | str) -> float:
+                fills: Iterable[tuple[np.ndarray, np.ndarray, np.ndarray | None, np.ndarray | None]],
+                class_weights: torch.Tensor, batch_size: int, gen: torch.Generator, device: torch.device | str) -> float:
     """One training epoch of a classifier head (train-classifier's streamed shards, train-damage's buildings):
-    each fill (X, y, per-sample weights or None) goes to the device once, is shuffled with `gen` and stepped
-    through in minibatches of the weighted cross entropy (`weighted_ce_sums`). Returns the epoch's mean loss."""
+    each fill (X, y, per-sample weights or None, rows) is shuffled with `gen` and stepped through in minibatches
+    of the weighted cross entropy (`weighted_ce_sums`). `rows` None: every row of X, which goes to the device
+    once; else the indices of the rows of X to train on (y and the weights are theirs), each minibatch gathered
+    from X as it is used, so that a subset of many GB of rows is never copied whole (train-damage's validation
+    folds). Returns the epoch's mean loss."""
     model.train()
     total = weight = 0.0
-    for X, y, w in fills:
-        Xt, yt = torch.from_numpy(X).to(device), torch.from_numpy(y).to(device)
+    for X, y, w, rows in fills:
+        yt = torch.from_numpy(y).to(device)
         wt = torch.from_numpy(w).to(device) if w is not None else None
-        order = torch.randperm(len(yt), generator=gen).to(device)
+        order = torch.randperm(len(yt), generator=gen)
+        Xt = torch.from_numpy(X).to(device) if rows is None else None
         for s in range(0, len(order), batch_size):
             idx = order[s : s + batch_size]
-            loss_sum, weight_sum = weighted_ce_sums(model(Xt[idx]), yt[idx], class_weights,
+            xb = torch.from_numpy(X[rows[idx.numpy()]]).to(device) if Xt is None else Xt[idx.to(device)]
+            idx = idx.to(device)
+            loss_sum, weight_sum = weighted_ce_sums(model(xb), yt[idx], class_weights,
                                                     wt[idx] if wt is not None else None)
             opt.zero_grad(set_to_none=True)
             (loss_sum / weight_sum.clamp_min(1e-12)).backward()

@@ -164,7 +164,7 @@ def train_mlp(
                 "dense": dense0, "sampled": sampled0, "loss": loss0}
     for epoch in range(1, c.epochs + 1):
         pieces = np.random.default_rng(derive_seed(cfg.seed, "classifier", epoch))  # the order of the pieces
-        fills = ((f["X"], f["y"], f["w"]) for f in train.buffers(pieces, c.shuffle_buffer))
+        fills = ((f["X"], f["y"], f["w"], None) for f in train.buffers(pieces, c.shuffle_buffer))
         train_loss = train_epoch(model, opt, fills, cw, c.batch_size, gen, device)
         sched.step()
         val_loss, dense, sampled = _evaluate(model, val if has_val else train, cw, eval_batch, scheme, device)

@@ -19,8 +19,8 @@ costs more than the folds' training time (seconds: the vectors are small).
 
 The training rows are held in memory: per building, a vector of about 5 KB (float32, the default layers and
 inputs; 1.3 GB for xView2's ~250,000 graded training buildings), or its kept pixels (`pixel`: float16 rows,
-as in the feature files, `damage.train_pixels` x 1.8 KB with two parts of the shallow layers; a validation
-fold's training rows are copied, one fold at a time: ~5.9 KB a pixel row at the peak, measured; see
+as in the feature files, `damage.train_pixels` x 1.8 KB with two parts of the shallow layers; the validation
+folds read their rows where they are, by index: ~3.9 KB a pixel row at the stage's peak, measured; see
 configs/xview2.md).
 """
 
@@ -47,6 +47,8 @@ from ..scoring.damage import damage_scores, grade_confusion
 from .data import derive_seed
 
 log = logging.getLogger(__name__)
+
+_CHUNK = 16384  # rows read at a time where the rows are not trained on (moments, validation)
 
 
 def folds_of_scenes(scenes: np.ndarray | None, folds: int) -> bool:
@@ -105,40 +107,48 @@ def building_votes(prob: np.ndarray, owner: np.ndarray, n: int) -> np.ndarray:
 
 
 def _fit(cfg: DamageConfig, x: np.ndarray, y: np.ndarray, weights: np.ndarray, epochs: int, seed: int,
-         device: torch.device, row_weights: np.ndarray | None = None,
+         device: torch.device, row_weights: np.ndarray | None = None, rows: np.ndarray | None = None,
          val: tuple[np.ndarray, np.ndarray, np.ndarray | None] | None = None) -> tuple[MLP, list[dict[str, Any]]]:
     """The grade MLP trained for `epochs` epochs (Adam, shuffled minibatches, the classifier's weighted cross
-    entropy with the grade `weights`) on the rows `x` of grades `y`: one per building, or (with `row_weights`)
-    pixels of buildings, each building weighing one in all. With validation `val` (x, the buildings'
-    grades, each row's building or None), each epoch's predicted grade of every validation building (its
-    pixels' probabilities averaged) and the weighted loss sums of its rows."""
+    entropy with the grade `weights`) on the rows `rows` of `x` (None: all of them; read where they are, never
+    copied whole) of grades `y`: one per building, or (with `row_weights`) pixels of buildings, each building
+    weighing one in all. With validation `val` (its rows of `x`, the buildings' grades, each row's building or
+    None), each epoch's predicted grade of every validation building (its pixels' probabilities averaged) and
+    the weighted loss sums of its rows."""
     torch.manual_seed(seed)
+    picked = np.arange(len(x)) if rows is None else rows
     stats = RunningStats(x.shape[1])  # in float64 and by chunks: the rows may be float16 and many
-    for s in range(0, len(x), 16384):
-        stats.update(x[s : s + 16384])
+    for s in range(0, len(picked), _CHUNK):
+        stats.update(x[picked[s : s + _CHUNK]])
     model = MLP(x.shape[1], hidden=cfg.hidden, dropout=cfg.dropout, mean=stats.mean, std=stats.std,
                 num_classes=len(GRADES)).to(device)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     cw = torch.as_tensor(weights, dtype=torch.float32, device=device)
     y64 = y.astype(np.int64)
     gen = torch.Generator().manual_seed(seed)
-    if val is not None:  # on the device once, not every epoch
-        x_val, y_val, owner_val = val
-        y_rows = y_val if owner_val is None else y_val[owner_val]
-        xv, yv = torch.from_numpy(x_val).to(device), torch.from_numpy(y_rows.astype(np.int64)).to(device)
+    if val is not None:
+        val_rows, y_val, owner_val = val
+        y_rows = torch.from_numpy((y_val if owner_val is None else y_val[owner_val]).astype(np.int64)).to(device)
         wv = None if owner_val is None else torch.from_numpy(_row_weights(owner_val, len(y_val))).to(device)
     history = []
     for epoch in range(1, epochs + 1):
-        train_loss = train_epoch(model, opt, [(x, y64, row_weights)], cw, cfg.batch_size, gen, device)
+        train_loss = train_epoch(model, opt, [(x, y64, row_weights, rows)], cw, cfg.batch_size, gen, device)
         entry: dict[str, Any] = {"epoch": epoch, "train_loss": train_loss}
         if val is not None:
             model.eval()
+            loss_sum = weight_sum = 0.0
+            prob = []
             with torch.inference_mode():
-                logits = model(xv)
-                loss_sum, weight_sum = weighted_ce_sums(logits, yv, cw, wv)
-                prob = torch.softmax(logits.float(), 1).cpu().numpy()
-            voted = prob if owner_val is None else building_votes(prob, owner_val, len(y_val))
-            entry.update(predicted=voted.argmax(1), loss_sum=float(loss_sum), weight_sum=float(weight_sum))
+                for s in range(0, len(val_rows), _CHUNK):
+                    logits = model(torch.from_numpy(x[val_rows[s : s + _CHUNK]]).to(device))
+                    part = slice(s, s + _CHUNK)
+                    sums = weighted_ce_sums(logits, y_rows[part], cw, None if wv is None else wv[part])
+                    loss_sum += float(sums[0])
+                    weight_sum += float(sums[1])
+                    prob.append(torch.softmax(logits.float(), 1).cpu().numpy())
+            prob_all = np.concatenate(prob) if prob else np.zeros((0, len(GRADES)), np.float32)
+            voted = prob_all if owner_val is None else building_votes(prob_all, owner_val, len(y_val))
+            entry.update(predicted=voted.argmax(1), loss_sum=loss_sum, weight_sum=weight_sum)
         history.append(entry)
     return model.eval(), history
 
@@ -159,17 +169,15 @@ def train_damage_mlp(cfg: DamageConfig, x: np.ndarray, y: np.ndarray, seed: int,
     device = resolve_device(cfg.device, key="damage.device")
     weights = _class_weights(y, cfg.class_weighting)
 
-    def rows_of(part: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, np.ndarray | None]:
-        """(x, grades of its rows, row weights, each row's building 0..) of the buildings `part` (a mask); all
-        of them: `x` itself, not a copy of it (the rows may be many GB)."""
-        if part.all():
-            return x, (y if owner is None else y[owner]), (None if owner is None else _row_weights(owner, len(y))), owner
+    def rows_of(part: np.ndarray) -> tuple[np.ndarray | None, np.ndarray, np.ndarray | None, np.ndarray | None]:
+        """(the rows of `x` of the buildings `part` (a mask; None: every row), their grades, row weights, each
+        row's building numbered 0.. within `part`): indices, not a copy of the rows (they may be many GB)."""
         if owner is None:
-            return x[part], y[part], None, None
+            return (None if part.all() else np.flatnonzero(part)), y[part], None, None
         inside = part[owner]
         local = np.cumsum(part) - 1  # the buildings of `part` numbered 0..
         own = local[owner[inside]]
-        return x[inside], y[owner[inside]], _row_weights(own, int(part.sum())), own
+        return (None if part.all() else np.flatnonzero(inside)), y[owner[inside]], _row_weights(own, int(part.sum())), own
 
     fold = grade_folds(y, cfg.val_folds, seed, scenes) if cfg.val_folds >= 2 else np.zeros(len(y), np.int64)
     # a fold is used when both its parts hold buildings
@@ -184,14 +192,13 @@ def train_damage_mlp(cfg: DamageConfig, x: np.ndarray, y: np.ndarray, seed: int,
         for f in used:
             part = fold == f
             val |= part
-            x_fit, y_fit, w_fit, _ = rows_of(~part)
-            x_val, _, _, own_val = rows_of(part)
-            _, hist = _fit(cfg, x_fit, y_fit, _class_weights(y[~part], cfg.class_weighting), cfg.epochs, seed, device,
-                           w_fit, (x_val, y[part], own_val))
+            fit_rows, y_fit, w_fit, _ = rows_of(~part)
+            val_rows, _, _, own_val = rows_of(part)
+            _, hist = _fit(cfg, x, y_fit, _class_weights(y[~part], cfg.class_weighting), cfg.epochs, seed, device,
+                           w_fit, fit_rows, (val_rows, y[part], own_val))
             for e, h in enumerate(hist):
                 predicted[e, part] = h["predicted"]
                 loss[e] += (h["loss_sum"], h["weight_sum"])
-            del x_fit, x_val  # copies of the rows: one fold's at a time
         curve = []
         for e in range(cfg.epochs):
             scores = damage_scores(grade_confusion(y[val], predicted[e, val]))
@@ -207,8 +214,8 @@ def train_damage_mlp(cfg: DamageConfig, x: np.ndarray, y: np.ndarray, seed: int,
     else:
         record["selected_on"] = "no validation (too few buildings or damage.val_folds < 2): every epoch run"
         log.warning("train-damage: no validation folds; the model is trained for all %d epochs", epochs)
-    x_all, y_all, w_all, _ = rows_of(np.ones(len(y), bool))
-    model, hist = _fit(cfg, x_all, y_all, weights, epochs, seed, device, w_all)
+    _, y_all, w_all, _ = rows_of(np.ones(len(y), bool))
+    model, hist = _fit(cfg, x, y_all, weights, epochs, seed, device, w_all)
     counts = np.bincount(y, minlength=len(GRADES))
     record.update(epoch=epochs, train_loss=hist[-1]["train_loss"],
                   class_weights=dict(zip(GRADES, weights.round(4).tolist(), strict=True)),
