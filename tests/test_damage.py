@@ -25,6 +25,7 @@ from footprints.model.backbone import load_backbone
 from footprints.model.damage_features import (
     POOLED,
     blocks,
+    colour_statistics,
     combine,
     feature_width,
     pixel_rows,
@@ -418,6 +419,12 @@ def test_the_baselines_fit_the_training_buildings_and_grade_each_test_part() -> 
     assert all((p == 1).all() for p in grades["majority"])
     assert all((p == t).all() for p, t in zip(grades["colour_forest"], tests, strict=True))
     assert all(p.min() >= 0 and p.max() < len(GRADES) for p in grades["pre_only"])
+    # the forest's columns: pre, post, post - pre of all 8 statistics (the stds' change too), log(1 + area)
+    one = pooled(np.array([2]))
+    columns = colour_statistics(one)[0]
+    assert columns.shape == (25,)
+    np.testing.assert_allclose(columns[16:24], one["colour_post"][0] - one["colour_pre"][0], rtol=1e-5, atol=1e-5)
+    assert columns[24] == pytest.approx(np.log1p(100.0))
 
 
 def _damage_checkpoint(path: Path, layers: list[str], inputs: str = "diff+post", context_m: float = 0.0) -> Path:

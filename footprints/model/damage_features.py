@@ -97,10 +97,11 @@ def rings(polygons: Sequence[Any], width_px: float) -> list[Any]:
 
 def colour_statistics(pooled: dict[str, np.ndarray]) -> np.ndarray:
     """The colour baseline's input (n, 25): per building the mean and std of R, G, B and the gradient
-    magnitude, pre and post, the difference of the means, log(area)."""
+    magnitude, pre and post (8 each), their differences (post - pre, all 8: a roof torn open changes its
+    texture, the std, as much as its colour), log(1 + area)."""
     area = np.log1p(np.asarray(pooled["area_m2"], np.float64))[:, None]
     pre, post = pooled["colour_pre"], pooled["colour_post"]
-    return np.concatenate([pre, post, post[:, :4] - pre[:, :4], area], axis=1).astype(np.float32)
+    return np.concatenate([pre, post, post - pre, area], axis=1).astype(np.float32)
 
 
 def blocks(width: int, height: int, block: int) -> list[tuple[int, int, int, int]]:
