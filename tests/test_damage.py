@@ -477,6 +477,24 @@ def test_footprints_damage_grades_a_users_footprints_on_a_geotiff_pair(tmp_path:
     assert gpd.read_file(tmp_path / "graded.gpkg")[DAMAGE_KEY].iloc[:2].isin(GRADES).all()
 
 
+def test_a_post_scene_covering_part_of_the_pre_scene_grades_the_buildings_it_covers(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """The warning says what happens to the rest: a building wholly outside the post scene keeps no grade, one
+    partly outside is graded from its pixels inside."""
+    pre, post = _geotiff_pair(tmp_path, post_crs=UTM, shift_m=20.0)  # post: 20-68 m east of the pre's 0-48 m
+    ckpt = _damage_checkpoint(tmp_path / "damage.pt", ["conv1_2", "conv2_2"])
+    boxes = [shapely.box(ORIGIN[0] + x0, ORIGIN[1] - 30, ORIGIN[0] + x1, ORIGIN[1] - 20) for x0, x1 in
+             ((5, 15), (15, 25), (30, 40))]  # outside, across the edge, inside
+    gpd.GeoDataFrame({"id": [1, 2, 3]}, geometry=boxes, crs=UTM).to_file(tmp_path / "fp.geojson", driver="GeoJSON")
+    out = tmp_path / "graded.geojson"
+    assert main(["damage", "--checkpoint", str(ckpt), "--pre", str(pre), "--post", str(post), "--footprints",
+                 str(tmp_path / "fp.geojson"), "--output", str(out)]) == 0
+    warning = next(r.getMessage() for r in caplog.records if "covers" in r.getMessage())
+    assert "place_post_disaster.tif" in warning and "wholly outside it are left without a grade" in warning
+    graded = gpd.read_file(out)
+    assert pd.isna(graded[DAMAGE_KEY].iloc[0]) and graded[DAMAGE_KEY].iloc[1:].isin(GRADES).all()
+
+
 def test_footprints_damage_refuses_a_classifier_checkpoint(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     pre, post = _geotiff_pair(tmp_path)
     from footprints.contracts.checkpoints import save_checkpoint

@@ -89,8 +89,9 @@ class PostOnGrid:
                              f"{pre.source.image.name}")
         share = w * h / ((pb[2] - pb[0]) * (pb[3] - pb[1]))
         if share < 0.99:
-            log.warning("%s: the post-disaster scene covers %.0f%% of its pre-disaster scene %s; buildings outside "
-                        "it are graded from the pre scene alone", post.source.image, 100 * share, pre.source.image.name)
+            log.warning("%s: the post-disaster scene covers %.0f%% of its pre-disaster scene %s; buildings wholly "
+                        "outside it are left without a grade (those partly outside, graded from their pixels in it)",
+                        post.source.image, 100 * share, pre.source.image.name)
 
     def read(self, window: Window) -> tuple[np.ndarray, np.ndarray]:
         """RGB uint8 (3, h, w) and validity (h, w) of the post scene on the pre grid's `window`."""
