@@ -66,11 +66,11 @@ def train_epoch(model: nn.Module, opt: torch.optim.Optimizer,
         yt = torch.from_numpy(y).to(device)
         wt = torch.from_numpy(w).to(device) if w is not None else None
         order = torch.randperm(len(yt), generator=gen)
+        order_dev = order.to(device)  # once an epoch, not every minibatch
         Xt = torch.from_numpy(X).to(device) if rows is None else None
         for s in range(0, len(order), batch_size):
-            idx = order[s : s + batch_size]
-            xb = torch.from_numpy(X[rows[idx.numpy()]]).to(device) if Xt is None else Xt[idx.to(device)]
-            idx = idx.to(device)
+            idx = order_dev[s : s + batch_size]
+            xb = Xt[idx] if Xt is not None else torch.from_numpy(X[rows[order[s : s + batch_size].numpy()]]).to(device)
             loss_sum, weight_sum = weighted_ce_sums(model(xb), yt[idx], class_weights,
                                                     wt[idx] if wt is not None else None)
             opt.zero_grad(set_to_none=True)
@@ -78,7 +78,7 @@ def train_epoch(model: nn.Module, opt: torch.optim.Optimizer,
             opt.step()
             total += float(loss_sum.detach())
             weight += float(weight_sum)
-        del Xt, yt, wt, order
+        del Xt, yt, wt, order, order_dev
     return total / max(weight, 1e-12)
 
 

@@ -80,8 +80,8 @@ def run(cfg: Config, overwrite: bool = False) -> dict[str, Any]:
     settings = {"layers": layers, "pixels_per_building": d.pixels_per_building, "context_m": d.context_m,
                 "block_size": d.block_size, "backbone": backbone_cfg, "seed": cfg.seed,
                 "target_gsd": cfg.tile.target_gsd, "pooled": POOLED}  # POOLED: a file of other moments is redone
-    if _kept_pixels(d):  # the files keep training pixels too
-        settings["keep_pixels"] = _kept_pixels(d)
+    if kept := _kept_pixels(d):  # the files keep training pixels too
+        settings["keep_pixels"] = kept
     scenes = pre_disaster_scenes(cfg.data, paths.tile, ("train", "val"))
     keys = {s.scene_id: _scene_key(s, settings) for s in scenes}
     train_settings = {k: getattr(d, k) for k in ("inputs", "hidden", "dropout", "epochs", "batch_size", "lr", "weight_decay",

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -78,15 +78,22 @@ def grade_folds(grades: np.ndarray, folds: int, seed: int, scenes: np.ndarray | 
     return fold
 
 
+def _logits(model: MLP, x: np.ndarray, rows: np.ndarray | None = None,
+            batch: int = 4096) -> Iterator[tuple[int, torch.Tensor]]:
+    """(start, logits) of the rows `rows` of `x` (None: all of them) by chunks of `batch` rows, each chunk read
+    and moved to the model's device as it is used; call under `torch.inference_mode()`."""
+    device = next(model.parameters()).device
+    n = len(x) if rows is None else len(rows)
+    for s in range(0, n, batch):
+        chunk = x[s : s + batch] if rows is None else x[rows[s : s + batch]]
+        yield s, model(torch.from_numpy(np.ascontiguousarray(chunk)).to(device))
+
+
 def probabilities(model: MLP, x: np.ndarray, batch: int = 4096) -> np.ndarray:
     """(n, 4) grade probabilities of the building vectors `x`."""
     model.eval()
-    device = next(model.parameters()).device
-    out = []
     with torch.inference_mode():
-        for s in range(0, len(x), batch):
-            logits = model(torch.from_numpy(np.ascontiguousarray(x[s : s + batch])).to(device))
-            out.append(torch.softmax(logits.float(), 1).cpu().numpy())
+        out = [torch.softmax(logits.float(), 1).cpu().numpy() for _, logits in _logits(model, x, batch=batch)]
     return np.concatenate(out) if out else np.zeros((0, len(GRADES)), np.float32)
 
 
@@ -139,8 +146,7 @@ def _fit(cfg: DamageConfig, x: np.ndarray, y: np.ndarray, weights: np.ndarray, e
             loss_sum = weight_sum = 0.0
             prob = []
             with torch.inference_mode():
-                for s in range(0, len(val_rows), _CHUNK):
-                    logits = model(torch.from_numpy(x[val_rows[s : s + _CHUNK]]).to(device))
+                for s, logits in _logits(model, x, val_rows, _CHUNK):
                     part = slice(s, s + _CHUNK)
                     sums = weighted_ce_sums(logits, y_rows[part], cw, None if wv is None else wv[part])
                     loss_sum += float(sums[0])
